@@ -1,0 +1,30 @@
+"""The one family of errors siftune raises on purpose.
+
+Every message says what was wrong and what to do about it. Code that catches
+``SiftError`` catches everything siftune raises deliberately; anything else
+escaping is a bug.
+"""
+
+
+class SiftError(Exception):
+    """Base class of every error siftune raises on purpose."""
+
+
+class ConfigError(SiftError, ValueError):
+    """A configuration field, CLI flag or argument has an invalid value."""
+
+
+class TargetError(SiftError, ValueError):
+    """The target/dense module patterns do not match the model as expected."""
+
+
+class IncrementError(SiftError, ValueError):
+    """An increment file is missing, corrupt, or does not fit the base model."""
+
+
+class DataError(SiftError, ValueError):
+    """A dataset file or built-in dataset cannot be read or has bad rows."""
+
+
+class ModelLoadError(SiftError, ValueError):
+    """A model name or path cannot be resolved or loaded offline."""
