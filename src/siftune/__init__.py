@@ -1,0 +1,22 @@
+"""siftune: sparse increment fine-tuning (SIFT) of pretrained models.
+
+    import siftune
+    engine = siftune.attach(model, density=0.01, dense_modules=["classifier"])
+    optimizer = engine.optimizer(lr=1e-4)
+    ...  # loss.backward(); optimizer.step(); optimizer.zero_grad()
+    engine.increment(base_model="path/or/name").save("out/")
+"""
+from .config import SiftConfig
+from .engine import SiftEngine, attach
+from .errors import ConfigError, DataError, IncrementError, ModelLoadError, SiftError, TargetError
+from .increment import SparseIncrement, TensorDelta
+from .optim import NonFiniteGradientError, SiftAdamW
+from .reference import ReferenceSift
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SiftConfig", "SiftEngine", "attach", "SiftAdamW", "SparseIncrement", "TensorDelta", "ReferenceSift",
+    "SiftError", "ConfigError", "TargetError", "IncrementError", "DataError", "ModelLoadError",
+    "NonFiniteGradientError",
+]

@@ -1,0 +1,127 @@
+"""SiftConfig: what SIFT trains and how it selects, as one documented dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+
+MODES = ("fixed", "periodic", "per_step")
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SiftConfig:
+    """How SIFT picks and trains the sparse increment.
+
+    Args:
+        density: fraction of the components of each targeted tensor that is
+            trained, in (0, 1]. ``0.01`` trains the top 1% |gradient| entries of
+            every targeted weight. Default ``0.01``.
+        target_modules: which modules' weights get a sparse increment. A list of
+            names (a module matches when its qualified name equals the entry or
+            ends with ``"." + entry``, as in peft), or one string used as a
+            regular expression that must match the whole qualified name. Only
+            ``nn.Linear``-like modules with a 2-D ``weight`` (and ``nn.Embedding``,
+            convolutions) are targeted; their biases are not. ``None`` targets
+            every ``nn.Linear`` outside ``dense_modules``. Default ``None``.
+        dense_modules: modules whose parameters are all trained densely, e.g. a
+            new classification head (``["classifier"]``). Same matching rules
+            as ``target_modules``. Default ``()``.
+        mode: ``"fixed"`` (select once from the first ``selection_batches``
+            micro-batches, then hold: the memory-efficient mode), ``"periodic"``
+            (select again every ``refresh_every`` optimizer steps; components
+            that stay selected keep their optimizer state) or ``"per_step"``
+            (the paper's statement: top-k of every step's gradient; keeps dense
+            gradients and dense optimizer moments, i.e. the memory of full
+            fine-tuning plus a copy of the base weights). Default ``"fixed"``.
+        selection_batches: number of micro-batches whose gradient is summed
+            before the top-k is taken, N >= 1. With N = 1 each tensor's dense
+            gradient lives only inside its backward hook; with N > 1 dense
+            gradients are kept until the N-th micro-batch. Steps that end before
+            the selection is complete do not update targeted tensors. Default ``1``.
+        refresh_every: in ``"periodic"`` mode, optimizer steps between two
+            selections. Default ``100``.
+        state_dtype: dtype of the optimizer moments of selected components,
+            ``"float32"`` (default) or ``"bfloat16"`` (saves 4 bytes a component).
+        master_weights: keep fp32 master copies of the selected components when
+            weights are bf16/fp16, so that many tiny updates are not rounded
+            away. Ignored for fp32 weights. Default ``True``.
+        max_grad_norm: if set, clip the global norm of the gradient the
+            optimizer applies (selected components and dense modules) to it.
+            Default ``None``.
+        seed: seed of the random ablation (``selection="random"``); gradient
+            selection is deterministic. Default ``0``.
+        selection: ``"gradient"`` (top-k |grad|, SIFT) or ``"random"`` (same
+            count, uniformly random components: the paper's ablation).
+            Default ``"gradient"``.
+    """
+
+    density: float = 0.01
+    target_modules: list[str] | str | None = None
+    dense_modules: list[str] | str = field(default_factory=tuple)
+    mode: str = "fixed"
+    selection_batches: int = 1
+    refresh_every: int = 100
+    state_dtype: str = "float32"
+    master_weights: bool = True
+    max_grad_norm: float | None = None
+    seed: int = 0
+    selection: str = "gradient"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field and the valid choices."""
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            raise ConfigError(f"density must be a number in (0, 1], got {self.density!r}")
+        if not 0.0 < float(self.density) <= 1.0:
+            raise ConfigError(
+                f"density must be in (0, 1], got {self.density}; "
+                "e.g. 0.01 trains the top 1% of each targeted tensor"
+            )
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.selection not in ("gradient", "random"):
+            raise ConfigError(f"selection must be 'gradient' or 'random', got {self.selection!r}")
+        for name in ("selection_batches", "refresh_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ConfigError(
+                f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}"
+            )
+        if self.max_grad_norm is not None and not float(self.max_grad_norm) > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        for name in ("target_modules", "dense_modules"):
+            value = getattr(self, name)
+            if value is None and name == "target_modules":
+                continue
+            if isinstance(value, str):
+                continue
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of module names or one regex string, got {value!r}")
+
+    @property
+    def torch_state_dtype(self) -> torch.dtype:
+        return STATE_DTYPES[self.state_dtype]
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("target_modules", "dense_modules"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SiftConfig":
+        """Build from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown SiftConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,223 @@
+"""The SIFT engine: backward hooks that keep only the selected gradient entries.
+
+This is the one module that touches ``.grad``. For every targeted weight a
+post-accumulate-grad hook runs as soon as autograd has written that weight's
+gradient; it takes the selected entries into a small fp32 buffer and frees
+the dense gradient, so dense weight gradients never pile up. The optimizer
+(:mod:`siftune.optim`) then updates exactly those entries in the same step:
+no lag, and no tensor left for "the next backward".
+
+Selection, per targeted tensor, in the modes of :class:`SiftConfig`:
+
+* ``fixed``: the gradient is summed over the first ``selection_batches``
+  micro-batches, its top-k |entries| are selected and held for good;
+* ``periodic``: the same, again every ``refresh_every`` optimizer steps;
+* ``per_step``: dense gradients are kept and the top-k is taken from each
+  step's accumulated gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import SiftConfig
+from .errors import ConfigError
+from .select import count_selected, find_targets, random_indices, top_k_indices
+
+
+class _Slot:
+    """Selection state of one targeted tensor."""
+
+    def __init__(self, name: str, param: nn.Parameter, k: int):
+        self.name = name
+        self.param = param
+        self.k = k
+        self.idx: torch.Tensor | None = None  # sorted flat int64 indices, on the param's device
+        self.version = 0  # bumped at each new selection, so the optimizer can remap its state
+        self.grad: torch.Tensor | None = None  # fp32 gradient of the selected entries
+        self.selecting = True
+        self.seen = 0  # micro-batches summed since this selection began
+        self.score: torch.Tensor | None = None  # gradient of earlier windows of a long selection
+        # Ledger of every component ever selected, with its value before training.
+        self.ever_idx: torch.Tensor | None = None
+        self.base: torch.Tensor | None = None
+
+
+class SiftEngine:
+    """SIFT attached to a model: targets resolved, hooks registered, gradients kept sparse.
+
+    Build it with :func:`siftune.attach`, then get the matching optimizer with
+    :meth:`optimizer`. Every parameter that is neither targeted nor in
+    ``dense_modules`` is frozen (``requires_grad=False``) and stays
+    bit-identical. :meth:`detach` removes the hooks and restores the
+    ``requires_grad`` flags.
+    """
+
+    def __init__(self, model: nn.Module, config: SiftConfig):
+        config.validate()
+        self.model = model
+        self.config = config
+        targeted, dense = find_targets(model, config.target_modules, config.dense_modules)
+        for name, p in targeted.items():
+            if not p.is_contiguous():
+                raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
+        self.dense = dense
+        self.slots = [_Slot(n, p, count_selected(p.numel(), config.density)) for n, p in targeted.items()]
+        self.steps = 0  # optimizer steps taken
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self._handles = []
+        if config.mode != "per_step":
+            for slot in self.slots:
+                self._handles.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
+
+    # -- backward ----------------------------------------------------------
+    def _hook_for(self, slot: _Slot):
+        def hook(param: torch.Tensor) -> None:
+            if slot.selecting:
+                slot.seen += 1
+                if slot.seen < self.config.selection_batches:
+                    return  # keep the dense gradient: the selection window is not complete
+                score = param.grad if slot.score is None else slot.score + param.grad
+                self._select(slot, score)
+                slot.score = None
+                slot.grad = param.grad.reshape(-1)[slot.idx].float()
+            elif slot.grad is None:
+                slot.grad = param.grad.reshape(-1)[slot.idx].float()
+            else:
+                slot.grad.add_(param.grad.reshape(-1)[slot.idx])
+            param.grad = None
+
+        return hook
+
+    def _select(self, slot: _Slot, score: torch.Tensor) -> None:
+        p = slot.param
+        if self.config.selection == "random":
+            slot.idx = random_indices(p.numel(), slot.k, self._generator, p.device)
+        else:
+            slot.idx = top_k_indices(score, slot.k)
+        slot.version += 1
+        slot.selecting = False
+        self._record(slot, slot.idx)
+
+    def _record(self, slot: _Slot, idx: torch.Tensor) -> None:
+        """Add newly selected components to the ledger, with their untrained values."""
+        flat = slot.param.detach().reshape(-1)
+        if slot.ever_idx is None:
+            slot.ever_idx, slot.base = idx.clone(), flat[idx].clone()
+            return
+        new = idx[torch.isin(idx, slot.ever_idx, invert=True)]
+        if new.numel():
+            merged = torch.cat([slot.ever_idx, new])
+            order = torch.argsort(merged)
+            slot.ever_idx = merged[order]
+            slot.base = torch.cat([slot.base, flat[new]])[order]
+
+    # -- optimizer step ----------------------------------------------------
+    def gradients(self) -> list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor]]:
+        """The gradient the optimizer applies this step: ``(param, idx, grad)`` triples.
+
+        ``idx`` is ``None`` for densely trained parameters (``grad`` is then
+        their ``.grad``). Targeted tensors whose selection is not complete
+        yet fold this window's gradient into their selection score and are
+        left out.
+        """
+        out = []
+        for slot in self.slots:
+            p = slot.param
+            if self.config.mode == "per_step":
+                if p.grad is None:
+                    continue
+                self._select(slot, p.grad)
+                slot.grad = p.grad.reshape(-1)[slot.idx].float()
+                p.grad = None
+            elif slot.selecting:
+                if p.grad is not None:  # window ended inside a multi-batch selection
+                    slot.score = p.grad.float() if slot.score is None else slot.score.add_(p.grad)
+                    p.grad = None
+                continue
+            if slot.grad is not None:
+                out.append((p, slot.idx, slot.grad))
+        for p in self.dense.values():
+            if p.grad is not None:
+                out.append((p, None, p.grad))
+        return out
+
+    def finish_step(self) -> None:
+        """Drop this step's sparse gradients and start a new selection when one is due."""
+        for slot in self.slots:
+            slot.grad = None
+        self.steps += 1
+        if self.config.mode == "periodic" and self.steps % self.config.refresh_every == 0:
+            for slot in self.slots:
+                slot.selecting, slot.seen = True, 0
+
+    def zero_grad(self) -> None:
+        """Forget accumulated sparse gradients (the dense ones are the optimizer's ``zero_grad``)."""
+        for slot in self.slots:
+            slot.grad = None
+
+    def optimizer(self, lr: float = 1e-4, **kwargs):
+        """A :class:`siftune.optim.SiftAdamW` over the selected components and dense modules."""
+        from .optim import SiftAdamW
+
+        return SiftAdamW(self, lr=lr, **kwargs)
+
+    # -- results -----------------------------------------------------------
+    @property
+    def num_trainable(self) -> int:
+        """Components trained: selected entries of targeted tensors plus dense parameters."""
+        return sum(s.k for s in self.slots) + sum(p.numel() for p in self.dense.values())
+
+    @property
+    def selected(self) -> dict[str, torch.Tensor]:
+        """Current selection: tensor name -> sorted flat indices (absent until selected)."""
+        return {s.name: s.idx for s in self.slots if s.idx is not None}
+
+    def increment(self, base_model: str | None = None, values: dict | None = None):
+        """The trained sparse increment as a :class:`siftune.SparseIncrement`.
+
+        Holds, per targeted tensor, every component ever selected and its change
+        from the untrained value (fp32), plus the densely trained parameters
+        in full. ``values`` may map a tensor name to fp32 values at the ledger's
+        indices (the optimizer passes its master copies).
+        """
+        from .increment import SparseIncrement, TensorDelta
+
+        tensors = {}
+        for slot in self.slots:
+            if slot.ever_idx is None:
+                continue
+            current = slot.param.detach().reshape(-1)[slot.ever_idx].float()
+            if values and slot.name in values:
+                current = values[slot.name]
+            tensors[slot.name] = TensorDelta(
+                indices=slot.ever_idx.cpu(), values=(current - slot.base.float()).cpu(),
+                shape=tuple(slot.param.shape), dtype=str(slot.param.dtype).replace("torch.", ""),
+            )
+        dense = {n: p.detach().cpu().clone() for n, p in self.dense.items()}
+        return SparseIncrement(tensors, dense=dense, base_model=base_model, config=self.config.to_dict())
+
+    def detach(self) -> None:
+        """Remove the hooks and restore every ``requires_grad`` flag; trained weights stay."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._saved_flags.get(name, p.requires_grad))
+
+
+def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> SiftEngine:
+    """Attach SIFT to ``model`` and return the engine.
+
+    ``attach(model, density=0.01, target_modules=["query", "value"])`` is the
+    same as ``attach(model, SiftConfig(density=0.01, ...))``.
+    """
+    if config is None:
+        config = SiftConfig(**overrides)
+    elif overrides:
+        config = SiftConfig.from_dict({**config.to_dict(), **overrides})
+    return SiftEngine(model, config)

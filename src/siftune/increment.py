@@ -1,0 +1,329 @@
+"""The sparse increment as an artifact: save, load, apply, remove, merge.
+
+On disk an increment is a folder with two files, written atomically:
+
+* ``increment.safetensors``: for each targeted tensor ``<name>``, the flat
+  indices ``<name>::indices`` (int32, or int64 for tensors past 2**31
+  entries) and the fp32 changes ``<name>::values``; for each densely
+  trained parameter, its full trained value ``<name>::dense``;
+* ``increment_config.json``: format version, base model name or path, the
+  SIFT config, and the shape and dtype of every tensor, so a mismatched base
+  model is caught before anything is written into it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import IncrementError
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "increment.safetensors"
+CONFIG_NAME = "increment_config.json"
+_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+
+
+@dataclass
+class TensorDelta:
+    """The change of one targeted tensor: ``flat[indices] += values``."""
+
+    indices: torch.Tensor  # 1-D int64, sorted, unique
+    values: torch.Tensor  # 1-D fp32, same length
+    shape: tuple[int, ...]
+    dtype: str  # dtype of the weight it applies to, e.g. "float32"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SparseIncrement:
+    """A trained SIFT increment: sparse deltas of targeted tensors, dense values of dense modules.
+
+    Get one from :meth:`SiftEngine.increment` (or ``siftune.Trainer``), or
+    :meth:`load` it from a folder. :meth:`apply` writes it into a base model,
+    :meth:`remove` takes it out again, :meth:`merge` writes a plain
+    transformers model folder with it applied.
+    """
+
+    def __init__(self, tensors: dict[str, TensorDelta], dense: dict[str, torch.Tensor] | None = None,
+                 base_model: str | None = None, config: dict | None = None, metadata: dict | None = None):
+        self.tensors = tensors
+        self.dense = dense or {}
+        self.base_model = base_model
+        self.config = config or {}
+        self.metadata = metadata or {}
+        self._replaced: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> values apply() overwrote
+
+    # -- facts ---------------------------------------------------------------
+    @property
+    def num_components(self) -> int:
+        """Entries changed: sparse components plus dense parameter entries."""
+        return sum(t.indices.numel() for t in self.tensors.values()) + sum(v.numel() for v in self.dense.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data as saved (indices, values and dense tensors)."""
+        total = 0
+        for t in self.tensors.values():
+            total += t.indices.numel() * _index_dtype(t.numel).itemsize + t.values.numel() * 4
+        return total + sum(v.numel() * v.element_size() for v in self.dense.values())
+
+    def summary(self) -> dict:
+        """Facts for ``siftune info``: counts, density, size, base model, per-tensor rows."""
+        targeted = sum(t.numel for t in self.tensors.values())
+        selected = sum(t.indices.numel() for t in self.tensors.values())
+        return {
+            "format_version": FORMAT_VERSION,
+            "base_model": self.base_model,
+            "targeted_tensors": len(self.tensors),
+            "dense_tensors": len(self.dense),
+            "selected_components": selected,
+            "targeted_components": targeted,
+            "density": selected / targeted if targeted else 0.0,
+            "dense_components": sum(v.numel() for v in self.dense.values()),
+            "tensor_bytes": self.nbytes,
+            "config": self.config,
+            "tensors": {
+                name: {"shape": list(t.shape), "dtype": t.dtype, "selected": t.indices.numel(),
+                       "abs_max": float(t.values.abs().max()) if t.values.numel() else 0.0}
+                for name, t in self.tensors.items()
+            },
+        }
+
+    # -- model edits -----------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        """Raise IncrementError naming the first tensor that does not fit ``model``; changes nothing."""
+        params = dict(model.named_parameters())
+        params.update({n: b for n, b in model.named_buffers() if n not in params})
+        for name, t in self.tensors.items():
+            p = params.get(name)
+            if p is None:
+                raise IncrementError(f"tensor {name} of the increment is not in the model; is this the right base model "
+                                     f"({self.base_model})?")
+            if tuple(p.shape) != tuple(t.shape):
+                raise IncrementError(f"tensor {name} has shape {tuple(p.shape)} in the model but {tuple(t.shape)} in the "
+                                     f"increment; load the base model it was trained on ({self.base_model})")
+        for name, value in self.dense.items():
+            p = params.get(name)
+            if p is None:
+                raise IncrementError(f"dense tensor {name} of the increment is not in the model (base: {self.base_model})")
+            if tuple(p.shape) != tuple(value.shape):
+                raise IncrementError(f"dense tensor {name} has shape {tuple(p.shape)} in the model but "
+                                     f"{tuple(value.shape)} in the increment")
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Write the increment into ``model`` in place (checked first: all or nothing)."""
+        self.check(model)
+        params = dict(model.named_parameters())
+        replaced = {}
+        for name, t in self.tensors.items():
+            flat = params[name].detach().view(-1)
+            idx = t.indices.to(flat.device, torch.int64)
+            old = flat[idx].clone()
+            replaced[name] = old
+            flat.index_copy_(0, idx, (old.float() + t.values.to(flat.device)).to(flat.dtype))
+        for name, value in self.dense.items():
+            replaced[name] = params[name].detach().clone()
+            params[name].detach().copy_(value)
+        self._replaced[id(model)] = replaced
+        return model
+
+    @torch.no_grad()
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`apply`: exactly, if it was applied to this model object, else by subtraction.
+
+        Dense tensors can only be restored on the model they were applied to.
+        """
+        self.check(model)
+        params = dict(model.named_parameters())
+        replaced = self._replaced.pop(id(model), None)
+        if replaced is None and self.dense:
+            raise IncrementError("this increment has dense tensors, which can only be removed from the model object "
+                                 "it was applied to; reload the base model instead")
+        for name, t in self.tensors.items():
+            flat = params[name].detach().view(-1)
+            idx = t.indices.to(flat.device, torch.int64)
+            if replaced is not None:
+                flat.index_copy_(0, idx, replaced[name])
+            else:
+                flat.index_copy_(0, idx, (flat[idx].float() - t.values.to(flat.device)).to(flat.dtype))
+        for name in self.dense:
+            params[name].detach().copy_(replaced[name])
+        return model
+
+    def merge(self, out_dir: str | os.PathLike, base_model: str | None = None, model: nn.Module | None = None) -> Path:
+        """Write a plain transformers model folder: base model + this increment.
+
+        ``model`` (already loaded) or ``base_model`` (name or path, default: the
+        one recorded in the increment) gives the base. The tokenizer, when the
+        base folder has one, is saved alongside.
+        """
+        out_dir = Path(out_dir)
+        tokenizer = None
+        if model is None:
+            source = base_model or self.base_model
+            if not source:
+                raise IncrementError("the increment records no base model; pass base_model=...")
+            model, tokenizer = self._load_base(source)
+        self.apply(model)
+        _atomic_dir_write(out_dir, lambda tmp: (model.save_pretrained(tmp),
+                                                tokenizer.save_pretrained(tmp) if tokenizer is not None else None))
+        return out_dir
+
+    def _load_base(self, source: str):
+        from .data import load_model
+
+        task = self.metadata.get("task", "causal_lm")
+        labels = self.metadata.get("labels")
+        return load_model(source, task, num_labels=len(labels) if labels else None, labels=labels)
+
+    # -- files -----------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save to ``directory`` (created); both files are replaced atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, layout = {}, {}
+        for name, t in self.tensors.items():
+            tensors[f"{name}::indices"] = t.indices.to(_index_dtype(t.numel)).contiguous()
+            tensors[f"{name}::values"] = t.values.float().contiguous()
+            layout[name] = {"shape": list(t.shape), "dtype": t.dtype}
+        dense_layout = {}
+        for name, value in self.dense.items():
+            tensors[f"{name}::dense"] = value.contiguous()
+            dense_layout[name] = {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+        header = {
+            "format_version": FORMAT_VERSION, "format": "siftune-sparse-increment",
+            "base_model": self.base_model, "sift_config": self.config, "tensors": layout,
+            "dense": dense_layout, "metadata": self.metadata,
+        }
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "siftune"}))
+        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2)))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "SparseIncrement":
+        """Load and validate a saved increment; every problem is an IncrementError naming the file."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise IncrementError(f"{path} not found; an increment folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        header = _read_header(config_path)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights_path), framework="pt") as f:
+                stored = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise IncrementError(f"{weights_path} is corrupt or truncated ({exc}); save the increment again") from None
+        tensors = {}
+        for name, info in header["tensors"].items():
+            tensors[name] = _read_delta(weights_path, name, info, stored)
+        dense = {}
+        for name, info in header["dense"].items():
+            key = f"{name}::dense"
+            if key not in stored:
+                raise IncrementError(f"{weights_path} lacks {key} listed in {CONFIG_NAME}")
+            if list(stored[key].shape) != list(info.get("shape", [])):
+                raise IncrementError(f"{weights_path}: {key} has shape {list(stored[key].shape)}, header says {info.get('shape')}")
+            dense[name] = stored[key]
+        return cls(tensors, dense=dense, base_model=header.get("base_model"),
+                   config=header.get("sift_config") or {}, metadata=header.get("metadata") or {})
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _read_header(path: Path) -> dict:
+    try:
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IncrementError(f"{path} is not valid JSON ({exc}); the increment folder is damaged") from None
+    if not isinstance(header, dict) or header.get("format") != "siftune-sparse-increment":
+        raise IncrementError(f"{path} is not a siftune increment header (no 'format': 'siftune-sparse-increment')")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IncrementError(f"{path} has format_version {version!r}; this siftune reads version {FORMAT_VERSION}, "
+                             "upgrade siftune or re-save the increment")
+    if not isinstance(header.get("tensors"), dict) or not isinstance(header.get("dense", {}), dict):
+        raise IncrementError(f"{path}: 'tensors' and 'dense' must be objects")
+    header.setdefault("dense", {})
+    return header
+
+
+def _read_delta(weights_path: Path, name: str, info, stored: dict) -> TensorDelta:
+    where = f"{weights_path}: tensor {name}"
+    if not isinstance(info, dict):
+        raise IncrementError(f"{where}: header entry must be an object with shape and dtype")
+    shape, dtype = info.get("shape"), info.get("dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise IncrementError(f"{where}: shape {shape!r} must be a list of positive integers")
+    if dtype not in _DTYPES:
+        raise IncrementError(f"{where}: dtype {dtype!r} must be one of {sorted(_DTYPES)}")
+    idx, values = stored.get(f"{name}::indices"), stored.get(f"{name}::values")
+    if idx is None or values is None:
+        raise IncrementError(f"{where}: indices or values missing from the file")
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise IncrementError(f"{where}: indices must be a 1-D int32/int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+    if values.dtype != torch.float32 or values.shape != idx.shape:
+        raise IncrementError(f"{where}: values must be fp32 with one value per index")
+    numel = 1
+    for d in shape:
+        numel *= d
+    idx = idx.long()
+    if idx.numel():
+        if int(idx.min()) < 0 or int(idx.max()) >= numel:
+            raise IncrementError(f"{where}: index out of range [0, {numel}) for shape {shape}")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise IncrementError(f"{where}: indices must be sorted and unique (duplicates found or unsorted)")
+    if not bool(torch.isfinite(values).all()):
+        raise IncrementError(f"{where}: values hold NaN or Inf")
+    return TensorDelta(indices=idx, values=values, shape=tuple(shape), dtype=dtype)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_dir_write(out_dir: Path, write) -> None:
+    """Fill a temporary sibling folder, then move it into place (an existing folder is replaced)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,229 @@
+"""SiftAdamW: AdamW on the selected components of a :class:`SiftEngine`.
+
+State exists only for what is trained: for each targeted tensor, fp32 master
+values (when the weights are bf16/fp16) and two moments of the selected
+components, aligned with the engine's indices; for densely trained modules,
+ordinary dense AdamW state. Updates are written into the weights in place,
+so the forward pass costs nothing extra and the model can be used or saved
+as is at any point.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ConfigError, SiftError
+
+
+class NonFiniteGradientError(SiftError, FloatingPointError):
+    """The gradient of a step held NaN or Inf and the policy is ``"raise"``."""
+
+
+class SiftAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay on the weights) over a SIFT engine's components.
+
+    Args:
+        engine: the :class:`siftune.SiftEngine` whose selected components and
+            dense modules this optimizer trains.
+        lr: learning rate. Default ``1e-4``.
+        betas: moment coefficients. Default ``(0.9, 0.999)``.
+        eps: added to the denominator. Default ``1e-8``.
+        weight_decay: decoupled weight decay, applied to the trained weight
+            values themselves (not to the increment). Default ``0.0``.
+        dense_lr: learning rate of densely trained modules (e.g. a new head);
+            ``None`` uses ``lr``. Default ``None``.
+        max_grad_norm: clip the global norm of the applied gradient (selected
+            entries and dense modules); ``None`` takes the engine config's.
+        nonfinite: ``"skip"`` a step whose gradient holds NaN/Inf (counted in
+            :attr:`skipped_steps`, weights and state untouched) or ``"raise"``
+            :class:`NonFiniteGradientError`. Default ``"skip"``.
+
+    LR schedulers work as with any optimizer: the two param groups are
+    ``param_groups[0]`` (targeted tensors) and ``param_groups[1]`` (dense).
+    """
+
+    def __init__(self, engine, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 dense_lr=None, max_grad_norm=None, nonfinite="skip"):
+        if not lr > 0:
+            raise ConfigError(f"lr must be > 0, got {lr}")
+        if nonfinite not in ("skip", "raise"):
+            raise ConfigError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.engine = engine
+        self.max_grad_norm = engine.config.max_grad_norm if max_grad_norm is None else max_grad_norm
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        groups = [{"params": [s.param for s in engine.slots], "name": "sparse"}]
+        if engine.dense:
+            groups.append({"params": list(engine.dense.values()), "name": "dense",
+                           "lr": lr if dense_lr is None else dense_lr})
+        super().__init__(groups, defaults)
+        self._slot_of = {id(s.param): s for s in engine.slots}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.engine.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self.engine.gradients()
+        norm = self._global_norm(grads)
+        self.last_grad_norm = norm
+        if not math.isfinite(norm):
+            self.engine.finish_step()
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"gradient norm is {norm} at step {self.engine.steps}; lower the lr, use fp32/bf16, "
+                    "or pass nonfinite='skip'"
+                )
+            self.skipped_steps += 1
+            return loss
+        scale = 1.0
+        if self.max_grad_norm is not None:
+            scale = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p, idx, grad in grads:
+            group = group_of[id(p)]
+            if idx is None:
+                self._dense_update(p, grad, group, scale)
+            else:
+                self._sparse_update(p, idx, grad, group, scale)
+        self.engine.finish_step()
+        return loss
+
+    @staticmethod
+    def _global_norm(grads) -> float:
+        if not grads:
+            return 0.0
+        squares = torch.stack([g.float().pow(2).sum() for _, _, g in grads])
+        return float(squares.sum().sqrt())
+
+    # -- updates -------------------------------------------------------------
+    def _sparse_update(self, p, idx, grad, group, scale):
+        slot = self._slot_of[id(p)]
+        state = self.state[p]
+        per_step = self.engine.config.mode == "per_step"
+        low_precision = p.dtype != torch.float32 and self.engine.config.master_weights
+        flat = p.detach().view(-1)
+        if per_step:
+            self._ensure_dense_state(state, p, low_precision)
+        elif state.get("version") != slot.version:
+            self._remap(state, p, slot, low_precision)
+        if scale != 1.0:
+            grad = grad * scale
+        if per_step:
+            values = state["master"][idx] if low_precision else flat[idx].float()
+            m, v, steps = state["exp_avg"][idx], state["exp_avg_sq"][idx], state["steps"][idx] + 1
+            _adamw(values, grad, m, v, steps, group)
+            state["exp_avg"][idx], state["exp_avg_sq"][idx], state["steps"][idx] = m, v, steps
+            if low_precision:
+                state["master"][idx] = values
+        else:
+            values = state["master"] if low_precision else flat[idx].float()
+            state["steps"] = state["steps"] + 1
+            _adamw(values, grad, state["exp_avg"], state["exp_avg_sq"], state["steps"], group)
+        flat.index_copy_(0, idx, values.to(p.dtype))
+
+    def _dense_update(self, p, grad, group, scale):
+        state = self.state[p]
+        low_precision = p.dtype != torch.float32 and self.engine.config.master_weights
+        if not state:
+            state["steps"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            if low_precision:
+                state["master"] = p.detach().float()
+        state["steps"] += 1
+        values = state["master"] if low_precision else p.detach()
+        g = grad.float() * scale if (scale != 1.0 or grad.dtype != values.dtype) else grad
+        _adamw(values, g, state["exp_avg"], state["exp_avg_sq"], state["steps"], group)
+        if low_precision:
+            p.detach().copy_(values)
+
+    def _state_dtype(self):
+        return self.engine.config.torch_state_dtype
+
+    def _ensure_dense_state(self, state, p, low_precision):
+        if state:
+            return
+        dtype = self._state_dtype()
+        state["exp_avg"] = torch.zeros(p.numel(), dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.numel(), dtype=dtype, device=p.device)
+        state["steps"] = torch.zeros(p.numel(), dtype=torch.int32, device=p.device)
+        if low_precision:
+            state["master"] = p.detach().reshape(-1).float()
+
+    def _remap(self, state, p, slot, low_precision):
+        """Carry the state of components that stay selected over to a new selection."""
+        new_idx, dtype = slot.idx, self._state_dtype()
+        k = new_idx.numel()
+        periodic = self.engine.config.mode == "periodic"
+        fresh = {
+            "exp_avg": torch.zeros(k, dtype=dtype, device=p.device),
+            "exp_avg_sq": torch.zeros(k, dtype=dtype, device=p.device),
+            # Periodic mode counts steps per component: a component that joins late
+            # needs its own bias correction.
+            "steps": torch.zeros(k, dtype=torch.int32, device=p.device) if periodic else 0,
+        }
+        if low_precision:
+            fresh["master"] = p.detach().reshape(-1)[new_idx].float()
+        old_idx = state.get("idx")
+        if old_idx is not None and old_idx.numel():
+            pos = torch.searchsorted(old_idx, new_idx).clamp_(max=old_idx.numel() - 1)
+            stays = old_idx[pos] == new_idx
+            for key, value in fresh.items():
+                if isinstance(value, torch.Tensor):
+                    value[stays] = state[key][pos[stays]]
+        state.clear()
+        state.update(fresh, idx=new_idx, version=slot.version)
+
+    def master_values(self) -> dict[str, torch.Tensor]:
+        """fp32 master values at each targeted tensor's ledger indices, where kept.
+
+        Passed to :meth:`SiftEngine.increment` so a bf16 model's increment keeps
+        the precision training had.
+        """
+        out = {}
+        for slot in self.engine.slots:
+            state = self.state.get(slot.param, {})
+            if "master" not in state or slot.ever_idx is None:
+                continue
+            values = slot.param.detach().reshape(-1)[slot.ever_idx].float()
+            if self.engine.config.mode == "per_step":
+                values = state["master"][slot.ever_idx]
+            else:
+                pos = torch.searchsorted(slot.ever_idx, state["idx"])
+                values[pos] = state["master"]
+            out[slot.name] = values
+        return out
+
+
+def _adamw(values, grad, exp_avg, exp_avg_sq, steps, group):
+    """One AdamW update of ``values`` (fp32, in place); moments may be lower precision."""
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
+    v = exp_avg_sq if exp_avg_sq.dtype == torch.float32 else exp_avg_sq.float()
+    if wd:
+        values.mul_(1 - lr * wd)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if isinstance(steps, torch.Tensor):
+        t = steps.float()
+        bias1 = 1 - torch.pow(beta1, t)
+        bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+        values.addcdiv_(m / bias1, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr)
+    else:
+        bias1 = 1 - beta1 ** steps
+        bias2_sqrt = math.sqrt(1 - beta2 ** steps)
+        values.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr / bias1)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+    if v is not exp_avg_sq:
+        exp_avg_sq.copy_(v)

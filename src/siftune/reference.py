@@ -1,0 +1,131 @@
+"""A slow, obviously correct SIFT: dense gradients, dense masks, masked AdamW.
+
+It keeps everything dense (gradients, masks, moments, per-component step
+counts, fp32 masters) and spells out the algorithm with no hooks and no index
+bookkeeping, so the tests can hold the fast engine to it step by step. Use
+it in a plain loop::
+
+    ref = ReferenceSift(model, config, lr=1e-3)
+    for batch in batches:
+        model(**batch).loss.backward()
+        ref.after_backward()          # once per micro-batch
+        if end_of_accumulation:
+            ref.step()                # update, then zero the gradients
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import SiftConfig
+from .select import count_selected, find_targets, random_indices, top_k_indices
+
+
+class ReferenceSift:
+    """The dense twin of :class:`SiftEngine` + :class:`SiftAdamW` (same arguments)."""
+
+    def __init__(self, model: nn.Module, config: SiftConfig, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, dense_lr=None):
+        self.config = config
+        self.lr, self.dense_lr = lr, lr if dense_lr is None else dense_lr
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        targeted, self.dense = find_targets(model, config.target_modules, config.dense_modules)
+        self.targeted = targeted
+        trainable = {id(p) for p in targeted.values()} | {id(p) for p in self.dense.values()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.k = {n: count_selected(p.numel(), config.density) for n, p in targeted.items()}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        state_dtype = config.torch_state_dtype
+        self.mask = {n: None for n in targeted}
+        self.score = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in targeted.items()}
+        self.seen = {n: 0 for n in targeted}
+        params = {**targeted, **self.dense}
+        self.m = {n: torch.zeros_like(p, dtype=state_dtype if n in targeted else torch.float32) for n, p in params.items()}
+        self.v = {n: torch.zeros_like(p, dtype=state_dtype if n in targeted else torch.float32) for n, p in params.items()}
+        self.t = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in params.items()}
+        self.master = {n: p.detach().float().clone() for n, p in params.items()}
+        self.previous_mask = {n: None for n in targeted}
+        self.steps = 0
+
+    def _select(self, name):
+        """New mask from the score; components that do not stay selected restart their state."""
+        p = self.targeted[name]
+        mask = torch.zeros(p.numel(), dtype=torch.bool)
+        if self.config.selection == "random":
+            mask[random_indices(p.numel(), self.k[name], self.generator, "cpu")] = True
+        else:
+            mask[top_k_indices(self.score[name], self.k[name])] = True
+        mask = mask.view_as(p).to(p.device)
+        if self.config.mode != "per_step":
+            old = self.previous_mask[name]
+            restart = ~(mask & old) if old is not None else torch.ones_like(mask)
+            self.m[name][restart] = 0
+            self.v[name][restart] = 0
+            self.t[name][restart] = 0
+            self.master[name][restart] = p.detach().float()[restart]
+        self.mask[name] = mask
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Count one micro-batch; complete a selection whose N-th micro-batch this was."""
+        if self.config.mode == "per_step":
+            return
+        for name, p in self.targeted.items():
+            if self.mask[name] is None and p.grad is not None:
+                self.seen[name] += 1
+                if self.seen[name] == self.config.selection_batches:
+                    self.score[name] += p.grad.float()  # p.grad: this window's sum so far
+                    self._select(name)
+
+    @torch.no_grad()
+    def step(self, max_grad_norm=None) -> None:
+        grads = {}
+        for name, p in self.targeted.items():
+            if p.grad is None:
+                continue
+            if self.config.mode == "per_step":
+                self.score[name] = p.grad.float()
+                self._select(name)
+            if self.mask[name] is None:
+                self.score[name] += p.grad.float()  # selection continues into the next window
+                continue
+            grads[name] = p.grad.float() * self.mask[name]
+        for name, p in self.dense.items():
+            if p.grad is not None:
+                grads[name] = p.grad.float()
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values())) if grads else torch.tensor(0.0)
+        max_grad_norm = self.config.max_grad_norm if max_grad_norm is None else max_grad_norm
+        scale = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        params = {**self.targeted, **self.dense}
+        for name, g in grads.items():
+            p = params[name]
+            mask = self.mask[name] if name in self.targeted else torch.ones_like(p, dtype=torch.bool)
+            lr = self.lr if name in self.targeted else self.dense_lr
+            g = g * scale
+            beta1, beta2 = self.betas
+            m, v = self.m[name].float(), self.v[name].float()
+            t = self.t[name] + mask.int()
+            new_m = beta1 * m + (1 - beta1) * g
+            new_v = beta2 * v + (1 - beta2) * g * g
+            bias1 = 1 - beta1 ** t.double()
+            bias2 = 1 - beta2 ** t.double()
+            w = self.master[name] * (1 - lr * self.weight_decay)
+            new_w = w - lr * (new_m / bias1.float()) / (new_v.sqrt() / bias2.sqrt().float() + self.eps)
+            self.m[name] = torch.where(mask, new_m, m).to(self.m[name].dtype)
+            self.v[name] = torch.where(mask, new_v, v).to(self.v[name].dtype)
+            self.t[name] = t
+            self.master[name] = torch.where(mask, new_w, self.master[name])
+            p.copy_(self.master[name].to(p.dtype))
+        for p in params.values():
+            p.grad = None
+        self.steps += 1
+        if self.config.mode == "periodic" and self.steps % self.config.refresh_every == 0:
+            self._restart_selection()
+
+    def _restart_selection(self) -> None:
+        for name in self.targeted:
+            self.previous_mask[name] = self.mask[name]
+            self.mask[name] = None
+            self.seen[name] = 0
+            self.score[name].zero_()

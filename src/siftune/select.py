@@ -1,0 +1,100 @@
+"""Which tensors SIFT targets, and which of their components it selects."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .errors import TargetError
+
+# Module types whose ``weight`` may carry a sparse increment.
+TARGETABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+
+
+def _matcher(patterns):
+    """A predicate on qualified module names, peft-style: list = name or suffix, str = full regex."""
+    if isinstance(patterns, str):
+        regex = re.compile(patterns)
+        return lambda name: regex.fullmatch(name) is not None
+    patterns = tuple(patterns)
+    return lambda name: any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _is_targetable(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D is a Linear with a transposed weight.
+    return isinstance(module, TARGETABLE) or type(module).__name__ == "Conv1D"
+
+
+def find_targets(model: nn.Module, target_modules, dense_modules=()) -> tuple[dict, dict]:
+    """Resolve the config's patterns on ``model``.
+
+    Returns ``(targeted, dense)``: parameter name -> parameter for the weights
+    that get a sparse increment, and for the parameters trained densely.
+    Raises TargetError when a pattern list matches nothing or a module is
+    both targeted and dense.
+    """
+    is_dense = _matcher(dense_modules) if dense_modules else (lambda name: False)
+    dense_prefixes = [name for name, _ in model.named_modules() if name and is_dense(name)]
+    if dense_modules and not dense_prefixes:
+        raise TargetError(
+            f"dense_modules {dense_modules!r} matched no module of {type(model).__name__}; "
+            f"module names look like {_examples(model)}"
+        )
+
+    def under_dense(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in dense_prefixes)
+
+    is_target = _matcher(target_modules) if target_modules is not None else None
+    targeted = {}
+    for name, module in model.named_modules():
+        if not name or under_dense(name):
+            continue
+        wanted = isinstance(module, nn.Linear) if is_target is None else is_target(name)
+        if not wanted:
+            continue
+        if not _is_targetable(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
+            if is_target is not None and isinstance(target_modules, (list, tuple)) and name in target_modules:
+                raise TargetError(f"target module {name!r} is a {type(module).__name__}, which has no weight SIFT can target")
+            continue
+        targeted[f"{name}.weight"] = module.weight
+
+    if not targeted:
+        raise TargetError(
+            f"target_modules {target_modules!r} matched no Linear/Embedding/Conv module of "
+            f"{type(model).__name__}; module names look like {_examples(model)}"
+        )
+    dense = {n: p for n, p in model.named_parameters() if under_dense(n.rsplit(".", 1)[0]) or n in dense_prefixes}
+    # A parameter shared between a targeted and a dense module (tied weights) cannot be both.
+    shared = {id(p) for p in targeted.values()} & {id(p) for p in dense.values()}
+    if shared:
+        names = [n for n, p in targeted.items() if id(p) in shared]
+        raise TargetError(f"{names} are targeted and also trained densely (tied weights?); drop one of the patterns")
+    return targeted, dense
+
+
+def _examples(model: nn.Module, count: int = 6) -> list[str]:
+    names = [n for n, m in model.named_modules() if n and _is_targetable(m)]
+    return names[:count]
+
+
+def count_selected(numel: int, density: float) -> int:
+    """Components selected in a tensor of ``numel`` entries: ceil-free, at least one."""
+    return max(1, min(numel, int(round(numel * density))))
+
+
+def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat int64 indices of the k largest |score| entries, sorted ascending.
+
+    Sorting keeps memory access coalesced and makes the result independent of
+    the top-k kernel's output order.
+    """
+    flat = score.detach().reshape(-1)
+    idx = torch.topk(flat.abs().float(), k, sorted=False).indices
+    return torch.sort(idx).values
+
+
+def random_indices(numel: int, k: int, generator: torch.Generator, device) -> torch.Tensor:
+    """k distinct flat indices drawn uniformly, sorted (the paper's random ablation)."""
+    idx = torch.randperm(numel, generator=generator)[:k]
+    return torch.sort(idx).values.to(device)
