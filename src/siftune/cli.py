@@ -1,0 +1,157 @@
+"""The ``siftune`` command: train, merge, info.
+
+    siftune train --config examples/demo.yaml --steps 100
+    siftune info runs/demo
+    siftune merge runs/demo merged/ [--base-model PATH]
+
+Every error siftune raises on purpose is printed as one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .errors import ConfigError, SiftError
+
+
+def _flag_type(field: dataclasses.Field):
+    hint = str(field.type)
+    if "list" in hint:
+        return "list"
+    for name, kind in (("bool", "bool"), ("float", float), ("int", int)):
+        if hint.startswith(name) or hint == name:
+            return kind
+    return str
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainArgs
+
+    parser.add_argument("--config", help="YAML file with any of the keys below (flags override it)")
+    for field in dataclasses.fields(TrainArgs):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _flag_type(field)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = f"default: {default}"
+        if kind == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif kind == "list":
+            parser.add_argument(flag, dest=field.name, nargs="+", default=argparse.SUPPRESS,
+                                help=help_text + " (names, or one regex)")
+        else:
+            parser.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def train_args_from(namespace: argparse.Namespace):
+    """TrainArgs from defaults, then the YAML file, then explicit flags."""
+    from .train import TrainArgs
+
+    values: dict[str, typing.Any] = {}
+    if getattr(namespace, "config", None):
+        values.update(_read_yaml(Path(namespace.config)))
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    for key in ("target_modules", "dense_modules"):
+        if isinstance(values.get(key), list) and len(values[key]) == 1 and any(c in values[key][0] for c in "*^$|("):
+            values[key] = values[key][0]  # a single pattern with regex characters is a regex
+    args = TrainArgs.from_dict(values, source=getattr(namespace, "config", None) or "flags")
+    args.validate()
+    return args
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .train import run
+
+    run(train_args_from(ns), progress=not ns.quiet)
+    return 0
+
+
+def cmd_info(ns: argparse.Namespace) -> int:
+    from .increment import SparseIncrement
+
+    summary = SparseIncrement.load(ns.increment).summary()
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"increment      {ns.increment}")
+    print(f"base model     {summary['base_model']}")
+    print(f"selected       {summary['selected_components']:,} of {summary['targeted_components']:,} "
+          f"targeted components (density {summary['density']:.4%})")
+    print(f"dense          {summary['dense_components']:,} components in {summary['dense_tensors']} tensors")
+    print(f"size           {summary['tensor_bytes'] / 1e6:.3f} MB of tensor data")
+    mode = summary["config"].get("mode", "?")
+    print(f"mode           {mode}, {summary['targeted_tensors']} targeted tensors")
+    if ns.tensors:
+        for name, row in summary["tensors"].items():
+            print(f"  {name:60s} {str(row['shape']):>14s} {row['selected']:>9,}  max|d| {row['abs_max']:.3g}")
+    return 0
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from .increment import SparseIncrement
+
+    increment = SparseIncrement.load(ns.increment)
+    out = increment.merge(ns.output, base_model=ns.base_model)
+    print(f"merged {ns.increment} into {out}/ (loads with transformers' from_pretrained)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="siftune", description="Sparse increment fine-tuning (SIFT).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a sparse increment")
+    _add_train_flags(train)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    info = sub.add_parser("info", help="summarise an increment folder")
+    info.add_argument("increment", help="folder with increment.safetensors + increment_config.json")
+    info.add_argument("--tensors", action="store_true", help="one line per targeted tensor")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(func=cmd_info)
+
+    merge = sub.add_parser("merge", help="write base model + increment as a plain transformers folder")
+    merge.add_argument("increment", help="increment folder")
+    merge.add_argument("output", help="folder to write the merged model to")
+    merge.add_argument("--base-model", help="base model name or path (default: the one the increment records)")
+    merge.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except SiftError as exc:
+        print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"siftune {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
