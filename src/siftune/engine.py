@@ -18,6 +18,7 @@ Selection, per targeted tensor, in the modes of :class:`SiftConfig`:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import SiftConfig
@@ -69,6 +70,13 @@ class SiftEngine:
         trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
+        # Under DistributedDataParallel the engine exchanges the selected gradient
+        # entries itself; DDP must leave targeted weights alone. Dense modules are
+        # reduced by DDP when it wraps the model (set reduce_dense=False then),
+        # else by the engine.
+        self.reduce_dense = True
+        self._ddp_ignore_before = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
+        model._ddp_params_and_buffers_to_ignore = list(self._ddp_ignore_before or []) + [s.name for s in self.slots]
         self._handles = []
         if config.mode != "per_step":
             for slot in self.slots:
@@ -98,7 +106,12 @@ class SiftEngine:
         if self.config.selection == "random":
             slot.idx = random_indices(p.numel(), slot.k, self._generator, p.device)
         else:
+            if _distributed():
+                score = score.float()  # a fresh copy: the rank's own gradient must stay local
+                dist.all_reduce(score)
             slot.idx = top_k_indices(score, slot.k)
+        if _distributed():
+            dist.broadcast(slot.idx, src=0)  # one selection on every rank, whatever the rounding
         slot.version += 1
         slot.selecting = False
         self._record(slot, slot.idx)
@@ -144,7 +157,27 @@ class SiftEngine:
         for p in self.dense.values():
             if p.grad is not None:
                 out.append((p, None, p.grad))
+        if _distributed():
+            self._average_across_ranks(out)
         return out
+
+    def _average_across_ranks(self, grads) -> None:
+        """All-reduce the selected entries (and dense grads unless DDP did) in one flat buffer."""
+        parts = [g for _, idx, g in grads if idx is not None or self.reduce_dense]
+        if not parts:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in parts])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in parts:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def exchanged_elements(self) -> int:
+        """Gradient entries one rank sends per optimizer step (for the bandwidth benchmark)."""
+        sparse = sum(s.k for s in self.slots)
+        return sparse + (sum(p.numel() for p in self.dense.values()) if self.reduce_dense else 0)
 
     def finish_step(self) -> None:
         """Drop this step's sparse gradients and start a new selection when one is due."""
@@ -206,8 +239,16 @@ class SiftEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._ddp_ignore_before is None:
+            del self.model._ddp_params_and_buffers_to_ignore
+        else:
+            self.model._ddp_params_and_buffers_to_ignore = self._ddp_ignore_before
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._saved_flags.get(name, p.requires_grad))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> SiftEngine:
