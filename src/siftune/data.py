@@ -55,7 +55,7 @@ BUILTIN_DATASETS = {
     "chatterbot": {
         "task": "causal_lm",
         "description": "ChatterBot English corpus, consecutive turns as prompt/response "
-        "pairs (~2.4k pairs)",
+        "pairs (~2.3k pairs)",
     },
 }
 
