@@ -1,0 +1,104 @@
+"""siftune.trainer.Trainer: SIFT inside the transformers Trainer loop."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from siftune import SiftConfig, SparseIncrement  # noqa: E402
+from _models import contains_token_dataset, params, tiny_bert_classifier  # noqa: E402
+
+TARGETS = ["query", "value", "attention.output.dense"]
+
+
+def mean_loss(model, rows) -> float:
+    model.eval()
+    batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+    model.train()
+    return loss
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One training run shared by the tests: (base, trainer, rows, loss before, loss after)."""
+    from transformers import TrainingArguments, default_data_collator
+
+    from siftune.trainer import Trainer
+
+    rows = contains_token_dataset(64)
+    base = tiny_bert_classifier()
+    model = copy.deepcopy(base)
+    args = TrainingArguments(
+        output_dir=str(tmp_path_factory.mktemp("trainer")), per_device_train_batch_size=8,
+        gradient_accumulation_steps=2, num_train_epochs=12, learning_rate=5e-2, max_grad_norm=1.0,
+        lr_scheduler_type="linear", report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+        seed=0, data_seed=0, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
+                      sift_config=SiftConfig(density=0.05, target_modules=TARGETS, dense_modules=["classifier"]))
+    before = mean_loss(model, rows)
+    trainer.train()
+    after = mean_loss(model, rows)
+    return base, trainer, rows, before, after
+
+
+def test_trainer_runs_the_expected_number_of_optimizer_steps(run):
+    _, trainer, _, _, _ = run
+    assert trainer.state.global_step == 12 * 64 // (8 * 2)
+    assert trainer.sift.steps == trainer.state.global_step
+
+
+def test_training_lowers_the_loss(run):
+    _, _, _, before, after = run
+    assert after < before - 0.04, (before, after)
+
+
+def test_every_targeted_tensor_changes(run):
+    base, trainer, _, _, _ = run
+    unchanged = [s.name for s in trainer.sift.slots
+                 if torch.equal(trainer.model.get_parameter(s.name), base.get_parameter(s.name))]
+    assert len(trainer.sift.slots) == 2 * 3 and not unchanged, unchanged
+
+
+def test_targeted_tensors_change_only_at_selected_indices(run):
+    base, trainer, _, _, _ = run
+    for slot in trainer.sift.slots:
+        new = trainer.model.get_parameter(slot.name).detach().reshape(-1)
+        old = base.get_parameter(slot.name).detach().reshape(-1)
+        changed = torch.nonzero(new != old).squeeze(1)
+        assert torch.isin(changed, slot.ever_idx).all(), slot.name
+        assert slot.ever_idx.numel() == round(0.05 * old.numel())
+
+
+def test_untargeted_parameters_stay_bit_identical(run):
+    base, trainer, _, _, _ = run
+    trained = params(trainer.model)
+    sparse = {s.name for s in trainer.sift.slots}
+    frozen = [n for n in trained if n not in sparse and not n.startswith("classifier.")]
+    assert len(frozen) > 20
+    for name in frozen:
+        assert torch.equal(trained[name], params(base)[name]), name
+
+
+def test_dense_classifier_changes(run):
+    base, trainer, _, _, _ = run
+    for name in ("classifier.weight", "classifier.bias"):
+        assert not torch.equal(trainer.model.get_parameter(name), base.get_parameter(name)), name
+
+
+def test_saved_increment_applied_to_a_fresh_base_reproduces_the_trained_logits(run, tmp_path):
+    base, trainer, rows, _, _ = run
+    trainer.save_model(str(tmp_path / "inc"))
+    increment = SparseIncrement.load(tmp_path / "inc")
+    fresh = increment.apply(copy.deepcopy(base)).eval()
+    trainer.model.eval()
+    ids = torch.stack([r["input_ids"] for r in rows[:16]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
