@@ -8,7 +8,8 @@
 """
 from .config import SiftConfig
 from .engine import SiftEngine, attach
-from .errors import ConfigError, DataError, IncrementError, ModelLoadError, SiftError, TargetError
+from .errors import (CheckpointError, ConfigError, DataError, IncrementError, ModelLoadError, SiftError, TargetError,
+                     WriteError)
 from .increment import SparseIncrement, TensorDelta
 from .optim import NonFiniteGradientError, SiftAdamW
 from .reference import ReferenceSift
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SiftConfig", "SiftEngine", "attach", "SiftAdamW", "SparseIncrement", "TensorDelta", "ReferenceSift",
     "SiftError", "ConfigError", "TargetError", "IncrementError", "DataError", "ModelLoadError",
-    "NonFiniteGradientError",
+    "NonFiniteGradientError", "CheckpointError", "WriteError",
 ]

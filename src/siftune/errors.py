@@ -28,3 +28,11 @@ class DataError(SiftError, ValueError):
 
 class ModelLoadError(SiftError, ValueError):
     """A model name or path cannot be resolved or loaded offline."""
+
+
+class CheckpointError(SiftError, ValueError):
+    """A training checkpoint is missing, corrupt, or does not match the run resuming from it."""
+
+
+class WriteError(SiftError, OSError):
+    """An output file cannot be written (disk full, read-only folder, permission denied)."""

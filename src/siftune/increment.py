@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import IncrementError
+from .io import atomic_write, atomic_write_dir
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
@@ -178,7 +177,7 @@ class SparseIncrement:
                 raise IncrementError("the increment records no base model; pass base_model=...")
             model, tokenizer = self._load_base(source)
         self.apply(model)
-        _atomic_dir_write(out_dir, lambda tmp: (model.save_pretrained(tmp),
+        atomic_write_dir(out_dir, lambda tmp: (model.save_pretrained(tmp),
                                                 tokenizer.save_pretrained(tmp) if tokenizer is not None else None))
         return out_dir
 
@@ -195,7 +194,6 @@ class SparseIncrement:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors, layout = {}, {}
         for name, t in self.tensors.items():
             tensors[f"{name}::indices"] = t.indices.to(_index_dtype(t.numel)).contiguous()
@@ -210,8 +208,8 @@ class SparseIncrement:
             "base_model": self.base_model, "sift_config": self.config, "tensors": layout,
             "dense": dense_layout, "metadata": self.metadata,
         }
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "siftune"}))
-        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2)))
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "siftune"}))
+        atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2)))
         return directory
 
     @classmethod
@@ -294,36 +292,3 @@ def _read_delta(weights_path: Path, name: str, info, stored: dict) -> TensorDelt
     if not bool(torch.isfinite(values).all()):
         raise IncrementError(f"{where}: values hold NaN or Inf")
     return TensorDelta(indices=idx, values=values, shape=tuple(shape), dtype=dtype)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_dir_write(out_dir: Path, write) -> None:
-    """Fill a temporary sibling folder, then move it into place (an existing folder is replaced)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
