@@ -87,6 +87,10 @@ class SiftConfig:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.selection not in ("gradient", "random"):
             raise ConfigError(f"selection must be 'gradient' or 'random', got {self.selection!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.master_weights, bool):
+            raise ConfigError(f"master_weights must be true or false, got {self.master_weights!r}")
         for name in ("selection_batches", "refresh_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -95,7 +99,10 @@ class SiftConfig:
             raise ConfigError(
                 f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}"
             )
-        if self.max_grad_norm is not None and not float(self.max_grad_norm) > 0:
+        if self.max_grad_norm is not None and (
+            isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, (int, float))
+            or not self.max_grad_norm > 0
+        ):
             raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         for name in ("target_modules", "dense_modules"):
             value = getattr(self, name)

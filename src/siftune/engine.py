@@ -23,18 +23,22 @@ from torch import nn
 
 from .config import SiftConfig
 from .errors import ConfigError
-from .select import count_selected, find_targets, random_indices, top_k_indices
+from .select import count_selected, find_targets, random_indices, tensor_generator, top_k_indices
 
 
 class _Slot:
     """Selection state of one targeted tensor."""
 
-    def __init__(self, name: str, param: nn.Parameter, k: int):
+    def __init__(self, name: str, param: nn.Parameter, k: int, generator: torch.Generator):
         self.name = name
         self.param = param
         self.k = k
+        self.generator = generator  # for selection="random"
         self.idx: torch.Tensor | None = None  # sorted flat int64 indices, on the param's device
         self.version = 0  # bumped at each new selection, so the optimizer can remap its state
+        # The selection in force before this step's, restored if the step is skipped.
+        self.previous: tuple[torch.Tensor | None, int] | None = None
+        self.pending_base: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None  # fp32 gradient of the selected entries
         self.selecting = True
         self.seen = 0  # micro-batches summed since this selection began
@@ -63,9 +67,9 @@ class SiftEngine:
             if not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
         self.dense = dense
-        self.slots = [_Slot(n, p, count_selected(p.numel(), config.density)) for n, p in targeted.items()]
-        self.steps = 0  # optimizer steps taken
-        self._generator = torch.Generator().manual_seed(config.seed)
+        self.slots = [_Slot(n, p, count_selected(p.numel(), config.density), tensor_generator(config.seed, i))
+                      for i, (n, p) in enumerate(targeted.items())]
+        self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
         for p in model.parameters():
@@ -103,8 +107,10 @@ class SiftEngine:
 
     def _select(self, slot: _Slot, score: torch.Tensor) -> None:
         p = slot.param
+        if slot.previous is None:
+            slot.previous = (slot.idx, slot.version)
         if self.config.selection == "random":
-            slot.idx = random_indices(p.numel(), slot.k, self._generator, p.device)
+            slot.idx = random_indices(p.numel(), slot.k, slot.generator, p.device)
         else:
             if _distributed():
                 score = score.float()  # a fresh copy: the rank's own gradient must stay local
@@ -114,20 +120,22 @@ class SiftEngine:
             dist.broadcast(slot.idx, src=0)  # one selection on every rank, whatever the rounding
         slot.version += 1
         slot.selecting = False
-        self._record(slot, slot.idx)
+        # Untrained values, taken before this step's update changes them.
+        slot.pending_base = p.detach().reshape(-1)[slot.idx].clone()
 
-    def _record(self, slot: _Slot, idx: torch.Tensor) -> None:
-        """Add newly selected components to the ledger, with their untrained values."""
-        flat = slot.param.detach().reshape(-1)
+    @staticmethod
+    def _record(slot: _Slot) -> None:
+        """Add a committed selection's new components to the ledger, with their untrained values."""
+        idx, base = slot.idx, slot.pending_base
         if slot.ever_idx is None:
-            slot.ever_idx, slot.base = idx.clone(), flat[idx].clone()
+            slot.ever_idx, slot.base = idx, base
             return
-        new = idx[torch.isin(idx, slot.ever_idx, invert=True)]
-        if new.numel():
-            merged = torch.cat([slot.ever_idx, new])
+        new = torch.isin(idx, slot.ever_idx, invert=True)
+        if new.any():
+            merged = torch.cat([slot.ever_idx, idx[new]])
             order = torch.argsort(merged)
             slot.ever_idx = merged[order]
-            slot.base = torch.cat([slot.base, flat[new]])[order]
+            slot.base = torch.cat([slot.base, base[new]])[order]
 
     # -- optimizer step ----------------------------------------------------
     def gradients(self) -> list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor]]:
@@ -179,10 +187,24 @@ class SiftEngine:
         sparse = sum(s.k for s in self.slots)
         return sparse + (sum(p.numel() for p in self.dense.values()) if self.reduce_dense else 0)
 
-    def finish_step(self) -> None:
-        """Drop this step's sparse gradients and start a new selection when one is due."""
+    def finish_step(self, skipped: bool = False) -> None:
+        """Drop this step's sparse gradients; commit or (``skipped``) undo its new selections.
+
+        A skipped step (non-finite gradient) must not fix a selection taken
+        from that gradient: the tensor selects again from the next batches.
+        """
         for slot in self.slots:
             slot.grad = None
+            if slot.previous is None:
+                continue
+            if skipped and self.config.mode != "per_step":
+                slot.idx, slot.version = slot.previous
+                slot.selecting, slot.seen, slot.score = True, 0, None
+            elif not skipped:
+                self._record(slot)
+            slot.previous = slot.pending_base = None
+        if skipped:
+            return
         self.steps += 1
         if self.config.mode == "periodic" and self.steps % self.config.refresh_every == 0:
             for slot in self.slots:

@@ -76,7 +76,7 @@ class SiftAdamW(torch.optim.Optimizer):
         norm = self._global_norm(grads)
         self.last_grad_norm = norm
         if not math.isfinite(norm):
-            self.engine.finish_step()
+            self.engine.finish_step(skipped=True)
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError(
                     f"gradient norm is {norm} at step {self.engine.steps}; lower the lr, use fp32/bf16, "

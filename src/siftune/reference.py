@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import SiftConfig
-from .select import count_selected, find_targets, random_indices, top_k_indices
+from .select import count_selected, find_targets, random_indices, tensor_generator, top_k_indices
 
 
 class ReferenceSift:
@@ -35,7 +35,7 @@ class ReferenceSift:
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         self.k = {n: count_selected(p.numel(), config.density) for n, p in targeted.items()}
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generators = {n: tensor_generator(config.seed, i) for i, n in enumerate(targeted)}
         state_dtype = config.torch_state_dtype
         self.mask = {n: None for n in targeted}
         self.score = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in targeted.items()}
@@ -53,7 +53,7 @@ class ReferenceSift:
         p = self.targeted[name]
         mask = torch.zeros(p.numel(), dtype=torch.bool)
         if self.config.selection == "random":
-            mask[random_indices(p.numel(), self.k[name], self.generator, "cpu")] = True
+            mask[random_indices(p.numel(), self.k[name], self.generators[name], "cpu")] = True
         else:
             mask[top_k_indices(self.score[name], self.k[name])] = True
         mask = mask.view_as(p).to(p.device)

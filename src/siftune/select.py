@@ -94,6 +94,15 @@ def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx).values
 
 
+def tensor_generator(seed: int, position: int) -> torch.Generator:
+    """The random stream of the ``position``-th targeted tensor (model order).
+
+    One stream per tensor makes a random selection independent of the order
+    in which backward hooks happen to fire.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + position)
+
+
 def random_indices(numel: int, k: int, generator: torch.Generator, device) -> torch.Tensor:
     """k distinct flat indices drawn uniformly, sorted (the paper's random ablation)."""
     idx = torch.randperm(numel, generator=generator)[:k]

@@ -51,7 +51,9 @@ class Trainer(transformers.Trainer):
 
     def increment(self):
         """The trained :class:`SparseIncrement`, with fp32 master values where kept."""
-        values = self.optimizer.master_values() if self.optimizer is not None else None
+        # After train(), accelerate has wrapped our optimizer; its master copies live inside.
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        values = optimizer.master_values() if optimizer is not None else None
         increment = self.sift.increment(base_model=self.base_model, values=values)
         increment.metadata.update(self.increment_metadata)
         return increment
