@@ -113,7 +113,9 @@ class SiftEngine:
             slot.idx = random_indices(p.numel(), slot.k, slot.generator, p.device)
         else:
             if _distributed():
-                score = score.float()  # a fresh copy: the rank's own gradient must stay local
+                # A copy even when already fp32 (.float() would alias it): the rank's
+                # own gradient must stay local, it is averaged once at the step.
+                score = score.to(torch.float32, copy=True)
                 dist.all_reduce(score)
             slot.idx = top_k_indices(score, slot.k)
         if _distributed():
