@@ -52,15 +52,21 @@ def train_args_from(namespace: argparse.Namespace):
     from .train import TrainArgs
 
     values: dict[str, typing.Any] = {}
+    sources: dict[str, str] = {}  # field -> the YAML file its value came from, for error messages
     if getattr(namespace, "config", None):
         values.update(_read_yaml(Path(namespace.config)))
+        sources = dict.fromkeys(values, str(namespace.config))
     names = {f.name for f in dataclasses.fields(TrainArgs)}
-    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    flags = {k: v for k, v in vars(namespace).items() if k in names}
+    values.update(flags)
+    for key in flags:
+        sources.pop(key, None)
     for key in ("target_modules", "dense_modules"):
-        if isinstance(values.get(key), list) and len(values[key]) == 1 and any(c in values[key][0] for c in "*^$|("):
+        if isinstance(values.get(key), list) and len(values[key]) == 1 and isinstance(values[key][0], str) \
+                and any(c in values[key][0] for c in "*^$|("):
             values[key] = values[key][0]  # a single pattern with regex characters is a regex
     args = TrainArgs.from_dict(values, source=getattr(namespace, "config", None) or "flags")
-    args.validate()
+    args.validate(sources)
     return args
 
 
@@ -73,6 +79,8 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SiftConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .select import count_selected, find_targets, random_indices, tensor_generator, top_k_indices
 
 
@@ -223,6 +223,51 @@ class SiftEngine:
 
         return SiftAdamW(self, lr=lr, **kwargs)
 
+    # -- checkpoints -------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Selection state for a checkpoint: config, step count, and per targeted tensor its
+        selection, selection window, ledger and random stream.
+
+        Take it between optimizer steps. Tensors are the engine's own (as in
+        ``nn.Module.state_dict``); save or copy them before training on.
+        """
+        if any(s.grad is not None or s.previous is not None for s in self.slots):
+            raise CheckpointError("take the engine state between optimizer steps (after step() and zero_grad())")
+        slots = {
+            s.name: {"k": s.k, "version": s.version, "selecting": s.selecting, "seen": s.seen, "idx": s.idx,
+                     "score": s.score, "ever_idx": s.ever_idx, "base": s.base, "generator": s.generator.get_state()}
+            for s in self.slots
+        }
+        return {"config": self.config.to_dict(), "steps": self.steps, "slots": slots}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into an engine attached with the same config to the same architecture.
+
+        Load it before the optimizer's state. Everything is checked first;
+        CheckpointError names the first field or tensor that does not fit,
+        and the engine is then left as it was.
+        """
+        if not isinstance(state, dict) or not isinstance(state.get("slots"), dict):
+            raise CheckpointError("engine state must be a dict with 'config', 'steps' and 'slots'")
+        config = self.config.to_dict()
+        changed = sorted(k for k in config if state.get("config", {}).get(k) != config[k])
+        if changed:
+            raise CheckpointError(f"engine state was saved with other SIFT settings ({', '.join(changed)}); "
+                                  "attach with the settings of the saved run")
+        if set(state["slots"]) != {s.name for s in self.slots}:
+            raise CheckpointError("engine state targets other tensors than this engine; attach to the same model")
+        steps = state.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise CheckpointError(f"engine state: steps {steps!r} must be an integer >= 0")
+        loaded = {s.name: _checked_slot_state(s, state["slots"][s.name]) for s in self.slots}
+        for slot in self.slots:
+            saved = loaded[slot.name]
+            slot.version, slot.selecting, slot.seen = saved["version"], saved["selecting"], saved["seen"]
+            slot.idx, slot.score, slot.ever_idx, slot.base = (saved[k] for k in ("idx", "score", "ever_idx", "base"))
+            slot.generator.set_state(saved["generator"])
+            slot.grad = slot.previous = slot.pending_base = None
+        self.steps = steps
+
     # -- results -----------------------------------------------------------
     @property
     def num_trainable(self) -> int:
@@ -286,3 +331,47 @@ def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> S
     elif overrides:
         config = SiftConfig.from_dict({**config.to_dict(), **overrides})
     return SiftEngine(model, config)
+
+
+def _checked_slot_state(slot: _Slot, saved) -> dict:
+    """``saved`` with its tensors on the slot's device, after checking it fits the slot."""
+    where = f"engine state of {slot.name}"
+    p, numel = slot.param, slot.param.numel()
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where} must be a dict")
+    for key in ("k", "version", "seen"):
+        value = saved.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{where}: {key} {value!r} must be an integer >= 0")
+    if saved["k"] != slot.k:
+        raise CheckpointError(f"{where}: {saved['k']} selected components saved, this engine selects {slot.k}")
+    if not isinstance(saved.get("selecting"), bool):
+        raise CheckpointError(f"{where}: selecting must be true or false")
+    out = dict(saved)
+    for key, length in (("idx", slot.k), ("ever_idx", None)):
+        idx = saved.get(key)
+        if idx is None:
+            continue
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1 or (
+                length is not None and idx.numel() != length):
+            raise CheckpointError(f"{where}: {key} must be a 1-D int64 tensor" + (f" of {length}" if length else ""))
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or not bool((idx[1:] > idx[:-1]).all())):
+            raise CheckpointError(f"{where}: {key} must be sorted, unique and in [0, {numel})")
+        out[key] = idx.to(p.device)
+    base = saved.get("base")
+    if (base is None) != (saved.get("ever_idx") is None):
+        raise CheckpointError(f"{where}: ledger indices and base values must be saved together")
+    if base is not None:
+        if not isinstance(base, torch.Tensor) or base.dtype != p.dtype or base.shape != saved["ever_idx"].shape:
+            raise CheckpointError(f"{where}: base values must be {p.dtype}, one per ledger index")
+        out["base"] = base.to(p.device)
+    score = saved.get("score")
+    if score is not None:
+        if not isinstance(score, torch.Tensor) or score.shape != p.shape or not score.is_floating_point():
+            raise CheckpointError(f"{where}: selection score must be a float tensor of shape {tuple(p.shape)}")
+        out["score"] = score.to(p.device)
+    generator = saved.get("generator")
+    if (not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8
+            or generator.shape != slot.generator.get_state().shape):
+        raise CheckpointError(f"{where}: random stream state is not a generator state of this torch")
+    return out

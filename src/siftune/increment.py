@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import IncrementError
-from .io import atomic_write, atomic_write_dir
+from .io import atomic_write_bytes, atomic_write_dir, atomic_write_text
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
@@ -191,7 +191,7 @@ class SparseIncrement:
     # -- files -----------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Save to ``directory`` (created); both files are replaced atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         directory = Path(directory)
         tensors, layout = {}, {}
@@ -208,8 +208,9 @@ class SparseIncrement:
             "base_model": self.base_model, "sift_config": self.config, "tensors": layout,
             "dense": dense_layout, "metadata": self.metadata,
         }
-        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "siftune"}))
-        atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2)))
+        # Serialised in memory first: safetensors reports a full disk as its own error type, not as OSError.
+        atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "siftune"}))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(header, indent=2))
         return directory
 
     @classmethod

@@ -10,10 +10,11 @@ as is at any point.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 
-from .errors import ConfigError, SiftError
+from .errors import CheckpointError, ConfigError, SiftError
 
 
 class NonFiniteGradientError(SiftError, FloatingPointError):
@@ -65,6 +66,46 @@ class SiftAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self.engine.zero_grad()
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict plus :attr:`skipped_steps`; every tensor keeps its dtype."""
+        state = super().state_dict()
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` exactly; load the engine's state first.
+
+        torch's own loader would cast the fp32 master values and moments of a
+        bf16 model to bf16; this one keeps every tensor's dtype, only moving
+        it to its parameter's device. The indices of state that belongs to
+        the engine's current selection become that selection's tensor again.
+        """
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if (not isinstance(saved_groups, list) or not isinstance(saved_state, dict)
+                or [len(g.get("params", ())) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]):
+            raise CheckpointError("optimizer state does not fit this optimizer's parameter groups; "
+                                  "attach with the saved run's target and dense modules")
+        param_of = {i: p for saved, group in zip(saved_groups, self.param_groups)
+                    for i, p in zip(saved["params"], group["params"])}
+        state = defaultdict(dict)
+        for key, values in saved_state.items():
+            if key not in param_of or not isinstance(values, dict):
+                raise CheckpointError(f"optimizer state holds an entry ({key!r}) for no parameter of this optimizer")
+            p = param_of[key]
+            state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+            slot = self._slot_of.get(id(p))
+            if slot is not None and "idx" in state[p] and state[p].get("version") == slot.version:
+                if not torch.equal(state[p]["idx"], slot.idx):
+                    raise CheckpointError(f"optimizer state of {slot.name} does not match the engine's selection")
+                state[p]["idx"] = slot.idx
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise CheckpointError(f"optimizer state: skipped_steps {skipped!r} must be an integer >= 0")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state = state
+        self.skipped_steps = skipped
 
     @torch.no_grad()
     def step(self, closure=None):

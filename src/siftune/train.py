@@ -6,20 +6,28 @@ of :class:`TrainArgs`, which the CLI fills from flags or a YAML file.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import SiftConfig
 from .engine import attach
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
+from .io import atomic_write, atomic_write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_NAMES = ("classifier", "score")  # the new head of transformers' sequence classifiers
+CHECKPOINT_DIR = "checkpoints"
+# Settings a resumed run may change, because they do not change what is trained.
+RESUME_MAY_CHANGE = ("output_dir", "resume", "checkpoint_every", "eval_batch_size", "gradient_checkpointing")
 
 
 @dataclass
@@ -42,8 +50,14 @@ class TrainArgs:
         weight_decay, max_grad_norm: AdamW decay on the weights, global-norm clip (0 = off).
         eval_size: held-out examples (count, or fraction if < 1). eval_batch_size: their batch size.
         dtype: weights' dtype. gradient_checkpointing: recompute activations in backward.
-        seed: data order, split and initialisation of new heads.
+        seed: data order, split and initialisation of new heads; an integer in [0, 2**32).
         text_column, label_column, prompt_column, response_column: column names of user files.
+        checkpoint_every: save the complete training state to output_dir/checkpoints every this
+            many steps (0 = never); the newest two are kept.
+        resume: continue from the newest valid checkpoint in output_dir/checkpoints (a fresh start
+            when there is none); without it, a run deletes the checkpoints it finds there.
+        nonfinite: a step whose loss or gradient is NaN/Inf is "skip"ped (counted in metrics.json)
+            or "raise"s an error.
     """
 
     model: str = "minilm"
@@ -77,25 +91,49 @@ class TrainArgs:
     label_column: str | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    nonfinite: str = "skip"
 
-    def validate(self) -> None:
-        """ConfigError naming the field for every value no run could use."""
+    def validate(self, sources: dict[str, str] | None = None) -> None:
+        """ConfigError naming the field for every value no run could use.
+
+        ``sources`` maps a field to where its value came from (a YAML file);
+        the message then names that too.
+        """
+        def fail(name: str, problem: str):
+            where = f"{sources[name]}: " if sources and name in sources else ""
+            raise ConfigError(f"{where}{name} {problem}")
+
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _accepts(hints[f.name], value):
+                fail(f.name, f"must be {_describe(hints[f.name])}, got {value!r}")
         if self.task not in ("classification", "causal_lm"):
-            raise ConfigError(f"task must be 'classification' or 'causal_lm', got {self.task!r}")
+            fail("task", f"must be 'classification' or 'causal_lm', got {self.task!r}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length,
-                    "eval_batch_size": self.eval_batch_size, "lr": self.lr}
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
-            raise ConfigError(f"give steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
-        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_steps, max_grad_norm and weight_decay must be >= 0")
-        if self.eval_size < 0:
-            raise ConfigError(f"eval_size must be >= 0, got {self.eval_size}")
-        self.sift_config()  # density, mode, ... are checked there
+            fail("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.nonfinite not in ("skip", "raise"):
+            fail("nonfinite", f"must be 'skip' or 'raise', got {self.nonfinite!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "lr", "dense_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                fail(name, f"must be > 0, got {value!r}")
+        for name in ("steps", "epochs", "warmup_steps", "max_grad_norm", "weight_decay", "eval_size",
+                     "checkpoint_every"):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)!r}")
+        if self.steps == 0 and self.epochs == 0:
+            fail("steps", "or epochs must be > 0 (both are 0)")
+        if not 0 <= self.seed < 2**32:
+            fail("seed", f"must be in [0, 2**32), got {self.seed}")
+        try:
+            self.sift_config()  # density, mode, ... are checked there
+        except ConfigError as exc:
+            # SiftConfig's messages start with the field's name, which is also ours.
+            name, _, problem = str(exc).partition(" ")
+            fail(name, problem)
 
     def sift_config(self, dense_modules=None) -> SiftConfig:
         return SiftConfig(
@@ -114,6 +152,30 @@ class TrainArgs:
         return cls(**data)
 
 
+def _accepts(hint, value) -> bool:
+    """Whether ``value`` has the type ``hint`` (a field annotation) asks for; YAML gives ints for floats."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_accepts(typing.get_args(hint)[0], v) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    names = {str: "text", int: "an integer", float: "a finite number", bool: "true or false", type(None): "null"}
+    return names.get(hint, "a list of names" if typing.get_origin(hint) is list else str(hint))
+
+
 def run(args: TrainArgs, progress: bool = True) -> dict:
     """Train a SIFT increment as ``args`` says; returns the metrics it also writes."""
     from . import data
@@ -121,6 +183,10 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     args.validate()
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
+    checkpoints = checkpoint.Checkpoints(out / CHECKPOINT_DIR)
+    resumed = checkpoints.load_latest() if args.resume else None  # before the slow loading: fail fast
+    if resumed is not None:
+        _check_resumable(resumed, args)
 
     examples = data.load_examples(args.dataset, args.task, text_column=args.text_column,
                                   label_column=args.label_column, prompt_column=args.prompt_column,
@@ -135,35 +201,49 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     batches = _BatchMaker(args, tokenizer, labels)
     print(f"siftune train: {args.model} on {args.dataset} ({len(train_set)} train / {len(eval_set)} held out)")
 
-    before = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
+    if resumed is None:
+        checkpoints.clear()  # a fresh run must never later resume from an older run's checkpoints
+        before = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
+    else:
+        before = resumed["progress"]["before"]
+        print(f"resuming from {resumed['path']} (step {resumed['step']})")
     _report("before", before)
 
     dense = args.dense_modules or _default_head(model, args.task)
     engine = attach(model, args.sift_config(dense_modules=dense))
-    optimizer = engine.optimizer(lr=args.lr, dense_lr=args.dense_lr, weight_decay=args.weight_decay)
+    optimizer = engine.optimizer(lr=args.lr, dense_lr=args.dense_lr, weight_decay=args.weight_decay,
+                                 nonfinite=args.nonfinite)
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(args.warmup_steps, steps))
+    start, consumed, losses, earlier_s = 0, 0, [], 0.0
+    if resumed is not None:  # model values, engine, optimizer, scheduler and RNGs as they were
+        done = checkpoint.restore(resumed, engine, optimizer, scheduler)
+        start, consumed, losses, earlier_s = resumed["step"], done["micro_batches"], done["losses"], done["train_s"]
 
     model.train()
-    losses, started = [], time.perf_counter()
-    stream = batches.train_forever(train_set)
-    bar = _progress(steps, progress)
-    for step in range(steps):
+    started = time.perf_counter()
+    stream = batches.train_forever(train_set, skip=consumed)  # the data position the checkpoint recorded
+    bar = _progress(steps, progress, initial=start)
+    for step in range(start, steps):
         step_loss = 0.0
         for _ in range(args.grad_accum):
             loss = model(**next(stream)).loss / args.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
-        optimizer.step()
+        optimizer.step()  # skips (or raises on) a non-finite gradient, as args.nonfinite says
         scheduler.step()
         optimizer.zero_grad()
         losses.append(step_loss)
-        seen = (step + 1) * args.batch_size * args.grad_accum
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            checkpoints.save(checkpoint.capture(step + 1, engine, optimizer, scheduler, {
+                "micro_batches": (step + 1) * args.grad_accum, "losses": losses, "before": before,
+                "train_s": earlier_s + time.perf_counter() - started, "settings": _resume_settings(args)}))
+        seen = (step + 1 - start) * args.batch_size * args.grad_accum
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
                         ex_s=f"{seen / (time.perf_counter() - started):.1f}")
         bar.update(1)
     bar.close()
-    train_s = time.perf_counter() - started
+    train_s = earlier_s + time.perf_counter() - started
     model.eval()
 
     after = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
@@ -178,11 +258,34 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
         "increment_bytes": increment.nbytes, "skipped_steps": optimizer.skipped_steps,
         "losses": losses, "args": dataclasses.asdict(args),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_losses(losses, out / "loss_curve.png", title=_title(args, before, after))
+    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+    atomic_write(out / "loss_curve.png", lambda tmp: plot_losses(losses, tmp, title=_title(args, before, after)))
     print(f"wrote {out}/ ({increment.nbytes / 1e6:.2f} MB increment, {engine.num_trainable:,} trainable, "
           f"{train_s:.0f} s training)")
     return metrics
+
+
+def _resume_settings(args: TrainArgs) -> dict:
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE}
+
+
+def _check_resumable(resumed: dict, args: TrainArgs) -> None:
+    saved, now = resumed["progress"].get("settings", {}), _resume_settings(args)
+    changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise CheckpointError(f"{resumed['path']} was written with other settings ({', '.join(changed)}); resume "
+                              "with the same settings, or train afresh without --resume")
+
+
+def _json_safe(value):
+    """``value`` with NaN/Inf (a skipped step's loss) as null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class _BatchMaker:
@@ -197,17 +300,20 @@ class _BatchMaker:
         a = self.args
         if a.task == "classification":
             return data.classification_batches(examples, self.tokenizer, self.labels, batch_size, a.max_length,
-                                               shuffle=shuffle, seed=seed)
+                                               shuffle=shuffle, seed=seed, source=f"the held-out part of {a.dataset}")
         return data.causal_lm_batches(examples, self.tokenizer, batch_size, a.max_length, shuffle=shuffle, seed=seed)
 
     def eval(self, examples):
         return self._make(examples, self.args.eval_batch_size, shuffle=False, seed=0)
 
-    def train_forever(self, examples):
-        epoch = 0
+    def train_forever(self, examples, skip: int = 0):
+        """Micro-batches epoch after epoch, each shuffled by seed + epoch, after the first ``skip`` of them."""
+        per_epoch = math.ceil(len(examples) / self.args.batch_size)
+        epoch, skip = divmod(skip, per_epoch)
         while True:
-            yield from self._make(examples, self.args.batch_size, shuffle=True, seed=self.args.seed + epoch)
-            epoch += 1
+            epoch_batches = self._make(examples, self.args.batch_size, shuffle=True, seed=self.args.seed + epoch)
+            yield from itertools.islice(epoch_batches, skip, None)
+            skip, epoch = 0, epoch + 1
 
 
 @torch.no_grad()
@@ -251,10 +357,10 @@ def _warmup_then_decay(warmup: int, total: int):
     return factor
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
 
 def _report(when: str, metrics: dict) -> None:
@@ -287,5 +393,5 @@ def plot_losses(losses: list[float], path: Path, title: str = "") -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
