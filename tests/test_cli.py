@@ -1,0 +1,123 @@
+"""The siftune command as a user runs it: train, info, merge, and its errors."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from siftune import SparseIncrement
+from siftune.cli import main
+from siftune.data import classification_batches, load_model
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    """A learnable toy task: the label says whether the letter 'z' appears."""
+    rng = random.Random(0)
+    rows = ["text,label"]
+    for _ in range(160):
+        word = "".join(rng.choice("abcdefgh") for _ in range(6))
+        positive = rng.random() < 0.5
+        rows.append(f"{word}{'z' if positive else ''},{'pos' if positive else 'neg'}")
+    path = tmp_path / "toy.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def chat_jsonl(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    lines = [json.dumps({"prompt": f"say {c}", "response": f"{c}{c}{c}"}) for c in "abcdefghijklmnop"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train(tmp_path, model_dir, dataset, *extra):
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out),
+                 "--steps", "6", "--batch-size", "8", "--max-length", "16", "--eval-size", "32",
+                 "--warmup-steps", "1", "--density", "0.05", "--lr", "0.01", "--quiet", *extra])
+    assert code == 0
+    return out
+
+
+def test_train_writes_increment_metrics_and_loss_plot(tmp_path, tiny_bert_dir, sentiment_csv):
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["losses"]) == 6 and metrics["steps"] == 6
+    assert 0.0 <= metrics["after"]["accuracy"] <= 1.0 and metrics["before"]["examples"] == 32
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    increment = SparseIncrement.load(out)
+    assert increment.metadata["labels"] == ["neg", "pos"]
+    assert "classifier.weight" in increment.dense
+
+
+def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path, tiny_bert_dir, sentiment_csv):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_bert_dir}\ndataset: {sentiment_csv}\nsteps: 99\ndensity: 0.5\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--steps", "3", "--output-dir", str(out), "--eval-size", "16",
+                 "--batch-size", "4", "--max-length", "16", "--warmup-steps", "0", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    assert metrics["args"]["density"] == 0.5
+
+
+def test_trained_increment_applied_to_the_base_gives_the_trained_predictions(tmp_path, tiny_bert_dir, sentiment_csv):
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv)
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out), str(merged)]) == 0
+    increment = SparseIncrement.load(out)
+    base, tokenizer = load_model(tiny_bert_dir, "classification", labels=["neg", "pos"])
+    increment.apply(base)
+    plain = AutoModelForSequenceClassification.from_pretrained(merged)
+    batch = next(iter(classification_batches([{"text": "abcz", "label": "pos"}, {"text": "abc", "label": "neg"}],
+                                             tokenizer, ["neg", "pos"], 2, 16, shuffle=False, seed=0)))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, base.eval()(**batch).logits, atol=1e-5, rtol=0)
+    assert plain.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_causal_lm_training_reports_response_loss(tmp_path, tiny_llama_dir, chat_jsonl):
+    out = train(tmp_path, tiny_llama_dir, chat_jsonl, "--task", "causal_lm", "--eval-size", "4")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out), str(merged)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
+
+
+def test_info_summarises_the_increment(tmp_path, tiny_bert_dir, sentiment_csv, capsys):
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv)
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["density"] == pytest.approx(0.05, rel=0.05)
+    assert summary["selected_components"] > 0
+    assert main(["info", str(out), "--tensors"]) == 0
+    assert "bert.encoder.layer.0.attention.self.query.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--density", "0"], "density"),
+    (["--density", "1.5"], "density"),
+    (["--mode", "sometimes"], "mode"),
+    (["--target-modules", "no_such_module"], "matched no"),
+    (["--dataset", "/nonexistent/file.csv"], "file.csv"),
+    (["--task", "translation"], "task"),
+])
+def test_bad_train_input_is_one_line_error_and_exit_2(tmp_path, tiny_bert_dir, sentiment_csv, capsys, flags, message):
+    args = ["train", "--model", str(tiny_bert_dir), "--dataset", str(sentiment_csv), "--output-dir",
+            str(tmp_path / "run"), "--steps", "2", "--eval-size", "16", "--quiet", *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "increment.safetensors").exists()
+
+
+def test_info_on_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
