@@ -125,6 +125,38 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analysis_flags(parser: argparse.ArgumentParser, args_class) -> None:
+    """One flag per field of an analysis arguments dataclass, defaulting to the field's default."""
+    for field in dataclasses.fields(args_class):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _flag_type(field)
+        help_text = field.metadata.get("help", f"default: {field.default}")
+        if kind == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=field.default, help=help_text)
+        elif kind == "list":
+            parser.add_argument(flag, dest=field.name, nargs="+", default=field.default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=field.name, type=kind, default=field.default, help=help_text)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_analyze(ns: argparse.Namespace) -> int:
+    from . import analysis
+    from .analysis import report
+
+    if ns.analysis == "gradients":
+        args_class, run, summary = analysis.GradientArgs, analysis.analyze_gradients, report.gradients_summary
+    else:
+        args_class, run, summary = analysis.LandscapeArgs, analysis.analyze_landscape, report.landscape_summary
+    names = {field.name for field in dataclasses.fields(args_class)}
+    args = args_class(**{key: value for key, value in vars(ns).items() if key in names})
+    result = run(args, progress=not ns.quiet)
+    print(summary(result))
+    print(f"wrote {args.output_dir}/{ns.analysis}.json, .md and figures ({result['seconds']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siftune", description="Sparse increment fine-tuning (SIFT).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("output", help="folder to write the merged model to")
     merge.add_argument("--base-model", help="base model name or path (default: the one the increment records)")
     merge.set_defaults(func=cmd_merge)
+
+    from .analysis import GradientArgs, LandscapeArgs
+
+    analyze = sub.add_parser("analyze", help="evidence for SIFT: gradient sparsity, loss landscapes")
+    kinds = analyze.add_subparsers(dest="analysis", required=True)
+    gradients = kinds.add_parser("gradients", help="how much of the gradient norm the top components hold")
+    _add_analysis_flags(gradients, GradientArgs)
+    landscape = kinds.add_parser("landscape", help="loss along random filter-normalised directions")
+    _add_analysis_flags(landscape, LandscapeArgs)
+    analyze.set_defaults(func=cmd_analyze)
     return parser
 
 
