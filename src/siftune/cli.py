@@ -3,6 +3,7 @@
     siftune train --config examples/demo.yaml --steps 100
     siftune info runs/demo
     siftune merge runs/demo merged/ [--base-model PATH]
+    siftune bench --task classification --quick
 
 Every error siftune raises on purpose is printed as one line and exits 2.
 """
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     landscape = kinds.add_parser("landscape", help="loss along random filter-normalised directions")
     _add_analysis_flags(landscape, LandscapeArgs)
     analyze.set_defaults(func=cmd_analyze)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)  # siftune bench: the side-by-side benchmark
     return parser
 
 

@@ -1,0 +1,405 @@
+"""``siftune bench``: SIFT, its ablations and its peers, trained and evaluated the same way.
+
+    siftune bench --task classification --methods full lora sift-fixed sift-fixed:0.001 --seeds 0 1 2
+    siftune bench --task causal_lm --methods base full lora:8 sift-fixed:matched --steps 40
+    siftune bench --task classification --quick          # a few steps, into runs/bench-quick/
+    siftune bench --report                               # tables, README section and figure only
+
+Every (method, setting, seed) runs in a fresh process, so that its peak
+memory (max RSS) is its own, on identical data, held-out split, steps, batch,
+schedule and seed; methods differ only in :mod:`siftune.bench_methods`. Each
+finished run's record is merged into ``<results-dir>/<task>.json`` at once,
+so an interrupted benchmark keeps what it finished.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bench_methods import DENSITY_METHODS, MATCHED_RANK, METHODS, RANKED, MethodRun, prepare
+from .errors import ConfigError
+
+RESULTS_DIR = Path("bench/results")
+QUICK_RESULTS_DIR = Path("runs/bench-quick")  # quick records never mix with the committed ones
+SPLIT_SEED = 0  # the held-out split is the same for every seed: only training varies
+WARMUP_FRACTION = 0.1  # linear warm-up over the first 10% of steps, then linear decay to 0
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    """A task's model, data and sizes, and each method's learning rates."""
+
+    model: str
+    dataset: str
+    steps: int
+    batch_size: int
+    max_length: int
+    eval_size: int
+    eval_batch_size: int
+    lr: dict  # method -> learning rate of what it adapts
+    dense_lr: dict  # method -> learning rate of the densely trained head (default: its lr)
+
+
+TASKS = {
+    "classification": TaskSetup(
+        "minilm", "rotten_tomatoes", steps=300, batch_size=16, max_length=64, eval_size=2000, eval_batch_size=64,
+        lr={"head": 2e-3, "full": 5e-5, "lora": 5e-4, "shira": 5e-4, "random": 2e-3, "sift-fixed": 2e-3,
+            "sift-periodic": 2e-3, "sift-per_step": 2e-3},
+        # SIFT's head rate is examples/demo.yaml's dense_lr; peft trains its head copy at the adapter's rate.
+        dense_lr={"head": 2e-3, "random": 2e-3, "sift-fixed": 2e-3, "sift-periodic": 2e-3, "sift-per_step": 2e-3},
+    ),
+    "causal_lm": TaskSetup(
+        "smollm2", "chatterbot", steps=40, batch_size=8, max_length=128, eval_size=200, eval_batch_size=8,
+        lr={"full": 2e-5, "lora": 2e-4, "shira": 2e-4, "random": 2e-4, "sift-fixed": 2e-4, "sift-periodic": 2e-4,
+            "sift-per_step": 2e-4},
+        dense_lr={},
+    ),
+}
+# Quick mode: every run takes seconds; it checks the plumbing, not the methods.
+QUICK = {"steps": 3, "batch_size": 4, "max_length": 32, "eval_size": 32, "eval_batch_size": 16}
+DEFAULT_METHODS = {
+    "classification": ["full", "lora", "sift-fixed:matched", "sift-fixed:0.001", "random:0.001"],
+    "causal_lm": ["base", "full", "lora", "sift-fixed:matched", "shira"],
+}
+
+
+@dataclass
+class RunSpec:
+    """Everything one benchmark run depends on; a worker process gets it as JSON."""
+
+    task: str
+    method: str
+    setting: float | int | str | None
+    seed: int
+    steps: int
+    batch_size: int
+    max_length: int
+    eval_size: int
+    eval_batch_size: int
+    lr: float
+    dense_lr: float
+    model: str
+    dataset: str
+    quick: bool = False
+    threads: int = 2
+
+    @property
+    def token(self) -> str:
+        return self.method if self.setting is None else f"{self.method}:{self.setting}"
+
+    def command(self) -> str:
+        """The ``siftune bench`` command that repeats exactly this run."""
+        parts = ["siftune", "bench", "--task", self.task, "--methods", self.token, "--seeds", str(self.seed),
+                 "--steps", str(self.steps), "--batch-size", str(self.batch_size), "--max-length",
+                 str(self.max_length), "--eval-size", str(self.eval_size), "--lr", f"{self.method}={self.lr:g}",
+                 "--dense-lr", f"{self.method}={self.dense_lr:g}", "--threads", str(self.threads)]
+        defaults = TASKS[self.task]
+        if self.model != defaults.model:
+            parts += ["--model", self.model]
+        if self.dataset != defaults.dataset:
+            parts += ["--dataset", self.dataset]
+        return shlex.join(parts + (["--quick"] if self.quick else []))
+
+
+def parse_method(token: str) -> tuple[str, float | int | str | None]:
+    """``"lora:16"`` -> ("lora", 16); ``"sift-fixed"`` -> ("sift-fixed", "matched"); ``"full"`` -> ("full", None)."""
+    name, _, setting = token.partition(":")
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    if name in RANKED:
+        if setting and not setting.isdigit():
+            raise ConfigError(f"{name} takes a rank, as in {name}:8; got {token!r}")
+        return name, int(setting) if setting else MATCHED_RANK
+    if name in DENSITY_METHODS:
+        if not setting or setting == "matched":
+            return name, "matched"
+        try:
+            density = float(setting)
+        except ValueError:
+            raise ConfigError(f"{name} takes a density or 'matched', as in {name}:0.001; got {token!r}") from None
+        if not 0 < density <= 1:
+            raise ConfigError(f"density must be in (0, 1], got {token!r}")
+        return name, density
+    if setting:
+        raise ConfigError(f"method {name!r} takes no setting; got {token!r}")
+    return name, None
+
+
+def parse_rates(values: list[str] | None) -> tuple[float | None, dict[str, float]]:
+    """``["1e-3"]`` sets every method's rate; ``["lora=1e-3", ...]`` sets some."""
+    every, per_method = None, {}
+    for value in values or []:
+        name, _, rate = value.rpartition("=")
+        try:
+            number = float(rate)
+        except ValueError:
+            raise ConfigError(f"a learning rate is a number or method=number, got {value!r}") from None
+        if name and name not in METHODS:
+            raise ConfigError(f"unknown method {name!r} in {value!r}; methods: {', '.join(METHODS)}")
+        if name:
+            per_method[name] = number
+        else:
+            every = number
+    return every, per_method
+
+
+def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, steps: int | None = None,
+         lr: list[str] | None = None, dense_lr: list[str] | None = None, threads: int = 2,
+         **sizes) -> list[RunSpec]:
+    """The runs for ``methods`` x ``seeds``; ``sizes`` may override batch_size, max_length, eval_size,
+    eval_batch_size, model, dataset."""
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    setup = TASKS[task]
+    values = {"steps": setup.steps, "batch_size": setup.batch_size, "max_length": setup.max_length,
+              "eval_size": setup.eval_size, "eval_batch_size": setup.eval_batch_size, "model": setup.model,
+              "dataset": setup.dataset}
+    if quick:
+        values.update(QUICK)
+    values.update({k: v for k, v in sizes.items() if v is not None})
+    if steps is not None:
+        values["steps"] = steps
+    lr_all, lr_each = parse_rates(lr)
+    dense_all, dense_each = parse_rates(dense_lr)
+    runs = []
+    for token in methods:
+        method, setting = parse_method(token)
+        rate = lr_each.get(method, lr_all or setup.lr.get(method, 0.0))
+        head_rate = dense_each.get(method, dense_all or setup.dense_lr.get(method, rate))
+        for seed in seeds:
+            runs.append(RunSpec(task, method, setting, seed, lr=rate, dense_lr=head_rate, quick=quick,
+                                threads=threads, **{**values, "steps": 0 if method == "base" else values["steps"]}))
+    return runs
+
+
+# ------------------------------------------------------------------ one run (worker side)
+
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train_steps(model, optimizer, stream, steps: int) -> tuple[list[float], list[float]]:
+    """The one loop every method trains with: forward, backward, step, schedule.
+
+    Returns per-step training losses and seconds; a step's seconds exclude
+    making its batch, so step times compare the methods' compute only. A
+    line on stderr every tenth of the run shows a long run's progress.
+    """
+    from .train import _warmup_then_decay
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(warmup_steps(steps), steps))
+    model.train()
+    losses, seconds = [], []
+    for _ in range(steps):
+        batch = next(stream)
+        started = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        seconds.append(time.perf_counter() - started)
+        losses.append(float(loss.detach()))
+        if len(losses) % max(1, steps // 10) == 0:
+            print(f"  step {len(losses)}/{steps}: loss {losses[-1]:.4f}, {seconds[-1]:.2f} s", file=sys.stderr,
+                  flush=True)
+    model.eval()
+    return losses, seconds
+
+
+def warmup_steps(steps: int) -> int:
+    return max(1, round(WARMUP_FRACTION * steps))
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Load, prepare, train and evaluate one run in this process; its record."""
+    from . import data
+    from .train import TrainArgs, _BatchMaker, evaluate
+
+    torch.set_num_threads(spec.threads)
+    load_avg = os.getloadavg()[0]
+    examples = data.load_examples(spec.dataset, spec.task)
+    train_set, eval_set = data.split_examples(examples, spec.eval_size, seed=SPLIT_SEED)
+    labels = data.label_names(train_set) if spec.task == "classification" else None
+    torch.manual_seed(spec.seed)  # the new head's initialisation, the same for every method
+    model, tokenizer = data.load_model(spec.model, spec.task, labels=labels)
+    load_mib = _max_rss_mib()
+    batches = _BatchMaker(TrainArgs(model=spec.model, dataset=spec.dataset, task=spec.task, seed=spec.seed,
+                                    batch_size=spec.batch_size, max_length=spec.max_length,
+                                    eval_batch_size=spec.eval_batch_size), tokenizer, labels)
+    prepared = prepare(model, MethodRun(spec.method, spec.task, spec.setting, spec.lr, spec.dense_lr, spec.seed))
+    losses, seconds = [], []
+    if spec.steps:
+        losses, seconds = train_steps(prepared.model, prepared.optimizer, batches.train_forever(train_set),
+                                      spec.steps)
+    peak_mib = _max_rss_mib()  # before evaluation: the training peak
+    metrics = evaluate(prepared.model, batches.eval(eval_set), spec.task)
+    record = {
+        "task": spec.task, "method": spec.method,
+        "setting": spec.setting if spec.setting is not None else "",
+        "density": prepared.density, "rank": prepared.rank,
+        "trainable": prepared.trainable, "trainable_head": prepared.head,
+        "metric": "accuracy" if spec.task == "classification" else "loss",
+        "value": metrics["accuracy" if spec.task == "classification" else "loss"],
+        "step_s": statistics.median(seconds[1:] or seconds) if seconds else None,  # step 1 selects: not typical
+        "train_s": round(sum(seconds), 2), "peak_mib": round(peak_mib, 1), "load_mib": round(load_mib, 1),
+        "increment_bytes": prepared.increment_bytes(),
+        "steps": spec.steps, "seed": spec.seed, "lr": spec.lr, "dense_lr": spec.dense_lr,
+        "batch_size": spec.batch_size, "max_length": spec.max_length, "warmup_steps": warmup_steps(spec.steps),
+        "eval_examples": len(eval_set), "model": spec.model, "dataset": spec.dataset, "quick": spec.quick,
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "machine": _machine(spec.threads), "load_avg_1min": round(load_avg, 2), "versions": _versions(),
+        "command": spec.command(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if spec.task == "classification":
+        counts = [sum(e["label"] == label for e in eval_set) for label in labels]
+        record["majority_accuracy"] = max(counts) / len(eval_set)
+    else:
+        record["perplexity"] = metrics["perplexity"]
+        record["eval_tokens"] = metrics["tokens"]
+    return record
+
+
+def _machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads"
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"siftune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------ many runs (parent side)
+
+def record_key(record: dict) -> tuple:
+    """Records with the same key are the same experiment: a new one replaces the old."""
+    return (record["method"], str(record["setting"]), record["seed"], record["steps"], record["lr"],
+            record["dense_lr"], record["batch_size"], record["max_length"])
+
+
+def merge_records(path: Path, new: list[dict]) -> list[dict]:
+    """Write ``path`` (a JSON list) with ``new`` replacing records of the same key; returns all."""
+    from .io import atomic_write_text
+
+    records = json.loads(path.read_text()) if path.is_file() else []
+    keys = {record_key(r) for r in new}
+    records = [r for r in records if record_key(r) not in keys] + new
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
+    return records
+
+
+def run_isolated(spec: RunSpec) -> dict:
+    """:func:`run_one` in a fresh Python process, so max RSS is this run's alone."""
+    with tempfile.TemporaryDirectory(prefix="siftune-bench-") as folder:
+        out = Path(folder) / "record.json"
+        cmd = [sys.executable, "-m", "siftune.bench", "--worker", json.dumps(dataclasses.asdict(spec)), str(out)]
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"{spec.token} seed {spec.seed} failed (exit {done.returncode}); "
+                               f"repeat it with: {spec.command()}")
+        return json.loads(out.read_text())
+
+
+def run_bench(runs: list[RunSpec], results_dir: Path, isolate: bool = True, log=print) -> list[dict]:
+    """Run ``runs`` one after another, merging each record into ``results_dir/<task>.json`` as it ends.
+
+    A failed run is reported and skipped, so one bad setting does not cost
+    the rest of a long benchmark; returns the new records.
+    """
+    done = []
+    for i, spec in enumerate(runs, 1):
+        log(f"[{i}/{len(runs)}] {spec.task} {spec.token} seed {spec.seed}: {spec.steps} steps, lr {spec.lr:g}")
+        try:
+            record = run_isolated(spec) if isolate else run_one(spec)
+        except RuntimeError as exc:
+            log(f"  FAILED: {exc}")
+            continue
+        merge_records(Path(results_dir) / f"{spec.task}.json", [record])
+        done.append(record)
+        step = f"{record['step_s']:.3f} s/step" if record["step_s"] is not None else "no training"
+        log(f"  {record['metric']} {record['value']:.4f}, {record['trainable']:,} trainable, {step}, "
+            f"peak {record['peak_mib']:.0f} MiB")
+    return done
+
+
+# ------------------------------------------------------------------ command line
+
+def add_parser(sub) -> None:
+    """The ``bench`` subcommand, on the ``siftune`` command's subparsers."""
+    p = sub.add_parser("bench", help="benchmark SIFT against full fine-tuning, LoRA, SHiRA and ablations",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="classification")
+    p.add_argument("--methods", nargs="+", help="method[:setting] tokens: " + ", ".join(METHODS) +
+                   "; lora/shira take a rank (default 8), random/sift-* a density or 'matched' (LoRA r=8's count, "
+                   "the default)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the task's)")
+    p.add_argument("--quick", action="store_true", help="a few tiny steps, results into runs/bench-quick/")
+    p.add_argument("--lr", nargs="+", help="a learning rate for every method, or method=rate pairs")
+    p.add_argument("--dense-lr", nargs="+", help="the head's learning rate, same forms as --lr")
+    for name in ("batch-size", "max-length", "eval-size", "eval-batch-size"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--model", help="model name or folder (default: the task's)")
+    p.add_argument("--dataset", help="built-in dataset or file (default: the task's)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--results-dir", type=Path, help="default bench/results, or runs/bench-quick with --quick")
+    p.add_argument("--in-process", action="store_true", help="no subprocess per run (peak memory is then shared)")
+    p.add_argument("--report", action="store_true", help="run nothing; regenerate the tables, the README "
+                   "section and the figure from the results")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from .bench_report import write_report
+
+    results_dir = ns.results_dir or (QUICK_RESULTS_DIR if ns.quick else RESULTS_DIR)
+    if ns.report:
+        for path in write_report(results_dir, readme=Path("README.md"), figure_dir=Path("docs/figures")):
+            print(f"wrote {path}")
+        return 0
+    runs = plan(ns.task, ns.methods or DEFAULT_METHODS[ns.task], ns.seeds, quick=ns.quick, steps=ns.steps,
+                lr=ns.lr, dense_lr=ns.dense_lr, threads=ns.threads, batch_size=ns.batch_size,
+                max_length=ns.max_length, eval_size=ns.eval_size, eval_batch_size=ns.eval_batch_size,
+                model=ns.model, dataset=ns.dataset)
+    done = run_bench(runs, results_dir, isolate=not ns.in_process)
+    for path in write_report(results_dir):
+        print(f"wrote {path}")
+    return 0 if len(done) == len(runs) else 1
+
+
+def _worker(spec_json: str, out: str) -> None:
+    from .io import atomic_write_text
+
+    spec = RunSpec(**json.loads(spec_json))
+    atomic_write_text(Path(out), json.dumps(run_one(spec)))
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], sys.argv[3])

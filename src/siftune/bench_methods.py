@@ -1,0 +1,221 @@
+"""The benchmark's methods: each one turns a freshly loaded model into something to train.
+
+Every ``prepare_*`` function takes the model and a :class:`MethodRun` and
+returns a :class:`Prepared`: the model to call (peft wraps it for LoRA and
+SHiRA), its optimizer, how many components it trains, and a function that
+gives the bytes a trained result would take on disk. The training loop,
+schedule and evaluation are shared (:mod:`siftune.bench`), so methods differ
+only here.
+
+Method names: ``head`` (only the new classification head), ``full`` (AdamW on
+every weight), ``lora`` and ``shira`` (peft, setting = rank), ``random``
+(SIFT's engine with uniformly random components, the paper's ablation) and
+``sift-fixed`` / ``sift-periodic`` / ``sift-per_step`` (setting = density).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .select import find_targets
+
+# The weights every sparse and low-rank method adapts, per task: all encoder
+# Linear layers of BERT-style classifiers, all attention and MLP projections
+# of Llama-style causal LMs.
+TARGETS = {
+    "classification": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "causal_lm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+HEADS = {"classification": ["classifier"], "causal_lm": []}  # trained densely where one exists
+
+SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step"}
+RANKED = ("lora", "shira")
+DENSITY_METHODS = ("random", *SIFT_MODES)
+METHODS = ("base", "head", "full", *RANKED, *DENSITY_METHODS)
+MATCHED_RANK = 8  # "matched" density = LoRA at this rank's count / targeted components
+LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 r: the usual scale alpha / r = 2
+PERIODIC_REFRESH = 100  # optimizer steps between two selections in sift-periodic
+
+
+@dataclass
+class MethodRun:
+    """One method at one setting, as the worker builds it.
+
+    ``setting`` is the rank for lora/shira, a density (float) or "matched"
+    for random/sift-*, and ``None`` for base/head/full.
+    """
+
+    method: str
+    task: str
+    setting: float | int | str | None
+    lr: float
+    dense_lr: float
+    seed: int
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Prepared:
+    """What the shared loop needs from a method."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None  # None for "base" (evaluated untrained)
+    trainable: int  # components updated by training, head included
+    head: int  # of which in the densely trained head
+    increment_bytes: Callable[[], int]  # bytes of the trained result as it would be saved
+    density: float | None = None  # trained fraction of the targeted components
+    rank: int | None = None
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """torch AdamW that clips the global gradient norm first, as SiftAdamW does.
+
+    Clipping inside ``step`` keeps every method on the same loop.
+    """
+
+    def __init__(self, params, lr: float, max_grad_norm: float):
+        super().__init__(params, lr=lr, weight_decay=0.0)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, closure=None):
+        if self.max_grad_norm:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        return super().step(closure)
+
+
+def targeted_weights(model: nn.Module, task: str) -> dict[str, nn.Parameter]:
+    """The weights the sparse and low-rank methods adapt on ``model``."""
+    return find_targets(model, TARGETS[task])[0]
+
+
+def lora_count(model: nn.Module, task: str, rank: int) -> int:
+    """Trainable components of LoRA at ``rank`` on the targets: r * (in + out) per weight."""
+    return sum(rank * (w.shape[0] + w.shape[1]) for w in targeted_weights(model, task).values())
+
+
+def resolve_density(model: nn.Module, task: str, setting) -> float:
+    """A density setting as a number; "matched" gives LoRA r=MATCHED_RANK's count / targeted numel."""
+    if setting == "matched":
+        total = sum(w.numel() for w in targeted_weights(model, task).values())
+        return lora_count(model, task, MATCHED_RANK) / total
+    return float(setting)
+
+
+def _param_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _head_params(model: nn.Module, task: str) -> list[nn.Parameter]:
+    return [p for name in HEADS[task] for p in model.get_submodule(name).parameters()]
+
+
+def prepare_base(model, run: MethodRun) -> Prepared:
+    """No training: the untrained model's held-out metric (the 'before' figure)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Prepared(model, None, 0, 0, lambda: 0)
+
+
+def prepare_head(model, run: MethodRun) -> Prepared:
+    """Only the new head is trained (a linear probe of the frozen encoder)."""
+    if not HEADS[run.task]:
+        raise ConfigError(f"method 'head' needs a classification head; task {run.task!r} has none")
+    head = _head_params(model, run.task)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head:
+        p.requires_grad_(True)
+    count = sum(p.numel() for p in head)
+    return Prepared(model, ClippedAdamW(head, run.dense_lr, run.max_grad_norm), count, count,
+                    lambda: _param_bytes(head))
+
+
+def prepare_full(model, run: MethodRun) -> Prepared:
+    """Full fine-tuning: AdamW on every parameter; the result is the whole model."""
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    head = _head_params(model, run.task)
+    head_ids = {id(p) for p in head}
+    groups = [{"params": [p for p in params if id(p) not in head_ids]}]
+    if head:
+        groups.append({"params": head, "lr": run.dense_lr})
+    return Prepared(model, ClippedAdamW(groups, run.lr, run.max_grad_norm), sum(p.numel() for p in params),
+                    sum(p.numel() for p in head), lambda: _param_bytes(params))
+
+
+def _prepare_peft(model, run: MethodRun, config) -> Prepared:
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    peft_model = get_peft_model(model, config)
+    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if "modules_to_save" in n]
+    adapter = [p for n, p in trainable if "modules_to_save" not in n]
+    groups = [{"params": adapter}] + ([{"params": head, "lr": run.dense_lr}] if head else [])
+    optimizer = ClippedAdamW(groups, run.lr, run.max_grad_norm)
+
+    def saved_bytes() -> int:
+        # What save_pretrained writes: adapter weights, SHiRA's indices, the head.
+        return sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(peft_model).values())
+
+    return Prepared(peft_model, optimizer, sum(p.numel() for _, p in trainable), sum(p.numel() for p in head),
+                    saved_bytes, rank=int(run.setting))
+
+
+def prepare_lora(model, run: MethodRun) -> Prepared:
+    """LoRA (peft) at rank ``setting`` on the task's targets; the head via modules_to_save."""
+    from peft import LoraConfig
+
+    rank = int(run.setting)
+    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA_PER_RANK * rank, lora_dropout=0.0,
+                        target_modules=TARGETS[run.task], modules_to_save=HEADS[run.task] or None)
+    return _prepare_peft(model, run, config)
+
+
+def prepare_shira(model, run: MethodRun) -> Prepared:
+    """SHiRA (peft): r * (in + out) random components per target, LoRA's count at the same r."""
+    from peft import ShiraConfig
+
+    config = ShiraConfig(r=int(run.setting), target_modules=TARGETS[run.task], random_seed=run.seed,
+                         modules_to_save=HEADS[run.task] or None)
+    return _prepare_peft(model, run, config)
+
+
+def prepare_sift(model, run: MethodRun) -> Prepared:
+    """siftune's engine: SIFT in the method's mode, or ``random`` selection at the same density."""
+    from .config import SiftConfig
+    from .engine import attach
+
+    density = resolve_density(model, run.task, run.setting)
+    config = SiftConfig(
+        density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
+        mode=SIFT_MODES.get(run.method, "fixed"), refresh_every=PERIODIC_REFRESH,
+        selection="random" if run.method == "random" else "gradient", max_grad_norm=run.max_grad_norm,
+        seed=run.seed,
+    )
+    engine = attach(model, config)
+    optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)
+    selected = sum(s.k for s in engine.slots)
+    targeted = sum(s.param.numel() for s in engine.slots)
+
+    def saved_bytes() -> int:
+        return engine.increment(values=optimizer.master_values()).nbytes
+
+    return Prepared(model, optimizer, engine.num_trainable, sum(p.numel() for p in engine.dense.values()),
+                    saved_bytes, density=selected / targeted)
+
+
+PREPARE = {"base": prepare_base, "head": prepare_head, "full": prepare_full, "lora": prepare_lora,
+           "shira": prepare_shira, **{name: prepare_sift for name in DENSITY_METHODS}}
+
+
+def prepare(model: nn.Module, run: MethodRun) -> Prepared:
+    """Dispatch to the method's ``prepare_*``."""
+    if run.method not in PREPARE:
+        raise ConfigError(f"unknown method {run.method!r}; methods: {', '.join(METHODS)}")
+    return PREPARE[run.method](model, run)

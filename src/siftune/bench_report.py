@@ -1,0 +1,174 @@
+"""Tables and the figure of ``siftune bench`` results: read the records, summarise, write.
+
+Records of one experiment (same method, setting, learning rates, steps and
+sizes) over several seeds become one row: mean and sample standard deviation
+of the held-out metric, medians of the costs. :func:`write_report` writes
+``<results>/README.md``, and optionally the same tables into the project
+README (between two marker comments) and the quality-vs-trainable figure.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+TASK_TITLES = {
+    "classification": "MiniLM-L6 on Rotten Tomatoes: held-out accuracy (2,000 examples; higher is better)",
+    "causal_lm": "SmolLM2-135M-Instruct on chatterbot-corpus (English): held-out response-token loss "
+                 "(lower is better)",
+}
+README_START = "<!-- bench-results:start -->"
+README_END = "<!-- bench-results:end -->"
+FIGURE = "bench_quality_vs_trainable.png"
+PLOTTED = {"sift-fixed": ("SIFT (fixed)", "C0", "o"), "random": ("random-sparse", "C3", "s"),
+           "lora": ("LoRA", "C2", "^")}
+# Order of rows: references first, then the peers, then SIFT and its ablation.
+ORDER = ["base", "head", "full", "lora", "shira", "random", "sift-fixed", "sift-periodic", "sift-per_step"]
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else []
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per experiment: the records that differ only in seed, aggregated."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = (r["method"], str(r["setting"]), r["steps"], r["lr"], r["dense_lr"], r["batch_size"], r["max_length"])
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for runs in groups.values():
+        values = [r["value"] for r in runs]
+        first = runs[0]
+        steps = [r["step_s"] for r in runs if r["step_s"] is not None]
+        rows.append({
+            "method": first["method"], "setting": first["setting"], "density": first["density"],
+            "rank": first["rank"], "trainable": first["trainable"],
+            "adapted": first["trainable"] - first["trainable_head"], "metric": first["metric"],
+            "mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "seeds": sorted(r["seed"] for r in runs), "values": values,
+            "step_s": statistics.median(steps) if steps else None,
+            "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+            "load_mib": statistics.median(r["load_mib"] for r in runs),
+            "increment_bytes": first["increment_bytes"], "steps": first["steps"], "lr": first["lr"],
+            "dense_lr": first["dense_lr"], "perplexity": _mean_of(runs, "perplexity"),
+            "majority": first.get("majority_accuracy"),
+        })
+    rows.sort(key=lambda row: (ORDER.index(row["method"]) if row["method"] in ORDER else len(ORDER),
+                               row["adapted"], row["lr"]))
+    return rows
+
+
+def _mean_of(runs, key):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def setting_label(row: dict) -> str:
+    if row["rank"] is not None:
+        return f"r={row['rank']}"
+    if row["density"] is not None:
+        matched = " (LoRA r=8 count)" if row["setting"] == "matched" else ""
+        return f"{row['density']:.3%}{matched}"
+    return ""
+
+
+def markdown_table(task: str, rows: list[dict]) -> str:
+    """The task's rows as a markdown table, with its title and the majority-class floor."""
+    if not rows:
+        return ""
+    accuracy = rows[0]["metric"] == "accuracy"
+    value_head = "accuracy (mean ± sd)" if accuracy else "loss (mean ± sd) | perplexity"
+    lines = [f"**{TASK_TITLES.get(task, task)}**", "",
+             f"| method | setting | lr (head lr) | trainable | seeds | {value_head} | step s | peak MiB "
+             "(after load) | increment |",
+             "|---|---|---|---:|---|---|---:|---:|---:|" + ("" if accuracy else "---:|")]
+    for row in rows:
+        scale = 100 if accuracy else 1
+        spread = f" ± {row['sd'] * scale:.2f}" if row["sd"] is not None else ""
+        value = f"{row['mean'] * scale:.2f}{spread}" if accuracy else f"{row['mean']:.3f}{spread}"
+        if not accuracy:
+            value += f" | {row['perplexity']:.2f}"
+        lr = f"{row['lr']:g}" + (f" ({row['dense_lr']:g})" if row["dense_lr"] != row["lr"] else "")
+        step = f"{row['step_s']:.3f}" if row["step_s"] is not None else "–"
+        lines.append(f"| {row['method']} | {setting_label(row)} | {lr if row['steps'] else '–'} | "
+                     f"{row['trainable']:,} | {','.join(map(str, row['seeds']))} | {value} | {step} | "
+                     f"{row['peak_mib']:.0f} ({row['load_mib']:.0f}) | {_size(row['increment_bytes'])} |")
+    if accuracy and rows[0]["majority"] is not None:
+        lines += ["", f"Majority class: {rows[0]['majority'] * 100:.2f}%. Accuracy in points (%)."]
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+def plot_quality(tables: dict[str, list[dict]], path: Path) -> Path:
+    """Held-out metric vs trained components (log x) for SIFT, random-sparse and LoRA, one panel per task.
+
+    Full fine-tuning and the head alone are drawn as horizontal references;
+    error bars are one standard deviation over seeds.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t, rows in tables.items() if rows]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = tables[task]
+        scale = 100 if rows[0]["metric"] == "accuracy" else 1
+        for method, (label, colour, marker) in PLOTTED.items():
+            points = sorted((r for r in rows if r["method"] == method and r["lr"] == _main_lr(rows, method)),
+                            key=lambda r: r["adapted"])
+            if points:
+                ax.errorbar([p["adapted"] for p in points], [p["mean"] * scale for p in points],
+                            yerr=[(p["sd"] or 0) * scale for p in points], label=label, color=colour,
+                            marker=marker, capsize=3)
+        for method, style in (("full", "--"), ("head", ":"), ("base", "-.")):
+            for r in (r for r in rows if r["method"] == method):
+                ax.axhline(r["mean"] * scale, color="0.4", linestyle=style, linewidth=1,
+                           label={"full": "full fine-tuning", "head": "head only",
+                                  "base": "untrained"}[method])
+                break
+        ax.set_xscale("log")
+        ax.set_xlabel("trained components outside the head (log scale)")
+        ax.set_ylabel("held-out accuracy (%)" if scale == 100 else "held-out response loss")
+        ax.set_title(TASK_TITLES.get(task, task).split(":")[0], fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _main_lr(rows: list[dict], method: str) -> float | None:
+    """The learning rate most of a method's rows use: lr sweeps stay out of the curve."""
+    rates = [r["lr"] for r in rows if r["method"] == method]
+    return max(set(rates), key=rates.count) if rates else None
+
+
+def write_report(results_dir: Path, readme: Path | None = None, figure_dir: Path | None = None) -> list[Path]:
+    """Write ``results_dir/README.md`` from the records there; also the project README's section and
+    the figure when ``readme`` / ``figure_dir`` are given. Returns the paths written."""
+    results_dir = Path(results_dir)
+    tables = {task: summarise(load(results_dir / f"{task}.json")) for task in TASK_TITLES}
+    text = "\n\n".join(markdown_table(task, rows) for task, rows in tables.items() if rows)
+    if not text:
+        return []
+    written = [results_dir / "README.md"]
+    written[0].write_text("# Benchmark results\n\nGenerated by `siftune bench --report` from the JSON records "
+                          "in this folder; see docs/bench.md for the settings.\n\n" + text + "\n")
+    if readme is not None and readme.is_file():
+        content = readme.read_text()
+        if README_START in content and README_END in content:
+            head, _, rest = content.partition(README_START)
+            _, _, tail = rest.partition(README_END)
+            readme.write_text(f"{head}{README_START}\n{text}\n{README_END}{tail}")
+            written.append(readme)
+    if figure_dir is not None:
+        written.append(plot_quality(tables, Path(figure_dir) / FIGURE))
+    return written

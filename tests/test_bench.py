@@ -1,0 +1,148 @@
+"""Tests of siftune bench: quick runs end to end, the records they write, the report built from them."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from siftune.bench import merge_records, parse_method, plan, run_bench
+from siftune.bench_methods import lora_count, resolve_density
+from siftune.bench_report import README_END, README_START, markdown_table, summarise, write_report
+from siftune.cli import main
+from siftune.errors import ConfigError
+
+REQUIRED = ("method", "trainable", "metric", "value", "step_s", "peak_mib", "load_mib", "increment_bytes", "steps",
+            "seed", "machine", "versions", "command", "lr", "dense_lr")
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    rows = [f"{'a fine warm film' if i % 2 else 'a dull cold mess'} {i},{'fresh' if i % 2 else 'rotten'}"
+            for i in range(60)]
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def chats_jsonl(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"hi {i}", "response": f"hello there {i}"}) + "\n"
+                            for i in range(40)))
+    return str(path)
+
+
+def test_quick_cli_run_writes_one_complete_record_per_method(tmp_path, tiny_bert_dir, reviews_csv):
+    code = main(["bench", "--task", "classification", "--quick", "--methods", "full", "lora", "sift-fixed",
+                 "--model", tiny_bert_dir, "--dataset", reviews_csv, "--eval-size", "16",
+                 "--results-dir", str(tmp_path / "results")])
+    assert code == 0
+    records = json.loads((tmp_path / "results" / "classification.json").read_text())
+    by_method = {r["method"]: r for r in records}
+    assert sorted(by_method) == ["full", "lora", "sift-fixed"]
+    for r in records:
+        assert all(r[key] is not None for key in REQUIRED), r
+        assert r["steps"] == 3 and r["seed"] == 0 and r["eval_examples"] == 16
+        assert 0.0 <= r["value"] <= 1.0 and r["metric"] == "accuracy"
+        assert r["peak_mib"] >= r["load_mib"] > 0  # each run's own process
+        assert "--quick" in r["command"] and f"--methods {r['method']}" in r["command"]
+    full, lora, sift = by_method["full"], by_method["lora"], by_method["sift-fixed"]
+    assert full["increment_bytes"] == 4 * full["trainable"]  # fp32 weights, all of them
+    assert lora["rank"] == 8 and lora["density"] is None
+    # The "matched" density gives LoRA r=8's count, up to per-tensor rounding.
+    assert abs(sift["trainable"] - lora["trainable"]) <= 12
+    assert sift["trainable_head"] == lora["trainable_head"] > 0
+    assert 0 < sift["increment_bytes"] < full["increment_bytes"]
+    table = (tmp_path / "results" / "README.md").read_text()
+    assert "| sift-fixed |" in table and "| lora | r=8 |" in table
+
+
+def test_causal_quick_runs_report_response_loss_and_untrained_base(tmp_path, tiny_llama_dir, chats_jsonl):
+    runs = plan("causal_lm", ["base", "sift-fixed:0.05"], [3], quick=True, model=tiny_llama_dir,
+                dataset=chats_jsonl, eval_size=8)
+    records = run_bench(runs, tmp_path, isolate=False, log=lambda _: None)
+    base, sift = records
+    assert base["steps"] == 0 and base["trainable"] == 0 and base["step_s"] is None
+    assert sift["steps"] == 3 and sift["seed"] == 3 and sift["density"] == pytest.approx(0.05, rel=0.05)
+    for r in records:
+        assert r["metric"] == "loss" and r["perplexity"] == pytest.approx(math.exp(r["value"]))
+    # Only the response tokens count, the same ones for every method.
+    assert base["eval_tokens"] == sift["eval_tokens"] > 0
+    assert json.loads((tmp_path / "causal_lm.json").read_text()) == records
+
+
+def test_matched_density_is_lora_r8_count_over_targeted_components(minilm_path):
+    from siftune.data import load_model
+
+    model, _ = load_model(minilm_path, "classification", num_labels=2)
+    # 6 layers x (4 x 8 (384 + 384) + 2 x 8 (384 + 1536)) and 6 x (4 x 384^2 + 2 x 384 x 1536).
+    assert lora_count(model, "classification", 8) == 331_776
+    assert resolve_density(model, "classification", "matched") == pytest.approx(331_776 / 10_616_832)
+    assert resolve_density(model, "classification", 0.001) == 0.001
+
+
+def test_method_tokens():
+    assert parse_method("lora") == ("lora", 8)
+    assert parse_method("shira:16") == ("shira", 16)
+    assert parse_method("sift-fixed") == ("sift-fixed", "matched")
+    assert parse_method("random:0.001") == ("random", 0.001)
+    assert parse_method("full") == ("full", None)
+    for bad in ("lora:0.5", "sift-fixed:2", "full:8", "adapter"):
+        with pytest.raises(ConfigError):
+            parse_method(bad)
+
+
+def test_every_method_of_a_plan_gets_the_same_data_steps_and_seed():
+    runs = plan("classification", ["full", "lora", "sift-fixed:0.001"], [0, 1], lr=["lora=1e-3"])
+    assert {(r.steps, r.batch_size, r.max_length, r.eval_size) for r in runs} == {(300, 16, 64, 2000)}
+    assert [r.seed for r in runs] == [0, 1, 0, 1, 0, 1]
+    assert [r.lr for r in runs] == [5e-5, 5e-5, 1e-3, 1e-3, 2e-3, 2e-3]
+
+
+def _record(method="sift-fixed", seed=0, value=0.8, lr=2e-3, **extra):
+    record = {"task": "classification", "method": method, "setting": "matched", "density": 0.03125, "rank": None,
+              "trainable": 332_546, "trainable_head": 770, "metric": "accuracy", "value": value, "step_s": 0.5,
+              "peak_mib": 900.0, "load_mib": 700.0, "increment_bytes": 2_657_288, "steps": 300, "seed": seed,
+              "lr": lr, "dense_lr": lr, "batch_size": 16, "max_length": 64, "majority_accuracy": 0.574}
+    return {**record, **extra}
+
+
+def test_records_of_the_same_experiment_and_seed_are_replaced_others_kept(tmp_path):
+    path = tmp_path / "classification.json"
+    merge_records(path, [_record(seed=0, value=0.5), _record(seed=1)])
+    merge_records(path, [_record(seed=0, value=0.9), _record(seed=0, lr=1e-3)])
+    records = json.loads(path.read_text())
+    assert sorted((r["seed"], r["lr"], r["value"]) for r in records) == [(0, 1e-3, 0.8), (0, 2e-3, 0.9),
+                                                                       (1, 2e-3, 0.8)]
+
+
+def test_report_gives_mean_and_spread_over_seeds_and_fills_the_readme(tmp_path):
+    records = [_record(seed=s, value=v) for s, v in enumerate([0.80, 0.82, 0.84])]
+    records.append(_record(method="full", setting="", density=None, seed=0, value=0.81, lr=5e-5))
+    rows = summarise(records)
+    assert [row["method"] for row in rows] == ["full", "sift-fixed"]
+    assert rows[1]["mean"] == pytest.approx(0.82) and rows[1]["sd"] == pytest.approx(0.02)
+    table = markdown_table("classification", rows)
+    assert "82.00 ± 2.00" in table and "| 0,1,2 |" in table and "3.125% (LoRA r=8 count)" in table
+    (tmp_path / "classification.json").write_text(json.dumps(records))
+    readme = tmp_path / "project" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"# x\n\n## Benchmarks\n{README_START}\nold\n{README_END}\n\nafter\n")
+    written = write_report(tmp_path, readme=readme, figure_dir=tmp_path / "figures")
+    text = readme.read_text()
+    assert "old" not in text and "82.00 ± 2.00" in text and text.endswith(f"{README_END}\n\nafter\n")
+    assert (tmp_path / "figures" / "bench_quality_vs_trainable.png").stat().st_size > 0
+    assert len(written) == 3
+
+
+def test_no_method_trains_what_it_should_not(tiny_bert):
+    from siftune.bench_methods import MethodRun, prepare
+
+    before = {n: p.detach().clone() for n, p in tiny_bert.named_parameters()}
+    prepared = prepare(tiny_bert, MethodRun("head", "classification", None, 1e-2, 1e-2, 0))
+    tiny_bert(input_ids=torch.randint(0, 100, (2, 8)), labels=torch.tensor([0, 1])).loss.backward()
+    prepared.optimizer.step()
+    changed = {n for n, p in tiny_bert.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+    assert prepared.trainable == prepared.head == 32 * 2 + 2
