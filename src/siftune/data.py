@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -264,7 +265,7 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
                         f"{path} line {lineno}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
                     ) from None
                 yield lineno, text
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged .gz stream
         raise DataError(f"{path}: cannot read file ({exc})") from exc
 
 
@@ -275,6 +276,10 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
         if header is None:
             raise DataError(f"{path}: file is empty")
         header = [name.strip() for name in header]
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path} line 1: column {repeated[0]!r} appears more than once in the header; "
+                            "give every column its own name")
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue
@@ -295,6 +300,10 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # an integer too long to convert
+            raise DataError(f"{path} line {lineno}: not usable JSON ({str(exc).split(';')[0]})") from None
+        except RecursionError:
+            raise DataError(f"{path} line {lineno}: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record
@@ -316,14 +325,22 @@ def _require_column(path, columns, explicit, defaults, option) -> str:
     return found
 
 
-def _cell(path, lineno, record, column, allow_empty=False) -> str:
+def _cell(path, lineno, record, column, allow_empty=False, is_label=False) -> str:
     value = record.get(column)
     if value is None or isinstance(value, (dict, list)):
         raise DataError(f"{path} line {lineno}: {column!r} is missing or not text")
+    if is_label and isinstance(value, float):
+        # 1.0 and 1 would become two classes, and 0.37 suggests a regression target.
+        raise DataError(f"{path} line {lineno}: {column!r} is the decimal number {value!r}; "
+                        "classification labels must be text or integers")
     # JSON numbers and booleans (e.g. 0/1 labels) are used by their text.
     value = value if isinstance(value, str) else str(value)
     if not allow_empty and not value.strip():
         raise DataError(f"{path} line {lineno}: empty {column!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape: tokenizers reject it
+        raise DataError(f"{path} line {lineno}: {column!r} holds an invalid Unicode escape (a lone surrogate)") from None
     return value
 
 
@@ -354,7 +371,7 @@ def _examples_from_records(path, records, task, text_column=None, label_column=N
     examples = []
     for lineno, record in itertools.chain([first], records):
         example = {
-            key: _cell(path, lineno, record, column, allow_empty=key == "prompt")
+            key: _cell(path, lineno, record, column, allow_empty=key == "prompt", is_label=key == "label")
             for key, column in fields.items()
         }
         if task == "causal_lm":

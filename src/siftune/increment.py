@@ -237,8 +237,9 @@ class SparseIncrement:
             key = f"{name}::dense"
             if key not in stored:
                 raise IncrementError(f"{weights_path} lacks {key} listed in {CONFIG_NAME}")
-            if list(stored[key].shape) != list(info.get("shape", [])):
-                raise IncrementError(f"{weights_path}: {key} has shape {list(stored[key].shape)}, header says {info.get('shape')}")
+            if not isinstance(info, dict) or list(stored[key].shape) != info.get("shape"):
+                raise IncrementError(f"{weights_path}: {key} has shape {list(stored[key].shape)}, header says "
+                                     f"{info.get('shape') if isinstance(info, dict) else info!r}")
             dense[name] = stored[key]
         return cls(tensors, dense=dense, base_model=header.get("base_model"),
                    config=header.get("sift_config") or {}, metadata=header.get("metadata") or {})
@@ -251,8 +252,9 @@ def _index_dtype(numel: int) -> torch.dtype:
 def _read_header(path: Path) -> dict:
     try:
         header = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IncrementError(f"{path} is not valid JSON ({exc}); the increment folder is damaged") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an endless integer
+        raise IncrementError(f"{path} is not valid JSON ({type(exc).__name__}); the increment folder is "
+                             "damaged") from None
     if not isinstance(header, dict) or header.get("format") != "siftune-sparse-increment":
         raise IncrementError(f"{path} is not a siftune increment header (no 'format': 'siftune-sparse-increment')")
     version = header.get("format_version")
@@ -261,6 +263,10 @@ def _read_header(path: Path) -> dict:
                              "upgrade siftune or re-save the increment")
     if not isinstance(header.get("tensors"), dict) or not isinstance(header.get("dense", {}), dict):
         raise IncrementError(f"{path}: 'tensors' and 'dense' must be objects")
+    if not isinstance(header.get("base_model"), (str, type(None))):
+        raise IncrementError(f"{path}: 'base_model' must be a name, a path or null")
+    if not isinstance(header.get("sift_config", {}), dict) or not isinstance(header.get("metadata", {}), dict):
+        raise IncrementError(f"{path}: 'sift_config' and 'metadata' must be objects")
     header.setdefault("dense", {})
     return header
 
@@ -272,7 +278,7 @@ def _read_delta(weights_path: Path, name: str, info, stored: dict) -> TensorDelt
     shape, dtype = info.get("shape"), info.get("dtype")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise IncrementError(f"{where}: shape {shape!r} must be a list of positive integers")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise IncrementError(f"{where}: dtype {dtype!r} must be one of {sorted(_DTYPES)}")
     idx, values = stored.get(f"{name}::indices"), stored.get(f"{name}::values")
     if idx is None or values is None:
