@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import distributed
 from .config import SiftConfig
 from .errors import CheckpointError, ConfigError
 from .select import count_selected, find_targets, random_indices, tensor_generator, top_k_indices
@@ -116,10 +117,10 @@ class SiftEngine:
                 # A copy even when already fp32 (.float() would alias it): the rank's
                 # own gradient must stay local, it is averaged once at the step.
                 score = score.to(torch.float32, copy=True)
-                dist.all_reduce(score)
+                distributed.all_reduce(score)
             slot.idx = top_k_indices(score, slot.k)
         if _distributed():
-            dist.broadcast(slot.idx, src=0)  # one selection on every rank, whatever the rounding
+            distributed.broadcast(slot.idx, src=0)  # one selection on every rank, whatever the rounding
         slot.version += 1
         slot.selecting = False
         # Untrained values, taken before this step's update changes them.
@@ -177,7 +178,7 @@ class SiftEngine:
         if not parts:
             return
         flat = torch.cat([g.reshape(-1).float() for g in parts])
-        dist.all_reduce(flat)
+        distributed.all_reduce(flat)
         flat /= dist.get_world_size()
         offset = 0
         for g in parts:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import SiftConfig
 from .engine import attach
 from .errors import CheckpointError, ConfigError
@@ -181,6 +181,10 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     from . import data
 
     args.validate()
+    distributed.init()  # joins the job when started by torchrun or accelerate launch, else does nothing
+    if args.batch_size % distributed.world_size():
+        raise ConfigError(f"batch_size {args.batch_size} must be a multiple of the {distributed.world_size()} "
+                          "processes: each takes an equal slice of every batch")
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     checkpoints = checkpoint.Checkpoints(out / CHECKPOINT_DIR)
@@ -199,14 +203,15 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = _BatchMaker(args, tokenizer, labels)
-    print(f"siftune train: {args.model} on {args.dataset} ({len(train_set)} train / {len(eval_set)} held out)")
+    _print(f"siftune train: {args.model} on {args.dataset} ({len(train_set)} train / {len(eval_set)} held out)")
 
     if resumed is None:
-        checkpoints.clear()  # a fresh run must never later resume from an older run's checkpoints
+        if distributed.is_main_process():
+            checkpoints.clear()  # a fresh run must never later resume from an older run's checkpoints
         before = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
     else:
         before = resumed["progress"]["before"]
-        print(f"resuming from {resumed['path']} (step {resumed['step']})")
+        _print(f"resuming from {resumed['path']} (step {resumed['step']})")
     _report("before", before)
 
     dense = args.dense_modules or _default_head(model, args.task)
@@ -222,8 +227,9 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
 
     model.train()
     started = time.perf_counter()
-    stream = batches.train_forever(train_set, skip=consumed)  # the data position the checkpoint recorded
-    bar = _progress(steps, progress, initial=start)
+    # From the data position the checkpoint recorded; each process takes its slice of every batch.
+    stream = distributed.shard(batches.train_forever(train_set, skip=consumed))
+    bar = _progress(steps, progress and distributed.is_main_process(), initial=start)
     for step in range(start, steps):
         step_loss = 0.0
         for _ in range(args.grad_accum):
@@ -233,8 +239,8 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
         optimizer.step()  # skips (or raises on) a non-finite gradient, as args.nonfinite says
         scheduler.step()
         optimizer.zero_grad()
-        losses.append(step_loss)
-        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+        losses.append(distributed.mean_across_ranks(step_loss))  # the loss of the whole batch
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and distributed.is_main_process():
             checkpoints.save(checkpoint.capture(step + 1, engine, optimizer, scheduler, {
                 "micro_batches": (step + 1) * args.grad_accum, "losses": losses, "before": before,
                 "train_s": earlier_s + time.perf_counter() - started, "settings": _resume_settings(args)}))
@@ -251,16 +257,17 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
 
     increment = engine.increment(base_model=args.model, values=optimizer.master_values())
     increment.metadata.update(task=args.task, labels=labels, dataset=args.dataset)
-    increment.save(out)
     metrics = {
         "before": before, "after": after, "steps": steps, "train_s": round(train_s, 2),
         "step_s": round(train_s / steps, 4), "trainable": engine.num_trainable,
         "increment_bytes": increment.nbytes, "skipped_steps": optimizer.skipped_steps,
         "losses": losses, "args": dataclasses.asdict(args),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
-    atomic_write(out / "loss_curve.png", lambda tmp: plot_losses(losses, tmp, title=_title(args, before, after)))
-    print(f"wrote {out}/ ({increment.nbytes / 1e6:.2f} MB increment, {engine.num_trainable:,} trainable, "
+    if distributed.is_main_process():  # one writer, whatever the number of processes
+        increment.save(out)
+        atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+        atomic_write(out / "loss_curve.png", lambda tmp: plot_losses(losses, tmp, title=_title(args, before, after)))
+    _print(f"wrote {out}/ ({increment.nbytes / 1e6:.2f} MB increment, {engine.num_trainable:,} trainable, "
           f"{train_s:.0f} s training)")
     return metrics
 
@@ -304,7 +311,8 @@ class _BatchMaker:
         return data.causal_lm_batches(examples, self.tokenizer, batch_size, a.max_length, shuffle=shuffle, seed=seed)
 
     def eval(self, examples):
-        return self._make(examples, self.args.eval_batch_size, shuffle=False, seed=0)
+        """This process's share of the held-out examples (all of them in a single process)."""
+        return self._make(distributed.shard_examples(examples), self.args.eval_batch_size, shuffle=False, seed=0)
 
     def train_forever(self, examples, skip: int = 0):
         """Micro-batches epoch after epoch, each shuffled by seed + epoch, after the first ``skip`` of them."""
@@ -318,7 +326,10 @@ class _BatchMaker:
 
 @torch.no_grad()
 def evaluate(model, batches, task: str) -> dict:
-    """Held-out accuracy (classification) or response-token loss and perplexity (causal LM)."""
+    """Held-out accuracy (classification) or response-token loss and perplexity (causal LM).
+
+    Under several processes each evaluates its share of the examples and the counts are summed.
+    """
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -335,8 +346,9 @@ def evaluate(model, batches, task: str) -> dict:
                 logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"))
             tokens += int((target != -100).sum())
     model.train(was_training)
+    correct, total, loss_sum, tokens = distributed.sum_across_ranks([correct, total, loss_sum, tokens])
     if task == "classification":
-        return {"accuracy": correct / max(total, 1), "examples": total}
+        return {"accuracy": correct / max(total, 1), "examples": int(total)}
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
 
@@ -366,7 +378,12 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 def _report(when: str, metrics: dict) -> None:
     if metrics:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"held-out {when}: {shown}")
+        _print(f"held-out {when}: {shown}")
+
+
+def _print(text: str) -> None:
+    if distributed.is_main_process():  # one copy of the output, whatever the number of processes
+        print(text)
 
 
 def _title(args: TrainArgs, before: dict, after: dict) -> str:

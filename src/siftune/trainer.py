@@ -5,6 +5,10 @@ import transformers
 
 from .config import SiftConfig
 from .engine import attach
+from .errors import ConfigError
+
+# accelerate's parallelisms that shard or own the weights, which the engine's hooks must see whole.
+_SHARDING = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 class Trainer(transformers.Trainer):
@@ -29,7 +33,20 @@ class Trainer(transformers.Trainer):
     def __init__(self, *args, sift_config: SiftConfig, base_model: str | None = None,
                  increment_metadata: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if kind in _SHARDING:
+            raise ConfigError(f"siftune.trainer.Trainer runs under plain data parallelism (DDP) only, not {kind}; "
+                              "see docs/distributed.md")
         self.sift = attach(self.model, sift_config)
+        # accelerate wraps the model in DistributedDataParallel after this. The engine's
+        # ignore list keeps DDP off the targeted weights, whose selected entries the
+        # engine exchanges; DDP averages the densely trained ones.
+        self.sift.reduce_dense = self.accelerator.num_processes == 1
+        if not self.sift.reduce_dense and not self.sift.dense:
+            self.sift.detach()  # leave the model as it came
+            raise ConfigError("under several processes accelerate wraps the model in DistributedDataParallel, which "
+                              "refuses a model whose only trained weights are SIFT's (no dense_modules); train "
+                              "with `siftune train` or your own loop instead, see docs/distributed.md")
         config = getattr(self.model, "config", None)
         self.base_model = base_model or getattr(config, "_name_or_path", None)
         self.increment_metadata = increment_metadata or {}

@@ -1,0 +1,207 @@
+"""Several processes, one SIFT run: the process group, each rank's share of the data, rank-0 output.
+
+``torchrun`` and ``accelerate launch`` start one process per device and
+describe the job in environment variables (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). :func:`init` joins that
+job; the engine then finds the process group by itself and exchanges only
+the selected gradient entries (see :meth:`siftune.SiftEngine.gradients`).
+
+Data parallelism here means: every rank takes its slice of every global
+batch (:func:`shard`), so that the ranks together see exactly the batch a
+single process would see, and the averaged gradient is the single-process
+gradient. Only rank 0 prints and writes files (:func:`is_main_process`).
+
+Every collective gives up after a timeout (``SIFTUNE_DIST_TIMEOUT`` seconds,
+default 600), so a rank that dies or stops responding ends the job with
+:class:`DistributedError` on the others instead of a hang.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, SiftError
+
+TIMEOUT_ENV = "SIFTUNE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(SiftError, RuntimeError):
+    """A collective failed or timed out: another process of the job failed or stopped responding."""
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (``WORLD_SIZE``; 1 when not launched by one)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def timeout_s() -> float:
+    """Seconds a collective waits for the other ranks (``SIFTUNE_DIST_TIMEOUT``, default 600)."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def init() -> bool:
+    """Join the launcher's process group when ``WORLD_SIZE`` > 1; True if this call created it.
+
+    Does nothing when the group exists already (e.g. accelerate made it) or
+    when the process was not started by a multi-process launcher. The
+    backend is NCCL for CUDA tensors and gloo for CPU tensors, so the
+    engine's collectives work wherever the model lives. The group is
+    destroyed when the process exits.
+    """
+    if dist.is_initialized() or launched_world_size() <= 1:
+        return False
+    missing = [name for name in _LAUNCHER_ENV if name not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set; start the job with torchrun "
+                          "or accelerate launch, which set them")
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    with collective_errors():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+    atexit.register(cleanup)
+    return True
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Processes in the job (1 without a process group)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if _active() else 0
+
+
+def is_main_process() -> bool:
+    """True on the one rank that prints progress and writes files."""
+    return rank() == 0
+
+
+def shard_batch(batch, part: int | None = None, parts: int | None = None):
+    """Slice ``part`` of ``parts`` equal slices of a batch (default: this rank's of the job's).
+
+    ``batch`` is a tensor, or a dict / tuple / list of them, batch dimension
+    first; the batch size must be a multiple of ``parts``.
+    """
+    part = rank() if part is None else part
+    parts = world_size() if parts is None else parts
+    size = _batch_size(batch)
+    if size % parts:
+        raise ConfigError(f"a batch of {size} cannot be split evenly into {parts} processes; "
+                          f"use a batch size that is a multiple of {parts}")
+    share = size // parts
+    return _take(batch, slice(part * share, (part + 1) * share))
+
+
+def shard(batches):
+    """This rank's slice of every global batch of ``batches`` (see :func:`shard_batch`).
+
+    The slices of all ranks together are the global batch, so the averaged
+    gradient equals a single process's on that batch. A batch that cannot be
+    split evenly (the short last batch of an epoch) is first padded with its
+    own first examples, as ``DistributedSampler`` pads an epoch: every rank
+    then still takes part in every step, and the batch count stays the same.
+    """
+    parts = world_size()
+    for batch in batches:
+        size = _batch_size(batch)
+        if size % parts:
+            batch = _take(batch, torch.arange(-(-size // parts) * parts) % size)
+        yield shard_batch(batch, rank(), parts)
+
+
+def shard_examples(examples: list) -> list:
+    """Every ``world_size``-th example from this rank's position: a disjoint share for evaluation."""
+    return examples[rank()::world_size()]
+
+
+def mean_across_ranks(value: float) -> float:
+    """``value`` averaged over the ranks (unchanged in a single process)."""
+    return sum_across_ranks([value])[0] / world_size()
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Each value summed over the ranks (unchanged in a single process)."""
+    if world_size() == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
+    all_reduce(total)
+    return total.tolist()
+
+
+def all_reduce(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over the ranks, in place; :class:`DistributedError` if a rank is gone."""
+    with collective_errors():
+        dist.all_reduce(tensor)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> None:
+    """Overwrite ``tensor`` with rank ``src``'s, in place; :class:`DistributedError` if a rank is gone."""
+    with collective_errors():
+        dist.broadcast(tensor, src=src)
+
+
+@contextlib.contextmanager
+def collective_errors():
+    """Turn a collective that failed or timed out into :class:`DistributedError`, naming this rank.
+
+    Wrap collective calls only: gloo reports a dead peer or a timeout as a
+    plain RuntimeError, so every RuntimeError inside is taken for one.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"rank {rank()} of {world_size()}" if _active() else f"rank {os.environ.get('RANK', '?')}"
+        raise DistributedError(
+            f"{where}: a collective operation failed ({first}); another process of the job has probably "
+            f"failed or stopped responding, see its output (collectives give up after {timeout_s():g} s, "
+            f"set by {TIMEOUT_ENV})"
+        ) from exc
+
+
+def cleanup() -> None:
+    """Leave and destroy the process group, if there is one."""
+    if _active():
+        dist.destroy_process_group()
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = list(batch.values()) if isinstance(batch, dict) else list(batch)
+    return _batch_size(values[0])
+
+
+def _take(batch, index):
+    """``batch`` indexed along its batch dimension, in every tensor it holds."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index]
+    if isinstance(batch, dict):
+        return {key: _take(value, index) for key, value in batch.items()}
+    return type(batch)(_take(value, index) for value in batch)
