@@ -198,6 +198,8 @@ class SiftEngine:
         """
         for slot in self.slots:
             slot.grad = None
+            if skipped and slot.selecting and self.config.mode != "per_step":
+                slot.seen, slot.score = 0, None  # a window folded into the score this step holds the bad gradient
             if slot.previous is None:
                 continue
             if skipped and self.config.mode != "per_step":

@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import time
 import types
 import typing
@@ -42,7 +43,7 @@ class TrainArgs:
         density, mode, selection_batches, refresh_every, state_dtype, selection:
             as in :class:`SiftConfig`.
         target_modules: module names (or one regex); default: every Linear but the head.
-        dense_modules: trained densely; default: the classification head, if any.
+        dense_modules: trained densely (names, or one regex); default: the classification head, if any.
         lr: learning rate of the selected components. dense_lr: of dense modules (default lr).
         steps: optimizer steps; epochs: used instead when steps is 0.
         batch_size: examples per micro-batch; grad_accum: micro-batches per step.
@@ -71,7 +72,7 @@ class TrainArgs:
     state_dtype: str = "float32"
     selection: str = "gradient"
     target_modules: list[str] | str | None = None
-    dense_modules: list[str] | None = None
+    dense_modules: list[str] | str | None = None
     lr: float = 1e-3
     dense_lr: float | None = None
     steps: int = 300
@@ -128,6 +129,13 @@ class TrainArgs:
             fail("steps", "or epochs must be > 0 (both are 0)")
         if not 0 <= self.seed < 2**32:
             fail("seed", f"must be in [0, 2**32), got {self.seed}")
+        for name in ("target_modules", "dense_modules"):
+            pattern = getattr(self, name)
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    fail(name, f"is not a valid regular expression ({exc})")
         try:
             self.sift_config()  # density, mode, ... are checked there
         except ConfigError as exc:
