@@ -171,10 +171,13 @@ def collective_errors():
     """Turn a collective that failed or timed out into :class:`DistributedError`, naming this rank.
 
     Wrap collective calls only: gloo reports a dead peer or a timeout as a
-    plain RuntimeError, so every RuntimeError inside is taken for one.
+    plain RuntimeError, so every RuntimeError inside is taken for one, except
+    NotImplementedError (a tensor type the collective does not support).
     """
     try:
         yield
+    except NotImplementedError:
+        raise
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"rank {rank()} of {world_size()}" if _active() else f"rank {os.environ.get('RANK', '?')}"

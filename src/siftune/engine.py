@@ -67,6 +67,10 @@ class SiftEngine:
         for name, p in targeted.items():
             if not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
+            if _is_sharded(p):
+                raise ConfigError(f"targeted weight {name} is sharded (a DTensor, e.g. from FSDP2's fully_shard); "
+                                  "SIFT needs each process to hold whole weights: use data parallelism, "
+                                  "see docs/distributed.md")
         self.dense = dense
         self.slots = [_Slot(n, p, count_selected(p.numel(), config.density), tensor_generator(config.seed, i))
                       for i, (n, p) in enumerate(targeted.items())]
@@ -224,6 +228,12 @@ class SiftEngine:
         """A :class:`siftune.optim.SiftAdamW` over the selected components and dense modules."""
         from .optim import SiftAdamW
 
+        replaced = [s.name for s in self.slots if self.model.get_parameter(s.name) is not s.param]
+        if replaced:
+            # The hooks sit on the old tensors: training would silently change nothing.
+            raise ConfigError(f"the model's {replaced[0]} is no longer the tensor SIFT attached to (was the model "
+                              "sharded, e.g. by fully_shard, or its weights reassigned after attach?); "
+                              "attach to the model as it will be trained")
         return SiftAdamW(self, lr=lr, **kwargs)
 
     # -- checkpoints -------------------------------------------------------
@@ -321,6 +331,14 @@ class SiftEngine:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> SiftEngine:
