@@ -446,3 +446,24 @@ def test_metrics_json_of_a_run_is_valid_json_with_every_output_in_place(recipe):
     assert metrics["steps"] == 6 and metrics["skipped_steps"] == 0 and metrics["args"]["checkpoint_every"] == 2
     assert (straight / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
     assert not [p for p in straight.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_optimizer_state_loaded_without_the_engine_state_keeps_the_moments_of_components_selected_again():
+    # E.g. a transformers Trainer resuming: it restores the optimizer but not the engine, which selects anew.
+    base, batches = mlp(), mlp_batches(3)
+    model = copy.deepcopy(base)
+    engine, optimizer, scheduler = sift(model)
+    train(model, optimizer, scheduler, batches[:2])
+    old_idx, old_m = engine.selected["0.weight"], optimizer.state[model[0].weight]["exp_avg"]
+    fresh = copy.deepcopy(base)
+    engine2, optimizer2, scheduler2 = sift(fresh)
+    optimizer2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    train(fresh, optimizer2, scheduler2, batches[2:3])
+    probe = copy.deepcopy(base)
+    mlp_loss(probe, batches[2]).backward()
+    new_idx, g = engine2.selected["0.weight"], probe[0].weight.grad.reshape(-1)
+    stays = torch.isin(new_idx, old_idx)
+    assert 0 < int(stays.sum()) < new_idx.numel()  # some components stay selected, some are new
+    expected = 0.1 * g[new_idx]
+    expected[stays] += 0.9 * old_m[torch.searchsorted(old_idx, new_idx[stays])]
+    torch.testing.assert_close(optimizer2.state[fresh[0].weight]["exp_avg"], expected)

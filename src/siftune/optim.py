@@ -79,7 +79,10 @@ class SiftAdamW(torch.optim.Optimizer):
         torch's own loader would cast the fp32 master values and moments of a
         bf16 model to bf16; this one keeps every tensor's dtype, only moving
         it to its parameter's device. The indices of state that belongs to
-        the engine's current selection become that selection's tensor again.
+        the engine's current selection become that selection's tensor again;
+        state of another selection (the engine's own state was not restored)
+        is remapped at the next step, keeping what components that stay
+        selected had.
         """
         saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
         if (not isinstance(saved_groups, list) or not isinstance(saved_state, dict)
@@ -95,10 +98,12 @@ class SiftAdamW(torch.optim.Optimizer):
             p = param_of[key]
             state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             slot = self._slot_of.get(id(p))
-            if slot is not None and "idx" in state[p] and state[p].get("version") == slot.version:
-                if not torch.equal(state[p]["idx"], slot.idx):
-                    raise CheckpointError(f"optimizer state of {slot.name} does not match the engine's selection")
-                state[p]["idx"] = slot.idx
+            if slot is not None and "idx" in state[p]:
+                if (slot.idx is not None and state[p].get("version") == slot.version
+                        and torch.equal(state[p]["idx"], slot.idx)):
+                    state[p]["idx"] = slot.idx
+                else:
+                    state[p]["version"] = None  # no engine version: the next step remaps it
         skipped = state_dict.get("skipped_steps", 0)
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise CheckpointError(f"optimizer state: skipped_steps {skipped!r} must be an integer >= 0")
