@@ -34,28 +34,34 @@ def chats_jsonl(tmp_path):
 
 
 def test_quick_cli_run_writes_one_complete_record_per_method(tmp_path, tiny_bert_dir, reviews_csv):
-    code = main(["bench", "--task", "classification", "--quick", "--methods", "full", "lora", "sift-fixed",
+    # Two methods, one from peft: each run is its own process, which is what costs time here.
+    code = main(["bench", "--task", "classification", "--quick", "--methods", "lora", "sift-fixed",
                  "--model", tiny_bert_dir, "--dataset", reviews_csv, "--eval-size", "16",
                  "--results-dir", str(tmp_path / "results")])
     assert code == 0
     records = json.loads((tmp_path / "results" / "classification.json").read_text())
     by_method = {r["method"]: r for r in records}
-    assert sorted(by_method) == ["full", "lora", "sift-fixed"]
+    assert sorted(by_method) == ["lora", "sift-fixed"]
     for r in records:
         assert all(r[key] is not None for key in REQUIRED), r
         assert r["steps"] == 3 and r["seed"] == 0 and r["eval_examples"] == 16
         assert 0.0 <= r["value"] <= 1.0 and r["metric"] == "accuracy"
         assert r["peak_mib"] >= r["load_mib"] > 0  # each run's own process
         assert "--quick" in r["command"] and f"--methods {r['method']}" in r["command"]
-    full, lora, sift = by_method["full"], by_method["lora"], by_method["sift-fixed"]
-    assert full["increment_bytes"] == 4 * full["trainable"]  # fp32 weights, all of them
+    lora, sift = by_method["lora"], by_method["sift-fixed"]
     assert lora["rank"] == 8 and lora["density"] is None
     # The "matched" density gives LoRA r=8's count, up to per-tensor rounding.
     assert abs(sift["trainable"] - lora["trainable"]) <= 12
     assert sift["trainable_head"] == lora["trainable_head"] > 0
-    assert 0 < sift["increment_bytes"] < full["increment_bytes"]
     table = (tmp_path / "results" / "README.md").read_text()
     assert "| sift-fixed |" in table and "| lora | r=8 |" in table
+
+
+def test_full_fine_tuning_trains_and_saves_every_parameter(tmp_path, tiny_bert, tiny_bert_dir, reviews_csv):
+    (full,) = run_bench(plan("classification", ["full"], [0], quick=True, model=tiny_bert_dir, dataset=reviews_csv,
+                             eval_size=16), tmp_path, isolate=False, log=lambda _: None)
+    assert full["trainable"] == sum(p.numel() for p in tiny_bert.parameters())
+    assert full["increment_bytes"] == 4 * full["trainable"]  # fp32 weights, all of them
 
 
 def test_causal_quick_runs_report_response_loss_and_untrained_base(tmp_path, tiny_llama_dir, chats_jsonl):
@@ -70,6 +76,17 @@ def test_causal_quick_runs_report_response_loss_and_untrained_base(tmp_path, tin
     # Only the response tokens count, the same ones for every method.
     assert base["eval_tokens"] == sift["eval_tokens"] > 0
     assert json.loads((tmp_path / "causal_lm.json").read_text()) == records
+
+
+def test_paired_timing_steps_every_method_in_turns(tmp_path, tiny_bert_dir, reviews_csv):
+    code = main(["bench", "--task", "classification", "--quick", "--methods", "full", "sift-fixed:0.1",
+                 "--model", tiny_bert_dir, "--dataset", reviews_csv, "--paired-steps", "2",
+                 "--results-dir", str(tmp_path)])
+    assert code == 0
+    (entry,) = json.loads((tmp_path / "classification_paired_timing.json").read_text())
+    assert sorted(entry["step_s"]) == ["full", "sift-fixed:0.1"] and min(entry["step_s"].values()) > 0
+    assert entry["trainable"]["sift-fixed:0.1"] < entry["trainable"]["full"]
+    assert entry["steps"] == 2 and "--paired-steps 2" in entry["command"]
 
 
 def test_matched_density_is_lora_r8_count_over_targeted_components(minilm_path):

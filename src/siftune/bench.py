@@ -205,15 +205,10 @@ def train_steps(model, optimizer, stream, steps: int) -> tuple[list[float], list
     model.train()
     losses, seconds = [], []
     for _ in range(steps):
-        batch = next(stream)
-        started = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
+        loss, took = _step(model, optimizer, next(stream))
         scheduler.step()
-        optimizer.zero_grad()
-        seconds.append(time.perf_counter() - started)
-        losses.append(float(loss.detach()))
+        seconds.append(took)
+        losses.append(loss)
         if len(losses) % max(1, steps // 10) == 0:
             print(f"  step {len(losses)}/{steps}: loss {losses[-1]:.4f}, {seconds[-1]:.2f} s", file=sys.stderr,
                   flush=True)
@@ -221,26 +216,44 @@ def train_steps(model, optimizer, stream, steps: int) -> tuple[list[float], list
     return losses, seconds
 
 
+def _step(model, optimizer, batch) -> tuple[float, float]:
+    """One optimizer step on ``batch``: its training loss and seconds."""
+    started = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return float(loss.detach()), time.perf_counter() - started
+
+
 def warmup_steps(steps: int) -> int:
     return max(1, round(WARMUP_FRACTION * steps))
 
 
-def run_one(spec: RunSpec) -> dict:
-    """Load, prepare, train and evaluate one run in this process; its record."""
+def _load(spec: RunSpec):
+    """The run's data split, labels, freshly loaded model and batch maker."""
     from . import data
-    from .train import TrainArgs, _BatchMaker, evaluate
+    from .train import TrainArgs, _BatchMaker
 
-    torch.set_num_threads(spec.threads)
-    load_avg = os.getloadavg()[0]
     examples = data.load_examples(spec.dataset, spec.task)
     train_set, eval_set = data.split_examples(examples, spec.eval_size, seed=SPLIT_SEED)
     labels = data.label_names(train_set) if spec.task == "classification" else None
     torch.manual_seed(spec.seed)  # the new head's initialisation, the same for every method
     model, tokenizer = data.load_model(spec.model, spec.task, labels=labels)
-    load_mib = _max_rss_mib()
     batches = _BatchMaker(TrainArgs(model=spec.model, dataset=spec.dataset, task=spec.task, seed=spec.seed,
                                     batch_size=spec.batch_size, max_length=spec.max_length,
                                     eval_batch_size=spec.eval_batch_size), tokenizer, labels)
+    return train_set, eval_set, labels, model, batches
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Load, prepare, train and evaluate one run in this process; its record."""
+    from .train import evaluate
+
+    torch.set_num_threads(spec.threads)
+    load_avg = os.getloadavg()[0]
+    train_set, eval_set, labels, model, batches = _load(spec)
+    load_mib = _max_rss_mib()
     prepared = prepare(model, MethodRun(spec.method, spec.task, spec.setting, spec.lr, spec.dense_lr, spec.seed))
     losses, seconds = [], []
     if spec.steps:
@@ -295,6 +308,41 @@ def _versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
+def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
+    """Median step seconds of several methods timed in turns, in one process, on the same batches.
+
+    On shared cores the load changes from minute to minute, so separate
+    runs' ``step_s`` differ by more than the methods do. Here every method
+    takes one step in turn (the order reversed every other round), so all of
+    them see the same load and their ratios are meaningful.
+    """
+    torch.set_num_threads(runs[0].threads)
+    load_avg = os.getloadavg()[0]
+    prepared, stream = [], None
+    for spec in runs:
+        train_set, _, _, model, batches = _load(spec)
+        prepared.append(prepare(model, MethodRun(spec.method, spec.task, spec.setting, spec.lr, spec.dense_lr,
+                                                 spec.seed)))
+        prepared[-1].model.train()
+        stream = stream or batches.train_forever(train_set)
+    seconds: list[list[float]] = [[] for _ in runs]
+    for round_ in range(steps + 1):  # round 0 (SIFT selects there) is not counted
+        batch = next(stream)
+        order = list(range(len(runs)))[::1 if round_ % 2 == 0 else -1]
+        for i in order:
+            took = _step(prepared[i].model, prepared[i].optimizer, batch)[1]
+            if round_:
+                seconds[i].append(took)
+    first = runs[0]
+    return {"task": first.task, "steps": steps, "batch_size": first.batch_size, "max_length": first.max_length,
+            "step_s": {spec.token: statistics.median(s) for spec, s in zip(runs, seconds)},
+            "trainable": {spec.token: p.trainable for spec, p in zip(runs, prepared)},
+            "machine": _machine(first.threads), "load_avg_1min": round(load_avg, 2), "versions": _versions(),
+            "command": shlex.join(["siftune", "bench", "--task", first.task, "--methods", *[r.token for r in runs],
+                                   "--paired-steps", str(steps), "--threads", str(first.threads)]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 # ------------------------------------------------------------------ many runs (parent side)
 
 def record_key(record: dict) -> tuple:
@@ -313,6 +361,15 @@ def merge_records(path: Path, new: list[dict]) -> list[dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(records, indent=1) + "\n")
     return records
+
+
+def append_json(path: Path, entry: dict) -> None:
+    """Add ``entry`` to the JSON list in ``path``."""
+    from .io import atomic_write_text
+
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(entries + [entry], indent=1) + "\n")
 
 
 def run_isolated(spec: RunSpec) -> dict:
@@ -371,6 +428,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--results-dir", type=Path, help="default bench/results, or runs/bench-quick with --quick")
     p.add_argument("--in-process", action="store_true", help="no subprocess per run (peak memory is then shared)")
+    p.add_argument("--paired-steps", type=int, metavar="N", help="train nothing to the end: time N steps of "
+                   "each method in turns in one process (fair step times on shared cores); appends to "
+                   "<results-dir>/<task>_paired_timing.json")
     p.add_argument("--report", action="store_true", help="run nothing; regenerate the tables, the README "
                    "section and the figure from the results")
     p.set_defaults(func=cmd_bench)
@@ -388,6 +448,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                 lr=ns.lr, dense_lr=ns.dense_lr, threads=ns.threads, batch_size=ns.batch_size,
                 max_length=ns.max_length, eval_size=ns.eval_size, eval_batch_size=ns.eval_batch_size,
                 model=ns.model, dataset=ns.dataset)
+    if ns.paired_steps:
+        timing = paired_step_times(runs, ns.paired_steps)
+        path = Path(results_dir) / f"{ns.task}_paired_timing.json"
+        append_json(path, timing)
+        print(json.dumps(timing["step_s"], indent=1))
+        print(f"wrote {path}")
+        return 0
     done = run_bench(runs, results_dir, isolate=not ns.in_process)
     for path in write_report(results_dir):
         print(f"wrote {path}")

@@ -99,6 +99,22 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def timing_table(task: str, entries: list[dict]) -> str:
+    """Step times measured in turns in one process (``siftune bench --paired-steps``), as ratios to full."""
+    lines = []
+    for entry in entries:
+        times = entry["step_s"]
+        reference = times.get("full")
+        lines += ["", f"Step time, {task}, methods timed in turns in one process ({entry['steps']} steps of "
+                  f"{entry['batch_size']} x {entry['max_length']}, load {entry['load_avg_1min']}, "
+                  f"{entry['machine']}; `{entry['command']}`):", "",
+                  "| method | trainable | s/step | x full |", "|---|---:|---:|---:|"]
+        for token, seconds in times.items():
+            ratio = f"{seconds / reference:.2f}" if reference else "–"
+            lines.append(f"| {token} | {entry['trainable'][token]:,} | {seconds:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
@@ -156,7 +172,9 @@ def write_report(results_dir: Path, readme: Path | None = None, figure_dir: Path
     the figure when ``readme`` / ``figure_dir`` are given. Returns the paths written."""
     results_dir = Path(results_dir)
     tables = {task: summarise(load(results_dir / f"{task}.json")) for task in TASK_TITLES}
-    text = "\n\n".join(markdown_table(task, rows) for task, rows in tables.items() if rows)
+    timings = {task: load(results_dir / f"{task}_paired_timing.json") for task in TASK_TITLES}
+    text = "\n\n".join(markdown_table(task, rows) + timing_table(task, timings[task])
+                       for task, rows in tables.items() if rows)
     if not text:
         return []
     written = [results_dir / "README.md"]
