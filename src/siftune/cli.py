@@ -195,9 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """The command prints its own summary; transformers' load reports would bury it."""
+    import os
+
+    if not os.environ.get("SIFTUNE_VERBOSE"):
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    _quiet_transformers()
     try:
         return ns.func(ns)
     except SiftError as exc:
