@@ -13,6 +13,8 @@ with ``weights_only=True`` so a file can never run code). It is written
 through :func:`siftune.io.atomic_write`; the previous checkpoint is deleted
 only after the new one is complete. :meth:`Checkpoints.load_latest` takes
 the newest file that is complete and intact and warns about any it skips.
+The file is assembled in memory (its checksum comes first), so saving takes
+about the checkpoint's size in free RAM for a moment.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, WriteError
+from .errors import CheckpointError, ConfigError, WriteError
 from .io import atomic_write_bytes, remove_stale_temporaries
 
 FORMAT_VERSION = 1
@@ -46,7 +48,7 @@ class Checkpoints:
 
     def __init__(self, folder: str | Path, keep: int = 2):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise CheckpointError(f"keep must be an integer >= 1, got {keep!r}")
+            raise ConfigError(f"keep must be an integer >= 1, got {keep!r}")
         self.folder = Path(folder)
         self.keep = keep
 
