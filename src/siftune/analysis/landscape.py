@@ -51,8 +51,8 @@ class LandscapeArgs(inputs.AnalysisArgs):
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "modules whose weights the directions move, names or one regex "
                 "(default: every weight with 2+ dimensions)"})
-    grid: int = field(default=9, metadata={"help": "points per axis of the 2-D slice, odd (default: 9)"})
-    line_points: int = field(default=21, metadata={"help": "points of the 1-D slice, odd (default: 21)"})
+    grid: int = field(default=7, metadata={"help": "points per axis of the 2-D slice, odd (default: 7)"})
+    line_points: int = field(default=17, metadata={"help": "points of the 1-D slice, odd (default: 17)"})
     span: float = field(default=1.0, metadata={"help": "slices cover [-span, span] (default: 1.0)"})
     dims: str = field(default="both", metadata={"help": "1, 2 or both (default: both)"})
 
