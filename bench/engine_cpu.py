@@ -12,9 +12,11 @@ Cases:
 
 Methods: ``full`` (torch AdamW on every weight, foreach), ``sift`` (fixed mode,
 fp32 state) at ``--density``, and ``frozen`` (forward + backward with no
-weight gradients: the floor). Step time is the median of the timed steps
-after warm-up; peak memory is the process's maximum RSS (``ru_maxrss``) after
-the run, so each method runs in a fresh subprocess.
+weight gradients: the floor). Peak memory is the process's maximum RSS
+(``ru_maxrss``) after the run, so each method runs in a fresh subprocess.
+Step time is measured separately with the methods' models side by side in one
+process, one step of each in turn, so that load from other processes on the
+machine hits every method alike; it is the median over the timed steps.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def build(case: str, quick: bool):
     return model, {"input_ids": ids, "labels": ids}, TARGETS, None
 
 
-def measure(case: str, method: str, density: float, steps: int, quick: bool) -> dict:
+def prepare(case: str, method: str, density: float, quick: bool):
+    """(model, inputs, optimizer, trainable) for one method."""
     import siftune
 
     model, inputs, targets, dense = build(case, quick)
@@ -76,20 +79,36 @@ def measure(case: str, method: str, density: float, steps: int, quick: bool) -> 
         trainable = 0
     else:
         raise SystemExit(f"unknown method {method}")
-    times = []
+    return model, inputs, optimizer, trainable
+
+
+def one_step(model, inputs, optimizer) -> float:
+    start = time.perf_counter()
+    model(**inputs).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def measure_memory(case: str, method: str, density: float, steps: int, quick: bool) -> dict:
+    """Peak RSS of ``steps`` training steps of one method (run it in a fresh process)."""
+    model, inputs, optimizer, trainable = prepare(case, method, density, quick)
     for _ in range(steps):
-        start = time.perf_counter()
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        one_step(model, inputs, optimizer)
+    return {"case": case, "method": method, "density": density if method == "sift" else None,
+            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable,
+            "peak_rss_mib": round(_peak_rss_mib(), 1)}
+
+
+def measure_time(case: str, methods: list[str], density: float, steps: int, quick: bool) -> dict:
+    """Median step time of each method, the methods stepping in turn in this process."""
+    prepared = {m: prepare(case, m, density, quick) for m in methods}
+    times = {m: [] for m in methods}
+    for _ in range(steps):
+        for method, (model, inputs, optimizer, _) in prepared.items():
+            times[method].append(one_step(model, inputs, optimizer))
     warm = 2 if steps > 3 else 0
-    return {
-        "case": case, "method": method, "density": density if method == "sift" else None,
-        "params": sum(p.numel() for p in model.parameters()), "trainable": trainable,
-        "step_s": round(statistics.median(times[warm:]), 4), "peak_rss_mib": round(_peak_rss_mib(), 1),
-        "steps": steps,
-    }
+    return {m: round(statistics.median(t[warm:]), 4) for m, t in times.items()}
 
 
 def _peak_rss_mib() -> float:
@@ -110,16 +129,17 @@ def main() -> None:
     torch.set_num_threads(2)
     steps = 3 if args.quick else args.steps
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], args.density, steps, args.quick)))
+        print(json.dumps(measure_memory(args.one[0], args.one[1], args.density, steps, args.quick)))
         return
     rows = []
     for case in args.cases:
+        step_s = measure_time(case, args.methods, args.density, steps, args.quick)
         for method in args.methods:
             command = [sys.executable, __file__, "--one", case, method, "--density", str(args.density),
                        "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
-            row.update(machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            row.update(step_s=step_s[method], steps=steps, machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
                        torch=torch.__version__, quick=args.quick)
             print(json.dumps(row))
             rows.append(row)

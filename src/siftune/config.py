@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,10 @@ class SiftConfig:
             if value is None and name == "target_modules":
                 continue
             if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ConfigError(f"{name} {value!r} is not a valid regular expression ({exc})") from None
                 continue
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name} must be a list of module names or one regex string, got {value!r}")
