@@ -165,14 +165,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_job(job: str, folder: Path, timeout_s: float = 60) -> list[subprocess.Popen]:
+def start_job(job: str, folder: Path, timeout_s: float = JOB_LIMIT_S) -> list[subprocess.Popen]:
     """WORLD processes running ``_rank_main(job, folder)``; output in folder/rank{r}.out and .err."""
     port = _free_port()
     procs = []
     for rank in range(WORLD):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: str(timeout_s), "PYTHONPATH": str(TESTS)}
+               "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: str(timeout_s),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
         code = f"from test_distributed import _rank_main; _rank_main({job!r}, {str(folder)!r})"
         with open(folder / f"rank{rank}.out", "w") as out, open(folder / f"rank{rank}.err", "w") as err:
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=err))
@@ -388,3 +389,11 @@ def test_a_bad_timeout_setting_is_a_config_error(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(siftune.ConfigError, match=distributed.TIMEOUT_ENV):
         distributed.timeout_s()
+
+
+def test_a_world_size_without_the_other_launcher_variables_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(siftune.ConfigError, match="RANK, MASTER_ADDR, MASTER_PORT not set"):
+        distributed.init()
