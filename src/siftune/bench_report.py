@@ -80,9 +80,9 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     accuracy = rows[0]["metric"] == "accuracy"
     value_head = "accuracy (mean ± sd)" if accuracy else "loss (mean ± sd) | perplexity"
     lines = [f"**{TASK_TITLES.get(task, task)}**", "",
-             f"| method | setting | lr (head lr) | trainable | seeds | {value_head} | step s | peak MiB "
+             f"| method | setting | lr (head lr) | trainable | steps | seeds | {value_head} | step s | peak MiB "
              "(after load) | increment |",
-             "|---|---|---|---:|---|---|---:|---:|---:|" + ("" if accuracy else "---:|")]
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|" + ("" if accuracy else "---:|")]
     for row in rows:
         scale = 100 if accuracy else 1
         spread = f" ± {row['sd'] * scale:.2f}" if row["sd"] is not None else ""
@@ -92,7 +92,7 @@ def markdown_table(task: str, rows: list[dict]) -> str:
         lr = f"{row['lr']:g}" + (f" ({row['dense_lr']:g})" if row["dense_lr"] != row["lr"] else "")
         step = f"{row['step_s']:.3f}" if row["step_s"] is not None else "–"
         lines.append(f"| {row['method']} | {setting_label(row)} | {lr if row['steps'] else '–'} | "
-                     f"{row['trainable']:,} | {','.join(map(str, row['seeds']))} | {value} | {step} | "
+                     f"{row['trainable']:,} | {row['steps']} | {','.join(map(str, row['seeds']))} | {value} | {step} | "
                      f"{row['peak_mib']:.0f} ({row['load_mib']:.0f}) | {_size(row['increment_bytes'])} |")
     if accuracy and rows[0]["majority"] is not None:
         lines += ["", f"Majority class: {rows[0]['majority'] * 100:.2f}%. Accuracy in points (%)."]
@@ -105,7 +105,7 @@ def timing_table(task: str, entries: list[dict]) -> str:
     for entry in entries:
         times = entry["step_s"]
         reference = times.get("full")
-        lines += ["", f"Step time, {task}, methods timed in turns in one process ({entry['steps']} steps of "
+        lines += ["", "", f"Step time, {task}, methods timed in turns in one process ({entry['steps']} steps of "
                   f"{entry['batch_size']} x {entry['max_length']}, load {entry['load_avg_1min']}, "
                   f"{entry['machine']}; `{entry['command']}`):", "",
                   "| method | trainable | s/step | x full |", "|---|---:|---:|---:|"]
@@ -130,7 +130,7 @@ def plot_quality(tables: dict[str, list[dict]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t, rows in tables.items() if rows]
+    tasks = [t for t, rows in tables.items() if any(r["method"] in PLOTTED for r in rows)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = tables[task]
@@ -187,6 +187,6 @@ def write_report(results_dir: Path, readme: Path | None = None, figure_dir: Path
             _, _, tail = rest.partition(README_END)
             readme.write_text(f"{head}{README_START}\n{text}\n{README_END}{tail}")
             written.append(readme)
-    if figure_dir is not None:
+    if figure_dir is not None and any(r["method"] in PLOTTED for rows in tables.values() for r in rows):
         written.append(plot_quality(tables, Path(figure_dir) / FIGURE))
     return written
