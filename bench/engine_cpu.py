@@ -12,8 +12,8 @@ Cases:
 
 Methods: ``full`` (torch AdamW on every weight, foreach), ``sift`` (fixed mode,
 fp32 state) at ``--density``, and ``frozen`` (forward + backward with no
-weight gradients: the floor). Peak memory is the process's maximum RSS
-(``ru_maxrss``) after the run, so each method runs in a fresh subprocess.
+weight gradients: the floor). Peak memory is the process's peak RSS
+(``VmHWM``, reset at the start) after the run, each method in a fresh subprocess.
 Step time is measured separately with the methods' models side by side in one
 process, one step of each in turn, so that load from other processes on the
 machine hits every method alike; it is the median over the timed steps.
@@ -92,6 +92,7 @@ def one_step(model, inputs, optimizer) -> float:
 
 def measure_memory(case: str, method: str, density: float, steps: int, quick: bool) -> dict:
     """Peak RSS of ``steps`` training steps of one method (run it in a fresh process)."""
+    _reset_peak_rss()
     model, inputs, optimizer, trainable = prepare(case, method, density, quick)
     for _ in range(steps):
         one_step(model, inputs, optimizer)
@@ -111,9 +112,18 @@ def measure_time(case: str, methods: list[str], density: float, steps: int, quic
     return {m: round(statistics.median(t[warm:]), 4) for m, t in times.items()}
 
 
+def _reset_peak_rss() -> None:
+    # A child forked from a big parent inherits its high-water mark, even across exec.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
