@@ -8,10 +8,10 @@
 """
 from .config import SiftConfig
 from .engine import SiftEngine, attach
-from .errors import (CheckpointError, ConfigError, DataError, IncrementError, ModelLoadError, SiftError, TargetError,
-                     WriteError)
+from .errors import (CheckpointError, ConfigError, DataError, DistributedError, IncrementError, ModelLoadError,
+                     NonFiniteGradientError, SiftError, TargetError, WriteError)
 from .increment import SparseIncrement, TensorDelta
-from .optim import NonFiniteGradientError, SiftAdamW
+from .optim import SiftAdamW
 from .reference import ReferenceSift
 
 __version__ = "0.1.0"
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SiftConfig", "SiftEngine", "attach", "SiftAdamW", "SparseIncrement", "TensorDelta", "ReferenceSift",
     "SiftError", "ConfigError", "TargetError", "IncrementError", "DataError", "ModelLoadError",
-    "NonFiniteGradientError", "CheckpointError", "WriteError",
+    "NonFiniteGradientError", "CheckpointError", "WriteError", "DistributedError",
 ]

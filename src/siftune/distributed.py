@@ -25,15 +25,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, SiftError
+from .errors import ConfigError, DistributedError
 
 TIMEOUT_ENV = "SIFTUNE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedError(SiftError, RuntimeError):
-    """A collective failed or timed out: another process of the job failed or stopped responding."""
 
 
 def launched_world_size() -> int:

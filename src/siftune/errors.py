@@ -36,3 +36,11 @@ class CheckpointError(SiftError, ValueError):
 
 class WriteError(SiftError, OSError):
     """An output file cannot be written (disk full, read-only folder, permission denied)."""
+
+
+class DistributedError(SiftError, RuntimeError):
+    """A collective failed or timed out: another process of the job failed or stopped responding."""
+
+
+class NonFiniteGradientError(SiftError, FloatingPointError):
+    """The gradient of a step held NaN or Inf and the policy is ``"raise"``."""

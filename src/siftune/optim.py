@@ -14,11 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from .errors import CheckpointError, ConfigError, SiftError
-
-
-class NonFiniteGradientError(SiftError, FloatingPointError):
-    """The gradient of a step held NaN or Inf and the policy is ``"raise"``."""
+from .errors import CheckpointError, ConfigError, NonFiniteGradientError
 
 
 class SiftAdamW(torch.optim.Optimizer):
