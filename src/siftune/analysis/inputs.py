@@ -120,8 +120,7 @@ def random_twin(model, task: str, seed: int):
 
     auto_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     torch.manual_seed(seed)
-    twin = auto_class.from_config(model.config, **data._dtype_kwargs(model.dtype))
-    return twin.to(model.device).eval()
+    return auto_class.from_config(model.config).to(device=model.device, dtype=model.dtype).eval()
 
 
 def task_examples(args: AnalysisArgs) -> list[dict]:

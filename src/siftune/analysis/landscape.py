@@ -133,12 +133,13 @@ def loss_slice(model, batches, weights: dict, directions: list[dict], coords: li
     shape = tuple(len(c) for c in coords)
     losses = np.empty(shape)
     model.eval()
-    with restored(weights) as origin:
-        bar = tqdm(total=losses.size, desc=desc, unit="point", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=losses.size, desc=desc, unit="point", disable=not progress, dynamic_ncols=True)
+    with bar, restored(weights) as origin:
         for index in np.ndindex(*shape):
             steps = [(direction, float(c[i])) for direction, c, i in zip(directions, coords, index) if c[i] != 0]
             for name, p in weights.items():
-                # The first step writes origin + step in one pass; no step leaves the weights exactly as saved.
+                # The first step writes origin + step in one pass; at the origin
+                # itself the weights are the saved copy, bit for bit.
                 if steps:
                     torch.add(origin[name], steps[0][0][name], alpha=steps[0][1], out=p)
                 else:
@@ -147,7 +148,6 @@ def loss_slice(model, batches, weights: dict, directions: list[dict], coords: li
                     p.add_(direction[name], alpha=step)
             losses[index] = inputs.mean_loss(model, batches)
             bar.update(1)
-        bar.close()
     return losses
 
 

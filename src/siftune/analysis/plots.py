@@ -153,7 +153,9 @@ def plot_surfaces(result: dict, path: Path) -> None:
         surface = result["inits"][init]["surface"]
         a, b = np.meshgrid(surface["coords"], surface["coords"], indexing="ij")
         ax = fig.add_subplot(1, len(inits), index, projection="3d")
-        ax.plot_surface(a, b, np.asarray(surface["loss"]), cmap="viridis", linewidth=0, antialiased=True)
+        # One colour scale for both panels, like the z axis, so colours compare across panels.
+        ax.plot_surface(a, b, np.asarray(surface["loss"]), cmap="viridis", vmin=low, vmax=high, linewidth=0,
+                        antialiased=True)
         ax.set_zlim(low, high)
         ax.set_xlabel("direction 1", fontsize=8)
         ax.set_ylabel("direction 2", fontsize=8)
