@@ -103,8 +103,7 @@ class SparseIncrement:
     # -- model edits -----------------------------------------------------------
     def check(self, model: nn.Module) -> None:
         """Raise IncrementError naming the first tensor that does not fit ``model``; changes nothing."""
-        params = dict(model.named_parameters())
-        params.update({n: b for n, b in model.named_buffers() if n not in params})
+        params = _named_tensors(model)
         for name, t in self.tensors.items():
             p = params.get(name)
             if p is None:
@@ -125,7 +124,7 @@ class SparseIncrement:
     def apply(self, model: nn.Module) -> nn.Module:
         """Write the increment into ``model`` in place (checked first: all or nothing)."""
         self.check(model)
-        params = dict(model.named_parameters())
+        params = _named_tensors(model)
         replaced = {}
         for name, t in self.tensors.items():
             flat = params[name].detach().view(-1)
@@ -146,7 +145,7 @@ class SparseIncrement:
         Dense tensors can only be restored on the model they were applied to.
         """
         self.check(model)
-        params = dict(model.named_parameters())
+        params = _named_tensors(model)
         replaced = self._replaced.pop(id(model), None)
         if replaced is None and self.dense:
             raise IncrementError("this increment has dense tensors, which can only be removed from the model object "
@@ -243,6 +242,13 @@ class SparseIncrement:
             dense[name] = stored[key]
         return cls(tensors, dense=dense, base_model=header.get("base_model"),
                    config=header.get("sift_config") or {}, metadata=header.get("metadata") or {})
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by qualified name: an increment may target either."""
+    tensors = dict(model.named_parameters())
+    tensors.update({n: b for n, b in model.named_buffers() if n not in tensors})
+    return tensors
 
 
 def _index_dtype(numel: int) -> torch.dtype:
