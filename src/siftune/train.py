@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
 import time
 import types
@@ -51,6 +52,8 @@ class TrainArgs:
         weight_decay, max_grad_norm: AdamW decay on the weights, global-norm clip (0 = off).
         eval_size: held-out examples (count, or fraction if < 1). eval_batch_size: their batch size.
         dtype: weights' dtype. gradient_checkpointing: recompute activations in backward.
+        device: "auto" (CUDA if there is one, else CPU), "cpu", "cuda" or "cuda:N"; under a
+            launcher, "auto"/"cuda" take the process's LOCAL_RANK GPU.
         seed: data order, split and initialisation of new heads; an integer in [0, 2**32).
         text_column, label_column, prompt_column, response_column: column names of user files.
         checkpoint_every: save the complete training state to output_dir/checkpoints every this
@@ -95,6 +98,7 @@ class TrainArgs:
     checkpoint_every: int = 0
     resume: bool = False
     nonfinite: str = "skip"
+    device: str = "auto"
 
     def validate(self, sources: dict[str, str] | None = None) -> None:
         """ConfigError naming the field for every value no run could use.
@@ -115,6 +119,10 @@ class TrainArgs:
             fail("task", f"must be 'classification' or 'causal_lm', got {self.task!r}")
         if self.dtype not in DTYPES:
             fail("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            fail("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            fail("device", f"is {self.device!r} but torch sees no CUDA device here; use cpu or auto")
         if self.nonfinite not in ("skip", "raise"):
             fail("nonfinite", f"must be 'skip' or 'raise', got {self.nonfinite!r}")
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "lr", "dense_lr"):
@@ -208,9 +216,11 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     labels = data.label_names(train_set) if args.task == "classification" else None
     model, tokenizer = data.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
                                        dtype=DTYPES[args.dtype], labels=labels)
+    device = _device(args.device)
+    model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batches = _BatchMaker(args, tokenizer, labels)
+    batches = _BatchMaker(args, tokenizer, labels, device)
     _print(f"siftune train: {args.model} on {args.dataset} ({len(train_set)} train / {len(eval_set)} held out)")
 
     if resumed is None:
@@ -306,17 +316,21 @@ def _json_safe(value):
 class _BatchMaker:
     """Tokenised batches for the task, with the run's sizes and seed."""
 
-    def __init__(self, args: TrainArgs, tokenizer, labels):
+    def __init__(self, args: TrainArgs, tokenizer, labels, device=None):
         self.args, self.tokenizer, self.labels = args, tokenizer, labels
+        self.device = device or torch.device("cpu")
 
     def _make(self, examples, batch_size, shuffle, seed):
         from . import data
 
         a = self.args
         if a.task == "classification":
-            return data.classification_batches(examples, self.tokenizer, self.labels, batch_size, a.max_length,
+            made = data.classification_batches(examples, self.tokenizer, self.labels, batch_size, a.max_length,
                                                shuffle=shuffle, seed=seed, source=f"the held-out part of {a.dataset}")
-        return data.causal_lm_batches(examples, self.tokenizer, batch_size, a.max_length, shuffle=shuffle, seed=seed)
+        else:
+            made = data.causal_lm_batches(examples, self.tokenizer, batch_size, a.max_length, shuffle=shuffle,
+                                          seed=seed)
+        return ({k: v.to(self.device) for k, v in batch.items()} for batch in made)
 
     def eval(self, examples):
         """This process's share of the held-out examples (all of them in a single process)."""
@@ -359,6 +373,15 @@ def evaluate(model, batches, task: str) -> dict:
         return {"accuracy": correct / max(total, 1), "examples": int(total)}
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+
+
+def _device(name: str) -> torch.device:
+    """The device ``--device`` names; under a launcher, CUDA means this process's LOCAL_RANK GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device(name)
 
 
 def _default_head(model, task: str) -> list[str]:
