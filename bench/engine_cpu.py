@@ -8,7 +8,8 @@ Cases:
   classifier, batch 16 x 64 tokens; every encoder Linear targeted, head dense.
 * ``llama100m``: a random-init Llama-shaped causal LM of ~95M parameters
   (hidden 768, 10 layers, tied 32k embeddings), batch 4 x 128 tokens; q/k/v/o/
-  gate/up/down targeted.
+  gate/up/down targeted; ``llama100m-b1``: the same at batch 1 x 128, where
+  activations weigh less against weights, gradients and optimizer state.
 
 Methods: ``full`` (torch AdamW on every weight, foreach), ``sift`` (fixed mode,
 fp32 state) at ``--density``, and ``frozen`` (forward + backward with no
@@ -53,7 +54,7 @@ def build(case: str, quick: bool):
                          num_attention_heads=12 if not quick else 4, num_key_value_heads=12 if not quick else 4,
                          vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=512)
     model = LlamaForCausalLM(config)
-    batch, length = (2, 16) if quick else (4, 128)
+    batch, length = (2, 16) if quick else (1 if case.endswith("-b1") else 4, 128)
     ids = torch.randint(0, vocab, (batch, length))
     return model, {"input_ids": ids, "labels": ids}, TARGETS, None
 
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="tiny models, 3 steps: checks the script runs")
+    parser.add_argument("--memory-only", action="store_true", help="skip the step-time measurement")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,18 +145,21 @@ def main() -> None:
         return
     rows = []
     for case in args.cases:
-        step_s = measure_time(case, args.methods, args.density, steps, args.quick)
+        step_s = {} if args.memory_only else measure_time(case, args.methods, args.density, steps, args.quick)
         for method in args.methods:
             command = [sys.executable, __file__, "--one", case, method, "--density", str(args.density),
                        "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
-            row.update(step_s=step_s[method], steps=steps, machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            row.update(step_s=step_s.get(method), steps=steps, machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
                        torch=torch.__version__, quick=args.quick)
             print(json.dumps(row))
             rows.append(row)
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        fresh = {(r["case"], r["method"]) for r in rows}
+        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
+        rows = [r for r in earlier if (r["case"], r["method"]) not in fresh] + rows
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
         _print_ratios(rows)
 
@@ -164,8 +169,9 @@ def _print_ratios(rows: list[dict]) -> None:
     for case in {r["case"] for r in rows}:
         full, sift = by.get((case, "full")), by.get((case, "sift"))
         if full and sift:
-            print(f"{case}: sift/full step time {sift['step_s'] / full['step_s']:.2f}x, "
-                  f"peak RSS {sift['peak_rss_mib'] / full['peak_rss_mib']:.2f}x")
+            timing = (f"step time {sift['step_s'] / full['step_s']:.2f}x, " if sift["step_s"] and full["step_s"]
+                      else "")
+            print(f"{case}: sift/full {timing}peak RSS {sift['peak_rss_mib'] / full['peak_rss_mib']:.2f}x")
 
 
 if __name__ == "__main__":
