@@ -261,13 +261,14 @@ def test_weights_are_restored_exactly_when_a_slice_is_interrupted(tiny_bert, ber
     direction = filter_normalized_direction(weights, torch.Generator().manual_seed(0))
     forward, calls = tiny_bert.forward, []
 
-    def interrupted_after_two(**batch):
+    def interrupted_at_the_second_point(**batch):
+        # The second point is a step away from the weights, so they are moved when this fires.
         calls.append(1)
-        if len(calls) > 2:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return forward(**batch)
 
-    monkeypatch.setattr(tiny_bert, "forward", interrupted_after_two)
+    monkeypatch.setattr(tiny_bert, "forward", interrupted_at_the_second_point)
     with pytest.raises(KeyboardInterrupt):
         loss_slice(tiny_bert, bert_batches[:1], weights, [direction], [axis(5, 1.0)])
     assert_same_state(tiny_bert, saved)
