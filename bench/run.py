@@ -2,6 +2,7 @@
 
     python bench/run.py                    # every run of the plan below, then the report
     python bench/run.py --part main        # only task (a)'s main comparison, 3 seeds
+                                           # (parts: main, lr, causal, memory, extra, timing)
     python bench/run.py --quick            # the same plan at quick sizes, into runs/bench-quick/
     python bench/run.py --report           # only regenerate tables, README section and figure
 
@@ -17,28 +18,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siftune.bench import QUICK_RESULTS_DIR, RESULTS_DIR, plan, run_bench
+from siftune.bench import QUICK_RESULTS_DIR, RESULTS_DIR, append_json, paired_step_times, plan, run_bench
 from siftune.bench_report import write_report
 
 MAIN = ["full", "lora", "sift-fixed:matched", "sift-fixed:0.001", "random:0.001"]
 # The committed results were run on two CPU cores shared with other work, with
 # fewer steps than `siftune bench`'s defaults (300 for (a), 40 for (b)) so
 # that they fit the time available; docs/bench.md says what that changes.
-STEPS = {"classification": 150, "causal_lm": 20}
+A, B = {"steps": 150}, {"steps": 10}
+# part -> runs: (task, method tokens, seeds, plan() options, results subfolder)
 PARTS = {
     # Task (a)'s main comparison: three seeds.
-    "main": [("classification", MAIN, [0, 1, 2])],
+    "main": [("classification", MAIN, [0, 1, 2], A, "")],
+    # Two other SIFT rates at the LoRA-matched count (the head keeps 2e-3).
+    "lr": [("classification", ["sift-fixed:matched"], [0, 1, 2], {**A, "lr": ["sift-fixed=1e-3"]}, ""),
+           ("classification", ["sift-fixed:matched"], [0], {**A, "lr": ["sift-fixed=5e-3"]}, "")],
     # Task (b): one seed (a 135M step takes ~10 s even on two free cores).
-    "causal": [("causal_lm", ["base", "sift-fixed:matched", "lora", "full", "shira"], [0])],
+    "causal": [("causal_lm", ["base", "sift-fixed:matched", "lora", "full"], [0], B, "")],
+    # Peak memory on the 135M model: a few steps reach it; the tiny held-out set's loss means nothing.
+    "memory": [("causal_lm", ["lora", "sift-fixed:matched"], [0], {"steps": 3, "eval_size": 16}, "memory")],
     # Task (a)'s other methods and settings: one seed.
-    "extra": [("classification", ["head", "shira", "sift-fixed:0.01", "random:matched", "sift-periodic:matched",
-                                  "sift-per_step:matched"], [0])],
+    "extra": [("classification", ["head", "sift-fixed:0.01", "shira", "random:matched", "sift-periodic:matched",
+                                  "sift-per_step:matched"], [0], A, "")],
 }
+# Step times of full fine-tuning, LoRA and SIFT taken in turns in one process: fair on shared cores.
+TIMING = ("classification", ["full", "lora", "sift-fixed:matched"], 20)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=sorted(PARTS), nargs="+", default=["main", "causal", "extra"])
+    parser.add_argument("--part", choices=[*PARTS, "timing"], nargs="+", default=[*PARTS, "timing"])
     parser.add_argument("--quick", action="store_true", help="quick sizes, results into runs/bench-quick/")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (the committed runs: 1, "
                         "two runs at a time)")
@@ -46,10 +55,16 @@ def main() -> None:
     args = parser.parse_args()
     results = QUICK_RESULTS_DIR if args.quick else RESULTS_DIR
     if not args.report:
-        runs = [spec for part in args.part for task, methods, seeds in PARTS[part]
-                for spec in plan(task, methods, seeds, quick=args.quick, threads=args.threads,
-                                 steps=None if args.quick else STEPS[task])]
-        run_bench(runs, results)
+        for part in args.part:
+            if part == "timing":
+                task, methods, steps = TIMING
+                runs = plan(task, methods, [0], quick=args.quick, threads=args.threads)
+                append_json(results / f"{task}_paired_timing.json", paired_step_times(runs, 2 if args.quick else steps))
+                continue
+            for task, methods, seeds, options, folder in PARTS[part]:
+                options = {k: v for k, v in options.items() if not (args.quick and k in ("steps", "eval_size"))}
+                run_bench(plan(task, methods, seeds, quick=args.quick, threads=args.threads, **options),
+                          results / folder)
     published = not args.quick  # the quick report never touches README.md or docs/
     for path in write_report(results, readme=Path("README.md") if published else None,
                              figure_dir=Path("docs/figures") if published else None):

@@ -94,8 +94,12 @@ def markdown_table(task: str, rows: list[dict]) -> str:
         lines.append(f"| {row['method']} | {setting_label(row)} | {lr if row['steps'] else '–'} | "
                      f"{row['trainable']:,} | {row['steps']} | {','.join(map(str, row['seeds']))} | {value} | {step} | "
                      f"{row['peak_mib']:.0f} ({row['load_mib']:.0f}) | {_size(row['increment_bytes'])} |")
+    notes = ["step s: median over seeds of each run's median step; runs met different loads on shared cores "
+             "(load_avg_1min in the records), so compare step times with the paired timings, not down this "
+             "column. peak MiB: the run's max RSS at the end of training (in brackets: right after loading)."]
     if accuracy and rows[0]["majority"] is not None:
-        lines += ["", f"Majority class: {rows[0]['majority'] * 100:.2f}%. Accuracy in points (%)."]
+        notes.insert(0, f"Majority class: {rows[0]['majority'] * 100:.2f}%. Accuracy in points (%).")
+    lines += ["", " ".join(notes)]
     return "\n".join(lines)
 
 
@@ -105,14 +109,14 @@ def timing_table(task: str, entries: list[dict]) -> str:
     for entry in entries:
         times = entry["step_s"]
         reference = times.get("full")
-        lines += ["", "", f"Step time, {task}, methods timed in turns in one process ({entry['steps']} steps of "
+        lines += ["", f"Step time, {task}, methods timed in turns in one process ({entry['steps']} steps of "
                   f"{entry['batch_size']} x {entry['max_length']}, load {entry['load_avg_1min']}, "
                   f"{entry['machine']}; `{entry['command']}`):", "",
                   "| method | trainable | s/step | x full |", "|---|---:|---:|---:|"]
         for token, seconds in times.items():
             ratio = f"{seconds / reference:.2f}" if reference else "–"
             lines.append(f"| {token} | {entry['trainable'][token]:,} | {seconds:.3f} | {ratio} |")
-    return "\n".join(lines)
+    return "\n" + "\n".join(lines) if lines else ""  # a blank line after the table above
 
 
 def _size(nbytes: int) -> str:
