@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +166,18 @@ def test_no_method_trains_what_it_should_not(tiny_bert):
     changed = {n for n, p in tiny_bert.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"classifier.weight", "classifier.bias"}
     assert prepared.trainable == prepared.head == 32 * 2 + 2
+
+
+def test_gpu_bench_script_runs_peers_and_siftune_on_a_cpu_and_writes_records(tmp_path):
+    # The GPU benchmark's plumbing, at the tiny shape on this CPU (each method is a process).
+    out = tmp_path / "gpu.json"
+    script = Path(__file__).parents[1] / "bench" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--methods", "frozen", "sift-5-lean", "--size", "tiny",
+                           "--seq", "32", "--steps", "1", "--warmup", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads(out.read_text())
+    assert [r["method"] for r in records] == ["frozen", "sift-5-lean"] and not any("error" in r for r in records)
+    lean = records[1]
+    assert lean["device"] == "cpu" and lean["step_s_median"] > 0 and lean["loss_last"] < lean["loss_first"]
+    assert 6 <= lean["state_bytes_per_component"] < 6.01  # packed indices 2 B + bf16 moments 4 B

@@ -57,6 +57,9 @@ SETTINGS = {
     "per_step": ({"mode": "per_step"}, torch.float32, 1),
     "selection window still open at the checkpoint": ({"selection_batches": 5}, torch.float32, 2),
     "random selection": ({"selection": "random", "mode": "periodic", "refresh_every": 2}, torch.float32, 1),
+    "lean: packed indices, update in backward, bf16 moments, periodic": (
+        {"compact_indices": True, "update_in_backward": True, "state_dtype": "bfloat16", "mode": "periodic",
+         "refresh_every": 3}, torch.bfloat16, 1),
 }
 
 

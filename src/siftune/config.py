@@ -58,6 +58,19 @@ class SiftConfig:
         selection: ``"gradient"`` (top-k |grad|, SIFT) or ``"random"`` (same
             count, uniformly random components: the paper's ablation).
             Default ``"gradient"``.
+        update_in_backward: apply each targeted tensor's AdamW update inside
+            its backward hook, as soon as its gradient exists, instead of at
+            ``optimizer.step()``: no sparse gradient buffers are kept (2-4 bytes
+            less per selected component). Needs one backward per optimizer step
+            (no gradient accumulation), ``max_grad_norm=None`` (a global norm is
+            only known after the whole backward), mode ``"fixed"`` or
+            ``"periodic"``, and one process. A tensor whose gradient is not
+            finite keeps its values that step. Default ``False``.
+        compact_indices: keep each selection packed in 2 bytes a component
+            (16-bit offsets in blocks of 65,536 entries) instead of int32 flat
+            indices, unpacked for a moment when used: 2 bytes less per selected
+            component for a little compute each step. Modes ``"fixed"`` and
+            ``"periodic"``. Default ``False``.
     """
 
     density: float = 0.01
@@ -71,6 +84,8 @@ class SiftConfig:
     max_grad_norm: float | None = None
     seed: int = 0
     selection: str = "gradient"
+    update_in_backward: bool = False
+    compact_indices: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,8 +105,17 @@ class SiftConfig:
             raise ConfigError(f"selection must be 'gradient' or 'random', got {self.selection!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.master_weights, bool):
-            raise ConfigError(f"master_weights must be true or false, got {self.master_weights!r}")
+        for name in ("master_weights", "update_in_backward", "compact_indices"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.update_in_backward and self.mode == "per_step":
+            raise ConfigError("update_in_backward works in modes 'fixed' and 'periodic'; per_step selects from "
+                              "the whole step's gradient, after backward")
+        if self.compact_indices and self.mode == "per_step":
+            raise ConfigError("compact_indices works in modes 'fixed' and 'periodic'; per_step keeps dense state")
+        if self.update_in_backward and self.max_grad_norm is not None:
+            raise ConfigError("update_in_backward cannot clip by the global norm (it is known only after the "
+                              "whole backward); set max_grad_norm=None or update_in_backward=False")
         for name in ("selection_batches", "refresh_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

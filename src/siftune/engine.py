@@ -24,7 +24,8 @@ from torch import nn
 from . import distributed
 from .config import SiftConfig
 from .errors import CheckpointError, ConfigError
-from .select import count_selected, find_targets, random_indices, tensor_generator, top_k_indices
+from .select import (count_selected, find_targets, index_dtype, pack_indices, random_indices, tensor_generator,
+                     top_k_indices, unpack_indices)
 
 
 class _Slot:
@@ -35,18 +36,31 @@ class _Slot:
         self.param = param
         self.k = k
         self.generator = generator  # for selection="random"
-        self.idx: torch.Tensor | None = None  # sorted flat int64 indices, on the param's device
+        # The selection, on the param's device: sorted flat indices (int32 below 2**31
+        # entries), or packed into int16 with compact_indices; flat() reads either.
+        self.idx: torch.Tensor | None = None
+        self.compact = False
         self.version = 0  # bumped at each new selection, so the optimizer can remap its state
         # The selection in force before this step's, restored if the step is skipped.
         self.previous: tuple[torch.Tensor | None, int] | None = None
         self.pending_base: torch.Tensor | None = None
-        self.grad: torch.Tensor | None = None  # fp32 gradient of the selected entries
+        self.grad: torch.Tensor | None = None  # gradient of the selected entries, in the gradient's dtype
         self.selecting = True
+        self.applied = False  # update_in_backward: this step's update is already in the weights
         self.seen = 0  # micro-batches summed since this selection began
         self.score: torch.Tensor | None = None  # gradient of earlier windows of a long selection
         # Ledger of every component ever selected, with its value before training.
+        # Only saving an increment or checkpoint reads it, so it lives in host
+        # memory: on a GPU it costs no device memory.
         self.ever_idx: torch.Tensor | None = None
         self.base: torch.Tensor | None = None
+
+    def flat(self, stored: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Flat indices of ``stored`` (default: the current selection), unpacked if packed."""
+        stored = self.idx if stored is None else stored
+        if stored is None or stored.dtype != torch.int16:
+            return stored
+        return unpack_indices(stored, self.param.numel())
 
 
 class SiftEngine:
@@ -74,6 +88,8 @@ class SiftEngine:
         self.dense = dense
         self.slots = [_Slot(n, p, count_selected(p.numel(), config.density), tensor_generator(config.seed, i))
                       for i, (n, p) in enumerate(targeted.items())]
+        for slot in self.slots:
+            slot.compact = config.compact_indices
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
@@ -86,6 +102,8 @@ class SiftEngine:
         self.reduce_dense = True
         self._ddp_ignore_before = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
         model._ddp_params_and_buffers_to_ignore = list(self._ddp_ignore_before or []) + [s.name for s in self.slots]
+        # update_in_backward: the optimizer's per-tensor update, called from the hooks.
+        self.apply_in_backward = None
         self._handles = []
         if config.mode != "per_step":
             for slot in self.slots:
@@ -99,41 +117,54 @@ class SiftEngine:
                 if slot.seen < self.config.selection_batches:
                     return  # keep the dense gradient: the selection window is not complete
                 score = param.grad if slot.score is None else slot.score + param.grad
-                self._select(slot, score)
+                idx = self._select(slot, score)
                 slot.score = None
-                slot.grad = param.grad.reshape(-1)[slot.idx].float()
+                slot.grad = param.grad.reshape(-1)[idx]
             elif slot.grad is None:
-                slot.grad = param.grad.reshape(-1)[slot.idx].float()
+                idx = slot.flat()
+                slot.grad = param.grad.reshape(-1)[idx]
             else:
-                slot.grad.add_(param.grad.reshape(-1)[slot.idx])
+                idx = slot.flat()
+                slot.grad.add_(param.grad.reshape(-1)[idx])
             param.grad = None
+            if self.apply_in_backward is not None:
+                if slot.applied:
+                    raise ConfigError(
+                        f"update_in_backward: {slot.name} got a second backward before optimizer.step(); the "
+                        "update is applied at each backward, so gradient accumulation cannot work with it. "
+                        "Call step() after every backward, or set update_in_backward=False")
+                self.apply_in_backward(slot, idx)
+                slot.grad, slot.applied = None, True
 
         return hook
 
-    def _select(self, slot: _Slot, score: torch.Tensor) -> None:
+    def _select(self, slot: _Slot, score: torch.Tensor) -> torch.Tensor:
+        """Select anew from ``score``; returns the flat indices (``slot.idx`` may hold them packed)."""
         p = slot.param
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version)
         if self.config.selection == "random":
-            slot.idx = random_indices(p.numel(), slot.k, slot.generator, p.device)
+            idx = random_indices(p.numel(), slot.k, slot.generator, p.device)
         else:
             if _distributed():
                 # A copy even when already fp32 (.float() would alias it): the rank's
                 # own gradient must stay local, it is averaged once at the step.
                 score = score.to(torch.float32, copy=True)
                 distributed.all_reduce(score)
-            slot.idx = top_k_indices(score, slot.k)
+            idx = top_k_indices(score, slot.k)
         if _distributed():
-            distributed.broadcast(slot.idx, src=0)  # one selection on every rank, whatever the rounding
+            distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
+        slot.idx = pack_indices(idx, p.numel()) if slot.compact else idx
         slot.version += 1
         slot.selecting = False
-        # Untrained values, taken before this step's update changes them.
-        slot.pending_base = p.detach().reshape(-1)[slot.idx].clone()
+        # Untrained values, taken before this step's update changes them (to host memory).
+        slot.pending_base = p.detach().reshape(-1)[idx].cpu()
+        return idx
 
     @staticmethod
     def _record(slot: _Slot) -> None:
         """Add a committed selection's new components to the ledger, with their untrained values."""
-        idx, base = slot.idx, slot.pending_base
+        idx, base = slot.flat().cpu(), slot.pending_base
         if slot.ever_idx is None:
             slot.ever_idx, slot.base = idx, base
             return
@@ -159,8 +190,7 @@ class SiftEngine:
             if self.config.mode == "per_step":
                 if p.grad is None:
                     continue
-                self._select(slot, p.grad)
-                slot.grad = p.grad.reshape(-1)[slot.idx].float()
+                slot.grad = p.grad.reshape(-1)[self._select(slot, p.grad)]
                 p.grad = None
             elif slot.selecting:
                 if p.grad is not None:  # window ended inside a multi-batch selection
@@ -168,7 +198,7 @@ class SiftEngine:
                     p.grad = None
                 continue
             if slot.grad is not None:
-                out.append((p, slot.idx, slot.grad))
+                out.append((p, slot.flat(), slot.grad))
         for p in self.dense.values():
             if p.grad is not None:
                 out.append((p, None, p.grad))
@@ -202,14 +232,14 @@ class SiftEngine:
         """
         for slot in self.slots:
             slot.grad = None
+            applied, slot.applied = slot.applied, False  # an update made in backward is committed
             if skipped and slot.selecting and self.config.mode != "per_step":
                 slot.seen, slot.score = 0, None  # a window folded into the score this step holds the bad gradient
             if slot.previous is None:
                 continue
-            if skipped and self.config.mode != "per_step":
-                slot.idx, slot.version = slot.previous
-                slot.selecting, slot.seen, slot.score = True, 0, None
-            elif not skipped:
+            if skipped and self.config.mode != "per_step" and not applied:
+                self.undo_selection(slot)
+            else:
                 self._record(slot)
             slot.previous = slot.pending_base = None
         if skipped:
@@ -218,6 +248,14 @@ class SiftEngine:
         if self.config.mode == "periodic" and self.steps % self.config.refresh_every == 0:
             for slot in self.slots:
                 slot.selecting, slot.seen = True, 0
+
+    @staticmethod
+    def undo_selection(slot: _Slot) -> None:
+        """Go back to the selection in force before this step's (whose gradient was not finite)."""
+        if slot.previous is not None:
+            slot.idx, slot.version = slot.previous
+            slot.selecting, slot.seen, slot.score = True, 0, None
+            slot.previous = slot.pending_base = None
 
     def zero_grad(self) -> None:
         """Forget accumulated sparse gradients (the dense ones are the optimizer's ``zero_grad``)."""
@@ -290,7 +328,32 @@ class SiftEngine:
     @property
     def selected(self) -> dict[str, torch.Tensor]:
         """Current selection: tensor name -> sorted flat indices (absent until selected)."""
-        return {s.name: s.idx for s in self.slots if s.idx is not None}
+        return {s.name: s.flat() for s in self.slots if s.idx is not None}
+
+    def state_bytes(self, optimizer=None) -> dict[str, int]:
+        """Bytes the engine (and ``optimizer``'s state) holds for the targeted tensors right now.
+
+        ``indices``: the selections; ``gradients``: the sparse gradient buffers
+        (alive from backward to the step); ``optimizer``: master values,
+        moments and step counts of the selected components. These live on the
+        model's device; the increment ledger (host memory) is not counted.
+        Divide by :attr:`num_selected` for the cost per selected component.
+        """
+        def size(t):
+            return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+        out = {"indices": sum(size(s.idx) for s in self.slots), "gradients": sum(size(s.grad) for s in self.slots),
+               "optimizer": 0}
+        if optimizer is not None:
+            for slot in self.slots:
+                state = optimizer.state.get(slot.param, {})
+                out["optimizer"] += sum(size(v) for k, v in state.items() if k != "idx")
+        return out
+
+    @property
+    def num_selected(self) -> int:
+        """Components selected in the targeted tensors (dense modules not counted)."""
+        return sum(s.k for s in self.slots)
 
     def increment(self, base_model: str | None = None, values: dict | None = None):
         """The trained sparse increment as a :class:`siftune.SparseIncrement`.
@@ -306,11 +369,11 @@ class SiftEngine:
         for slot in self.slots:
             if slot.ever_idx is None:
                 continue
-            current = slot.param.detach().reshape(-1)[slot.ever_idx].float()
+            current = slot.param.detach().reshape(-1)[slot.ever_idx.to(slot.param.device)].float()
             if values and slot.name in values:
                 current = values[slot.name]
             tensors[slot.name] = TensorDelta(
-                indices=slot.ever_idx.cpu(), values=(current - slot.base.float()).cpu(),
+                indices=slot.ever_idx, values=current.cpu() - slot.base.float(),
                 shape=tuple(slot.param.shape), dtype=str(slot.param.dtype).replace("torch.", ""),
             )
         dense = {n: p.detach().cpu().clone() for n, p in self.dense.items()}
@@ -373,19 +436,28 @@ def _checked_slot_state(slot: _Slot, saved) -> dict:
         idx = saved.get(key)
         if idx is None:
             continue
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1 or (
+        if key == "idx" and slot.compact:
+            if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int16 or idx.dim() != 1:
+                raise CheckpointError(f"{where}: idx must be packed (1-D int16) with compact_indices")
+            try:
+                packed, idx = idx, unpack_indices(idx, numel)
+            except RuntimeError:
+                raise CheckpointError(f"{where}: packed idx does not unpack to indices of {numel} entries") from None
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1 or (
                 length is not None and idx.numel() != length):
-            raise CheckpointError(f"{where}: {key} must be a 1-D int64 tensor" + (f" of {length}" if length else ""))
+            raise CheckpointError(f"{where}: {key} must be a 1-D integer tensor" + (f" of {length}" if length else ""))
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or not bool((idx[1:] > idx[:-1]).all())):
             raise CheckpointError(f"{where}: {key} must be sorted, unique and in [0, {numel})")
-        out[key] = idx.to(p.device)
+        out[key] = idx.to(p.device if key == "idx" else "cpu", index_dtype(numel))
+        if key == "idx" and slot.compact:
+            out[key] = packed.to(p.device)
     base = saved.get("base")
     if (base is None) != (saved.get("ever_idx") is None):
         raise CheckpointError(f"{where}: ledger indices and base values must be saved together")
     if base is not None:
         if not isinstance(base, torch.Tensor) or base.dtype != p.dtype or base.shape != saved["ever_idx"].shape:
             raise CheckpointError(f"{where}: base values must be {p.dtype}, one per ledger index")
-        out["base"] = base.to(p.device)
+        out["base"] = base.cpu()
     score = saved.get("score")
     if score is not None:
         if not isinstance(score, torch.Tensor) or score.shape != p.shape or not score.is_floating_point():

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import IncrementError
 from .io import atomic_write_bytes, atomic_write_dir, atomic_write_text
+from .select import index_dtype
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
@@ -75,7 +76,7 @@ class SparseIncrement:
         """Bytes of tensor data as saved (indices, values and dense tensors)."""
         total = 0
         for t in self.tensors.values():
-            total += t.indices.numel() * _index_dtype(t.numel).itemsize + t.values.numel() * 4
+            total += t.indices.numel() * index_dtype(t.numel).itemsize + t.values.numel() * 4
         return total + sum(v.numel() * v.element_size() for v in self.dense.values())
 
     def summary(self) -> dict:
@@ -195,7 +196,7 @@ class SparseIncrement:
         directory = Path(directory)
         tensors, layout = {}, {}
         for name, t in self.tensors.items():
-            tensors[f"{name}::indices"] = t.indices.to(_index_dtype(t.numel)).contiguous()
+            tensors[f"{name}::indices"] = t.indices.to(index_dtype(t.numel)).contiguous()
             tensors[f"{name}::values"] = t.values.float().contiguous()
             layout[name] = {"shape": list(t.shape), "dtype": t.dtype}
         dense_layout = {}
@@ -249,10 +250,6 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors = dict(model.named_parameters())
     tensors.update({n: b for n, b in model.named_buffers() if n not in tensors})
     return tensors
-
-
-def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def _read_header(path: Path) -> dict:

@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import torch
 
+from . import distributed
 from .errors import CheckpointError, ConfigError, NonFiniteGradientError
 
 
@@ -58,6 +59,13 @@ class SiftAdamW(torch.optim.Optimizer):
                            "lr": lr if dense_lr is None else dense_lr})
         super().__init__(groups, defaults)
         self._slot_of = {id(s.param): s for s in engine.slots}
+        self._nonfinite_in_backward: list[str] = []
+        if engine.config.update_in_backward:
+            if self.max_grad_norm is not None:
+                raise ConfigError("update_in_backward cannot clip by the global norm; pass max_grad_norm=None")
+            if distributed.world_size() > 1:
+                raise ConfigError("update_in_backward works in one process; with several, set it to False")
+            engine.apply_in_backward = self._update_in_backward
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -115,14 +123,16 @@ class SiftAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self.engine.gradients()
-        norm = self._global_norm(grads)
+        norm = self._global_norm(grads)  # with update_in_backward: of the dense modules only
         self.last_grad_norm = norm
-        if not math.isfinite(norm):
+        bad, self._nonfinite_in_backward = self._nonfinite_in_backward, []
+        if not math.isfinite(norm) or bad:
             self.engine.finish_step(skipped=True)
             if self.nonfinite == "raise":
+                where = f" (in {', '.join(bad)}, whose update was skipped)" if bad else ""
                 raise NonFiniteGradientError(
-                    f"gradient norm is {norm} at step {self.engine.steps}; lower the lr, use fp32/bf16, "
-                    "or pass nonfinite='skip'"
+                    f"gradient norm is {norm if not bad else 'not finite'} at step {self.engine.steps}{where}; "
+                    "lower the lr, use fp32/bf16, or pass nonfinite='skip'"
                 )
             self.skipped_steps += 1
             return loss
@@ -147,6 +157,15 @@ class SiftAdamW(torch.optim.Optimizer):
         return float(squares.sum().sqrt())
 
     # -- updates -------------------------------------------------------------
+    @torch.no_grad()
+    def _update_in_backward(self, slot, idx) -> None:
+        """update_in_backward: one targeted tensor's update, from its backward hook."""
+        if not bool(torch.isfinite(slot.grad).all()):
+            self._nonfinite_in_backward.append(slot.name)
+            self.engine.undo_selection(slot)  # a selection taken from this gradient is not kept
+            return
+        self._sparse_update(slot.param, idx, slot.grad, self.param_groups[0], 1.0)
+
     def _sparse_update(self, p, idx, grad, group, scale):
         slot = self._slot_of[id(p)]
         state = self.state[p]
@@ -157,8 +176,8 @@ class SiftAdamW(torch.optim.Optimizer):
             self._ensure_dense_state(state, p, low_precision)
         elif state.get("version") != slot.version:
             self._remap(state, p, slot, low_precision)
-        if scale != 1.0:
-            grad = grad * scale
+        # The buffer holds the gradient's own dtype; the update math is fp32.
+        grad = grad.float() * scale if scale != 1.0 else grad.float()  # .float() of fp32 is no copy
         if per_step:
             values = state["master"][idx] if low_precision else flat[idx].float()
             m, v, steps = state["exp_avg"][idx], state["exp_avg_sq"][idx], state["steps"][idx] + 1
@@ -170,7 +189,7 @@ class SiftAdamW(torch.optim.Optimizer):
             values = state["master"] if low_precision else flat[idx].float()
             state["steps"] = state["steps"] + 1
             _adamw(values, grad, state["exp_avg"], state["exp_avg_sq"], state["steps"], group)
-        flat.index_copy_(0, idx, values.to(p.dtype))
+        flat[idx] = values.to(p.dtype)  # index_put_: takes int32 indices, unlike index_copy_
 
     def _dense_update(self, p, grad, group, scale):
         state = self.state[p]
@@ -203,7 +222,7 @@ class SiftAdamW(torch.optim.Optimizer):
 
     def _remap(self, state, p, slot, low_precision):
         """Carry the state of components that stay selected over to a new selection."""
-        new_idx, dtype = slot.idx, self._state_dtype()
+        new_idx, dtype = slot.flat(), self._state_dtype()
         k = new_idx.numel()
         periodic = self.engine.config.mode == "periodic"
         fresh = {
@@ -215,7 +234,7 @@ class SiftAdamW(torch.optim.Optimizer):
         }
         if low_precision:
             fresh["master"] = p.detach().reshape(-1)[new_idx].float()
-        old_idx = state.get("idx")
+        old_idx = slot.flat(state["idx"]) if state.get("idx") is not None else None
         if old_idx is not None and old_idx.numel():
             pos = torch.searchsorted(old_idx, new_idx).clamp_(max=old_idx.numel() - 1)
             stays = old_idx[pos] == new_idx
@@ -223,7 +242,7 @@ class SiftAdamW(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor):
                     value[stays] = state[key][pos[stays]]
         state.clear()
-        state.update(fresh, idx=new_idx, version=slot.version)
+        state.update(fresh, idx=slot.idx, version=slot.version)  # the selection as the engine stores it
 
     def master_values(self) -> dict[str, torch.Tensor]:
         """fp32 master values at each targeted tensor's ledger indices, where kept.
@@ -236,11 +255,12 @@ class SiftAdamW(torch.optim.Optimizer):
             state = self.state.get(slot.param, {})
             if "master" not in state or slot.ever_idx is None:
                 continue
-            values = slot.param.detach().reshape(-1)[slot.ever_idx].float()
+            ever_idx = slot.ever_idx.to(slot.param.device)
+            values = slot.param.detach().reshape(-1)[ever_idx].float()
             if self.engine.config.mode == "per_step":
-                values = state["master"][slot.ever_idx]
+                values = state["master"][ever_idx]
             else:
-                pos = torch.searchsorted(slot.ever_idx, state["idx"])
+                pos = torch.searchsorted(ever_idx, slot.flat(state["idx"]))
                 values[pos] = state["master"]
             out[slot.name] = values
         return out

@@ -83,15 +83,24 @@ def count_selected(numel: int, density: float) -> int:
     return max(1, min(numel, int(round(numel * density))))
 
 
+def index_dtype(numel: int) -> torch.dtype:
+    """The narrowest index type for a tensor of ``numel`` entries: int32 below 2**31, else int64.
+
+    Half the bytes of torch's default int64 for every selected component;
+    torch indexing (``t[idx]``, ``t[idx] = v``) takes int32 directly.
+    """
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
 def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat int64 indices of the k largest |score| entries, sorted ascending.
+    """Flat indices (:func:`index_dtype`) of the k largest |score| entries, sorted ascending.
 
     Sorting keeps memory access coalesced and makes the result independent of
     the top-k kernel's output order.
     """
     flat = score.detach().reshape(-1)
     idx = torch.topk(flat.abs().float(), k, sorted=False).indices
-    return torch.sort(idx).values
+    return torch.sort(idx.to(index_dtype(flat.numel()))).values
 
 
 def tensor_generator(seed: int, position: int) -> torch.Generator:
@@ -105,5 +114,32 @@ def tensor_generator(seed: int, position: int) -> torch.Generator:
 
 def random_indices(numel: int, k: int, generator: torch.Generator, device) -> torch.Tensor:
     """k distinct flat indices drawn uniformly, sorted (the paper's random ablation)."""
-    idx = torch.randperm(numel, generator=generator)[:k]
+    idx = torch.randperm(numel, generator=generator)[:k].to(index_dtype(numel))
     return torch.sort(idx).values.to(device)
+
+
+# Packed indices (SiftConfig.compact_indices): 2 bytes a component instead of 4.
+# The flat index space is cut into blocks of 2**16; a packed tensor is int16:
+# first the count of selected components in each block (int32, stored as two
+# int16 each), then each component's offset in its block (shifted by -2**15).
+_BLOCK = 1 << 16
+
+
+def pack_indices(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """Sorted flat indices of a tensor of ``numel`` entries -> one packed int16 tensor."""
+    blocks = -(-numel // _BLOCK)
+    idx = idx.long()
+    counts = torch.bincount(idx // _BLOCK, minlength=blocks).to(torch.int32)
+    offsets = (idx % _BLOCK - (_BLOCK // 2)).to(torch.int16)
+    return torch.cat([counts.view(torch.int16), offsets])
+
+
+def unpack_indices(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: the sorted flat indices (:func:`index_dtype`)."""
+    blocks = -(-numel // _BLOCK)
+    counts = packed[:2 * blocks].view(torch.int32)
+    offsets = packed[2 * blocks:]
+    dtype = index_dtype(numel)
+    block_of = torch.repeat_interleave(torch.arange(blocks, device=packed.device, dtype=dtype), counts,
+                                       output_size=offsets.numel())  # output_size: no device sync
+    return block_of * _BLOCK + (offsets.to(dtype) + _BLOCK // 2)

@@ -1,0 +1,215 @@
+"""siftune beside its peers on a GPU: peak memory and step time on a Llama-7B-shaped model.
+
+    python bench/gpu.py                       # every method, one process each; bench/results/gpu.json
+    python bench/gpu.py --methods frozen sift-5 --size tiny --out runs/gpu-smoke.json   # CPU smoke test
+
+The protocol is the team's ``shared/bench/gpu_peers.py`` (whose numbers
+ANCHORS.md quotes): a random-initialised Llama of the given shape, bf16 weights
+on a GPU (fp32 on a CPU), sequence 2048, batch 1, non-reentrant gradient
+checkpointing, q/k/v/o/gate/up/down targeted, 2 warm-up steps then the median
+of 5 timed steps, and ``torch.cuda.max_memory_allocated`` over all of them.
+Peers and siftune run here with that same loop, so one invocation measures
+them side by side on the same card:
+
+* ``frozen``: backward through every layer, no weight gradient: the floor;
+* ``full``: torch AdamW (fused) on every weight;
+* ``lora`` / ``shira``: peft adapters of rank ``--rank`` (64);
+* ``sift-5``: SIFT fixed mode at 5% with the defaults (fp32 master values and
+  moments): issue 2's target (a), peak <= floor + 18 B per selected component;
+* ``sift-5-lean``: 5% with bf16 moments, no master copies, 16-bit column
+  indices and the update applied inside the backward hook: target (b);
+* ``sift-lora``: SIFT defaults at LoRA r=64's trainable count: target (c).
+
+Each method runs in its own process (peak memory is per process); a record
+per method goes to ``--out`` as a JSON list (rewritten after each method), with
+the device named. It has not run on a GPU yet (no session so far was lent
+one); ``--budget`` (default 280 s) stops starting new methods past it, so the
+issue's 5-minute limit holds even if a method is slow. On a CPU it runs at
+``--size tiny`` (fp32 weights, no peak memory), which the tests exercise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {  # hidden, layers, intermediate, heads: the shapes of gpu_peers.py
+    "tiny": (256, 2, 688, 4),
+    "1b": (2048, 22, 5632, 32),
+    "7b": (4096, 32, 11008, 32),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["frozen", "full", "lora", "shira", "sift-5", "sift-5-lean", "sift-lora"]
+RESULTS = Path(__file__).parent / "results" / "gpu.json"
+
+
+def build(size: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, inter, heads = SIZES[size]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
+                         max_position_embeddings=4096)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+def lora_count(model, rank: int) -> int:
+    """Trainable entries of a rank-``rank`` LoRA on the targeted Linears: r x (in + out) each."""
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS)
+
+
+def targeted_count(model) -> int:
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS)
+
+
+def setup(method: str, model, rank: int):
+    """``(model, optimizer, engine or None)`` for ``method``."""
+    fused = torch.cuda.is_available()
+    if method == "frozen":
+        for name, p in model.named_parameters():
+            p.requires_grad = name == "model.norm.weight"
+        model.enable_input_require_grads()  # backward still runs through every layer
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5), None
+    if method == "full":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused), None
+    if method in ("lora", "shira"):
+        import peft
+
+        config = (peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
+                  if method == "lora" else peft.ShiraConfig(r=rank, target_modules=TARGETS))
+        model = peft.get_peft_model(model, config)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused), None
+    import siftune
+
+    options = {"sift-5": dict(density=0.05),
+               "sift-5-lean": dict(density=0.05, state_dtype="bfloat16", master_weights=False,
+                                   compact_indices=True, update_in_backward=True),
+               "sift-lora": dict(density=lora_count(model, rank) / targeted_count(model))}[method]
+    engine = siftune.attach(model, siftune.SiftConfig(target_modules=TARGETS, **options))
+    model.enable_input_require_grads()  # as peft does: checkpointed layers need a grad-requiring input
+    return model, engine.optimizer(lr=1e-4), engine
+
+
+def worker(args) -> dict:
+    """One method, in this process: build, train warm-up + timed steps, measure."""
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    started = time.time()
+    model = build(args.size, device)
+    params = sum(p.numel() for p in model.parameters())
+    if args.gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model, opt, engine = setup(args.method, model, args.rank)
+    build_s = time.time() - started
+    trainable = engine.num_trainable if engine else sum(p.numel() for g in opt.param_groups for p in g["params"])
+    ids = torch.randint(0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses, state = [], [], None
+    for step in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if engine is not None and step == args.warmup + args.steps - 1:
+            state = engine.state_bytes(opt)  # gradient buffers are alive now (none with the lean set-up)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    record = dict(method=args.method, size=args.size, params=params, trainable=trainable, seq=args.seq,
+                  batch=args.batch, gc=args.gc, device=torch.cuda.get_device_name() if cuda else "cpu",
+                  torch=torch.__version__, step_s_median=statistics.median(times),
+                  tokens_per_s=args.seq * args.batch / statistics.median(times), build_s=round(build_s, 1),
+                  loss_first=losses[0], loss_last=losses[-1])
+    if engine is not None:
+        record.update(selected=engine.num_selected, density=engine.config.density,
+                      state_bytes_per_component=round(sum(state.values()) / engine.num_selected, 3))
+    if cuda:
+        record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return record
+
+
+def compare(records: list[dict]) -> list[str]:
+    """Issue 2's GPU targets, checked against the floor and LoRA of the same run."""
+    by = {r["method"]: r for r in records}
+    lines = []
+    floor, lora = by.get("frozen", {}).get("peak_gib"), by.get("lora", {})
+    if floor is not None and "sift-5" in by and "peak_gib" in by["sift-5"]:
+        budget = floor + 18 * by["sift-5"]["selected"] / 2**30
+        r = by["sift-5"]
+        lines.append(f"(a) sift-5: {r['peak_gib']:.2f} GiB (budget {budget:.2f}), {r['step_s_median']:.3f} s "
+                     f"(target 0.30 s)")
+    if "sift-5-lean" in by and "peak_gib" in by["sift-5-lean"]:
+        lines.append(f"(b) sift-5-lean: {by['sift-5-lean']['peak_gib']:.2f} GiB (target 16.1)")
+    if "sift-lora" in by and "peak_gib" in by["sift-lora"] and "peak_gib" in lora:
+        r = by["sift-lora"]
+        lines.append(f"(c) sift-lora: {r['peak_gib']:.2f} GiB vs LoRA {lora['peak_gib']:.2f} (x1.05 allowed), "
+                     f"{r['step_s_median']:.3f} s vs LoRA {lora['step_s_median']:.3f} s")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--size", default="7b", choices=sorted(SIZES))
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--gc", type=int, default=1, help="gradient checkpointing (1/0)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=64, help="LoRA/SHiRA rank, and SIFT's matched count")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--budget", type=float, default=280, help="seconds; no method starts past it")
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # worker mode: one method, record on stdout
+    args = parser.parse_args()
+    if args.method:
+        print("RECORD " + json.dumps(worker(args)), flush=True)
+        return
+    started, records = time.time(), []
+    for method in args.methods:
+        if time.time() - started > args.budget:
+            print(f"skipping {method}: past the {args.budget:.0f} s budget", flush=True)
+            continue
+        command = [sys.executable, __file__, "--method", method, "--size", args.size, "--seq", str(args.seq),
+                   "--batch", str(args.batch), "--gc", str(args.gc), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--rank", str(args.rank)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RECORD ")]
+        if done.returncode or not lines:
+            record = {"method": method, "error": (done.stderr or done.stdout).strip()[-1500:]}
+        else:
+            record = json.loads(lines[-1][len("RECORD "):])
+        record["command"] = " ".join(["python", "bench/gpu.py", *command[2:]])
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=1) + "\n")  # after every method: a crash loses nothing
+    for line in compare(records):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
