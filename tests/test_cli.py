@@ -90,6 +90,14 @@ def test_causal_lm_training_reports_response_loss(tmp_path, tiny_llama_dir, chat
     assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
 
 
+def test_lean_memory_flags_train_a_causal_lm(tmp_path, tiny_llama_dir, chat_jsonl):
+    out = train(tmp_path, tiny_llama_dir, chat_jsonl, "--task", "causal_lm", "--eval-size", "4",
+                "--update-in-backward", "--compact-indices", "--state-dtype", "bfloat16", "--max-grad-norm", "0")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert SparseIncrement.load(out).config["compact_indices"] is True
+
+
 def test_info_summarises_the_increment(tmp_path, tiny_bert_dir, sentiment_csv, capsys):
     out = train(tmp_path, tiny_bert_dir, sentiment_csv)
     capsys.readouterr()
@@ -108,6 +116,8 @@ def test_info_summarises_the_increment(tmp_path, tiny_bert_dir, sentiment_csv, c
     (["--target-modules", "no_such_module"], "matched no"),
     (["--dataset", "/nonexistent/file.csv"], "file.csv"),
     (["--task", "translation"], "task"),
+    (["--update-in-backward"], "max_grad_norm"),
+    (["--update-in-backward", "--max-grad-norm", "0", "--grad-accum", "2"], "grad_accum 1"),
 ])
 def test_bad_train_input_is_one_line_error_and_exit_2(tmp_path, tiny_bert_dir, sentiment_csv, capsys, flags, message):
     args = ["train", "--model", str(tiny_bert_dir), "--dataset", str(sentiment_csv), "--output-dir",

@@ -102,3 +102,29 @@ def test_saved_increment_applied_to_a_fresh_base_reproduces_the_trained_logits(r
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_update_in_backward_trains_under_the_trainer_and_refuses_accumulation(tmp_path):
+    from transformers import TrainingArguments, default_data_collator
+
+    from siftune import ConfigError
+    from siftune.trainer import Trainer
+
+    rows = contains_token_dataset(32)
+    sift_config = SiftConfig(density=0.05, target_modules=TARGETS, dense_modules=["classifier"],
+                             update_in_backward=True)
+
+    def trainer(accumulation):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(accumulation)), per_device_train_batch_size=8,
+            gradient_accumulation_steps=accumulation, num_train_epochs=6, learning_rate=5e-2, max_grad_norm=0,
+            report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, dataloader_num_workers=0)
+        return Trainer(model=tiny_bert_classifier(), args=args, train_dataset=rows,
+                       data_collator=default_data_collator, sift_config=sift_config)
+
+    plain = trainer(1)
+    before = mean_loss(plain.model, rows)
+    plain.train()
+    assert mean_loss(plain.model, rows) < before
+    with pytest.raises(ConfigError, match="gradient accumulation"):
+        trainer(2).train()

@@ -115,7 +115,7 @@ class SiftConfig:
             raise ConfigError("compact_indices works in modes 'fixed' and 'periodic'; per_step keeps dense state")
         if self.update_in_backward and self.max_grad_norm is not None:
             raise ConfigError("update_in_backward cannot clip by the global norm (it is known only after the "
-                              "whole backward); set max_grad_norm=None or update_in_backward=False")
+                              "whole backward); set max_grad_norm=None (0 on the command line) or update_in_backward=False")
         for name in ("selection_batches", "refresh_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -62,7 +62,8 @@ class SiftAdamW(torch.optim.Optimizer):
         self._nonfinite_in_backward: list[str] = []
         if engine.config.update_in_backward:
             if self.max_grad_norm is not None:
-                raise ConfigError("update_in_backward cannot clip by the global norm; pass max_grad_norm=None")
+                raise ConfigError("update_in_backward cannot clip by the global norm; pass max_grad_norm=None "
+                                  "(under the Trainer: TrainingArguments(max_grad_norm=0))")
             if distributed.world_size() > 1:
                 raise ConfigError("update_in_backward works in one process; with several, set it to False")
             engine.apply_in_backward = self._update_in_backward

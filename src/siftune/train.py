@@ -41,8 +41,9 @@ class TrainArgs:
         dataset: built-in name ("rotten_tomatoes", "chatterbot") or a .csv/.jsonl file.
         task: "classification" or "causal_lm".
         output_dir: folder for the increment, metrics.json and loss_curve.png.
-        density, mode, selection_batches, refresh_every, state_dtype, selection:
-            as in :class:`SiftConfig`.
+        density, mode, selection_batches, refresh_every, state_dtype, selection, master_weights,
+            update_in_backward, compact_indices: as in :class:`SiftConfig` (update_in_backward
+            needs grad_accum 1 and max_grad_norm 0).
         target_modules: module names (or one regex); default: every Linear but the head.
         dense_modules: trained densely (names, or one regex); default: the classification head, if any.
         lr: learning rate of the selected components. dense_lr: of dense modules (default lr).
@@ -74,6 +75,9 @@ class TrainArgs:
     refresh_every: int = 100
     state_dtype: str = "float32"
     selection: str = "gradient"
+    master_weights: bool = True
+    update_in_backward: bool = False
+    compact_indices: bool = False
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
     lr: float = 1e-3
@@ -144,6 +148,8 @@ class TrainArgs:
                     re.compile(pattern)
                 except re.error as exc:
                     fail(name, f"is not a valid regular expression ({exc})")
+        if self.update_in_backward is True and self.grad_accum != 1:
+            fail("update_in_backward", "applies the update at every backward, so it needs grad_accum 1")
         try:
             self.sift_config()  # density, mode, ... are checked there
         except ConfigError as exc:
@@ -155,6 +161,8 @@ class TrainArgs:
         return SiftConfig(
             density=self.density, mode=self.mode, selection_batches=self.selection_batches,
             refresh_every=self.refresh_every, state_dtype=self.state_dtype, selection=self.selection,
+            master_weights=self.master_weights, update_in_backward=self.update_in_backward,
+            compact_indices=self.compact_indices,
             target_modules=self.target_modules, dense_modules=dense_modules or self.dense_modules or (),
             max_grad_norm=self.max_grad_norm or None, seed=self.seed,
         )
