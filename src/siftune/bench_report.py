@@ -54,7 +54,9 @@ def summarise(records: list[dict]) -> list[dict]:
             "dense_lr": first["dense_lr"], "perplexity": _mean_of(runs, "perplexity"),
             "majority": first.get("majority_accuracy"),
         })
-    rows.sort(key=lambda row: (ORDER.index(row["method"]) if row["method"] in ORDER else len(ORDER),
+    # The untrained base first, then one block per training length, methods in ORDER within it.
+    rows.sort(key=lambda row: (row["steps"] != 0, row["steps"],
+                               ORDER.index(row["method"]) if row["method"] in ORDER else len(ORDER),
                                row["adapted"], row["lr"]))
     return rows
 
@@ -127,7 +129,8 @@ def plot_quality(tables: dict[str, list[dict]], path: Path) -> Path:
     """Held-out metric vs trained components (log x) for SIFT, random-sparse and LoRA, one panel per task.
 
     Full fine-tuning and the head alone are drawn as horizontal references;
-    error bars are one standard deviation over seeds.
+    error bars are one standard deviation over seeds. Only runs of the
+    longest training among the plotted methods are drawn.
     """
     import matplotlib
 
@@ -137,7 +140,8 @@ def plot_quality(tables: dict[str, list[dict]], path: Path) -> Path:
     tasks = [t for t, rows in tables.items() if any(r["method"] in PLOTTED for r in rows)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        rows = tables[task]
+        steps = max(r["steps"] for r in tables[task] if r["method"] in PLOTTED)
+        rows = [r for r in tables[task] if r["steps"] in (0, steps)]
         scale = 100 if rows[0]["metric"] == "accuracy" else 1
         for method, (label, colour, marker) in PLOTTED.items():
             points = sorted((r for r in rows if r["method"] == method and r["lr"] == _main_lr(rows, method)),
@@ -155,7 +159,7 @@ def plot_quality(tables: dict[str, list[dict]], path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("trained components outside the head (log scale)")
         ax.set_ylabel("held-out accuracy (%)" if scale == 100 else "held-out response loss")
-        ax.set_title(TASK_TITLES.get(task, task).split(":")[0], fontsize=10)
+        ax.set_title(f"{TASK_TITLES.get(task, task).split(':')[0]}, {steps} steps", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
