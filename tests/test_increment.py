@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -281,3 +282,31 @@ def test_apply_writes_into_a_tensor_the_base_holds_as_a_buffer(trained, incremen
     increment.apply(holder)
     torch.testing.assert_close(holder[2].weight, model[2].weight.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(holder[0].weight, model[0].weight.detach(), atol=1e-6, rtol=0)
+
+
+def test_a_save_interrupted_between_its_two_files_loads_the_new_increment_with_a_warning(increment, saved,
+                                                                                          monkeypatch):
+    import siftune.increment as module
+
+    newer = SparseIncrement({n: dataclasses.replace(t, values=t.values * 2) for n, t in increment.tensors.items()},
+                            dense=increment.dense, base_model="tiny-mlp-2", config=increment.config)
+
+    def die(*args, **kwargs):
+        raise OSError("killed after the weights file was replaced")
+
+    monkeypatch.setattr(module, "atomic_write_text", die)
+    with pytest.raises(OSError):
+        newer.save(saved)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="another save"):
+        loaded = SparseIncrement.load(saved)
+    assert loaded.base_model == "tiny-mlp-2"
+    for name, t in newer.tensors.items():
+        assert torch.equal(loaded.tensors[name].values, t.values)
+
+
+def test_a_hand_edited_header_of_the_same_save_is_what_loads(saved):
+    header = json.loads((saved / HEADER).read_text())
+    header["base_model"] = "/moved/base"
+    (saved / HEADER).write_text(json.dumps(header))
+    assert SparseIncrement.load(saved).base_model == "/moved/base"

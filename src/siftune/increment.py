@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,10 +208,14 @@ class SparseIncrement:
         header = {
             "format_version": FORMAT_VERSION, "format": "siftune-sparse-increment",
             "base_model": self.base_model, "sift_config": self.config, "tensors": layout,
-            "dense": dense_layout, "metadata": self.metadata,
+            "dense": dense_layout, "metadata": self.metadata, "save_id": uuid.uuid4().hex,
         }
+        # The weights file carries the header too: each file is replaced atomically,
+        # but not the pair, so if a save dies between the two, load() finds a stale
+        # JSON (another save_id) and takes the header from the weights file.
         # Serialised in memory first: safetensors reports a full disk as its own error type, not as OSError.
-        atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "siftune"}))
+        atomic_write_bytes(directory / WEIGHTS_NAME,
+                           save(tensors, metadata={"format": "siftune", "header": json.dumps(header)}))
         atomic_write_text(directory / CONFIG_NAME, json.dumps(header, indent=2))
         return directory
 
@@ -227,8 +233,15 @@ class SparseIncrement:
 
             with safe_open(str(weights_path), framework="pt") as f:
                 stored = {key: f.get_tensor(key) for key in f.keys()}
+                embedded = (f.metadata() or {}).get("header")
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise IncrementError(f"{weights_path} is corrupt or truncated ({exc}); save the increment again") from None
+        if embedded is not None:
+            inner = _read_header(weights_path, embedded)
+            if inner.get("save_id") != header.get("save_id"):
+                warnings.warn(f"{config_path} is from another save than {weights_path} (a save was interrupted "
+                              f"between the two files?); loading the increment {weights_path} holds", stacklevel=2)
+                header = inner
         tensors = {}
         for name, info in header["tensors"].items():
             tensors[name] = _read_delta(weights_path, name, info, stored)
@@ -252,9 +265,10 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_header(path: Path) -> dict:
+def _read_header(path: Path, text: str | None = None) -> dict:
+    """The checked header in ``path`` (or ``text``, the copy stored inside the weights file ``path``)."""
     try:
-        header = json.loads(path.read_text(encoding="utf-8"))
+        header = json.loads(path.read_text(encoding="utf-8") if text is None else text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an endless integer
         raise IncrementError(f"{path} is not valid JSON ({type(exc).__name__}); the increment folder is "
                              "damaged") from None
