@@ -9,7 +9,9 @@ Cases:
 * ``llama100m``: a random-init Llama-shaped causal LM of ~95M parameters
   (hidden 768, 10 layers, tied 32k embeddings), batch 4 x 128 tokens; q/k/v/o/
   gate/up/down targeted; ``llama100m-b1``: the same at batch 1 x 128, where
-  activations weigh less against weights, gradients and optimizer state.
+  activations weigh less against weights, gradients and optimizer state;
+  ``llama100m-gc``: batch 4 x 128 with (non-reentrant) gradient checkpointing
+  for every method, as the GPU targets are set.
 
 Methods: ``full`` (torch AdamW on every weight, foreach), ``sift`` (fixed mode,
 fp32 state) at ``--density``, and ``frozen`` (forward + backward with no
@@ -54,6 +56,9 @@ def build(case: str, quick: bool):
                          num_attention_heads=12 if not quick else 4, num_key_value_heads=12 if not quick else 4,
                          vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=512)
     model = LlamaForCausalLM(config)
+    if case.endswith("-gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     batch, length = (2, 16) if quick else (1 if case.endswith("-b1") else 4, 128)
     ids = torch.randint(0, vocab, (batch, length))
     return model, {"input_ids": ids, "labels": ids}, TARGETS, None
