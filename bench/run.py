@@ -3,7 +3,7 @@
     python bench/run.py                    # every run of the plan below, then the report
     python bench/run.py --part main300     # only task (a)'s main comparison at 300 steps, 3 seeds
                                            # (parts: main300, causal40, tune, main, lr, causal,
-                                           #  memory, extra, timing)
+                                           #  memory, extra, timing, timing-causal)
     python bench/run.py --quick            # the same plan at quick sizes, into runs/bench-quick/
     python bench/run.py --report           # only regenerate tables, README section and figure
 
@@ -52,12 +52,13 @@ PARTS = {
                                   "sift-per_step:matched"], [0], A, "")],
 }
 # Step times of full fine-tuning, LoRA and SIFT taken in turns in one process: fair on shared cores.
-TIMING = ("classification", ["full", "lora", "sift-fixed:matched"], 20)
+TIMINGS = {"timing": ("classification", ["full", "lora", "sift-fixed:matched"], 20),
+           "timing-causal": ("causal_lm", ["full", "lora", "sift-fixed:matched"], 6)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=[*PARTS, "timing"], nargs="+", default=[*PARTS, "timing"])
+    parser.add_argument("--part", choices=[*PARTS, *TIMINGS], nargs="+", default=[*PARTS, *TIMINGS])
     parser.add_argument("--quick", action="store_true", help="quick sizes, results into runs/bench-quick/")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (the committed runs: 1, "
                         "two runs at a time)")
@@ -66,8 +67,8 @@ def main() -> None:
     results = QUICK_RESULTS_DIR if args.quick else RESULTS_DIR
     if not args.report:
         for part in args.part:
-            if part == "timing":
-                task, methods, steps = TIMING
+            if part in TIMINGS:
+                task, methods, steps = TIMINGS[part]
                 runs = plan(task, methods, [0], quick=args.quick, threads=args.threads)
                 append_json(results / f"{task}_paired_timing.json", paired_step_times(runs, 2 if args.quick else steps))
                 continue
