@@ -119,7 +119,7 @@ def capture(step: int, engine, optimizer, scheduler, progress: dict) -> dict:
     sparse = {}
     for slot in engine.slots:
         if slot.ever_idx is not None:
-            sparse[slot.name] = slot.param.detach().reshape(-1)[slot.ever_idx.to(slot.param.device)].cpu()
+            sparse[slot.name] = slot.param.detach().reshape(-1)[slot.ledger_indices()].cpu()
     dense = {name: p.detach().cpu() for name, p in engine.dense.items()}
     return {
         "format_version": FORMAT_VERSION,
@@ -163,7 +163,7 @@ def _restore_model(where: str, engine, model_state: dict) -> None:
         flat = slot.param.detach().view(-1)
         if values.shape != slot.ever_idx.shape or values.dtype != flat.dtype:
             raise CheckpointError(f"{where}: trained values of {slot.name} have the wrong shape or dtype")
-        ever_idx = slot.ever_idx.to(flat.device)
+        ever_idx = slot.ledger_indices()
         if not torch.equal(flat[ever_idx], slot.base.to(flat.device)):
             raise CheckpointError(f"{where}: {slot.name} of the model differs from the base the checkpoint was "
                                   "trained from; resume with the same model")

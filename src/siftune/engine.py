@@ -31,7 +31,7 @@ from .select import (count_selected, find_targets, index_dtype, pack_indices, ra
 class _Slot:
     """Selection state of one targeted tensor."""
 
-    def __init__(self, name: str, param: nn.Parameter, k: int, generator: torch.Generator):
+    def __init__(self, name: str, param: nn.Parameter, k: int, generator: torch.Generator, compact: bool = False):
         self.name = name
         self.param = param
         self.k = k
@@ -39,7 +39,7 @@ class _Slot:
         # The selection, on the param's device: sorted flat indices (int32 below 2**31
         # entries), or packed into int16 with compact_indices; flat() reads either.
         self.idx: torch.Tensor | None = None
-        self.compact = False
+        self.compact = compact
         self.version = 0  # bumped at each new selection, so the optimizer can remap its state
         # The selection in force before this step's, restored if the step is skipped.
         self.previous: tuple[torch.Tensor | None, int] | None = None
@@ -61,6 +61,10 @@ class _Slot:
         if stored is None or stored.dtype != torch.int16:
             return stored
         return unpack_indices(stored, self.param.numel())
+
+    def ledger_indices(self) -> torch.Tensor:
+        """The ledger's indices (kept in host memory) on the param's device, to read or write its values."""
+        return self.ever_idx.to(self.param.device)
 
 
 class SiftEngine:
@@ -86,10 +90,9 @@ class SiftEngine:
                                   "SIFT needs each process to hold whole weights: use data parallelism, "
                                   "see docs/distributed.md")
         self.dense = dense
-        self.slots = [_Slot(n, p, count_selected(p.numel(), config.density), tensor_generator(config.seed, i))
+        self.slots = [_Slot(n, p, count_selected(p.numel(), config.density), tensor_generator(config.seed, i),
+                            compact=config.compact_indices)
                       for i, (n, p) in enumerate(targeted.items())]
-        for slot in self.slots:
-            slot.compact = config.compact_indices
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
@@ -120,12 +123,10 @@ class SiftEngine:
                 idx = self._select(slot, score)
                 slot.score = None
                 slot.grad = param.grad.reshape(-1)[idx]
-            elif slot.grad is None:
-                idx = slot.flat()
-                slot.grad = param.grad.reshape(-1)[idx]
             else:
                 idx = slot.flat()
-                slot.grad.add_(param.grad.reshape(-1)[idx])
+                picked = param.grad.reshape(-1)[idx]
+                slot.grad = picked if slot.grad is None else slot.grad.add_(picked)
             param.grad = None
             if self.apply_in_backward is not None:
                 if slot.applied:
@@ -369,7 +370,7 @@ class SiftEngine:
         for slot in self.slots:
             if slot.ever_idx is None:
                 continue
-            current = slot.param.detach().reshape(-1)[slot.ever_idx.to(slot.param.device)].float()
+            current = slot.param.detach().reshape(-1)[slot.ledger_indices()].float()
             if values and slot.name in values:
                 current = values[slot.name]
             tensors[slot.name] = TensorDelta(

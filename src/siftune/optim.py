@@ -178,7 +178,9 @@ class SiftAdamW(torch.optim.Optimizer):
         elif state.get("version") != slot.version:
             self._remap(state, p, slot, low_precision)
         # The buffer holds the gradient's own dtype; the update math is fp32.
-        grad = grad.float() * scale if scale != 1.0 else grad.float()  # .float() of fp32 is no copy
+        grad = grad.float()  # no copy when fp32
+        if scale != 1.0:
+            grad = grad * scale
         if per_step:
             values = state["master"][idx] if low_precision else flat[idx].float()
             m, v, steps = state["exp_avg"][idx], state["exp_avg_sq"][idx], state["steps"][idx] + 1
@@ -256,7 +258,7 @@ class SiftAdamW(torch.optim.Optimizer):
             state = self.state.get(slot.param, {})
             if "master" not in state or slot.ever_idx is None:
                 continue
-            ever_idx = slot.ever_idx.to(slot.param.device)
+            ever_idx = slot.ledger_indices()
             values = slot.param.detach().reshape(-1)[ever_idx].float()
             if self.engine.config.mode == "per_step":
                 values = state["master"][ever_idx]
