@@ -26,8 +26,13 @@ class SiftConfig:
             ends with ``"." + entry``, as in peft), or one string used as a
             regular expression that must match the whole qualified name. Only
             ``nn.Linear``-like modules with a 2-D ``weight`` (and ``nn.Embedding``,
-            convolutions) are targeted; their biases are not. ``None`` targets
-            every ``nn.Linear`` outside ``dense_modules``. Default ``None``.
+            convolutions) are targeted; their biases are not. ``None`` or
+            ``"all-linear"`` (as in peft) targets every Linear-like layer
+            (``nn.Linear`` and transformers' ``Conv1D``) outside
+            ``dense_modules`` except the output layer (``lm_head``, or a
+            ``classifier``/``score`` head); embeddings only when named. A weight
+            reached under several names (tied weights) is trained once, under
+            the name ``named_parameters()`` gives it. Default ``None``.
         dense_modules: modules whose parameters are all trained densely, e.g. a
             new classification head (``["classifier"]``). Same matching rules
             as ``target_modules``. Default ``()``.

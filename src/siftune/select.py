@@ -12,6 +12,11 @@ from .errors import TargetError
 TARGETABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
 
 
+ALL_LINEAR = "all-linear"  # peft's name for the default: every Linear-like layer but the output layer
+# The new head of transformers' sequence classifiers, left out of the default as the output layer.
+HEAD_NAMES = ("classifier", "score")
+
+
 def _matcher(patterns):
     """A predicate on qualified module names, peft-style: list = name or suffix, str = full regex."""
     if isinstance(patterns, str):
@@ -21,9 +26,27 @@ def _matcher(patterns):
     return lambda name: any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _is_targetable(module: nn.Module) -> bool:
+def _is_linear(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D is a Linear with a transposed weight.
-    return isinstance(module, TARGETABLE) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _is_targetable(module: nn.Module) -> bool:
+    return _is_linear(module) or isinstance(module, TARGETABLE)
+
+
+def _output_layers(model: nn.Module) -> set[int]:
+    """ids of the modules that produce the model's output: left out of the default targets.
+
+    The language-model head (``get_output_embeddings()``), or else a
+    classification head (``classifier``/``score``) at the top of the model,
+    as peft's ``"all-linear"`` leaves them out.
+    """
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is None:
+        head = next((getattr(model, n) for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+    return set() if head is None else {id(head)}
 
 
 def find_targets(model: nn.Module, target_modules, dense_modules=()) -> tuple[dict, dict]:
@@ -31,11 +54,16 @@ def find_targets(model: nn.Module, target_modules, dense_modules=()) -> tuple[di
 
     Returns ``(targeted, dense)``: parameter name -> parameter for the weights
     that get a sparse increment, and for the parameters trained densely.
-    Raises TargetError when a pattern list matches nothing or a module is
-    both targeted and dense.
+    ``target_modules=None`` or ``"all-linear"`` targets every Linear-like
+    layer (``nn.Linear``, transformers' ``Conv1D``) except the output layer.
+    A weight reached under several names (tied weights, a module registered
+    twice) is targeted once, under the name ``model.named_parameters()``
+    gives it. Raises TargetError when a pattern list matches nothing or a
+    weight is both targeted and dense.
     """
     is_dense = _matcher(dense_modules) if dense_modules else (lambda name: False)
-    dense_prefixes = [name for name, _ in model.named_modules() if name and is_dense(name)]
+    modules = list(model.named_modules(remove_duplicate=False))  # every alias, so any name of a module matches
+    dense_prefixes = [name for name, _ in modules if name and is_dense(name)]
     if dense_modules and not dense_prefixes:
         raise TargetError(
             f"dense_modules {dense_modules!r} matched no module of {type(model).__name__}; "
@@ -45,28 +73,36 @@ def find_targets(model: nn.Module, target_modules, dense_modules=()) -> tuple[di
     def under_dense(name: str) -> bool:
         return any(name == p or name.startswith(p + ".") for p in dense_prefixes)
 
-    is_target = _matcher(target_modules) if target_modules is not None else None
+    all_linear = target_modules is None or target_modules == ALL_LINEAR
+    is_target = None if all_linear else _matcher(target_modules)
+    excluded = _output_layers(model) if all_linear else set()
+    canonical = {id(p): n for n, p in model.named_parameters()}
     targeted = {}
-    for name, module in model.named_modules():
+    for name, module in modules:
         if not name or under_dense(name):
             continue
-        wanted = isinstance(module, nn.Linear) if is_target is None else is_target(name)
-        if not wanted:
+        if all_linear:
+            if not _is_linear(module) or id(module) in excluded:
+                continue
+        elif not is_target(name):
             continue
-        if not _is_targetable(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
-            if is_target is not None and isinstance(target_modules, (list, tuple)) and name in target_modules:
+        weight = getattr(module, "weight", None)
+        if not _is_targetable(module) or not isinstance(weight, nn.Parameter):
+            if isinstance(target_modules, (list, tuple)) and name in target_modules:
                 raise TargetError(f"target module {name!r} is a {type(module).__name__}, which has no weight SIFT can target")
             continue
-        targeted[f"{name}.weight"] = module.weight
+        if id(weight) in canonical:
+            targeted[canonical[id(weight)]] = weight
 
     if not targeted:
         raise TargetError(
             f"target_modules {target_modules!r} matched no Linear/Embedding/Conv module of "
             f"{type(model).__name__}; module names look like {_examples(model)}"
         )
-    dense = {n: p for n, p in model.named_parameters() if under_dense(n.rsplit(".", 1)[0]) or n in dense_prefixes}
+    dense_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if under_dense(n.rsplit(".", 1)[0])}
+    dense = {n: p for n, p in model.named_parameters() if id(p) in dense_ids}
     # A parameter shared between a targeted and a dense module (tied weights) cannot be both.
-    shared = {id(p) for p in targeted.values()} & {id(p) for p in dense.values()}
+    shared = {id(p) for p in targeted.values()} & dense_ids
     if shared:
         names = [n for n, p in targeted.items() if id(p) in shared]
         raise TargetError(f"{names} are targeted and also trained densely (tied weights?); drop one of the patterns")
