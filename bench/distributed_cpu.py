@@ -87,7 +87,7 @@ class ByteCounter:
 
 
 def build(quick: bool):
-    from siftune.data import load_model
+    from siftune.models import load_model
 
     torch.manual_seed(0)
     model, _ = load_model("minilm", "classification", num_labels=2)

@@ -93,7 +93,7 @@ def test_paired_timing_steps_every_method_in_turns(tmp_path, tiny_bert_dir, revi
 
 
 def test_matched_density_is_lora_r8_count_over_targeted_components(minilm_path):
-    from siftune.data import load_model
+    from siftune.models import load_model
 
     model, _ = load_model(minilm_path, "classification", num_labels=2)
     # 6 layers x (4 x 8 (384 + 384) + 2 x 8 (384 + 1536)) and 6 x (4 x 384^2 + 2 x 384 x 1536).

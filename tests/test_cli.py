@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from siftune import SparseIncrement
 from siftune.cli import main
-from siftune.data import classification_batches, load_model
+from siftune.data import classification_batches
+from siftune.models import load_model
 
 
 @pytest.fixture

@@ -232,14 +232,14 @@ def warmup_steps(steps: int) -> int:
 
 def _load(spec: RunSpec):
     """The run's data split, labels, freshly loaded model and batch maker."""
-    from . import data
+    from . import data, models
     from .train import TrainArgs, _BatchMaker
 
     examples = data.load_examples(spec.dataset, spec.task)
     train_set, eval_set = data.split_examples(examples, spec.eval_size, seed=SPLIT_SEED)
     labels = data.label_names(train_set) if spec.task == "classification" else None
     torch.manual_seed(spec.seed)  # the new head's initialisation, the same for every method
-    model, tokenizer = data.load_model(spec.model, spec.task, labels=labels)
+    model, tokenizer = models.load_model(spec.model, spec.task, labels=labels)
     batches = _BatchMaker(TrainArgs(model=spec.model, dataset=spec.dataset, task=spec.task, seed=spec.seed,
                                     batch_size=spec.batch_size, max_length=spec.max_length,
                                     eval_batch_size=spec.eval_batch_size), tokenizer, labels)

@@ -8,7 +8,10 @@ On disk an increment is a folder with two files, written atomically:
   trained parameter, its full trained value ``<name>::dense``;
 * ``increment_config.json``: format version, base model name or path, the
   SIFT config, and the shape and dtype of every tensor, so a mismatched base
-  model is caught before anything is written into it.
+  model is caught before anything is written into it;
+* ``README.md``: a model card for people: base model, task, density,
+  trained components, metrics when known, and the code that loads, applies
+  and merges the increment.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .select import index_dtype
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
 CONFIG_NAME = "increment_config.json"
+CARD_NAME = "README.md"
 _DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 
@@ -174,25 +178,36 @@ class SparseIncrement:
         out_dir = Path(out_dir)
         tokenizer = None
         if model is None:
-            source = base_model or self.base_model
-            if not source:
-                raise IncrementError("the increment records no base model; pass base_model=...")
-            model, tokenizer = self._load_base(source)
+            model, tokenizer = self.load_base(base_model)
         self.apply(model)
         atomic_write_dir(out_dir, lambda tmp: (model.save_pretrained(tmp),
                                                 tokenizer.save_pretrained(tmp) if tokenizer is not None else None))
         return out_dir
 
-    def _load_base(self, source: str):
-        from .data import load_model
+    def load_base(self, base_model: str | None = None, dtype: torch.dtype = torch.float32):
+        """The untrained base model and its tokenizer, as ``(model, tokenizer)``, ready for :meth:`apply`.
 
+        Loaded offline as ``siftune train`` loads models: ``base_model`` (a
+        built-in name, a folder or a cached hub name; default: the one
+        recorded in the increment), for the recorded task (default
+        ``causal_lm``), with a classification head sized for the recorded labels.
+        """
+        from .models import load_model
+
+        source = base_model or self.base_model
+        if not source:
+            raise IncrementError("the increment records no base model; pass base_model=...")
         task = self.metadata.get("task", "causal_lm")
         labels = self.metadata.get("labels")
-        return load_model(source, task, num_labels=len(labels) if labels else None, labels=labels)
+        return load_model(source, task, num_labels=len(labels) if labels else None, dtype=dtype, labels=labels)
 
     # -- files -----------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Save to ``directory`` (created); both files are replaced atomically."""
+        """Save to ``directory`` (created): the two increment files and a ``README.md`` model card.
+
+        Each file is replaced atomically. The card's code refers to the folder
+        by ``directory`` as given.
+        """
         from safetensors.torch import save
 
         directory = Path(directory)
@@ -217,6 +232,7 @@ class SparseIncrement:
         atomic_write_bytes(directory / WEIGHTS_NAME,
                            save(tensors, metadata={"format": "siftune", "header": json.dumps(header)}))
         atomic_write_text(directory / CONFIG_NAME, json.dumps(header, indent=2))
+        atomic_write_text(directory / CARD_NAME, _model_card(self, directory))
         return directory
 
     @classmethod
@@ -256,6 +272,71 @@ class SparseIncrement:
             dense[name] = stored[key]
         return cls(tensors, dense=dense, base_model=header.get("base_model"),
                    config=header.get("sift_config") or {}, metadata=header.get("metadata") or {})
+
+
+def _model_card(increment: SparseIncrement, directory: Path) -> str:
+    """The README.md of a saved increment: what it is, how well it did, and the code that uses it."""
+    facts = increment.summary()
+    base, meta = increment.base_model, increment.metadata
+    task = meta.get("task")
+    density = increment.config.get("density")
+    rows = [
+        ("base model", f"`{base}`" if base else "not recorded"),
+        ("task", task or "not recorded (loaded as a causal LM)"),
+        ("density", (f"{_percent(density)} configured, " if isinstance(density, (int, float)) else "")
+         + f"{_percent(facts['density'])} of the targeted weights' entries trained"),
+        ("trained components", f"{increment.num_components:,}: {facts['selected_components']:,} of "
+                               f"{facts['targeted_components']:,} in {facts['targeted_tensors']} targeted tensors, "
+                               f"{facts['dense_components']:,} in {facts['dense_tensors']} densely trained tensors"),
+        ("selection", f"{increment.config.get('selection', 'gradient')}, mode {increment.config.get('mode', '?')}"),
+        ("size", f"{increment.nbytes / 1e6:.2f} MB of tensors in {WEIGHTS_NAME}"),
+    ]
+    if meta.get("dataset"):
+        rows.append(("dataset", f"`{meta['dataset']}`"))
+    if meta.get("labels"):
+        rows.append(("labels", ", ".join(f"`{label}`" for label in meta["labels"])))
+    front = ["---", "library_name: siftune"] + ([f"base_model: {json.dumps(base)}"] if base else [])
+    front += ["tags:", "- siftune", "- sparse-fine-tuning", "---", ""]
+    lines = front + [
+        f"# SIFT increment of {base or 'an unrecorded base model'}", "",
+        "A sparse increment trained with siftune (sparse increment fine-tuning, after Song et al., ICML 2024): "
+        "the indices and new values of the few base-model weight entries it changes. It is not a model by "
+        "itself: apply it to the base model, or merge the two into a plain transformers folder.", "",
+        "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), "",
+    ]
+    metrics = meta.get("metrics")
+    if isinstance(metrics, dict) and metrics and all(isinstance(m, dict) for m in metrics.values()):
+        names = list(dict.fromkeys(name for stage in metrics.values() for name in stage))
+        lines += ["## Metrics", "", "| metric | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        lines += [f"| {name} | " + " | ".join(_figure(stage.get(name)) for stage in metrics.values()) + " |"
+                  for name in names]
+        lines.append("")
+    merged = f"{directory}-merged"
+    base_arg = "" if base else '"path/or/name of the base model"'
+    lines += [
+        "## Use", "", "```python", "from siftune import SparseIncrement", "",
+        f"increment = SparseIncrement.load({str(directory)!r})",
+        f"model, tokenizer = increment.load_base({base_arg})  # the base model, loaded offline as siftune loads it",
+        "increment.apply(model)  # model now holds the fine-tuned weights",
+        f"increment.merge({merged!r})  # or: base + increment as a plain transformers folder",
+        "```", "",
+        f"From the command line: `siftune info {directory} --tensors` lists the tensors, "
+        f"`siftune merge {directory} {merged}` merges.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.4g}%"
+
+
+def _figure(value) -> str:
+    """A metric value for a table cell: 4 significant digits, thousands separators, or '' when unknown."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

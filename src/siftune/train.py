@@ -202,7 +202,7 @@ def _describe(hint) -> str:
 
 def run(args: TrainArgs, progress: bool = True) -> dict:
     """Train a SIFT increment as ``args`` says; returns the metrics it also writes."""
-    from . import data
+    from . import data, models
 
     args.validate()
     distributed.init()  # joins the job when started by torchrun or accelerate launch, else does nothing
@@ -222,8 +222,8 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction
     train_set, eval_set = data.split_examples(examples, eval_size, seed=args.seed)
     labels = data.label_names(train_set) if args.task == "classification" else None
-    model, tokenizer = data.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
-                                       dtype=DTYPES[args.dtype], labels=labels)
+    model, tokenizer = models.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
+                                         dtype=DTYPES[args.dtype], labels=labels)
     device = _device(args.device)
     model.to(device)
     if args.gradient_checkpointing:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import data
+from .. import data, models
 from ..errors import ConfigError, DataError
 
 # Characters that make a single --target-modules value a regex rather than a module name.
@@ -100,8 +100,8 @@ def pretrained_and_batches(args: AnalysisArgs):
     labels = data.label_names(examples) if args.task == "classification" else None
     # The seed fixes the fresh classification head.
     torch.manual_seed(args.seed)
-    model, tokenizer = data.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
-                                       labels=labels)
+    model, tokenizer = models.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
+                                         labels=labels)
     if args.task == "classification":
         stream = data.classification_batches(examples, tokenizer, labels, args.batch_size, args.max_length,
                                              shuffle=True, seed=args.seed, source=args.dataset)
