@@ -10,6 +10,7 @@ import torch
 from .errors import ConfigError
 
 MODES = ("fixed", "periodic", "per_step")
+STORAGES = ("in_place", "delta")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,7 +52,8 @@ class SiftConfig:
         refresh_every: in ``"periodic"`` mode, optimizer steps between two
             selections. Default ``100``.
         state_dtype: dtype of the optimizer moments of selected components,
-            ``"float32"`` (default) or ``"bfloat16"`` (saves 4 bytes a component).
+            ``"float32"`` or ``"bfloat16"`` (saves 4 bytes a component).
+            Default ``"float32"``.
         master_weights: keep fp32 master copies of the selected components when
             weights are bf16/fp16, so that many tiny updates are not rounded
             away. Ignored for fp32 weights. Default ``True``.
@@ -67,8 +69,8 @@ class SiftConfig:
             its backward hook, as soon as its gradient exists, instead of at
             ``optimizer.step()``: no sparse gradient buffers are kept (2-4 bytes
             less per selected component). Needs one backward per optimizer step
-            (no gradient accumulation), ``max_grad_norm=None`` (a global norm is
-            only known after the whole backward), mode ``"fixed"`` or
+            (no gradient accumulation), ``max_grad_norm=None`` (0 on the command
+            line: a global norm is only known after the whole backward), mode ``"fixed"`` or
             ``"periodic"``, and one process. A tensor whose gradient is not
             finite keeps its values that step. Default ``False``.
         compact_indices: keep each selection packed in 2 bytes a component
@@ -76,6 +78,17 @@ class SiftConfig:
             indices, unpacked for a moment when used: 2 bytes less per selected
             component for a little compute each step. Modes ``"fixed"`` and
             ``"periodic"``. Default ``False``.
+        storage: where the trained values live. ``"in_place"`` writes them
+            into the weights (no cost in the forward). ``"delta"`` keeps the
+            targeted weights frozen in whatever form the model holds them
+            (fp32, bf16, bitsandbytes nf4/fp4 or int8, torchao int8) and
+            trains a vector of values beside each, added in the forward: the
+            way to SIFT a quantized base. Weight decay then acts on the
+            increment, as on a LoRA adapter. Linear-like targets only; modes
+            ``"fixed"`` and ``"periodic"``. Default ``"in_place"``.
+        delta_dtype: dtype of the trained values with ``storage="delta"``:
+            ``"float32"`` (default) or ``"bfloat16"`` (2 bytes less a
+            component; with ``master_weights`` the optimizer keeps fp32 copies).
     """
 
     density: float = 0.01
@@ -91,6 +104,8 @@ class SiftConfig:
     selection: str = "gradient"
     update_in_backward: bool = False
     compact_indices: bool = False
+    storage: str = "in_place"
+    delta_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +131,15 @@ class SiftConfig:
         if self.update_in_backward and self.mode == "per_step":
             raise ConfigError("update_in_backward works in modes 'fixed' and 'periodic'; per_step selects from "
                               "the whole step's gradient, after backward")
+        if self.storage not in STORAGES:
+            raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
+        if self.delta_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"delta_dtype must be 'float32' or 'bfloat16', got {self.delta_dtype!r}")
+        if self.storage == "delta" and self.mode == "per_step":
+            raise ConfigError("storage='delta' works in modes 'fixed' and 'periodic'; per_step keeps dense "
+                              "gradients of every weight, which a quantized base cannot take")
+        if self.storage == "delta" and self.compact_indices:
+            raise ConfigError("compact_indices works with storage='in_place'; the delta keeps its indices unpacked")
         if self.compact_indices and self.mode == "per_step":
             raise ConfigError("compact_indices works in modes 'fixed' and 'periodic'; per_step keeps dense state")
         if self.update_in_backward and self.max_grad_norm is not None:
@@ -150,6 +174,10 @@ class SiftConfig:
     @property
     def torch_state_dtype(self) -> torch.dtype:
         return STATE_DTYPES[self.state_dtype]
+
+    @property
+    def torch_delta_dtype(self) -> torch.dtype:
+        return STATE_DTYPES[self.delta_dtype]
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed
+from . import distributed, storage
 from .config import SiftConfig
 from .errors import CheckpointError, ConfigError
 from .select import (count_selected, find_targets, index_dtype, pack_indices, random_indices, tensor_generator,
@@ -31,9 +31,11 @@ from .select import (count_selected, find_targets, index_dtype, pack_indices, ra
 class _Slot:
     """Selection state of one targeted tensor."""
 
-    def __init__(self, name: str, param: nn.Parameter, k: int, generator: torch.Generator, compact: bool = False):
+    def __init__(self, name: str, store, k: int, generator: torch.Generator, compact: bool = False):
         self.name = name
-        self.param = param
+        self.storage = store  # where the trained values live (siftune.storage)
+        self.param = store.trainable  # what the optimizer trains: the weight, or the delta's values
+        self.numel, self.shape = store.numel, store.shape  # of the (logical) weight the indices point into
         self.k = k
         self.generator = generator  # for selection="random"
         # The selection, on the param's device: sorted flat indices (int32 below 2**31
@@ -60,7 +62,7 @@ class _Slot:
         stored = self.idx if stored is None else stored
         if stored is None or stored.dtype != torch.int16:
             return stored
-        return unpack_indices(stored, self.param.numel())
+        return unpack_indices(stored, self.numel)
 
     def ledger_indices(self) -> torch.Tensor:
         """The ledger's indices (kept in host memory) on the param's device, to read or write its values."""
@@ -83,16 +85,18 @@ class SiftEngine:
         self.config = config
         targeted, dense = find_targets(model, config.target_modules, config.dense_modules)
         for name, p in targeted.items():
-            if not p.is_contiguous():
+            if config.storage == "in_place" and not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
             if _is_sharded(p):
                 raise ConfigError(f"targeted weight {name} is sharded (a DTensor, e.g. from FSDP2's fully_shard); "
                                   "SIFT needs each process to hold whole weights: use data parallelism, "
                                   "see docs/distributed.md")
         self.dense = dense
-        self.slots = [_Slot(n, p, count_selected(p.numel(), config.density), tensor_generator(config.seed, i),
+        stores = {n: storage.make(config.storage, model.get_submodule(n.rpartition(".")[0]), p, n,
+                                  config.density, config.torch_delta_dtype) for n, p in targeted.items()}
+        self.slots = [_Slot(n, store, count_selected(store.numel, config.density), tensor_generator(config.seed, i),
                             compact=config.compact_indices)
-                      for i, (n, p) in enumerate(targeted.items())]
+                      for i, (n, store) in enumerate(stores.items())]
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
@@ -108,36 +112,55 @@ class SiftEngine:
         # update_in_backward: the optimizer's per-tensor update, called from the hooks.
         self.apply_in_backward = None
         self._handles = []
-        if config.mode != "per_step":
-            for slot in self.slots:
+        for slot in self.slots:
+            if isinstance(slot.storage, storage.Delta):
+                slot.storage.attach(self._delta_gradient_for(slot))
+            elif config.mode != "per_step":
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
 
     # -- backward ----------------------------------------------------------
     def _hook_for(self, slot: _Slot):
         def hook(param: torch.Tensor) -> None:
-            if slot.selecting:
-                slot.seen += 1
-                if slot.seen < self.config.selection_batches:
-                    return  # keep the dense gradient: the selection window is not complete
-                score = param.grad if slot.score is None else slot.score + param.grad
-                idx = self._select(slot, score)
-                slot.score = None
-                slot.grad = param.grad.reshape(-1)[idx]
-            else:
-                idx = slot.flat()
-                picked = param.grad.reshape(-1)[idx]
-                slot.grad = picked if slot.grad is None else slot.grad.add_(picked)
-            param.grad = None
-            if self.apply_in_backward is not None:
-                if slot.applied:
-                    raise ConfigError(
-                        f"update_in_backward: {slot.name} got a second backward before optimizer.step(); the "
-                        "update is applied at each backward, so gradient accumulation cannot work with it. "
-                        "Call step() after every backward, or set update_in_backward=False")
-                self.apply_in_backward(slot, idx)
-                slot.grad, slot.applied = None, True
+            if self._take_gradient(slot, param.grad):
+                param.grad = None
+            # else: autograd sums the selection window's gradients in .grad
 
         return hook
+
+    def _delta_gradient_for(self, slot: _Slot):
+        def on_gradient(grad: torch.Tensor) -> None:
+            if not self._take_gradient(slot, grad):
+                slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
+
+        return on_gradient
+
+    def _take_gradient(self, slot: _Slot, grad: torch.Tensor) -> bool:
+        """One micro-batch's dense gradient of a targeted weight: select from it or keep its selected entries.
+
+        Returns False when the gradient is still needed whole (a selection
+        window that is not complete yet).
+        """
+        if slot.selecting:
+            slot.seen += 1
+            if slot.seen < self.config.selection_batches:
+                return False
+            score = grad if slot.score is None else slot.score + grad
+            idx = self._select(slot, score)
+            slot.score = None
+            slot.grad = grad.reshape(-1)[idx]
+        else:
+            idx = slot.flat()
+            picked = grad.reshape(-1)[idx]
+            slot.grad = picked if slot.grad is None else slot.grad.add_(picked)
+        if self.apply_in_backward is not None:
+            if slot.applied:
+                raise ConfigError(
+                    f"update_in_backward: {slot.name} got a second backward before optimizer.step(); the "
+                    "update is applied at each backward, so gradient accumulation cannot work with it. "
+                    "Call step() after every backward, or set update_in_backward=False")
+            self.apply_in_backward(slot, idx)
+            slot.grad, slot.applied = None, True
+        return True
 
     def _select(self, slot: _Slot, score: torch.Tensor) -> torch.Tensor:
         """Select anew from ``score``; returns the flat indices (``slot.idx`` may hold them packed)."""
@@ -145,7 +168,7 @@ class SiftEngine:
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version)
         if self.config.selection == "random":
-            idx = random_indices(p.numel(), slot.k, slot.generator, p.device)
+            idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
         else:
             if _distributed():
                 # A copy even when already fp32 (.float() would alias it): the rank's
@@ -155,11 +178,12 @@ class SiftEngine:
             idx = top_k_indices(score, slot.k)
         if _distributed():
             distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
-        slot.idx = pack_indices(idx, p.numel()) if slot.compact else idx
+        slot.idx = pack_indices(idx, slot.numel) if slot.compact else idx
         slot.version += 1
         slot.selecting = False
+        slot.storage.select(idx)
         # Untrained values, taken before this step's update changes them (to host memory).
-        slot.pending_base = p.detach().reshape(-1)[idx].cpu()
+        slot.pending_base = slot.storage.read(idx).to("cpu", copy=True)
         return idx
 
     @staticmethod
@@ -267,7 +291,7 @@ class SiftEngine:
         """A :class:`siftune.optim.SiftAdamW` over the selected components and dense modules."""
         from .optim import SiftAdamW
 
-        replaced = [s.name for s in self.slots if self.model.get_parameter(s.name) is not s.param]
+        replaced = [s.name for s in self.slots if not s.storage.attached_to(self.model, s.name)]
         if replaced:
             # The hooks sit on the old tensors: training would silently change nothing.
             raise ConfigError(f"the model's {replaced[0]} is no longer the tensor SIFT attached to (was the model "
@@ -287,7 +311,8 @@ class SiftEngine:
             raise CheckpointError("take the engine state between optimizer steps (after step() and zero_grad())")
         slots = {
             s.name: {"k": s.k, "version": s.version, "selecting": s.selecting, "seen": s.seen, "idx": s.idx,
-                     "score": s.score, "ever_idx": s.ever_idx, "base": s.base, "generator": s.generator.get_state()}
+                     "score": s.score, "ever_idx": s.ever_idx, "base": s.base, "generator": s.generator.get_state(),
+                     **s.storage.state()}
             for s in self.slots
         }
         return {"config": self.config.to_dict(), "steps": self.steps, "slots": slots}
@@ -317,6 +342,7 @@ class SiftEngine:
             slot.version, slot.selecting, slot.seen = saved["version"], saved["selecting"], saved["seen"]
             slot.idx, slot.score, slot.ever_idx, slot.base = (saved[k] for k in ("idx", "score", "ever_idx", "base"))
             slot.generator.set_state(saved["generator"])
+            slot.storage.load_state(saved)
             slot.grad = slot.previous = slot.pending_base = None
         self.steps = steps
 
@@ -335,7 +361,8 @@ class SiftEngine:
         """Bytes the engine (and ``optimizer``'s state) holds for the targeted tensors right now.
 
         ``indices``: the selections; ``gradients``: the sparse gradient buffers
-        (alive from backward to the step); ``optimizer``: master values,
+        (alive from backward to the step); ``values``: with ``storage="delta"``,
+        the trained values beside the frozen weights; ``optimizer``: master values,
         moments and step counts of the selected components. These live on the
         model's device; the increment ledger (host memory) is not counted.
         Divide by :attr:`num_selected` for the cost per selected component.
@@ -344,7 +371,12 @@ class SiftEngine:
             return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
         out = {"indices": sum(size(s.idx) for s in self.slots), "gradients": sum(size(s.grad) for s in self.slots),
-               "optimizer": 0}
+               "values": 0, "optimizer": 0}
+        for slot in self.slots:
+            if isinstance(slot.storage, storage.Delta):
+                out["values"] += size(slot.param)
+                if slot.storage.indices is not slot.flat():  # periodic mode: the ledger's own indices
+                    out["indices"] += size(slot.storage.indices)
         if optimizer is not None:
             for slot in self.slots:
                 state = optimizer.state.get(slot.param, {})
@@ -370,12 +402,12 @@ class SiftEngine:
         for slot in self.slots:
             if slot.ever_idx is None:
                 continue
-            current = slot.param.detach().reshape(-1)[slot.ledger_indices()].float()
+            current = slot.storage.read(slot.ledger_indices()).float()
             if values and slot.name in values:
                 current = values[slot.name]
             tensors[slot.name] = TensorDelta(
                 indices=slot.ever_idx, values=current.cpu() - slot.base.float(),
-                shape=tuple(slot.param.shape), dtype=str(slot.param.dtype).replace("torch.", ""),
+                shape=slot.shape, dtype=str(slot.storage.base_dtype).replace("torch.", ""),
             )
         dense = {n: p.detach().cpu().clone() for n, p in self.dense.items()}
         return SparseIncrement(tensors, dense=dense, base_model=base_model, config=self.config.to_dict())
@@ -385,6 +417,8 @@ class SiftEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for slot in self.slots:
+            slot.storage.remove()
         if self._ddp_ignore_before is None:
             del self.model._ddp_params_and_buffers_to_ignore
         else:
@@ -421,7 +455,7 @@ def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> S
 def _checked_slot_state(slot: _Slot, saved) -> dict:
     """``saved`` with its tensors on the slot's device, after checking it fits the slot."""
     where = f"engine state of {slot.name}"
-    p, numel = slot.param, slot.param.numel()
+    p, numel = slot.param, slot.numel
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where} must be a dict")
     for key in ("k", "version", "seen"):
@@ -461,11 +495,12 @@ def _checked_slot_state(slot: _Slot, saved) -> dict:
         out["base"] = base.cpu()
     score = saved.get("score")
     if score is not None:
-        if not isinstance(score, torch.Tensor) or score.shape != p.shape or not score.is_floating_point():
-            raise CheckpointError(f"{where}: selection score must be a float tensor of shape {tuple(p.shape)}")
+        if not isinstance(score, torch.Tensor) or tuple(score.shape) != slot.shape or not score.is_floating_point():
+            raise CheckpointError(f"{where}: selection score must be a float tensor of shape {slot.shape}")
         out["score"] = score.to(p.device)
     generator = saved.get("generator")
     if (not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8
             or generator.shape != slot.generator.get_state().shape):
         raise CheckpointError(f"{where}: random stream state is not a generator state of this torch")
+    slot.storage.check_state(saved, where)
     return out

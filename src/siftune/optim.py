@@ -172,8 +172,8 @@ class SiftAdamW(torch.optim.Optimizer):
         state = self.state[p]
         per_step = self.engine.config.mode == "per_step"
         low_precision = p.dtype != torch.float32 and self.engine.config.master_weights
-        flat = p.detach().view(-1)
         if per_step:
+            flat = p.detach().view(-1)
             self._ensure_dense_state(state, p, low_precision)
         elif state.get("version") != slot.version:
             self._remap(state, p, slot, low_precision)
@@ -188,11 +188,12 @@ class SiftAdamW(torch.optim.Optimizer):
             state["exp_avg"][idx], state["exp_avg_sq"][idx], state["steps"][idx] = m, v, steps
             if low_precision:
                 state["master"][idx] = values
+            flat[idx] = values.to(p.dtype)  # index_put_: takes int32 indices, unlike index_copy_
         else:
-            values = state["master"] if low_precision else flat[idx].float()
+            values = state["master"] if low_precision else slot.storage.read(idx).float()
             state["steps"] = state["steps"] + 1
             _adamw(values, grad, state["exp_avg"], state["exp_avg_sq"], state["steps"], group)
-        flat[idx] = values.to(p.dtype)  # index_put_: takes int32 indices, unlike index_copy_
+            slot.storage.write(idx, values)
 
     def _dense_update(self, p, grad, group, scale):
         state = self.state[p]
@@ -236,7 +237,7 @@ class SiftAdamW(torch.optim.Optimizer):
             "steps": torch.zeros(k, dtype=torch.int32, device=p.device) if periodic else 0,
         }
         if low_precision:
-            fresh["master"] = p.detach().reshape(-1)[new_idx].float()
+            fresh["master"] = slot.storage.read(new_idx).float()
         old_idx = slot.flat(state["idx"]) if state.get("idx") is not None else None
         if old_idx is not None and old_idx.numel():
             pos = torch.searchsorted(old_idx, new_idx).clamp_(max=old_idx.numel() - 1)
@@ -259,7 +260,7 @@ class SiftAdamW(torch.optim.Optimizer):
             if "master" not in state or slot.ever_idx is None:
                 continue
             ever_idx = slot.ledger_indices()
-            values = slot.param.detach().reshape(-1)[ever_idx].float()
+            values = slot.storage.read(ever_idx).float()
             if self.engine.config.mode == "per_step":
                 values = state["master"][ever_idx]
             else:

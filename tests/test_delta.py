@@ -1,0 +1,182 @@
+"""storage="delta": trained values beside frozen (possibly quantized) weights, exact against in-place SIFT."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import siftune  # noqa: E402
+from siftune import CheckpointError, ConfigError, ReferenceSift, SiftConfig  # noqa: E402
+from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, tiny_llama, token_batches  # noqa: E402
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _config(**overrides) -> SiftConfig:
+    return SiftConfig(**{"density": 0.2, "target_modules": MLP_TARGETS, "dense_modules": MLP_DENSE, **overrides})
+
+
+def _lockstep(overrides: dict, steps: int = 8, accum: int = 1, dtype=torch.float32):
+    """Train one MLP with storage="delta", one with ReferenceSift (in place), on the same batches.
+
+    Returns the largest output difference over the steps and the two models.
+    """
+    base = mlp(dtype=dtype)
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    engine = siftune.attach(fast, _config(storage="delta", **overrides))
+    optimizer = engine.optimizer(lr=1e-2)
+    reference = ReferenceSift(slow, _config(**overrides), lr=1e-2)
+    batches = iter(mlp_batches(steps * accum, dtype=dtype))
+    worst = 0.0
+    for _ in range(steps):
+        for _ in range(accum):
+            batch = next(batches)
+            mlp_loss(fast, batch).backward()
+            mlp_loss(slow, batch).backward()
+            reference.after_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.step()
+        with torch.no_grad():
+            worst = max(worst, float((fast(batch[0]) - slow(batch[0])).abs().max()))
+    return worst, base, fast, slow, engine, optimizer
+
+
+@pytest.mark.parametrize("overrides, accum", [
+    ({}, 1),
+    ({"mode": "periodic", "refresh_every": 3}, 1),
+    ({}, 3),
+    ({"selection_batches": 3}, 2),
+    ({"max_grad_norm": 0.05}, 1),
+    ({"selection": "random"}, 1),
+    ({"update_in_backward": True}, 1),
+])
+def test_delta_on_an_fp32_base_equals_in_place_sift_step_for_step(overrides, accum):
+    worst, base, fast, slow, _, _ = _lockstep(overrides, accum=accum)
+    assert worst < 1e-5
+    assert not torch.equal(slow[0].weight, base[0].weight)  # the comparison trained something
+
+
+def test_delta_leaves_the_targeted_weights_bit_identical_and_the_state_dict_unchanged():
+    _, base, fast, _, engine, _ = _lockstep({})
+    assert fast.state_dict().keys() == base.state_dict().keys()
+    for name in ("0.weight", "2.weight", "0.bias"):
+        assert torch.equal(fast.state_dict()[name], base.state_dict()[name])
+    engine.detach()
+    x = mlp_batches(1)[0][0]
+    torch.testing.assert_close(fast[:4](x), base[:4](x))  # hooks gone: the base layers alone
+
+
+def test_delta_on_a_bf16_base_equals_in_place_sift_to_bf16_rounding():
+    worst, *_ = _lockstep({}, dtype=torch.bfloat16)
+    assert worst < 2e-2
+
+
+def test_delta_increment_applied_to_the_base_gives_the_trained_model():
+    _, base, fast, slow, engine, optimizer = _lockstep({"mode": "periodic", "refresh_every": 3})
+    increment = engine.increment(values=optimizer.master_values())
+    merged = copy.deepcopy(base)
+    increment.apply(merged)
+    x = mlp_batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), fast(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(x), slow(x), atol=1e-5, rtol=1e-5)
+
+
+def test_delta_state_per_selected_component_is_index_value_and_adam_moments():
+    _, _, _, _, engine, optimizer = _lockstep({}, steps=2)
+    held = engine.state_bytes(optimizer)
+    selected = engine.num_selected
+    assert held["indices"] == 4 * selected and held["values"] == 4 * selected
+    assert held["optimizer"] == 8 * selected  # two fp32 moments; no master copy: the values are fp32
+
+
+def test_delta_checkpoint_restores_the_values_and_training_continues_identically():
+    batches = mlp_batches(6)
+
+    def run(restart_at=None):
+        model = mlp()
+        engine = siftune.attach(model, _config(storage="delta", mode="periodic", refresh_every=2))
+        optimizer = engine.optimizer(lr=1e-2)
+        for i, batch in enumerate(batches):
+            if i == restart_at:
+                engine_state = copy.deepcopy(engine.state_dict())
+                optim_state = copy.deepcopy(optimizer.state_dict())
+                dense = copy.deepcopy(model.state_dict())
+                model = mlp()
+                model.load_state_dict(dense)
+                engine = siftune.attach(model, _config(storage="delta", mode="periodic", refresh_every=2))
+                optimizer = engine.optimizer(lr=1e-2)
+                engine.load_state_dict(engine_state)
+                optimizer.load_state_dict(optim_state)
+            mlp_loss(model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            return model(batches[0][0])
+
+    torch.testing.assert_close(run(restart_at=3), run(), atol=0, rtol=0)
+
+
+def test_delta_checkpoint_of_an_in_place_run_is_refused():
+    model = mlp()
+    engine = siftune.attach(model, _config())
+    optimizer = engine.optimizer(lr=1e-2)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    state = engine.state_dict()
+    state["config"]["storage"] = "delta"
+    other = siftune.attach(mlp(), _config(storage="delta"))
+    with pytest.raises(CheckpointError, match="delta"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_delta_with_gradient_checkpointing_gives_the_same_model(use_reentrant):
+    def train(checkpointing):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.train()
+        engine = siftune.attach(model, density=0.05, storage="delta")
+        optimizer = engine.optimizer(lr=1e-2)
+        for ids in token_batches(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return engine.increment()
+
+    plain, checkpointed = train(False), train(True)
+    assert plain.tensors.keys() == checkpointed.tensors.keys()
+    for name, delta in plain.tensors.items():
+        assert torch.equal(delta.indices, checkpointed.tensors[name].indices)
+        torch.testing.assert_close(delta.values, checkpointed.tensors[name].values, atol=1e-6, rtol=1e-5)
+    assert any(bool(d.values.abs().max() > 0) for d in plain.tensors.values())
+
+
+def test_in_place_storage_on_a_quantized_weight_is_a_config_error_naming_delta():
+    layer = bnb.nn.Linear4bit(16, 8, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4").to("cpu")
+    model = nn.Sequential(layer)
+    with pytest.raises(ConfigError, match="storage='delta'"):
+        siftune.attach(model, density=0.1, target_modules=["0"])
+
+
+@pytest.mark.parametrize("overrides", [{"mode": "per_step"}, {"compact_indices": True}, {"delta_dtype": "int8"}])
+def test_delta_refuses_what_it_cannot_do(overrides):
+    with pytest.raises(ConfigError):
+        SiftConfig(storage="delta", **overrides)
+
+
+def test_delta_on_an_embedding_is_a_config_error_and_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="Linear-like"):
+        siftune.attach(model, density=0.1, storage="delta", target_modules=["embed_tokens", "q_proj"])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
