@@ -1,15 +1,20 @@
 """The siftune command as a user runs it: train, info, merge, and its errors."""
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
 import json
 import random
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from siftune import SparseIncrement
-from siftune.cli import main
+import siftune
+from siftune import SiftConfig, SparseIncrement
+from siftune.cli import build_parser, field_docs, main
 from siftune.data import classification_batches
 from siftune.models import load_model
 
@@ -33,6 +38,11 @@ def chat_jsonl(tmp_path):
     path = tmp_path / "chat.jsonl"
     lines = [json.dumps({"prompt": f"say {c}", "response": f"{c}{c}{c}"}) for c in "abcdefghijklmnop"]
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_csv(path, rows):
+    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
     return path
 
 
@@ -119,6 +129,9 @@ def test_info_summarises_the_increment(tmp_path, tiny_bert_dir, sentiment_csv, c
     (["--task", "translation"], "task"),
     (["--update-in-backward"], "max_grad_norm"),
     (["--update-in-backward", "--max-grad-norm", "0", "--grad-accum", "2"], "grad_accum 1"),
+    (["--eval-dataset", "/nonexistent/held_out.csv"], "held_out.csv"),
+    (["--eval-dataset", "/nonexistent/held_out.csv", "--eval-size", "0"], "eval_size is 0"),
+    (["--report-to", "wandb"], "report_to"),
 ])
 def test_bad_train_input_is_one_line_error_and_exit_2(tmp_path, tiny_bert_dir, sentiment_csv, capsys, flags, message):
     args = ["train", "--model", str(tiny_bert_dir), "--dataset", str(sentiment_csv), "--output-dir",
@@ -132,3 +145,119 @@ def test_bad_train_input_is_one_line_error_and_exit_2(tmp_path, tiny_bert_dir, s
 def test_info_on_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _flags(parser, command=()):
+    """(command words, action) for every option of every (sub)command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield from _flags(subparser, (*command, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield command, action
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    flags = list(_flags(build_parser()))
+    assert {command for command, _ in flags} >= {("train",), ("info",), ("merge",), ("bench",),
+                                                 ("analyze", "gradients"), ("analyze", "landscape")}
+    for command, action in flags:
+        text = re.sub(r"\(?default:? [^)]*\)?", "", action.help or "", flags=re.IGNORECASE)
+        assert len(text.split()) >= 2, f"siftune {' '.join(command)} {action.option_strings or action.dest}"
+
+
+def test_train_help_states_each_fields_actual_default():
+    from siftune.train import TrainArgs
+
+    docs = field_docs(SiftConfig, TrainArgs)
+    for field in dataclasses.fields(TrainArgs):
+        stated = re.search(r"Default (\S+?)[.:]?(\s|$)", docs[field.name])
+        assert stated, f"{field.name}: help states no default"
+        assert ast.literal_eval(stated[1]) == field.default, field.name
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"siftune {siftune.__version__}"
+
+
+def test_eval_dataset_is_the_held_out_set_and_all_of_dataset_trains(tmp_path, tiny_bert_dir, sentiment_csv):
+    held_out = write_csv(tmp_path / "held_out.csv", [("abcz", "pos"), ("abc", "neg"), ("zz", "pos")])
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv, "--eval-dataset", str(held_out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["before"]["examples"] == metrics["after"]["examples"] == 3
+    assert metrics["args"]["eval_dataset"] == str(held_out)
+
+
+def test_eval_size_0_trains_without_evaluating(tmp_path, tiny_bert_dir, sentiment_csv):
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv, "--eval-size", "0")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["before"] == metrics["after"] == {}
+    assert len(metrics["losses"]) == 6
+
+
+def test_eval_dataset_label_unseen_in_training_names_the_file(tmp_path, tiny_bert_dir, sentiment_csv, capsys):
+    held_out = write_csv(tmp_path / "held_out.csv", [("abcz", "pos"), ("abc", "maybe")])
+    args = ["train", "--model", tiny_bert_dir, "--dataset", str(sentiment_csv), "--eval-dataset", str(held_out),
+            "--output-dir", str(tmp_path / "run"), "--steps", "2", "--quiet"]
+    assert main(args) == 2
+    assert re.fullmatch(r'siftune train: error: label "maybe" in .*held_out.csv never appears in training data.*\n',
+                        capsys.readouterr().err)
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs of every scalar tag in a TensorBoard log folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_logs_each_step_and_the_held_out_metrics(tmp_path, tiny_bert_dir, sentiment_csv):
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
+    metrics = json.loads((out / "metrics.json").read_text())
+    logged = scalars(out / "tensorboard")
+    assert sorted(logged) == ["eval/accuracy", "train/grad_norm", "train/learning_rate", "train/loss",
+                              "train/skipped_steps"]
+    assert [value for _, value in logged["train/loss"]] == pytest.approx(metrics["losses"])
+    assert [step for step, _ in logged["train/grad_norm"]] == [1, 2, 3, 4, 5, 6]
+    assert all(value > 0 for _, value in logged["train/grad_norm"])
+    assert logged["train/learning_rate"][0] == (1, pytest.approx(0.01))  # one warm-up step reaches --lr
+    assert logged["train/skipped_steps"][-1] == (6, 0)
+    assert logged["eval/accuracy"] == [(0, pytest.approx(metrics["before"]["accuracy"])),
+                                       (6, pytest.approx(metrics["after"]["accuracy"]))]
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_tensorboard_log(tmp_path, tiny_bert_dir, sentiment_csv):
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
+    train(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [step for step, _ in scalars(out / "tensorboard")["train/loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_report_to_tensorboard_without_the_package_says_what_to_install(tmp_path, tiny_bert_dir, sentiment_csv,
+                                                                        monkeypatch, capsys):
+    from siftune import tracking
+
+    find_spec = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "tensorboard" else find_spec(name, *rest))
+    args = ["train", "--model", tiny_bert_dir, "--dataset", str(sentiment_csv), "--output-dir", str(tmp_path / "run"),
+            "--report-to", "tensorboard", "--quiet"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == ("siftune train: error: report_to tensorboard needs the tensorboard package; "
+                                       "pip install siftune[tensorboard]\n")
+
+
+def test_a_resumed_run_continues_the_tensorboard_log_from_its_checkpoint(tmp_path, tiny_bert_dir, sentiment_csv):
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard", "--checkpoint-every", "3")
+    (out / "checkpoints" / "checkpoint-00000006.pt").unlink()  # as if the run had died after step 5
+    train(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard", "--checkpoint-every", "3", "--resume")
+    logged = scalars(out / "tensorboard")
+    assert [step for step, _ in logged["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [value for _, value in logged["train/loss"]] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["losses"])
+    assert [step for step, _ in logged["eval/accuracy"]] == [0, 6]

@@ -412,21 +412,26 @@ def add_parser(sub) -> None:
     """The ``bench`` subcommand, on the ``siftune`` command's subparsers."""
     p = sub.add_parser("bench", help="benchmark SIFT against full fine-tuning, LoRA, SHiRA and ablations",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="classification")
+    p.add_argument("--task", choices=sorted(TASKS), default="classification",
+                   help="classification (MiniLM-L6 on Rotten Tomatoes) or causal_lm (SmolLM2 on chatterbot); "
+                   "sets the model, data, sizes and learning rates (default: classification)")
     p.add_argument("--methods", nargs="+", help="method[:setting] tokens: " + ", ".join(METHODS) +
                    "; lora/shira take a rank (default 8), random/sift-* a density or 'matched' (LoRA r=8's count, "
                    "the default)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="one run of every method per seed; the held-out split stays the same (default: 0)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the task's)")
     p.add_argument("--quick", action="store_true", help="a few tiny steps, results into runs/bench-quick/")
     p.add_argument("--lr", nargs="+", help="a learning rate for every method, or method=rate pairs")
     p.add_argument("--dense-lr", nargs="+", help="the head's learning rate, same forms as --lr")
-    for name in ("batch-size", "max-length", "eval-size", "eval-batch-size"):
-        p.add_argument(f"--{name}", type=int)
+    for name, what in (("batch-size", "examples per training batch"), ("max-length", "tokens per example"),
+                       ("eval-size", "held-out examples"), ("eval-batch-size", "examples per held-out batch")):
+        p.add_argument(f"--{name}", type=int, help=f"{what} (default: the task's)")
     p.add_argument("--model", help="model name or folder (default: the task's)")
     p.add_argument("--dataset", help="built-in dataset or file (default: the task's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
-    p.add_argument("--results-dir", type=Path, help="default bench/results, or runs/bench-quick with --quick")
+    p.add_argument("--results-dir", type=Path, help="folder of the results files (default: bench/results, or "
+                   "runs/bench-quick with --quick)")
     p.add_argument("--in-process", action="store_true", help="no subprocess per run (peak memory is then shared)")
     p.add_argument("--paired-steps", type=int, metavar="N", help="train nothing to the end: time N steps of "
                    "each method in turns in one process (fair step times on shared cores); appends to "

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
 import typing
 from pathlib import Path
 
+from . import __version__
 from .errors import ConfigError, SiftError
 
 
@@ -29,21 +32,57 @@ def _flag_type(field: dataclasses.Field):
     return str
 
 
+def field_docs(*classes) -> dict[str, str]:
+    """Each field's entry in the ``Args:`` sections of the classes' docstrings, as plain text.
+
+    An entry is a line ``name: text`` indented one level below ``Args:``, with
+    deeper-indented lines continuing it; later classes' entries win. This is
+    where every flag's help comes from, so ``--help`` says what the docs say.
+    """
+    docs: dict[str, str] = {}
+    for cls in classes:
+        lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+        if "Args:" not in lines:
+            continue
+        name = None
+        for line in lines[lines.index("Args:") + 1:]:
+            if line.strip() and not line.startswith(" "):
+                break  # the section ends at the next unindented paragraph
+            entry = re.match(r" {4}(\w+): (.*)", line)
+            if entry:
+                name = entry[1]
+                docs[name] = entry[2]
+            elif name and line.strip():
+                docs[name] += " " + line.strip()
+    return {name: _plain(text) for name, text in docs.items()}
+
+
+def _plain(text: str) -> str:
+    """reStructuredText markup off: ``x`` and :class:`X` read as x and X."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]*)``", r"\1", text)
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import SiftConfig
     from .train import TrainArgs
 
-    parser.add_argument("--config", help="YAML file with any of the keys below (flags override it)")
+    parser.add_argument("--config", metavar="FILE", help="YAML file with any of the keys below, spelled as the "
+                        "flags or with underscores; flags given as well override it")
+    docs = field_docs(SiftConfig, TrainArgs)
     for field in dataclasses.fields(TrainArgs):
         flag = "--" + field.name.replace("_", "-")
         kind = _flag_type(field)
-        default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"default: {default}"
+        help_text = _help(docs[field.name])
         if kind == "bool":
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif kind == "list":
-            parser.add_argument(flag, dest=field.name, nargs="+", default=argparse.SUPPRESS,
-                                help=help_text + " (names, or one regex)")
+            parser.add_argument(flag, dest=field.name, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS, help=help_text)
 
@@ -128,10 +167,13 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 
 def _add_analysis_flags(parser: argparse.ArgumentParser, args_class) -> None:
     """One flag per field of an analysis arguments dataclass, defaulting to the field's default."""
+    docs = field_docs(*reversed(args_class.__mro__))
     for field in dataclasses.fields(args_class):
         flag = "--" + field.name.replace("_", "-")
         kind = _flag_type(field)
-        help_text = field.metadata.get("help", f"default: {field.default}")
+        help_text = field.metadata.get("help") or _help(docs[field.name])
+        if "default" not in help_text.lower():
+            help_text = help_text.rstrip(".") + " (default: %(default)s)"
         if kind == "bool":
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=field.default, help=help_text)
@@ -160,6 +202,7 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siftune", description="Sparse increment fine-tuning (SIFT).")
+    parser.add_argument("--version", action="version", version=f"siftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a sparse increment")
@@ -174,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     merge = sub.add_parser("merge", help="write base model + increment as a plain transformers folder")
-    merge.add_argument("increment", help="increment folder")
+    merge.add_argument("increment", help="folder with increment.safetensors + increment_config.json")
     merge.add_argument("output", help="folder to write the merged model to")
     merge.add_argument("--base-model", help="base model name or path (default: the one the increment records)")
     merge.set_defaults(func=cmd_merge)

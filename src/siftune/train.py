@@ -14,12 +14,12 @@ import re
 import time
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, tracking
 from .config import SiftConfig
 from .engine import attach
 from .errors import CheckpointError, ConfigError
@@ -28,8 +28,11 @@ from .io import atomic_write, atomic_write_text
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_NAMES = ("classifier", "score")  # the new head of transformers' sequence classifiers
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_TO = ("none", "tensorboard")
 # Settings a resumed run may change, because they do not change what is trained.
-RESUME_MAY_CHANGE = ("output_dir", "resume", "checkpoint_every", "eval_batch_size", "gradient_checkpointing")
+RESUME_MAY_CHANGE = ("output_dir", "resume", "checkpoint_every", "eval_batch_size", "gradient_checkpointing",
+                     "report_to")
 
 
 @dataclass
@@ -37,36 +40,88 @@ class TrainArgs:
     """Everything ``siftune train`` takes; YAML keys and ``--flags`` share these names.
 
     Args:
-        model: model name or local folder ("minilm", "smollm2" are built in).
-        dataset: built-in name ("rotten_tomatoes", "chatterbot") or a .csv/.jsonl file.
-        task: "classification" or "causal_lm".
-        output_dir: folder for the increment, metrics.json and loss_curve.png.
-        density, mode, selection_batches, refresh_every, state_dtype, selection, master_weights,
-            update_in_backward, compact_indices: as in :class:`SiftConfig` (update_in_backward
-            needs grad_accum 1 and max_grad_norm 0).
-        target_modules: module names (or one regex); default: every Linear but the head.
-        dense_modules: trained densely (names, or one regex); default: the classification head, if any.
-        lr: learning rate of the selected components. dense_lr: of dense modules (default lr).
-        steps: optimizer steps; epochs: used instead when steps is 0.
-        batch_size: examples per micro-batch; grad_accum: micro-batches per step.
-        max_length: tokens per example. warmup_steps: linear warm-up, then linear decay to 0.
-        weight_decay, max_grad_norm: AdamW decay on the weights, global-norm clip (0 = off).
-        eval_size: held-out examples (count, or fraction if < 1). eval_batch_size: their batch size.
-        dtype: weights' dtype. gradient_checkpointing: recompute activations in backward.
-        device: "auto" (CUDA if there is one, else CPU), "cpu", "cuda" or "cuda:N"; under a
-            launcher, "auto"/"cuda" take the process's LOCAL_RANK GPU.
-        seed: data order, split and initialisation of new heads; an integer in [0, 2**32).
-        text_column, label_column, prompt_column, response_column: column names of user files.
-        checkpoint_every: save the complete training state to output_dir/checkpoints every this
-            many steps (0 = never); the newest two are kept.
-        resume: continue from the newest valid checkpoint in output_dir/checkpoints (a fresh start
-            when there is none); without it, a run deletes the checkpoints it finds there.
-        nonfinite: a step whose loss or gradient is NaN/Inf is "skip"ped (counted in metrics.json)
-            or "raise"s an error.
+        model: model name or local folder: built-in ``minilm`` (for classification)
+            or ``smollm2`` (for causal_lm), a folder written by ``save_pretrained``, or
+            a name in the local Hugging Face cache (siftune never downloads).
+            Default ``"minilm"``.
+        dataset: training data: built-in ``rotten_tomatoes`` or ``chatterbot``, or a
+            .csv or .jsonl file (optionally .gz or .bz2). Default ``"rotten_tomatoes"``.
+        eval_dataset: held-out data, in any form ``dataset`` takes; all of
+            ``dataset`` then trains. Default ``None``: ``eval_size`` examples of
+            ``dataset`` are held out.
+        task: ``"classification"`` (a sequence classifier) or ``"causal_lm"`` (the
+            loss covers response tokens only). Default ``"classification"``.
+        output_dir: folder for the increment, metrics.json, loss_curve.png,
+            checkpoints/ and tensorboard/. Default ``"runs/train"``.
+        target_modules: modules whose weights get a sparse increment: names (a
+            module matches its qualified name or a ``.name`` suffix) or one regex.
+            Default ``None``: SiftConfig's default targets, less the dense modules.
+        dense_modules: modules trained densely: names or one regex. Default
+            ``None``: the classification head (``classifier`` or ``score``), if any.
+        lr: peak AdamW learning rate of the selected components. Default ``1e-3``.
+        dense_lr: peak learning rate of the densely trained modules. Default
+            ``None``: the same as ``lr``.
+        steps: optimizer steps to train; 0 trains for ``epochs`` instead.
+            Default ``300``.
+        epochs: passes over the training examples (fractions allowed), used when
+            ``steps`` is 0. Default ``0.0``.
+        batch_size: examples per micro-batch; under several processes the
+            global batch, split equally between them. Default ``16``.
+        grad_accum: micro-batches whose gradients make one optimizer step.
+            Default ``1``.
+        max_length: tokens per example; longer examples are cut. Default ``64``.
+        warmup_steps: optimizer steps of linear learning-rate warm-up from 0,
+            followed by linear decay to 0 at the last step. Default ``30``.
+        weight_decay: AdamW's decoupled weight decay on the trained weight
+            values. Default ``0.0``.
+        max_grad_norm: clip the global gradient norm (selected components and
+            dense modules) to this; 0 turns clipping off. Default ``1.0``.
+        eval_size: examples of ``dataset`` held out for evaluation: a count, or a
+            fraction of the examples if below 1; 0 trains without evaluating.
+            Not used with ``eval_dataset``. Default ``2000``.
+        eval_batch_size: examples per held-out batch. Default ``64``.
+        dtype: dtype of the weights during training: ``"float32"``,
+            ``"bfloat16"`` or ``"float16"``. Default ``"float32"``.
+        gradient_checkpointing: recompute activations in the backward pass
+            instead of keeping them: less memory for about a third more compute.
+            Default ``False``.
+        seed: seed of the data order, the held-out split and new heads'
+            initialisation; an integer in [0, 2**32). Default ``0``.
+        text_column: column of a user file holding the text (classification),
+            or the whole text of a causal_lm example. Default ``None``: ``text``,
+            else ``sentence``.
+        label_column: column of a user file holding the class label (text or
+            integer). Default ``None``: ``label``.
+        prompt_column: column of a user file holding the prompt (causal_lm).
+            Default ``None``: ``prompt``, else ``instruction``.
+        response_column: column of a user file holding the response (causal_lm).
+            Default ``None``: ``response``, else ``output``.
+        checkpoint_every: save the complete training state to
+            output_dir/checkpoints every this many optimizer steps, keeping the
+            newest two; 0 never saves. Default ``0``.
+        resume: continue from the newest intact checkpoint in
+            output_dir/checkpoints (a fresh start when there is none); without it,
+            a run deletes the checkpoints it finds there. Default ``False``.
+        nonfinite: a step whose loss or gradient is NaN/Inf is ``"skip"``-ped
+            (nothing updated; counted as skipped_steps in metrics.json) or
+            ``"raise"``-s an error that ends the run. Default ``"skip"``.
+        device: ``"auto"`` (CUDA if there is one, else CPU), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"``; under a launcher, auto and cuda take the
+            process's LOCAL_RANK GPU. Default ``"auto"``.
+        report_to: ``"tensorboard"`` also logs loss, learning rate, gradient
+            norm, skipped steps and held-out metrics by optimizer step to
+            output_dir/tensorboard (``pip install siftune[tensorboard]``);
+            ``"none"`` logs to metrics.json only. Default ``"none"``.
+
+    The SIFT fields ``density``, ``mode``, ``selection_batches``,
+    ``refresh_every``, ``state_dtype``, ``selection``, ``master_weights``,
+    ``update_in_backward`` and ``compact_indices`` are :class:`SiftConfig`'s,
+    documented there.
     """
 
     model: str = "minilm"
     dataset: str = "rotten_tomatoes"
+    eval_dataset: str | None = None
     task: str = "classification"
     output_dir: str = "runs/train"
     density: float = 0.01
@@ -103,6 +158,7 @@ class TrainArgs:
     resume: bool = False
     nonfinite: str = "skip"
     device: str = "auto"
+    report_to: str = "none"
 
     def validate(self, sources: dict[str, str] | None = None) -> None:
         """ConfigError naming the field for every value no run could use.
@@ -129,6 +185,12 @@ class TrainArgs:
             fail("device", f"is {self.device!r} but torch sees no CUDA device here; use cpu or auto")
         if self.nonfinite not in ("skip", "raise"):
             fail("nonfinite", f"must be 'skip' or 'raise', got {self.nonfinite!r}")
+        if self.report_to not in REPORT_TO:
+            fail("report_to", f"must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.report_to == "tensorboard":
+            tracking.check_installed()
+        if self.eval_dataset is not None and self.eval_size == 0:
+            fail("eval_size", f"is 0 (no evaluation) but eval_dataset is {self.eval_dataset!r}; drop one of the two")
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "lr", "dense_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -216,11 +278,14 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     if resumed is not None:
         _check_resumable(resumed, args)
 
-    examples = data.load_examples(args.dataset, args.task, text_column=args.text_column,
-                                  label_column=args.label_column, prompt_column=args.prompt_column,
-                                  response_column=args.response_column)
-    eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction
-    train_set, eval_set = data.split_examples(examples, eval_size, seed=args.seed)
+    columns = dict(text_column=args.text_column, label_column=args.label_column,
+                   prompt_column=args.prompt_column, response_column=args.response_column)
+    examples = data.load_examples(args.dataset, args.task, **columns)
+    if args.eval_dataset is None:
+        eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction
+        train_set, eval_set = data.split_examples(examples, eval_size, seed=args.seed)
+    else:
+        train_set, eval_set = examples, data.load_examples(args.eval_dataset, args.task, **columns)
     labels = data.label_names(train_set) if args.task == "classification" else None
     model, tokenizer = models.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
                                          dtype=DTYPES[args.dtype], labels=labels)
@@ -250,6 +315,11 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     if resumed is not None:  # model values, engine, optimizer, scheduler and RNGs as they were
         done = checkpoint.restore(resumed, engine, optimizer, scheduler)
         start, consumed, losses, earlier_s = resumed["step"], done["micro_batches"], done["losses"], done["train_s"]
+    board = None
+    if args.report_to == "tensorboard" and distributed.is_main_process():
+        board = tracking.TensorBoard(out / TENSORBOARD_DIR, resumed_at=start)
+        if resumed is None:
+            board.held_out(0, before)
 
     model.train()
     started = time.perf_counter()
@@ -263,9 +333,14 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
             loss.backward()
             step_loss += float(loss.detach())
         optimizer.step()  # skips (or raises on) a non-finite gradient, as args.nonfinite says
+        learning_rate = optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
         scheduler.step()
         optimizer.zero_grad()
         losses.append(distributed.mean_across_ranks(step_loss))  # the loss of the whole batch
+        if board is not None:
+            # With update_in_backward the optimizer sees only the dense modules' gradient: no global norm.
+            grad_norm = None if args.update_in_backward else optimizer.last_grad_norm
+            board.train_step(step + 1, losses[-1], learning_rate, grad_norm, optimizer.skipped_steps)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and distributed.is_main_process():
             checkpoints.save(checkpoint.capture(step + 1, engine, optimizer, scheduler, {
                 "micro_batches": (step + 1) * args.grad_accum, "losses": losses, "before": before,
@@ -280,6 +355,9 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
 
     after = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
     _report("after", after)
+    if board is not None:
+        board.held_out(steps, after)
+        board.close()
 
     increment = engine.increment(base_model=args.model, values=optimizer.master_values())
     increment.metadata.update(task=args.task, labels=labels, dataset=args.dataset)
@@ -333,8 +411,9 @@ class _BatchMaker:
 
         a = self.args
         if a.task == "classification":
+            held_out = a.eval_dataset or f"the held-out part of {a.dataset}"  # named by an unseen-label error
             made = data.classification_batches(examples, self.tokenizer, self.labels, batch_size, a.max_length,
-                                               shuffle=shuffle, seed=seed, source=f"the held-out part of {a.dataset}")
+                                               shuffle=shuffle, seed=seed, source=held_out)
         else:
             made = data.causal_lm_batches(examples, self.tokenizer, batch_size, a.max_length, shuffle=shuffle,
                                           seed=seed)

@@ -30,7 +30,8 @@ class AnalysisArgs:
         task: "classification" or "causal_lm"; default: the built-in dataset's task,
             else classification.
         batches: how many batches of the shuffled data the analysis uses.
-        batch_size, max_length: examples per batch, tokens per example.
+        batch_size: examples per batch.
+        max_length: tokens per example; longer examples are cut.
         random_init: also analyse the same architecture with random weights.
         target_modules: module names (or one regex) whose weights are analysed;
             the default depends on the analysis.
@@ -38,7 +39,10 @@ class AnalysisArgs:
         threads: torch CPU threads (default: torch's own choice); on a busy machine
             one thread can be several times faster than two.
         output_dir: folder for the JSON, figures and markdown report.
-        text_column, label_column, prompt_column, response_column: column names of user files.
+        text_column: column of a user file holding the text (default: text, else sentence).
+        label_column: column of a user file holding the class label (default: label).
+        prompt_column: column of a user file holding the prompt (default: prompt, else instruction).
+        response_column: column of a user file holding the response (default: response, else output).
     """
 
     model: str = "minilm"
