@@ -180,3 +180,94 @@ def test_delta_on_an_embedding_is_a_config_error_and_leaves_the_model_as_it_was(
     with pytest.raises(ConfigError, match="Linear-like"):
         siftune.attach(model, density=0.1, storage="delta", target_modules=["embed_tokens", "q_proj"])
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+# -- quantized bases (bitsandbytes on the CPU) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A random Llama saved as a transformers folder; hidden 64 (bitsandbytes' 4-bit block size)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=False))
+    folder = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(folder)
+    return folder
+
+
+def _quantized(folder, kind):
+    from transformers import AutoModelForCausalLM
+
+    from siftune.quantize import quantization_config
+
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization_config(kind),
+                                                 device_map="cpu")
+    return model.train()  # bitsandbytes' exact path: its eval-mode CPU kernel computes in bf16
+
+
+def _dequantized_twin(folder, quantized):
+    """The fp32 model whose targeted weights are the quantized model's, dequantized once."""
+    from transformers import AutoModelForCausalLM
+
+    from siftune.quantize import dequantized_weight
+
+    dense = AutoModelForCausalLM.from_pretrained(folder)
+    for name, module in quantized.named_modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            dense.get_submodule(name).weight.data = dequantized_weight(module).float()
+    return dense.train()
+
+
+@pytest.mark.parametrize("kind, tolerance", [("nf4", 1e-6), ("fp4", 1e-6), ("int8", 2e-2)])
+def test_delta_on_a_quantized_base_equals_training_the_dequantized_weights(llama_folder, kind, tolerance):
+    """int8 is held to a loose tolerance: LLM.int8() also rounds the activations to int8."""
+    quantized = _quantized(llama_folder, kind)
+    dense = _dequantized_twin(llama_folder, quantized)
+    engine = siftune.attach(quantized, density=0.05, storage="delta", mode="periodic", refresh_every=2)
+    optimizer = engine.optimizer(lr=1e-2)
+    reference = ReferenceSift(dense, SiftConfig(density=0.05, mode="periodic", refresh_every=2), lr=1e-2)
+    losses = []
+    for ids in token_batches(5):
+        fast = quantized(input_ids=ids, labels=ids).loss
+        fast.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        slow = dense(input_ids=ids, labels=ids).loss
+        slow.backward()
+        reference.after_backward()
+        reference.step()
+        losses.append((fast.item(), slow.item()))
+    assert max(abs(a - b) for a, b in losses) <= tolerance, losses
+    assert losses[-1][0] != losses[0][0]
+    if kind != "int8":
+        for name, idx in engine.selected.items():
+            assert torch.equal(reference.mask[name].reshape(-1).nonzero().squeeze(1).to(idx.dtype), idx)
+
+
+def test_a_quantized_increment_applies_to_an_unquantized_copy_of_the_base(llama_folder):
+    from transformers import AutoModelForCausalLM
+
+    quantized = _quantized(llama_folder, "nf4")
+    dense = _dequantized_twin(llama_folder, quantized)
+    engine = siftune.attach(quantized, density=0.05, storage="delta")
+    optimizer = engine.optimizer(lr=1e-2)
+    for ids in token_batches(3):
+        quantized(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    increment = engine.increment(base_model=str(llama_folder))
+    assert increment.tensors["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
+    increment.apply(dense)  # the dequantized base: the trained model exactly
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, quantized(input_ids=ids).logits)
+    original = AutoModelForCausalLM.from_pretrained(llama_folder)
+    increment.apply(original)  # the unquantized base: the increment lands where it was trained
+    name = "model.layers.0.self_attn.q_proj.weight"
+    delta = increment.tensors[name]
+    changed = (original.get_parameter(name).detach().reshape(-1)
+               - AutoModelForCausalLM.from_pretrained(llama_folder).get_parameter(name).detach().reshape(-1))
+    torch.testing.assert_close(changed[delta.indices.long()], delta.values)

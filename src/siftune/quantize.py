@@ -1,0 +1,60 @@
+"""Quantized bases: load a model's Linear layers in 4 or 8 bits with bitsandbytes.
+
+SIFT then trains a ``storage="delta"`` increment beside the frozen quantized
+weights (:mod:`siftune.storage`), as QLoRA trains LoRA adapters beside them.
+bitsandbytes is an optional dependency: ``pip install siftune[quant]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+QUANTIZATIONS = {
+    "nf4": "4-bit NormalFloat (QLoRA's default)",
+    "fp4": "4-bit float",
+    "int8": "8-bit integers (LLM.int8())",
+}
+# Layers left in full precision: the output layer (transformers' default) and a new
+# classification head, which SIFT trains densely.
+KEEP_FULL_PRECISION = ["lm_head", "classifier", "score"]
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32):
+    """The transformers ``BitsAndBytesConfig`` for ``kind`` (one of :data:`QUANTIZATIONS`)."""
+    if kind not in QUANTIZATIONS:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {kind!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"quantize={kind} needs bitsandbytes, which is not installed: "
+                          "pip install 'siftune[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=KEEP_FULL_PRECISION)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=KEEP_FULL_PRECISION)
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The float weight a (possibly quantized) Linear layer computes with, as a new tensor."""
+    weight = module.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        from bitsandbytes import functional
+
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a weight for its bf16 CPU kernel at the first forward in
+            # eval mode without gradients; its inverse gives back the packing dequantize reads.
+            data, state = functional._convert_weight_packed_for_cpu_inverse(data, state)
+        return functional.dequantize_4bit(data, state)
+    if kind == "Int8Params":
+        scale = getattr(weight, "SCB", None)
+        if scale is None:
+            raise ConfigError("this int8 layer holds no scales (SCB); was it moved to its device?")
+        return weight.data.float() * (scale.float().unsqueeze(1) / 127)
+    if type(weight.data) is not torch.Tensor and hasattr(weight.data, "dequantize"):
+        return weight.data.dequantize()
+    return weight.detach().clone()
