@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import csv
 import dataclasses
 import json
 import random
@@ -189,6 +190,27 @@ def test_eval_dataset_is_the_held_out_set_and_all_of_dataset_trains(tmp_path, ti
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"]["examples"] == metrics["after"]["examples"] == 3
     assert metrics["args"]["eval_dataset"] == str(held_out)
+
+
+def test_train_reads_a_save_to_disk_folder_and_a_parquet_held_out_file(tmp_path, tiny_bert_dir, sentiment_csv):
+    import datasets
+
+    rows = list(csv.DictReader(sentiment_csv.open()))
+    datasets.Dataset.from_list(rows[:-8]).save_to_disk(tmp_path / "train")
+    datasets.Dataset.from_list(rows[-8:]).to_parquet(tmp_path / "held_out.parquet")
+    out = train(tmp_path, tiny_bert_dir, tmp_path / "train", "--eval-dataset", str(tmp_path / "held_out.parquet"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["examples"] == 8
+    assert SparseIncrement.load(out).metadata["labels"] == ["neg", "pos"]
+
+
+def test_a_corrupt_parquet_file_is_a_one_line_error_and_exit_2(tmp_path, tiny_bert_dir, capsys):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 cut short")
+    assert main(["train", "--model", tiny_bert_dir, "--dataset", str(path), "--output-dir", str(tmp_path / "run"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"siftune train: error: \S*broken.parquet: not a readable Parquet file \(.+\)\n", err)
 
 
 def test_eval_size_0_trains_without_evaluating(tmp_path, tiny_bert_dir, sentiment_csv):

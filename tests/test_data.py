@@ -144,6 +144,52 @@ def test_causal_lm_text_only_file_gives_empty_prompts(tmp_path):
     assert load_examples(str(path), "causal_lm") == [{"prompt": "", "response": "once upon a time"}]
 
 
+def sentiment_dataset(labels=(0, 1)):
+    """A datasets.Dataset whose label column is a ClassLabel named neg/pos."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    return datasets.Dataset.from_dict({"text": ["dull", "fine"], "label": list(labels)}, features=features)
+
+
+def test_parquet_file_loads_with_numeric_labels_as_text(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    path = tmp_path / "d.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"review": ["a", "b"], "label": [1, 0]}), path)
+    assert load_examples(str(path), "classification", text_column="review") == [
+        {"text": "a", "label": "1"},
+        {"text": "b", "label": "0"},
+    ]
+
+
+def test_parquet_written_by_datasets_gives_class_label_names(tmp_path):
+    path = tmp_path / "d.parquet"
+    sentiment_dataset().to_parquet(path)
+    assert load_examples(str(path), "classification") == [
+        {"text": "dull", "label": "neg"},
+        {"text": "fine", "label": "pos"},
+    ]
+
+
+def test_save_to_disk_folder_loads_with_class_label_names(tmp_path):
+    sentiment_dataset().save_to_disk(tmp_path / "saved")
+    assert load_examples(str(tmp_path / "saved"), "classification") == [
+        {"text": "dull", "label": "neg"},
+        {"text": "fine", "label": "pos"},
+    ]
+
+
+def test_a_datasets_dataset_object_loads():
+    import datasets
+
+    chat = datasets.Dataset.from_dict({"instruction": ["Say hi"], "output": ["hi"]})
+    assert load_examples(chat, "causal_lm") == [{"prompt": "Say hi", "response": "hi"}]
+    assert load_examples(sentiment_dataset(), "classification")[1] == {"text": "fine", "label": "pos"}
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -291,3 +337,61 @@ def test_tokenized_dataset_classification_items_carry_label_ids(tiny_tokenizer):
     dataset = TokenizedDataset(examples, tiny_tokenizer, "classification", 16, labels=["neg", "pos"])
     batch = dataset.collate([dataset[0], dataset[1]])
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_unlabelled_row_of_a_dataset_names_the_row():
+    with pytest.raises(DataError, match=r"the Dataset row 1: 'label' is -1, not one of its 2 class ids"):
+        load_examples(sentiment_dataset(labels=(0, -1)), "classification")
+
+
+def test_bad_parquet_row_names_file_and_row(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    path = tmp_path / "d.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"text": ["a", ""], "label": ["x", "y"]}), path)
+    with pytest.raises(DataError, match=r"d.parquet row 1: empty 'text'"):
+        load_examples(str(path), "classification")
+
+
+def test_corrupt_parquet_file_raises_with_its_name(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"d.parquet: not a readable Parquet file \(.+\)$"):
+        load_examples(str(path), "classification")
+
+
+def test_a_dataset_dict_asks_for_one_split(tmp_path):
+    import datasets
+
+    splits = datasets.DatasetDict(train=sentiment_dataset(), test=sentiment_dataset())
+    with pytest.raises(DataError, match=r"holds the splits train, test; pass one of them, e.g. dataset\['train'\]"):
+        load_examples(splits, "classification")
+    splits.save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match=r"saved holds the splits test, train of a DatasetDict; pass one split's folder"):
+        load_examples(str(tmp_path / "saved"), "classification")
+
+
+def test_folder_not_written_by_save_to_disk_raises(tmp_path):
+    with pytest.raises(DataError, match=r"not one written by datasets' save_to_disk"):
+        load_examples(str(tmp_path), "classification")
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    import importlib
+
+    from siftune import data
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    import_module = importlib.import_module
+
+    def without_pyarrow(name, *rest):
+        if name.startswith("pyarrow"):
+            raise ImportError(f"No module named {name!r}")
+        return import_module(name, *rest)
+
+    monkeypatch.setattr(data.importlib, "import_module", without_pyarrow)
+    with pytest.raises(DataError, match=r"^\S*d.parquet: reading Parquet needs the pyarrow package; "
+                                        r"pip install siftune\[data\]$"):
+        load_examples(str(path), "classification")

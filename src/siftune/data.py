@@ -16,6 +16,7 @@ import importlib.util
 import itertools
 import json
 import random
+import sys
 import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -76,11 +77,15 @@ def _open_binary(path: Path):
 
 
 def _file_format(path: Path) -> str:
-    name = path.name.lower().removesuffix(".bz2").removesuffix(".gz")
+    name = path.name.lower()
+    if name.endswith(".parquet"):  # compressed inside, so never .gz or .bz2
+        return "parquet"
+    name = name.removesuffix(".bz2").removesuffix(".gz")
     for fmt in ("csv", "jsonl"):
         if name.endswith("." + fmt):
             return fmt
-    raise DataError(f"{path}: unsupported file type; use .csv or .jsonl, optionally .bz2 or .gz compressed")
+    raise DataError(f"{path}: unsupported file type; use .csv or .jsonl (optionally .bz2 or .gz compressed), "
+                    ".parquet, or a folder written by datasets' save_to_disk")
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -118,7 +123,7 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(
                     f"{path} line {reader.line_num}: {len(row)} fields but the header has {len(header)}"
                 )
-            yield reader.line_num, dict(zip(header, row))
+            yield f"line {reader.line_num}", dict(zip(header, row))
     except csv.Error as exc:
         raise DataError(f"{path} line {reader.line_num}: {exc}") from None
 
@@ -137,7 +142,83 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path} line {lineno}: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
-        yield lineno, record
+        yield f"line {lineno}", record
+
+
+def _optional(module: str, purpose: str):
+    """Import a package of the ``data`` extra, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{purpose} needs the {module.split('.')[0]} package; pip install siftune[data]") from None
+
+
+def _class_names(features: dict) -> dict[str, list[str]]:
+    """Column -> label names, for the ClassLabel columns of a ``datasets`` features description (its JSON form)."""
+    return {column: list(feature["names"]) for column, feature in features.items()
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"}
+
+
+def _with_label_names(path, records, class_names: dict[str, list[str]]):
+    """Records whose ClassLabel ids are replaced by their names, as transformers' id2label would name them."""
+    for where, record in records:
+        for column, names in class_names.items():
+            value = record.get(column)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if not 0 <= value < len(names):
+                    raise DataError(f"{path} {where}: {column!r} is {value}, not one of its {len(names)} class ids "
+                                    "(datasets marks an unlabelled row, as in a test split, with -1)")
+                record[column] = names[value]
+        yield where, record
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
+    pyarrow = _optional("pyarrow", f"{path}: reading Parquet")
+    parquet = importlib.import_module("pyarrow.parquet")
+    try:
+        file = parquet.ParquetFile(path)
+        # A file written by datasets keeps its features, and so its label names, in the schema metadata.
+        saved = json.loads((file.schema_arrow.metadata or {}).get(b"huggingface", b"{}"))
+        rows = (record for batch in file.iter_batches(batch_size=1024) for record in batch.to_pylist())
+        yield from _with_label_names(path, ((f"row {n}", record) for n, record in enumerate(rows)),
+                                     _class_names(saved.get("info", {}).get("features", {})))
+    except DataError:
+        raise  # a bad row, already named
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+
+
+def _is_datasets_object(value) -> bool:
+    # Whoever holds a datasets object has imported datasets, so this never imports it.
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(value, (datasets.Dataset, datasets.IterableDataset,
+                                                       datasets.DatasetDict, datasets.IterableDatasetDict))
+
+
+def _dataset_records(dataset, name: str) -> Iterator[tuple[str, dict]]:
+    """Rows of a ``datasets.Dataset`` (or IterableDataset), numbered from 0 as ``dataset[i]`` numbers them."""
+    if isinstance(dataset, dict):  # DatasetDict and IterableDatasetDict are dicts of splits
+        raise DataError(f"{name} holds the splits {', '.join(dataset)}; pass one of them, e.g. "
+                        f"dataset[{next(iter(dataset), 'train')!r}]")
+    features = dataset.features.to_dict() if dataset.features is not None else {}
+    return _with_label_names(name, ((f"row {n}", record) for n, record in enumerate(dataset)),
+                             _class_names(features))
+
+
+def _saved_dataset(path: Path):
+    """The ``datasets.Dataset`` in a folder written by its ``save_to_disk``."""
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"{path} holds the splits {', '.join(splits)} of a DatasetDict; pass one split's folder, "
+                        f"e.g. {path / (splits[0] if splits else 'train')}")
+    if not (path / "state.json").is_file():
+        raise DataError(f"{path} is a folder but not one written by datasets' save_to_disk (it has no state.json); "
+                        "pass a data file or such a folder")
+    datasets = _optional("datasets", f"{path}: reading a saved dataset")
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: cannot read the saved dataset ({str(exc).splitlines()[0]})") from None
 
 
 def _find_column(columns, explicit, defaults) -> str | None:
@@ -156,28 +237,29 @@ def _require_column(path, columns, explicit, defaults, option) -> str:
     return found
 
 
-def _cell(path, lineno, record, column, allow_empty=False, is_label=False) -> str:
+def _cell(path, where, record, column, allow_empty=False, is_label=False) -> str:
     value = record.get(column)
     if value is None or isinstance(value, (dict, list)):
-        raise DataError(f"{path} line {lineno}: {column!r} is missing or not text")
+        raise DataError(f"{path} {where}: {column!r} is missing or not text")
     if is_label and isinstance(value, float):
         # 1.0 and 1 would become two classes, and 0.37 suggests a regression target.
-        raise DataError(f"{path} line {lineno}: {column!r} is the decimal number {value!r}; "
+        raise DataError(f"{path} {where}: {column!r} is the decimal number {value!r}; "
                         "classification labels must be text or integers")
     # JSON numbers and booleans (e.g. 0/1 labels) are used by their text.
     value = value if isinstance(value, str) else str(value)
     if not allow_empty and not value.strip():
-        raise DataError(f"{path} line {lineno}: empty {column!r}")
+        raise DataError(f"{path} {where}: empty {column!r}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape: tokenizers reject it
-        raise DataError(f"{path} line {lineno}: {column!r} holds an invalid Unicode escape (a lone surrogate)") from None
+        raise DataError(f"{path} {where}: {column!r} holds an invalid Unicode escape (a lone surrogate)") from None
     return value
 
 
 def _examples_from_records(path, records, task, text_column=None, label_column=None,
                            prompt_column=None, response_column=None) -> list[dict]:
-    """Turn (line number, record) pairs into examples, checking every value."""
+    """Turn (location, record) pairs into examples, checking every value; ``path`` and the
+    location ("line 3", "row 0") name a bad value."""
     records = iter(records)
     first = next(records, None)
     if first is None:
@@ -200,9 +282,9 @@ def _examples_from_records(path, records, task, text_column=None, label_column=N
                 "response": _require_column(path, columns, response_column, _RESPONSE_COLUMNS, "response_column"),
             }
     examples = []
-    for lineno, record in itertools.chain([first], records):
+    for where, record in itertools.chain([first], records):
         example = {
-            key: _cell(path, lineno, record, column, allow_empty=key == "prompt", is_label=key == "label")
+            key: _cell(path, where, record, column, allow_empty=key == "prompt", is_label=key == "label")
             for key, column in fields.items()
         }
         if task == "causal_lm":
@@ -256,32 +338,43 @@ def _chatterbot() -> list[dict]:
     return examples
 
 
-def load_examples(dataset: str, task: str, text_column=None, label_column=None,
+def load_examples(dataset, task: str, text_column=None, label_column=None,
                   prompt_column=None, response_column=None) -> list[dict]:
-    """Read a built-in dataset or a .csv / .jsonl file (optionally .bz2 / .gz) into examples.
+    """Read a dataset into examples.
+
+    ``dataset`` is a built-in name, a .csv / .jsonl file (optionally .bz2 /
+    .gz), a .parquet file, a folder written by ``datasets``' ``save_to_disk``,
+    or a ``datasets.Dataset`` (one split, not a DatasetDict). The last three
+    need ``pip install siftune[data]``; their ClassLabel columns give label
+    names rather than ids, and their rows are numbered from 0 in messages.
 
     classification rows become ``{"text": str, "label": str}``; causal_lm
     rows become ``{"prompt": str, "response": str}``, and a causal_lm file
     with only a text column gives ``{"prompt": "", "response": text}``.
     Columns default to text/label (fallback 'sentence') and prompt/response
-    (fallbacks 'instruction'/'output'); the column options apply to files
-    only. Any problem raises a one-line DataError naming the file and the
-    line or column.
+    (fallbacks 'instruction'/'output'); the column options apply to all but
+    the built-in datasets. Any problem raises a one-line DataError naming the
+    file and the line, row or column.
     """
     check_task(task)
+    columns = (text_column, label_column, prompt_column, response_column)
+    if _is_datasets_object(dataset):
+        name = f"the {type(dataset).__name__}"
+        return _examples_from_records(name, _dataset_records(dataset, name), task, *columns)
     if dataset in BUILTIN_DATASETS:
         builtin_task = BUILTIN_DATASETS[dataset]["task"]
         if builtin_task != task:
             raise DataError(f"built-in dataset {dataset!r} is for task {builtin_task!r}, not {task!r}")
         return _rotten_tomatoes() if dataset == "rotten_tomatoes" else _chatterbot()
     path = Path(dataset).expanduser()
+    if path.is_dir():
+        return _examples_from_records(path, _dataset_records(_saved_dataset(path), str(path)), task, *columns)
     if not path.is_file():
         raise DataError(
             f"dataset file not found: {path} (built-in datasets: {', '.join(BUILTIN_DATASETS)})"
         )
-    records = _csv_records(path) if _file_format(path) == "csv" else _jsonl_records(path)
-    return _examples_from_records(path, records, task, text_column, label_column,
-                                  prompt_column, response_column)
+    read = {"csv": _csv_records, "jsonl": _jsonl_records, "parquet": _parquet_records}[_file_format(path)]
+    return _examples_from_records(path, read(path), task, *columns)
 
 
 def split_examples(examples, eval_size: int | float, seed: int = 0) -> tuple[list, list]:

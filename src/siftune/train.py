@@ -44,8 +44,9 @@ class TrainArgs:
             or ``smollm2`` (for causal_lm), a folder written by ``save_pretrained``, or
             a name in the local Hugging Face cache (siftune never downloads).
             Default ``"minilm"``.
-        dataset: training data: built-in ``rotten_tomatoes`` or ``chatterbot``, or a
-            .csv or .jsonl file (optionally .gz or .bz2). Default ``"rotten_tomatoes"``.
+        dataset: training data: built-in ``rotten_tomatoes`` or ``chatterbot``, a
+            .csv or .jsonl file (optionally .gz or .bz2), a .parquet file, or a folder
+            written by ``datasets``' ``save_to_disk``. Default ``"rotten_tomatoes"``.
         eval_dataset: held-out data, in any form ``dataset`` takes; all of
             ``dataset`` then trains. Default ``None``: ``eval_size`` examples of
             ``dataset`` are held out.

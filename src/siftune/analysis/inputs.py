@@ -26,7 +26,8 @@ class AnalysisArgs:
 
     Args:
         model: model name or local folder ("minilm", "smollm2" are built in).
-        dataset: built-in name ("rotten_tomatoes", "chatterbot") or a .csv/.jsonl file.
+        dataset: built-in name ("rotten_tomatoes", "chatterbot"), a .csv/.jsonl/.parquet
+            file or a folder written by datasets' save_to_disk.
         task: "classification" or "causal_lm"; default: the built-in dataset's task,
             else classification.
         batches: how many batches of the shuffled data the analysis uses.
