@@ -8,6 +8,8 @@ import dataclasses
 import json
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,6 +177,13 @@ def test_train_help_states_each_fields_actual_default():
         stated = re.search(r"Default (\S+?)[.:]?(\s|$)", docs[field.name])
         assert stated, f"{field.name}: help states no default"
         assert ast.literal_eval(stated[1]) == field.default, field.name
+
+
+def test_the_command_imports_no_optional_package_until_a_flag_needs_it():
+    code = ("import sys; from siftune import cli, data, models, train; cli.build_parser(); "
+            "print(sorted({'datasets', 'pyarrow', 'tensorboard'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_version_prints_the_package_version(capsys):

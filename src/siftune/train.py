@@ -56,7 +56,8 @@ class TrainArgs:
             checkpoints/ and tensorboard/. Default ``"runs/train"``.
         target_modules: modules whose weights get a sparse increment: names (a
             module matches its qualified name or a ``.name`` suffix) or one regex.
-            Default ``None``: SiftConfig's default targets, less the dense modules.
+            Default ``None`` (or ``all-linear``): every Linear-like layer but the
+            output layer and the dense modules.
         dense_modules: modules trained densely: names or one regex. Default
             ``None``: the classification head (``classifier`` or ``score``), if any.
         lr: peak AdamW learning rate of the selected components. Default ``1e-3``.
