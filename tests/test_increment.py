@@ -175,6 +175,58 @@ def test_merged_folder_loads_with_from_pretrained_and_gives_the_trained_logits(t
         assert not torch.allclose(untouched(input_ids=ids).logits, expected, atol=1e-4)
 
 
+# -- the model card ------------------------------------------------------------------------------
+
+def card_code(folder: Path) -> str:
+    """The Python block of the README.md in ``folder``."""
+    text = (folder / "README.md").read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_saved_folder_has_a_model_card_naming_base_model_task_density_trained_count_and_metrics(increment, tmp_path):
+    increment.metadata.update(task="classification", labels=["a", "b", "c"],
+                              metrics={"before": {"accuracy": 0.3125}, "after": {"accuracy": 0.875}})
+    card = (increment.save(tmp_path / "inc") / "README.md").read_text()
+    assert "base_model: \"tiny-mlp\"" in card and "| base model | `tiny-mlp` |" in card
+    assert "| task | classification |" in card
+    assert "20% configured" in card
+    assert f"| trained components | {increment.num_components:,}:" in card
+    assert "| metric | before | after |" in card and "| accuracy | 0.3125 | 0.875 |" in card
+
+
+def test_model_card_without_recorded_metrics_has_no_metrics_section(saved):
+    assert "## Metrics" not in (saved / "README.md").read_text()
+
+
+def test_model_card_code_loads_applies_and_merges_the_increment(tiny_llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    engine = siftune.attach(model, SiftConfig(density=0.1))
+    opt = engine.optimizer(lr=1e-2)
+    for ids in token_batches(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    increment = engine.increment(base_model=tiny_llama_dir, values=opt.master_values())
+    increment.metadata["task"] = "causal_lm"
+    folder = increment.save(tmp_path / "inc")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(card_code(folder), namespace)
+    for name, value in params(model).items():
+        torch.testing.assert_close(namespace["model"].get_parameter(name).detach(), value, atol=1e-6, rtol=0,
+                                   msg=name)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "inc-merged")
+    for name, value in params(model).items():
+        torch.testing.assert_close(merged.get_parameter(name).detach(), value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_load_base_of_an_increment_without_a_recorded_base_model_is_an_increment_error(increment):
+    with pytest.raises(IncrementError, match="base_model="):
+        SparseIncrement(increment.tensors).load_base()
+
+
 # -- wrong base models ---------------------------------------------------------------------------
 
 def _state(model):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -282,15 +283,16 @@ def _model_card(increment: SparseIncrement, directory: Path) -> str:
     density = increment.config.get("density")
     rows = [
         ("base model", f"`{base}`" if base else "not recorded"),
-        ("task", task or "not recorded (loaded as a causal LM)"),
+        ("task", task or "not recorded (load_base loads a causal LM)"),
         ("density", (f"{_percent(density)} configured, " if isinstance(density, (int, float)) else "")
          + f"{_percent(facts['density'])} of the targeted weights' entries trained"),
         ("trained components", f"{increment.num_components:,}: {facts['selected_components']:,} of "
                                f"{facts['targeted_components']:,} in {facts['targeted_tensors']} targeted tensors, "
                                f"{facts['dense_components']:,} in {facts['dense_tensors']} densely trained tensors"),
-        ("selection", f"{increment.config.get('selection', 'gradient')}, mode {increment.config.get('mode', '?')}"),
-        ("size", f"{increment.nbytes / 1e6:.2f} MB of tensors in {WEIGHTS_NAME}"),
+        ("size", f"{_megabytes(increment.nbytes)} of tensors in {WEIGHTS_NAME}"),
     ]
+    if "mode" in increment.config:
+        rows.append(("selection", f"{increment.config.get('selection', 'gradient')}, {increment.config['mode']}"))
     if meta.get("dataset"):
         rows.append(("dataset", f"`{meta['dataset']}`"))
     if meta.get("labels"):
@@ -300,18 +302,18 @@ def _model_card(increment: SparseIncrement, directory: Path) -> str:
     lines = front + [
         f"# SIFT increment of {base or 'an unrecorded base model'}", "",
         "A sparse increment trained with siftune (sparse increment fine-tuning, after Song et al., ICML 2024): "
-        "the indices and new values of the few base-model weight entries it changes. It is not a model by "
+        "which few entries of the base model's weights it changes, and by how much. It is not a model by "
         "itself: apply it to the base model, or merge the two into a plain transformers folder.", "",
         "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), "",
     ]
-    metrics = meta.get("metrics")
-    if isinstance(metrics, dict) and metrics and all(isinstance(m, dict) for m in metrics.values()):
-        names = list(dict.fromkeys(name for stage in metrics.values() for name in stage))
-        lines += ["## Metrics", "", "| metric | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        lines += [f"| {name} | " + " | ".join(_figure(stage.get(name)) for stage in metrics.values()) + " |"
+    stages = _metric_stages(meta.get("metrics"))
+    names = list(dict.fromkeys(name for stage in stages.values() for name in stage))
+    if names:
+        lines += ["## Metrics", "", "| metric | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+        lines += [f"| {name} | " + " | ".join(_figure(stage.get(name)) for stage in stages.values()) + " |"
                   for name in names]
         lines.append("")
-    merged = f"{directory}-merged"
+    merged = str(directory.parent / f"{directory.name}-merged") if directory.name else "merged-model"
     base_arg = "" if base else '"path/or/name of the base model"'
     lines += [
         "## Use", "", "```python", "from siftune import SparseIncrement", "",
@@ -320,10 +322,23 @@ def _model_card(increment: SparseIncrement, directory: Path) -> str:
         "increment.apply(model)  # model now holds the fine-tuned weights",
         f"increment.merge({merged!r})  # or: base + increment as a plain transformers folder",
         "```", "",
-        f"From the command line: `siftune info {directory} --tensors` lists the tensors, "
-        f"`siftune merge {directory} {merged}` merges.", "",
+        f"From the command line: `siftune info {shlex.quote(str(directory))} --tensors` lists the tensors, "
+        f"`siftune merge {shlex.quote(str(directory))} {shlex.quote(merged)}` merges.", "",
     ]
     return "\n".join(lines)
+
+
+def _metric_stages(metrics) -> dict[str, dict]:
+    """Metrics as ``{stage: {name: value}}`` (e.g. before/after); a flat ``{name: value}`` is one stage."""
+    if not isinstance(metrics, dict):
+        return {}
+    if not any(isinstance(value, dict) for value in metrics.values()):
+        return {"value": metrics}
+    return {stage: values for stage, values in metrics.items() if isinstance(values, dict)}
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 10_000 else f"{nbytes:,} bytes"
 
 
 def _percent(fraction: float) -> str:

@@ -1,4 +1,14 @@
-"""SIFT in the transformers Trainer: ``siftune.Trainer`` is a drop-in subclass."""
+"""SIFT in transformers' Trainer and the trainers built on it (TRL's SFTTrainer, ...).
+
+:class:`SiftMixin` turns any ``transformers.Trainer`` subclass into a SIFT
+trainer; :class:`Trainer` is the plain case::
+
+    class SiftSFTTrainer(SiftMixin, trl.SFTTrainer):
+        pass
+
+    trainer = SiftSFTTrainer(model=model, args=SFTConfig(...), train_dataset=chats,
+                             sift_config=SiftConfig(density=0.01))
+"""
 from __future__ import annotations
 
 import transformers
@@ -9,34 +19,48 @@ from .errors import ConfigError
 
 # accelerate's parallelisms that shard or own the weights, which the engine's hooks must see whole.
 _SHARDING = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+# Evaluation figures that describe the run's speed, not the model.
+_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 
 
-class Trainer(transformers.Trainer):
-    """A ``transformers.Trainer`` that trains a SIFT increment instead of the whole model.
+class SiftMixin:
+    """Makes a ``transformers.Trainer`` subclass train a SIFT increment instead of the whole model.
 
-    Pass ``sift_config`` besides the usual arguments. The optimizer is a
-    :class:`SiftAdamW` built from ``TrainingArguments`` (learning rate, betas,
-    epsilon, weight decay, ``max_grad_norm``); schedulers, gradient
-    accumulation and gradient checkpointing work as usual. Global-norm
-    clipping moves into the optimizer's step, the only place that sees the
-    sparse gradients. ``save_model`` writes the increment (``increment.safetensors``
-    + ``increment_config.json``), not the dense model.
+    Put it first among the bases: ``class SiftSFTTrainer(SiftMixin, trl.SFTTrainer)``.
+    The trainer builds, wraps and prepares its model as usual; SIFT is then
+    attached to the model it trains. The mixin replaces only the optimizer
+    (a :class:`SiftAdamW` built from ``TrainingArguments``: learning rate,
+    betas, epsilon, weight decay, ``max_grad_norm``), gradient clipping
+    (moved into the optimizer's step, the only place that sees the sparse
+    gradients) and ``save_model``, which writes the increment
+    (``increment.safetensors``, ``increment_config.json``, ``README.md``)
+    instead of the dense model. Everything else, the subclass's own
+    ``compute_loss`` and ``create_optimizer`` included, runs unchanged.
 
     Args:
         sift_config: the :class:`SiftConfig` to attach with.
         base_model: name or path recorded in saved increments. Default: the
             model config's ``_name_or_path``.
         increment_metadata: extra facts stored with saved increments (e.g.
-            ``{"task": "classification", "labels": [...]}``).
+            ``{"dataset": "my-chats"}``); ``task`` and ``labels`` are found
+            from the model when not given here.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if transformers.Trainer not in mro or mro.index(SiftMixin) > mro.index(transformers.Trainer):
+            raise TypeError(f"{cls.__name__}: SiftMixin must come before a transformers.Trainer subclass among the "
+                            f"bases, e.g. class {cls.__name__}(SiftMixin, SFTTrainer)")
 
     def __init__(self, *args, sift_config: SiftConfig, base_model: str | None = None,
                  increment_metadata: dict | None = None, **kwargs):
+        # Refused before the subclass wraps the caller's model in adapters.
+        if kwargs.get("peft_config") is not None:
+            raise ConfigError("SIFT trains a sparse increment of the model's own weights; drop peft_config "
+                              "(SIFT and a PEFT adapter do not combine)")
         super().__init__(*args, **kwargs)
-        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
-        if kind in _SHARDING:
-            raise ConfigError(f"siftune.trainer.Trainer runs under plain data parallelism (DDP) only, not {kind}; "
-                              "see docs/distributed.md")
+        self._check_compatible()
         self.sift = attach(self.model, sift_config)
         # accelerate wraps the model in DistributedDataParallel after this. The engine's
         # ignore list keeps DDP off the targeted weights, whose selected entries the
@@ -48,17 +72,39 @@ class Trainer(transformers.Trainer):
                               "refuses a model whose only trained weights are SIFT's (no dense_modules); train "
                               "with `siftune train` or your own loop instead, see docs/distributed.md")
         config = getattr(self.model, "config", None)
-        self.base_model = base_model or getattr(config, "_name_or_path", None)
-        self.increment_metadata = increment_metadata or {}
+        self.base_model = base_model or getattr(config, "_name_or_path", None) or None
+        self.increment_metadata = {**_task_of(self.model), **(increment_metadata or {})}
 
-    def create_optimizer(self, model=None):
+    def _check_compatible(self) -> None:
+        """Refuse what would silently train something else than the SIFT increment."""
+        name = type(self).__name__
+        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if kind in _SHARDING:
+            raise ConfigError(f"{name} runs under plain data parallelism (DDP) only, not {kind}; "
+                              "see docs/distributed.md")
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            raise ConfigError(f"{name} got a PeftModel; SIFT trains a sparse increment of the model's own "
+                              "weights: pass the base model without adapters")
+        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            raise ConfigError(f"{name} trains with SIFT's own sparse AdamW; do not pass `optimizers` or "
+                              "`optimizer_cls_and_kwargs` (set lr, betas, weight decay in the TrainingArguments)")
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if "adamw" not in optim:
+            raise ConfigError(f"{name} trains with SIFT's own sparse AdamW, not optim={optim!r}; leave "
+                              "TrainingArguments.optim at its default")
+
+    def create_optimizer(self, *args, **kwargs):
+        # Set before delegating, so the Trainer's own code (and any subclass's
+        # create_optimizer in between) keeps this optimizer instead of building a dense one.
         if self.optimizer is None:
-            args = self.args
+            targs = self.args
             self.optimizer = self.sift.optimizer(
-                lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
+                lr=targs.learning_rate, betas=(targs.adam_beta1, targs.adam_beta2), eps=targs.adam_epsilon,
+                weight_decay=targs.weight_decay, max_grad_norm=targs.max_grad_norm or None,
             )
-        return self.optimizer
+        return super().create_optimizer(*args, **kwargs)
 
     def _clip_grad_norm(self, model):
         return None  # SiftAdamW.step clips: dense .grad alone would give the wrong norm
@@ -67,15 +113,50 @@ class Trainer(transformers.Trainer):
         return None
 
     def increment(self):
-        """The trained :class:`SparseIncrement`, with fp32 master values where kept."""
+        """The trained :class:`SparseIncrement`, with fp32 master values where kept.
+
+        Its metadata holds ``increment_metadata``, the task and, once the
+        trainer has evaluated, the last evaluation's metrics.
+        """
         # After train(), accelerate has wrapped our optimizer; its master copies live inside.
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         values = optimizer.master_values() if optimizer is not None else None
         increment = self.sift.increment(base_model=self.base_model, values=values)
         increment.metadata.update(self.increment_metadata)
+        evaluation = self._last_evaluation()
+        if evaluation:
+            increment.metadata["metrics"] = evaluation
         return increment
+
+    def _last_evaluation(self) -> dict:
+        """``{"eval at step N": {metric: value}}`` from the newest evaluation logged, or ``{}``."""
+        for entry in reversed(self.state.log_history):
+            metrics = {key[len("eval_"):]: value for key, value in entry.items()
+                       if key.startswith("eval_") and not key.endswith(_TIMING_SUFFIXES)}
+            if metrics:
+                return {f"eval at step {entry.get('step', self.state.global_step)}": metrics}
+        return {}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             self.increment().save(output_dir)
+
+
+class Trainer(SiftMixin, transformers.Trainer):
+    """A ``transformers.Trainer`` that trains a SIFT increment: pass ``sift_config`` besides the usual arguments.
+
+    Schedulers, gradient accumulation and gradient checkpointing work as
+    usual; see :class:`SiftMixin` for what changes and the extra arguments.
+    """
+
+
+def _task_of(model) -> dict:
+    """``task`` (and ``labels``) as ``siftune train`` records them, from the model's head, so merge loads it alike."""
+    kind = type(model).__name__
+    if kind.endswith("ForCausalLM"):
+        return {"task": "causal_lm"}
+    if kind.endswith("ForSequenceClassification"):
+        id2label = model.config.id2label
+        return {"task": "classification", "labels": [id2label[i] for i in sorted(id2label)]}
+    return {}
