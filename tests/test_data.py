@@ -361,14 +361,21 @@ def test_corrupt_parquet_file_raises_with_its_name(tmp_path):
         load_examples(str(path), "classification")
 
 
-def test_a_dataset_dict_asks_for_one_split(tmp_path):
+def dataset_dict():
     import datasets
 
-    splits = datasets.DatasetDict(train=sentiment_dataset(), test=sentiment_dataset())
+    return datasets.DatasetDict(train=sentiment_dataset(), test=sentiment_dataset())
+
+
+def test_a_dataset_dict_asks_for_one_split():
     with pytest.raises(DataError, match=r"holds the splits train, test; pass one of them, e.g. dataset\['train'\]"):
-        load_examples(splits, "classification")
-    splits.save_to_disk(tmp_path / "saved")
-    with pytest.raises(DataError, match=r"saved holds the splits test, train of a DatasetDict; pass one split's folder"):
+        load_examples(dataset_dict(), "classification")
+
+
+def test_a_saved_dataset_dict_folder_asks_for_one_splits_folder(tmp_path):
+    dataset_dict().save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match=r"saved holds the splits test, train of a DatasetDict; pass one split's "
+                                        r"folder, e.g. \S*saved/test$"):
         load_examples(str(tmp_path / "saved"), "classification")
 
 

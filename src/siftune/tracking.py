@@ -3,7 +3,10 @@
 Tags follow the transformers Trainer's, so runs of both read alike in one
 TensorBoard: ``train/loss``, ``train/learning_rate``, ``train/grad_norm``,
 ``train/skipped_steps`` and ``eval/<metric>``. The held-out metrics before
-training are logged at step 0, those after it at the last step.
+training are logged at step 0, those after it at the last step. The gradient
+norm is the optimizer's global norm before clipping; with
+``update_in_backward`` the optimizer sees only the dense modules' gradients,
+so none is logged.
 """
 from __future__ import annotations
 
@@ -12,13 +15,10 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-INSTALL_HINT = "pip install siftune[tensorboard]"
-
-
 def check_installed() -> None:
     """ConfigError saying what to install when the tensorboard package is missing (found without importing it)."""
     if importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(f"report_to tensorboard needs the tensorboard package; {INSTALL_HINT}")
+        raise ConfigError("report_to tensorboard needs the tensorboard package; pip install siftune[tensorboard]")
 
 
 class TensorBoard:
