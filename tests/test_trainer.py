@@ -128,3 +128,64 @@ def test_update_in_backward_trains_under_the_trainer_and_refuses_accumulation(tm
     assert mean_loss(plain.model, rows) < before
     with pytest.raises(ConfigError, match="gradient accumulation"):
         trainer(2).train()
+
+
+def small_trainer(output_dir, **overrides):
+    """A plain SIFT Trainer on the tiny classifier; ``overrides`` go to TrainingArguments or the Trainer."""
+    from transformers import TrainingArguments, default_data_collator
+
+    from siftune.trainer import Trainer
+
+    trainer_keys = {"optimizers", "eval_dataset"}
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=1, report_to=[],
+                    use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, dataloader_num_workers=0)
+    settings.update({k: v for k, v in overrides.items() if k not in trainer_keys})
+    return Trainer(model=tiny_bert_classifier(), args=TrainingArguments(**settings),
+                   train_dataset=contains_token_dataset(16), data_collator=default_data_collator,
+                   sift_config=SiftConfig(density=0.05, target_modules=TARGETS, dense_modules=["classifier"]),
+                   **{k: v for k, v in overrides.items() if k in trainer_keys})
+
+
+def test_an_optimizer_passed_to_the_trainer_is_a_config_error(tmp_path):
+    from siftune import ConfigError
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="optimizers"):
+        small_trainer(tmp_path, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
+def test_an_optim_other_than_adamw_is_a_config_error(tmp_path):
+    from siftune import ConfigError
+
+    with pytest.raises(ConfigError, match="optim='adafactor'"):
+        small_trainer(tmp_path, optim="adafactor")
+
+
+def test_resuming_from_a_trainer_checkpoint_is_a_config_error(tmp_path):
+    from siftune import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot resume"):
+        small_trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path))
+
+
+def test_load_best_model_at_end_is_a_config_error(tmp_path):
+    from siftune import ConfigError
+
+    with pytest.raises(ConfigError, match="load_best_model_at_end"):
+        small_trainer(tmp_path, load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch",
+                      metric_for_best_model="loss", eval_dataset=contains_token_dataset(8))
+
+
+def test_saved_increment_records_the_classification_task_and_label_names(run, tmp_path):
+    _, trainer, _, _, _ = run
+    trainer.save_model(str(tmp_path / "inc"))
+    metadata = SparseIncrement.load(tmp_path / "inc").metadata
+    assert metadata["task"] == "classification" and metadata["labels"] == ["LABEL_0", "LABEL_1"]
+
+
+def test_saved_model_card_shows_the_last_evaluation(run, tmp_path):
+    _, trainer, rows, _, _ = run
+    loss = trainer.evaluate(eval_dataset=rows[:16])["eval_loss"]
+    trainer.save_model(str(tmp_path / "inc"))
+    card = (tmp_path / "inc" / "README.md").read_text()
+    assert "| metric | eval at step 48 |" in card and f"| loss | {loss:.4g} |" in card

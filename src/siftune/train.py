@@ -362,7 +362,8 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
         board.close()
 
     increment = engine.increment(base_model=args.model, values=optimizer.master_values())
-    increment.metadata.update(task=args.task, labels=labels, dataset=args.dataset)
+    increment.metadata.update(task=args.task, labels=labels, dataset=args.dataset,
+                              metrics=_json_safe({"before": before, "after": after}))  # for the model card
     metrics = {
         "before": before, "after": after, "steps": steps, "train_s": round(train_s, 2),
         "step_s": round(train_s / steps, 4), "trainable": engine.num_trainable,

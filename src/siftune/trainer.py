@@ -94,6 +94,16 @@ class SiftMixin:
         if "adamw" not in optim:
             raise ConfigError(f"{name} trains with SIFT's own sparse AdamW, not optim={optim!r}; leave "
                               "TrainingArguments.optim at its default")
+        if self.args.load_best_model_at_end:
+            raise ConfigError(f"{name} cannot load_best_model_at_end: its checkpoints hold increments, which the "
+                              "Trainer cannot load back into the model; set load_best_model_at_end=False")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint:
+            raise ConfigError(f"{type(self).__name__} cannot resume from a Trainer checkpoint: it holds the "
+                              "increment, not SIFT's selection and optimizer state; start again, or train with "
+                              "`siftune train --checkpoint-every N`, whose --resume can")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
         # Set before delegating, so the Trainer's own code (and any subclass's
