@@ -80,9 +80,9 @@ def targeted_count(model) -> int:
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS)
 
 
-def setup(method: str, model, rank: int):
-    """``(model, optimizer, engine or None)`` for ``method``."""
-    fused = torch.cuda.is_available()
+def setup(method: str, model, rank: int, fused: bool | None = None):
+    """``(model, optimizer, engine or None)`` for ``method``; torch AdamW is fused on a GPU (or if ``fused``)."""
+    fused = torch.cuda.is_available() if fused is None else fused
     if method == "frozen":
         for name, p in model.named_parameters():
             p.requires_grad = name == "model.norm.weight"
