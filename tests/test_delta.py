@@ -62,6 +62,41 @@ def test_delta_on_an_fp32_base_equals_in_place_sift_step_for_step(overrides, acc
     assert not torch.equal(slow[0].weight, base[0].weight)  # the comparison trained something
 
 
+def test_sparse_and_dense_delta_kernels_train_the_same_model(monkeypatch):
+    """On a CPU in fp32 the delta's products run as CSR kernels; the dense transient must agree."""
+    sparse = _lockstep({"mode": "periodic", "refresh_every": 3})
+    monkeypatch.setattr(siftune.storage.Delta, "sparse_kernels", lambda self, dtype: False)
+    dense = _lockstep({"mode": "periodic", "refresh_every": 3})
+    x = mlp_batches(1, seed=5)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(sparse[2](x), dense[2](x), atol=1e-6, rtol=1e-5)
+    assert sparse[0] < 1e-5 and dense[0] < 1e-5
+
+
+def test_delta_on_gpt2_conv1d_equals_in_place_sift():
+    """Conv1D keeps its weight transposed; the delta's indices follow the weight's own layout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    engine = siftune.attach(fast, density=0.05, storage="delta")
+    optimizer = engine.optimizer(lr=1e-2)
+    reference = ReferenceSift(slow, SiftConfig(density=0.05), lr=1e-2)
+    for ids in token_batches(3):
+        fast(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        slow(input_ids=ids, labels=ids).loss.backward()
+        reference.after_backward()
+        reference.step()
+    ids = token_batches(1, seed=8)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, slow(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(slow.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+
+
 def test_delta_leaves_the_targeted_weights_bit_identical_and_the_state_dict_unchanged():
     _, base, fast, _, engine, _ = _lockstep({})
     assert fast.state_dict().keys() == base.state_dict().keys()
@@ -271,3 +306,32 @@ def test_a_quantized_increment_applies_to_an_unquantized_copy_of_the_base(llama_
     changed = (original.get_parameter(name).detach().reshape(-1)
                - AutoModelForCausalLM.from_pretrained(llama_folder).get_parameter(name).detach().reshape(-1))
     torch.testing.assert_close(changed[delta.indices.long()], delta.values)
+
+
+def test_the_trainer_trains_a_delta_on_an_nf4_base_with_accumulation_and_saves_its_increment(llama_folder, tmp_path):
+    from transformers import TrainingArguments, default_data_collator
+
+    from siftune import SparseIncrement
+    from siftune.trainer import Trainer
+
+    rows = [{"input_ids": ids, "labels": ids} for ids in token_batches(16, batch_size=1, length=8)[:16]]
+    rows = [{k: v[0] for k, v in row.items()} for row in rows]
+    model = _quantized(llama_folder, "nf4")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             num_train_epochs=4, learning_rate=1e-2, max_grad_norm=1.0, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_strategy="no", seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
+                      sift_config=SiftConfig(density=0.05, storage="delta"))
+    batch = default_data_collator(rows)
+    with torch.no_grad():
+        before = float(model(**batch).loss)
+    trainer.train()
+    model.train()
+    with torch.no_grad():
+        after = float(model(**batch).loss)
+    assert trainer.sift.steps == 4 * 16 // (4 * 2)
+    assert after < before - 0.05, (before, after)
+    trainer.save_model(str(tmp_path / "increment"))
+    saved = SparseIncrement.load(tmp_path / "increment")
+    assert saved.config["storage"] == "delta"
+    assert len(saved.tensors) == 14

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed, storage
+from . import distributed, sharding, storage
 from .config import SiftConfig
 from .errors import CheckpointError, ConfigError
 from .select import (count_selected, find_targets, index_dtype, pack_indices, random_indices, tensor_generator,
@@ -87,15 +87,13 @@ class SiftEngine:
         for name, p in targeted.items():
             if config.storage == "in_place" and not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
-            if _is_sharded(p):
-                raise ConfigError(f"targeted weight {name} is sharded (a DTensor, e.g. from FSDP2's fully_shard); "
-                                  "SIFT needs each process to hold whole weights: use data parallelism, "
-                                  "see docs/distributed.md")
         self.dense = dense
-        stores = {n: storage.make(config.storage, model.get_submodule(n.rpartition(".")[0]), p, n,
-                                  config.density, config.torch_delta_dtype) for n, p in targeted.items()}
-        self.slots = [_Slot(n, store, count_selected(store.numel, config.density), tensor_generator(config.seed, i),
-                            compact=config.compact_indices)
+        stores = {n: sharding.make_storage(config.storage, p, n) if sharding.is_sharded(p) else
+                  storage.make(config.storage, model.get_submodule(n.rpartition(".")[0]), p, n, config.density,
+                               config.torch_delta_dtype) for n, p in targeted.items()}
+        # k counts the whole tensor's components; a shard holds its part of them.
+        self.slots = [_Slot(n, store, count_selected(getattr(store, "full_numel", store.numel), config.density),
+                            tensor_generator(config.seed, i), compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -114,31 +112,35 @@ class SiftEngine:
         self._handles = []
         for slot in self.slots:
             if isinstance(slot.storage, storage.Delta):
-                slot.storage.attach(self._delta_gradient_for(slot))
+                slot.storage.attach(lambda slot=slot: slot.selecting, self._delta_gradient_for(slot))
             elif config.mode != "per_step":
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
 
     # -- backward ----------------------------------------------------------
     def _hook_for(self, slot: _Slot):
         def hook(param: torch.Tensor) -> None:
-            if self._take_gradient(slot, param.grad):
+            if self._take_gradient(slot, sharding.local(param.grad)):
                 param.grad = None
             # else: autograd sums the selection window's gradients in .grad
 
         return hook
 
     def _delta_gradient_for(self, slot: _Slot):
-        def on_gradient(grad: torch.Tensor) -> None:
-            if not self._take_gradient(slot, grad):
+        def on_gradient(grad: torch.Tensor | None, at_indices: torch.Tensor | None) -> None:
+            if at_indices is not None:  # the gradient at every index the delta holds
+                pos = slot.storage.positions(slot.flat())
+                self._take_gradient(slot, None, at_indices if pos is None else at_indices[pos])
+            elif not self._take_gradient(slot, grad):
                 slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
 
         return on_gradient
 
-    def _take_gradient(self, slot: _Slot, grad: torch.Tensor) -> bool:
+    def _take_gradient(self, slot: _Slot, grad: torch.Tensor | None, picked: torch.Tensor | None = None) -> bool:
         """One micro-batch's dense gradient of a targeted weight: select from it or keep its selected entries.
 
-        Returns False when the gradient is still needed whole (a selection
-        window that is not complete yet).
+        ``picked``, given instead of ``grad`` once the selection is made, is
+        the gradient at the selected entries already. Returns False when the
+        gradient is still needed whole (a selection window not complete yet).
         """
         if slot.selecting:
             slot.seen += 1
@@ -150,7 +152,8 @@ class SiftEngine:
             slot.grad = grad.reshape(-1)[idx]
         else:
             idx = slot.flat()
-            picked = grad.reshape(-1)[idx]
+            if picked is None:
+                picked = grad.reshape(-1)[idx]
             slot.grad = picked if slot.grad is None else slot.grad.add_(picked)
         if self.apply_in_backward is not None:
             if slot.applied:
@@ -167,7 +170,10 @@ class SiftEngine:
         p = slot.param
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version)
-        if self.config.selection == "random":
+        sharded = isinstance(slot.storage, sharding.ShardedInPlace)
+        if sharded:  # the gradient is FSDP2's average already
+            idx = sharding.select(slot.storage, score, slot.k, slot.generator, self.config.selection)
+        elif self.config.selection == "random":
             idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
         else:
             if _distributed():
@@ -176,7 +182,7 @@ class SiftEngine:
                 score = score.to(torch.float32, copy=True)
                 distributed.all_reduce(score)
             idx = top_k_indices(score, slot.k)
-        if _distributed():
+        if _distributed() and not sharded:
             distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
         slot.idx = pack_indices(idx, slot.numel) if slot.compact else idx
         slot.version += 1
@@ -215,25 +221,28 @@ class SiftEngine:
             if self.config.mode == "per_step":
                 if p.grad is None:
                     continue
-                slot.grad = p.grad.reshape(-1)[self._select(slot, p.grad)]
+                grad = sharding.local(p.grad)
+                slot.grad = grad.reshape(-1)[self._select(slot, grad)]
                 p.grad = None
             elif slot.selecting:
                 if p.grad is not None:  # window ended inside a multi-batch selection
-                    slot.score = p.grad.float() if slot.score is None else slot.score.add_(p.grad)
+                    grad = sharding.local(p.grad)
+                    slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
                     p.grad = None
                 continue
             if slot.grad is not None:
                 out.append((p, slot.flat(), slot.grad))
         for p in self.dense.values():
             if p.grad is not None:
-                out.append((p, None, p.grad))
+                out.append((p, None, sharding.local(p.grad)))
         if _distributed():
             self._average_across_ranks(out)
         return out
 
     def _average_across_ranks(self, grads) -> None:
         """All-reduce the selected entries (and dense grads unless DDP did) in one flat buffer."""
-        parts = [g for _, idx, g in grads if idx is not None or self.reduce_dense]
+        # FSDP2 has averaged sharded parameters' gradients in its reduce-scatter.
+        parts = [g for p, idx, g in grads if not sharding.is_sharded(p) and (idx is not None or self.reduce_dense)]
         if not parts:
             return
         flat = torch.cat([g.reshape(-1).float() for g in parts])
@@ -405,11 +414,15 @@ class SiftEngine:
             current = slot.storage.read(slot.ledger_indices()).float()
             if values and slot.name in values:
                 current = values[slot.name]
+            if isinstance(slot.storage, sharding.ShardedInPlace):  # every rank's part, on every rank
+                change = current.cpu() - slot.base.float()
+                tensors[slot.name] = sharding.whole_delta(slot.storage, slot.ever_idx, change)
+                continue
             tensors[slot.name] = TensorDelta(
                 indices=slot.ever_idx, values=current.cpu() - slot.base.float(),
                 shape=slot.shape, dtype=str(slot.storage.base_dtype).replace("torch.", ""),
             )
-        dense = {n: p.detach().cpu().clone() for n, p in self.dense.items()}
+        dense = {n: sharding.full(p) for n, p in self.dense.items()}
         return SparseIncrement(tensors, dense=dense, base_model=base_model, config=self.config.to_dict())
 
     def detach(self) -> None:
@@ -429,14 +442,6 @@ class SiftEngine:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _is_sharded(p: torch.Tensor) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
 
 
 def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> SiftEngine:
@@ -467,7 +472,9 @@ def _checked_slot_state(slot: _Slot, saved) -> dict:
     if not isinstance(saved.get("selecting"), bool):
         raise CheckpointError(f"{where}: selecting must be true or false")
     out = dict(saved)
-    for key, length in (("idx", slot.k), ("ever_idx", None)):
+    # A shard holds its own part of the k selected components: any count.
+    for key, length in (("idx", None if isinstance(slot.storage, sharding.ShardedInPlace) else slot.k),
+                        ("ever_idx", None)):
         idx = saved.get(key)
         if idx is None:
             continue

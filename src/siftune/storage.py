@@ -17,17 +17,24 @@ values in place, the increment's values (which start at 0) for a delta.
 So AdamW's weight decay acts on the weights in place and on the increment
 for a delta, as it acts on a LoRA adapter's weights.
 
-Why a transient dense ``delta`` per layer in the forward, rather than a
-sparse matmul: measured on this CPU (torch 2.13, 2-D ``(512, 2048)`` input,
-``(2048, 2048)`` weight, 1% and 5% selected), scattering the values into a
-dense zero matrix and one ``matmul`` took 3-6 ms where ``torch.sparse.mm``
-with a CSR matrix took 20-70 ms; the transient lives for one layer only, as
-QLoRA's per-layer dequantisation does. The gradient of the values is the
-dense weight gradient of that one layer, gathered at the selection and
-freed at once: the in-place path computes the same dense matrix in
-autograd.
+Kernels, chosen by measurement (``python bench/delta_kernels.py``: one
+2048 x 2048 layer, 512 tokens, fp32, 2 threads on this 2-core CPU, loaded by
+other work, so the figures are rough): at 1% and 5% density the forward
+product took 64/30 ms as a CSR matrix against 144/102 ms scattered into a
+dense transient, the input gradient 11/40 ms (CSR of ``delta^T``) against
+122/77 ms, and the values' gradient 11/27 ms (``sampled_addmm``, which never
+forms the dense weight gradient) against 96/69 ms. So on a CPU in fp32 the
+delta runs as sparse kernels, at 12 more bytes a component of index layout
+(columns, and the transposed layout). torch has no bf16 CSR kernels on a
+CPU, and cuSPARSE was not measured here (no GPU lent): there the delta is a
+dense transient, one layer at a time, as QLoRA dequantizes one layer at a
+time, and the values' gradient is gathered from that layer's dense weight
+gradient, the matrix the in-place path computes too. A selection always
+needs that dense gradient once.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -121,6 +128,7 @@ class Delta:
         self.indices: torch.Tensor | None = None  # None until the first selection
         self.base_dtype = _base_dtype(module)
         self._handle = None
+        self._structure, self._structure_of = None, None  # CSR layout of ``indices``, for the sparse kernels
 
     # -- selection ------------------------------------------------------------
     def select(self, idx: torch.Tensor) -> None:
@@ -136,7 +144,7 @@ class Delta:
             self.indices = merged[order]
             self.trainable.data = values  # same Parameter: the optimizer keeps its handle
 
-    def _positions(self, idx: torch.Tensor) -> torch.Tensor | None:
+    def positions(self, idx: torch.Tensor) -> torch.Tensor | None:
         """Rows of ``indices`` holding ``idx`` (a sorted subset); None when ``idx`` is all of them."""
         return None if idx.numel() == self.indices.numel() else torch.searchsorted(self.indices, idx)
 
@@ -144,11 +152,11 @@ class Delta:
         values = self.trainable.detach()
         if self.indices is None:
             return values.new_zeros(idx.numel())
-        pos = self._positions(idx)
+        pos = self.positions(idx)
         return values if pos is None else values[pos]
 
     def write(self, idx: torch.Tensor, values: torch.Tensor) -> None:
-        pos = self._positions(idx)
+        pos = self.positions(idx)
         if pos is None:
             self.trainable.detach().copy_(values)
         else:
@@ -178,10 +186,17 @@ class Delta:
         self.trainable.data = values.to(device).clone()
 
     # -- forward and backward ---------------------------------------------------
-    def attach(self, on_gradient) -> None:
-        """Add the delta to the layer's output; ``on_gradient(dense_grad)`` gets the weight's gradient."""
+    def attach(self, wants_dense, on_gradient) -> None:
+        """Add the delta to the layer's output; the engine gets the weight's gradient in backward.
+
+        ``wants_dense()`` says whether the engine needs the dense gradient
+        (it is selecting); ``on_gradient(dense, values)`` takes either the
+        dense gradient or the gradient at every index of :attr:`indices`.
+        """
+        callbacks = (wants_dense, on_gradient)
+
         def hook(module, args, output):
-            return output + _DeltaMatmul.apply(args[0], self.trainable, self, on_gradient)
+            return output + _DeltaMatmul.apply(args[0], self.trainable, self, callbacks)
 
         self._handle = self.module.register_forward_hook(hook)
 
@@ -201,35 +216,76 @@ class Delta:
             flat[self.indices] = self.trainable.detach().to(dtype)
         return flat.view(self.shape).t() if self.transposed else flat.view(out, inp)
 
+    def sparse_kernels(self, dtype: torch.dtype) -> bool:
+        """Whether this layer's delta products run as sparse kernels (CPU, fp32, nn.Linear layout)."""
+        return self.trainable.device.type == "cpu" and dtype == torch.float32 and not self.transposed
+
+    def csr(self, transposed: bool = False) -> torch.Tensor:
+        """The delta (or its transpose) as a CSR matrix over the current values."""
+        if self._structure_of is not self.indices:  # the layout changes with the indices only
+            out, inp = self.shape
+            rows, cols = (self.indices // inp).int(), (self.indices % inp).int()
+            order = torch.argsort(cols.long() * out + rows)
+            self._structure = (_crow(rows, out), cols, _crow(cols, inp), rows[order], order)
+            self._structure_of = self.indices
+        crow, cols, tcrow, trows, order = self._structure
+        values = self.trainable.detach()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta", "invariant checks disabled"
+            if transposed:
+                return torch.sparse_csr_tensor(tcrow, trows, values[order], self.shape[::-1])
+            return torch.sparse_csr_tensor(crow, cols, values, self.shape)
+
+
+def _crow(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """CSR row pointers of sorted row ids."""
+    counts = torch.bincount(rows, minlength=count)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+
 
 class _DeltaMatmul(torch.autograd.Function):
-    """``x @ delta^T``, whose backward hands the dense weight gradient to the engine.
+    """``x @ delta^T``, whose backward hands the weight's gradient to the engine, not to autograd.
 
-    The values' own gradient is not returned: the engine gathers it from the
-    dense gradient (and selects from it), so autograd never accumulates a
-    dense tensor for this layer.
+    While a selection is being made the engine gets the dense gradient of
+    the logical weight (one layer's transient); afterwards only the selected
+    entries, gathered from it or, with sparse kernels, computed directly
+    (``sampled_addmm``). So autograd never accumulates a dense tensor here.
     """
 
     @staticmethod
-    def forward(ctx, x, trainable, storage: Delta, on_gradient):
-        ctx.storage, ctx.on_gradient = storage, on_gradient
+    def forward(ctx, x, trainable, storage: Delta, callbacks):
+        ctx.storage, ctx.callbacks = storage, callbacks
         ctx.save_for_backward(x)
         ctx.has_values = storage.indices is not None
         if not ctx.has_values:  # nothing trained yet: the output is the base's alone
             out_features = storage.shape[1] if storage.transposed else storage.shape[0]
             return x.new_zeros(*x.shape[:-1], out_features)
+        if storage.sparse_kernels(x.dtype):
+            x2 = x.reshape(-1, x.shape[-1])
+            return (storage.csr() @ x2.t()).t().reshape(*x.shape[:-1], storage.shape[0])
         return x @ storage.dense(x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         storage = ctx.storage
-        grad_x = grad_out @ storage.dense(grad_out.dtype) if ctx.has_values and ctx.needs_input_grad[0] else None
+        wants_dense, on_gradient = ctx.callbacks
+        sparse = storage.sparse_kernels(grad_out.dtype)
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-        weight_grad = g2.t() @ x2  # (out, in): the gradient of the logical weight
-        if storage.transposed:
-            weight_grad = weight_grad.t()
-        ctx.on_gradient(weight_grad.contiguous())
+        grad_x = None
+        if ctx.has_values and ctx.needs_input_grad[0]:
+            if sparse:
+                grad_x = (storage.csr(transposed=True) @ g2.t()).t().reshape(x.shape)
+            else:
+                grad_x = grad_out @ storage.dense(grad_out.dtype)
+        if sparse and ctx.has_values and not wants_dense():
+            picked = torch.sparse.sampled_addmm(storage.csr(), g2.t().contiguous(), x2, beta=0.0).values()
+            on_gradient(None, picked)
+        else:
+            weight_grad = g2.t() @ x2  # (out, in): the gradient of the logical weight
+            if storage.transposed:
+                weight_grad = weight_grad.t()
+            on_gradient(weight_grad.contiguous(), None)
         return grad_x, None, None, None
 
 
