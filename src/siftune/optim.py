@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from . import distributed
+from . import distributed, sharding
 from .errors import CheckpointError, ConfigError, NonFiniteGradientError
 
 
@@ -124,7 +124,7 @@ class SiftAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self.engine.gradients()
-        norm = self._global_norm(grads)  # with update_in_backward: of the dense modules only
+        norm = sharding.global_norm(grads)  # with update_in_backward: of the dense modules only
         self.last_grad_norm = norm
         bad, self._nonfinite_in_backward = self._nonfinite_in_backward, []
         if not math.isfinite(norm) or bad:
@@ -150,13 +150,6 @@ class SiftAdamW(torch.optim.Optimizer):
         self.engine.finish_step()
         return loss
 
-    @staticmethod
-    def _global_norm(grads) -> float:
-        if not grads:
-            return 0.0
-        squares = torch.stack([g.float().pow(2).sum() for _, _, g in grads])
-        return float(squares.sum().sqrt())
-
     # -- updates -------------------------------------------------------------
     @torch.no_grad()
     def _update_in_backward(self, slot, idx) -> None:
@@ -173,8 +166,8 @@ class SiftAdamW(torch.optim.Optimizer):
         per_step = self.engine.config.mode == "per_step"
         low_precision = p.dtype != torch.float32 and self.engine.config.master_weights
         if per_step:
-            flat = p.detach().view(-1)
-            self._ensure_dense_state(state, p, low_precision)
+            flat = sharding.local(p).view(-1)  # a sharded weight: this rank's rows
+            self._ensure_dense_state(state, flat, low_precision)
         elif state.get("version") != slot.version:
             self._remap(state, p, slot, low_precision)
         # The buffer holds the gradient's own dtype; the update math is fp32.
@@ -198,18 +191,19 @@ class SiftAdamW(torch.optim.Optimizer):
     def _dense_update(self, p, grad, group, scale):
         state = self.state[p]
         low_precision = p.dtype != torch.float32 and self.engine.config.master_weights
+        p = sharding.local(p)  # a sharded parameter: state and update for this rank's part only
         if not state:
             state["steps"] = 0
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             if low_precision:
-                state["master"] = p.detach().float()
+                state["master"] = p.float()
         state["steps"] += 1
-        values = state["master"] if low_precision else p.detach()
+        values = state["master"] if low_precision else p
         g = grad.float() * scale if (scale != 1.0 or grad.dtype != values.dtype) else grad
         _adamw(values, g, state["exp_avg"], state["exp_avg_sq"], state["steps"], group)
         if low_precision:
-            p.detach().copy_(values)
+            p.copy_(values)
 
     def _state_dtype(self):
         return self.engine.config.torch_state_dtype
