@@ -183,9 +183,13 @@ def test_saved_increment_records_the_classification_task_and_label_names(run, tm
     assert metadata["task"] == "classification" and metadata["labels"] == ["LABEL_0", "LABEL_1"]
 
 
-def test_saved_model_card_shows_the_last_evaluation(run, tmp_path):
-    _, trainer, rows, _, _ = run
-    loss = trainer.evaluate(eval_dataset=rows[:16])["eval_loss"]
+def test_saved_model_card_shows_the_first_and_the_last_evaluation(tmp_path):
+    trainer = small_trainer(tmp_path)
+    rows = contains_token_dataset(16)
+    before = trainer.evaluate(eval_dataset=rows)["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate(eval_dataset=rows)["eval_loss"]
     trainer.save_model(str(tmp_path / "inc"))
     card = (tmp_path / "inc" / "README.md").read_text()
-    assert "| metric | eval at step 48 |" in card and f"| loss | {loss:.4g} |" in card
+    assert "| metric | eval at step 0 | eval at step 2 |" in card
+    assert f"| loss | {before:.4g} | {after:.4g} |" in card and "runtime" not in card

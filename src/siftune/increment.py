@@ -287,8 +287,9 @@ def _model_card(increment: SparseIncrement, directory: Path) -> str:
         ("density", (f"{_percent(density)} configured, " if isinstance(density, (int, float)) else "")
          + f"{_percent(facts['density'])} of the targeted weights' entries trained"),
         ("trained components", f"{increment.num_components:,}: {facts['selected_components']:,} of "
-                               f"{facts['targeted_components']:,} in {facts['targeted_tensors']} targeted tensors, "
-                               f"{facts['dense_components']:,} in {facts['dense_tensors']} densely trained tensors"),
+                               f"{facts['targeted_components']:,} in {facts['targeted_tensors']} targeted tensors"
+                               + (f", {facts['dense_components']:,} in {facts['dense_tensors']} densely trained "
+                                  "tensors" if increment.dense else "")),
         ("size", f"{_megabytes(increment.nbytes)} of tensors in {WEIGHTS_NAME}"),
     ]
     if "mode" in increment.config:

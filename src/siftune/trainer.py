@@ -20,7 +20,7 @@ from .errors import ConfigError
 # accelerate's parallelisms that shard or own the weights, which the engine's hooks must see whole.
 _SHARDING = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 # Evaluation figures that describe the run's speed, not the model.
-_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+_TIMING_SUFFIXES = ("_runtime", "_per_second", "_preparation_time")
 
 
 class SiftMixin:
@@ -74,6 +74,7 @@ class SiftMixin:
         config = getattr(self.model, "config", None)
         self.base_model = base_model or getattr(config, "_name_or_path", None) or None
         self.increment_metadata = {**_task_of(self.model), **(increment_metadata or {})}
+        self._evaluations: list[tuple[str, dict]] = []  # ("eval at step N", metrics) of each evaluate()
 
     def _check_compatible(self) -> None:
         """Refuse what would silently train something else than the SIFT increment."""
@@ -126,26 +127,30 @@ class SiftMixin:
         """The trained :class:`SparseIncrement`, with fp32 master values where kept.
 
         Its metadata holds ``increment_metadata``, the task and, once the
-        trainer has evaluated, the last evaluation's metrics.
+        trainer has evaluated, the metrics of the first and the last evaluation.
         """
         # After train(), accelerate has wrapped our optimizer; its master copies live inside.
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         values = optimizer.master_values() if optimizer is not None else None
         increment = self.sift.increment(base_model=self.base_model, values=values)
         increment.metadata.update(self.increment_metadata)
-        evaluation = self._last_evaluation()
-        if evaluation:
-            increment.metadata["metrics"] = evaluation
+        if self._evaluations:
+            # The first shows where training started from (the base, if evaluated before train()), the last where
+            # it got; the same step twice keeps the later.
+            increment.metadata["metrics"] = dict([self._evaluations[0], self._evaluations[-1]])
         return increment
 
-    def _last_evaluation(self) -> dict:
-        """``{"eval at step N": {metric: value}}`` from the newest evaluation logged, or ``{}``."""
-        for entry in reversed(self.state.log_history):
-            metrics = {key[len("eval_"):]: value for key, value in entry.items()
-                       if key.startswith("eval_") and not key.endswith(_TIMING_SUFFIXES)}
-            if metrics:
-                return {f"eval at step {entry.get('step', self.state.global_step)}": metrics}
-        return {}
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                   metric_key_prefix=metric_key_prefix)
+        # Kept here, not read from state.log_history, which train() empties: an evaluation of
+        # the base model before training belongs in the model card.
+        lead = f"{metric_key_prefix}_"
+        kept = {key[len(lead):]: value for key, value in metrics.items()
+                if key.startswith(lead) and not key.endswith(_TIMING_SUFFIXES)}
+        if kept:
+            self._evaluations.append((f"eval at step {self.state.global_step}", kept))
+        return metrics
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         output_dir = output_dir or self.args.output_dir
