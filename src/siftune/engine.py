@@ -112,7 +112,7 @@ class SiftEngine:
         self._handles = []
         for slot in self.slots:
             if isinstance(slot.storage, storage.Delta):
-                slot.storage.attach(self._delta_gradient_for(slot))
+                slot.storage.attach(lambda slot=slot: slot.selecting, self._delta_gradient_for(slot))
             elif config.mode != "per_step":
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
 
@@ -126,17 +126,21 @@ class SiftEngine:
         return hook
 
     def _delta_gradient_for(self, slot: _Slot):
-        def on_gradient(grad: torch.Tensor) -> None:
-            if not self._take_gradient(slot, grad):
+        def on_gradient(grad: torch.Tensor | None, at_indices: torch.Tensor | None) -> None:
+            if at_indices is not None:  # the gradient at every index the delta holds
+                pos = slot.storage.positions(slot.flat())
+                self._take_gradient(slot, None, at_indices if pos is None else at_indices[pos])
+            elif not self._take_gradient(slot, grad):
                 slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
 
         return on_gradient
 
-    def _take_gradient(self, slot: _Slot, grad: torch.Tensor) -> bool:
+    def _take_gradient(self, slot: _Slot, grad: torch.Tensor | None, picked: torch.Tensor | None = None) -> bool:
         """One micro-batch's dense gradient of a targeted weight: select from it or keep its selected entries.
 
-        Returns False when the gradient is still needed whole (a selection
-        window that is not complete yet).
+        ``picked``, given instead of ``grad`` once the selection is made, is
+        the gradient at the selected entries already. Returns False when the
+        gradient is still needed whole (a selection window not complete yet).
         """
         if slot.selecting:
             slot.seen += 1
@@ -148,7 +152,8 @@ class SiftEngine:
             slot.grad = grad.reshape(-1)[idx]
         else:
             idx = slot.flat()
-            picked = grad.reshape(-1)[idx]
+            if picked is None:
+                picked = grad.reshape(-1)[idx]
             slot.grad = picked if slot.grad is None else slot.grad.add_(picked)
         if self.apply_in_backward is not None:
             if slot.applied:
