@@ -154,6 +154,18 @@ def test_an_optimizer_passed_to_the_trainer_is_a_config_error(tmp_path):
         small_trainer(tmp_path, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
 
 
+def test_model_init_is_a_config_error(tmp_path):
+    from transformers import TrainingArguments
+
+    from siftune import ConfigError
+    from siftune.trainer import Trainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="model_init"):
+        Trainer(model_init=lambda: tiny_bert_classifier(), args=args, train_dataset=contains_token_dataset(8),
+                sift_config=SiftConfig(density=0.05, target_modules=TARGETS))
+
+
 def test_an_optim_other_than_adamw_is_a_config_error(tmp_path):
     from siftune import ConfigError
 

@@ -83,6 +83,9 @@ class SiftMixin:
         if kind in _SHARDING:
             raise ConfigError(f"{name} runs under plain data parallelism (DDP) only, not {kind}; "
                               "see docs/distributed.md")
+        if self.model_init is not None:
+            raise ConfigError(f"{name} cannot take model_init: train() would build a new model, without SIFT "
+                              "attached; pass model=... instead")
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel):
