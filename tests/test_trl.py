@@ -131,6 +131,19 @@ def test_sft_trainer_saves_an_increment_that_rebuilds_the_trained_model(runs, tm
         torch.testing.assert_close(rebuilt[name], value, rtol=0, atol=1e-7, msg=name)
 
 
+def test_sft_trainer_given_a_model_path_trains_the_model_it_loads(sft_class, tiny_llama_dir, tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    trainer = sft_class(model=tiny_llama_dir, args=sft_args(tmp_path, max_steps=2), train_dataset=chats(),
+                        processing_class=tokenizer, sift_config=SIFT_CONFIG)
+    before = trainer.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    trainer.train()
+    assert trainer.sift.model is trainer.model and trainer.increment().base_model == tiny_llama_dir
+    assert not torch.equal(trainer.model.model.layers[0].mlp.up_proj.weight, before)
+
+
 def test_peft_config_is_refused_before_the_model_is_wrapped(sft_class, tmp_path):
     from peft import LoraConfig
 
