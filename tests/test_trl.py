@@ -52,14 +52,20 @@ def sft_class():
     return SiftSFTTrainer
 
 
-def tiny_chat_llama():
-    """(model, tokenizer): a seeded random tiny Llama and the character tokenizer with a chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def chat_tokenizer():
+    """The tiny character tokenizer with a chat template."""
     from conftest import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_chat_llama():
+    """(model, tokenizer): a seeded random tiny Llama and :func:`chat_tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = chat_tokenizer()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -132,12 +138,8 @@ def test_sft_trainer_saves_an_increment_that_rebuilds_the_trained_model(runs, tm
 
 
 def test_sft_trainer_given_a_model_path_trains_the_model_it_loads(sft_class, tiny_llama_dir, tmp_path):
-    from conftest import make_tiny_tokenizer
-
-    tokenizer = make_tiny_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
     trainer = sft_class(model=tiny_llama_dir, args=sft_args(tmp_path, max_steps=2), train_dataset=chats(),
-                        processing_class=tokenizer, sift_config=SIFT_CONFIG)
+                        processing_class=chat_tokenizer(), sift_config=SIFT_CONFIG)
     before = trainer.model.model.layers[0].mlp.up_proj.weight.detach().clone()
     trainer.train()
     assert trainer.sift.model is trainer.model and trainer.increment().base_model == tiny_llama_dir
