@@ -125,7 +125,17 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): _yaml_number(v) for k, v in data.items()}
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def _yaml_number(value):
+    """``2e-4`` as the number users mean: YAML 1.1 (PyYAML) reads a float without a dot as text."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

@@ -87,8 +87,9 @@ class SiftConfig:
             increment, as on a LoRA adapter. Linear-like targets only; modes
             ``"fixed"`` and ``"periodic"``. Default ``"in_place"``.
         delta_dtype: dtype of the trained values with ``storage="delta"``:
-            ``"float32"`` (default) or ``"bfloat16"`` (2 bytes less a
-            component; with ``master_weights`` the optimizer keeps fp32 copies).
+            ``"float32"`` or ``"bfloat16"`` (2 bytes less a component; with
+            ``master_weights`` the optimizer keeps fp32 copies). Default
+            ``"float32"``.
     """
 
     density: float = 0.01

@@ -141,8 +141,13 @@ def resolve_model(name_or_path: str) -> str:
         ) from exc
 
 
-def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=None):
+def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=None, quantize=None, device=None):
     """Load a model and its tokenizer for a task, offline, as ``(model, tokenizer)``.
+
+    ``quantize`` ("nf4", "fp4" or "int8", see :mod:`siftune.quantize`) loads the
+    Linear layers quantized by bitsandbytes, computing in ``dtype``, onto
+    ``device`` (default: the CPU); the output layer and a classification head
+    stay in ``dtype``.
 
     'classification' gives an AutoModelForSequenceClassification with
     ``num_labels`` outputs (``labels``, if given, names them and sets the
@@ -163,6 +168,11 @@ def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=
         if num_labels is None or num_labels < 2:
             raise ConfigError(f"classification needs at least 2 labels, got {num_labels}")
         head_kwargs["num_labels"] = num_labels
+    if quantize is not None:
+        from .quantize import quantization_config
+
+        head_kwargs["quantization_config"] = quantization_config(quantize, compute_dtype=dtype)
+        head_kwargs["device_map"] = str(device or "cpu")  # bitsandbytes quantizes as it places the weights
     folder = resolve_model(name_or_path)
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -175,6 +185,11 @@ def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load {folder} as a {task} model: {exc}") from exc
+    if quantize is not None:
+        from .quantize import keep_training_layout
+
+        for module in model.modules():
+            keep_training_layout(module)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"the tokenizer in {folder} has neither a pad nor an eos token")

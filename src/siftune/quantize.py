@@ -37,6 +37,27 @@ def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32):
                               llm_int8_skip_modules=KEEP_FULL_PRECISION)
 
 
+def keep_training_layout(module: torch.nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit layer on its trainable CPU path.
+
+    In eval mode without gradients, bitsandbytes (0.50) repacks a 4-bit
+    weight for a bf16 CPU kernel (``gemv_4bit``) that has no backward: once
+    repacked, gradients through the layer are silently wrong, and the layer
+    computes in bf16 instead of its compute dtype. An evaluation before
+    training would do that, so targeted and loaded layers are kept off that
+    kernel, and a weight already repacked is unpacked again, as bitsandbytes
+    does itself before saving.
+    """
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes import functional
+
+        weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     """The float weight a (possibly quantized) Linear layer computes with, as a new tensor."""
     weight = module.weight
@@ -44,12 +65,8 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     if kind == "Params4bit":
         from bitsandbytes import functional
 
-        data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks a weight for its bf16 CPU kernel at the first forward in
-            # eval mode without gradients; its inverse gives back the packing dequantize reads.
-            data, state = functional._convert_weight_packed_for_cpu_inverse(data, state)
-        return functional.dequantize_4bit(data, state)
+        keep_training_layout(module)
+        return functional.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "Int8Params":
         scale = getattr(weight, "SCB", None)
         if scale is None:

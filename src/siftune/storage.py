@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .quantize import keep_training_layout
 from .select import count_selected, index_dtype
 
 def quantized_kind(weight: torch.Tensor) -> str | None:
@@ -119,6 +120,7 @@ class Delta:
         if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
             raise ConfigError(f"storage='delta' works on Linear-like layers; {name} is a {type(module).__name__}: "
                               "leave it out of target_modules or use storage='in_place'")
+        keep_training_layout(module)
         self.module = module
         self.transposed = type(module).__name__ == "Conv1D"
         self.shape = weight_shape(module)

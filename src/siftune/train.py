@@ -23,6 +23,7 @@ from . import checkpoint, distributed, tracking
 from .config import SiftConfig
 from .engine import attach
 from .errors import CheckpointError, ConfigError
+from .quantize import QUANTIZATIONS
 from .io import atomic_write, atomic_write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,10 +116,15 @@ class TrainArgs:
             output_dir/tensorboard (``pip install siftune[tensorboard]``);
             ``"none"`` logs to metrics.json only. Default ``"none"``.
 
+        quantize: load the model's Linear layers quantized by bitsandbytes,
+            ``"nf4"``, ``"fp4"`` or ``"int8"`` (``pip install siftune[quant]``), and
+            train the increment beside them (``storage`` becomes ``"delta"``);
+            they compute in ``dtype``. Default ``None``: not quantized.
+
     The SIFT fields ``density``, ``mode``, ``selection_batches``,
     ``refresh_every``, ``state_dtype``, ``selection``, ``master_weights``,
-    ``update_in_backward`` and ``compact_indices`` are :class:`SiftConfig`'s,
-    documented there.
+    ``update_in_backward``, ``compact_indices``, ``storage`` and
+    ``delta_dtype`` are :class:`SiftConfig`'s, documented there.
     """
 
     model: str = "minilm"
@@ -135,6 +141,9 @@ class TrainArgs:
     master_weights: bool = True
     update_in_backward: bool = False
     compact_indices: bool = False
+    storage: str = "in_place"
+    delta_dtype: str = "float32"
+    quantize: str | None = None
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
     lr: float = 1e-3
@@ -212,6 +221,8 @@ class TrainArgs:
                     re.compile(pattern)
                 except re.error as exc:
                     fail(name, f"is not a valid regular expression ({exc})")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            fail("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
         if self.update_in_backward is True and self.grad_accum != 1:
             fail("update_in_backward", "applies the update at every backward, so it needs grad_accum 1")
         try:
@@ -226,7 +237,8 @@ class TrainArgs:
             density=self.density, mode=self.mode, selection_batches=self.selection_batches,
             refresh_every=self.refresh_every, state_dtype=self.state_dtype, selection=self.selection,
             master_weights=self.master_weights, update_in_backward=self.update_in_backward,
-            compact_indices=self.compact_indices,
+            compact_indices=self.compact_indices, storage="delta" if self.quantize else self.storage,
+            delta_dtype=self.delta_dtype,
             target_modules=self.target_modules, dense_modules=dense_modules or self.dense_modules or (),
             max_grad_norm=self.max_grad_norm or None, seed=self.seed,
         )
@@ -289,9 +301,10 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     else:
         train_set, eval_set = examples, data.load_examples(args.eval_dataset, args.task, **columns)
     labels = data.label_names(train_set) if args.task == "classification" else None
-    model, tokenizer = models.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
-                                         dtype=DTYPES[args.dtype], labels=labels)
     device = _device(args.device)
+    model, tokenizer = models.load_model(args.model, args.task, num_labels=len(labels) if labels else None,
+                                         dtype=DTYPES[args.dtype], labels=labels, quantize=args.quantize,
+                                         device=device)
     model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -364,6 +377,8 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     increment = engine.increment(base_model=args.model, values=optimizer.master_values())
     increment.metadata.update(task=args.task, labels=labels, dataset=args.dataset,
                               metrics=_json_safe({"before": before, "after": after}))  # for the model card
+    if args.quantize:
+        increment.metadata["quantize"] = args.quantize  # merge quantizes the base the same way
     metrics = {
         "before": before, "after": after, "steps": steps, "train_s": round(train_s, 2),
         "step_s": round(train_s / steps, 4), "trainable": engine.num_trainable,

@@ -11,6 +11,8 @@ trainer; :class:`Trainer` is the plain case::
 """
 from __future__ import annotations
 
+import contextlib
+
 import transformers
 
 from .config import SiftConfig
@@ -59,7 +61,9 @@ class SiftMixin:
         if kwargs.get("peft_config") is not None:
             raise ConfigError("SIFT trains a sparse increment of the model's own weights; drop peft_config "
                               "(SIFT and a PEFT adapter do not combine)")
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        with _quantized_base_allowed(model, sift_config):
+            super().__init__(*args, **kwargs)
         self._check_compatible()
         self.sift = attach(self.model, sift_config)
         # accelerate wraps the model in DistributedDataParallel after this. The engine's
@@ -178,3 +182,24 @@ def _task_of(model) -> dict:
         id2label = model.config.id2label
         return {"task": "classification", "labels": [id2label[i] for i in sorted(id2label)]}
     return {}
+
+
+@contextlib.contextmanager
+def _quantized_base_allowed(model, sift_config: SiftConfig):
+    """Let transformers' Trainer take a quantized model that SIFT trains a delta beside.
+
+    The Trainer refuses a quantized model unless adapters are loaded into it
+    (it checks ``_hf_peft_config_loaded``, set by transformers' PEFT
+    integration); the delta SIFT attaches right after is such an adapter.
+    """
+    if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False):
+        yield
+        return
+    if sift_config.storage != "delta":
+        raise ConfigError("the model is quantized: SIFT cannot write updates into its weights; pass "
+                          "SiftConfig(storage='delta', ...) to train the increment beside them")
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        del model._hf_peft_config_loaded
