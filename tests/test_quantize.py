@@ -118,3 +118,18 @@ def test_a_model_the_user_quantized_trains_through_the_python_api(tmp_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_the_benchmark_matches_sift_on_nf4_to_qlora_r8s_count(tiny_llama_dir):
+    from siftune.bench_methods import MethodRun, lora_count, prepare
+
+    counts = {}
+    for method in ("qlora", "sift-nf4"):
+        model, _ = load_model(tiny_llama_dir, "causal_lm", quantize="nf4")
+        setting = 8 if method == "qlora" else "matched"
+        prepared = prepare(model, MethodRun(method, "causal_lm", setting, lr=1e-3, dense_lr=1e-3, seed=0))
+        counts[method] = prepared.trainable
+    model, _ = load_model(tiny_llama_dir, "causal_lm")
+    expected = lora_count(model, "causal_lm", 8)  # from the unquantized shapes
+    assert counts["qlora"] == expected
+    assert abs(counts["sift-nf4"] - expected) <= 14  # one rounding per targeted tensor

@@ -11,6 +11,9 @@ Method names: ``head`` (only the new classification head), ``full`` (AdamW on
 every weight), ``lora`` and ``shira`` (peft, setting = rank), ``random``
 (SIFT's engine with uniformly random components, the paper's ablation) and
 ``sift-fixed`` / ``sift-periodic`` / ``sift-per_step`` (setting = density).
+On a base whose Linear layers are loaded in nf4 (:data:`QUANTIZED`):
+``qlora`` (peft LoRA, setting = rank) and ``sift-nf4`` (SIFT fixed mode with
+``storage="delta"``, setting = density).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .select import find_targets
+from .storage import weight_shape
 
 # The weights every sparse and low-rank method adapts, per task: all encoder
 # Linear layers of BERT-style classifiers, all attention and MLP projections
@@ -32,9 +36,10 @@ TARGETS = {
 }
 HEADS = {"classification": ["classifier"], "causal_lm": []}  # trained densely where one exists
 
-SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step"}
-RANKED = ("lora", "shira")
+SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step", "sift-nf4": "fixed"}
+RANKED = ("lora", "shira", "qlora")
 DENSITY_METHODS = ("random", *SIFT_MODES)
+QUANTIZED = {"qlora": "nf4", "sift-nf4": "nf4"}  # method -> how its base model's Linear layers are loaded
 METHODS = ("base", "head", "full", *RANKED, *DENSITY_METHODS)
 MATCHED_RANK = 8  # "matched" density = LoRA at this rank's count / targeted components
 LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 r: the usual scale alpha / r = 2
@@ -88,20 +93,20 @@ class ClippedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def targeted_weights(model: nn.Module, task: str) -> dict[str, nn.Parameter]:
-    """The weights the sparse and low-rank methods adapt on ``model``."""
-    return find_targets(model, TARGETS[task])[0]
+def targeted_shapes(model: nn.Module, task: str) -> list[tuple[int, int]]:
+    """The (logical) weight shapes the sparse and low-rank methods adapt on ``model``, quantized or not."""
+    return [weight_shape(model.get_submodule(name.rpartition(".")[0])) for name in find_targets(model, TARGETS[task])[0]]
 
 
 def lora_count(model: nn.Module, task: str, rank: int) -> int:
     """Trainable components of LoRA at ``rank`` on the targets: r * (in + out) per weight."""
-    return sum(rank * (w.shape[0] + w.shape[1]) for w in targeted_weights(model, task).values())
+    return sum(rank * (rows + cols) for rows, cols in targeted_shapes(model, task))
 
 
 def resolve_density(model: nn.Module, task: str, setting) -> float:
     """A density setting as a number; "matched" gives LoRA r=MATCHED_RANK's count / targeted numel."""
     if setting == "matched":
-        total = sum(w.numel() for w in targeted_weights(model, task).values())
+        total = sum(rows * cols for rows, cols in targeted_shapes(model, task))
         return lora_count(model, task, MATCHED_RANK) / total
     return float(setting)
 
@@ -196,12 +201,12 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
         mode=SIFT_MODES.get(run.method, "fixed"), refresh_every=PERIODIC_REFRESH,
         selection="random" if run.method == "random" else "gradient", max_grad_norm=run.max_grad_norm,
-        seed=run.seed,
+        seed=run.seed, storage="delta" if run.method in QUANTIZED else "in_place",
     )
     engine = attach(model, config)
     optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)
     selected = sum(s.k for s in engine.slots)
-    targeted = sum(s.param.numel() for s in engine.slots)
+    targeted = sum(s.numel for s in engine.slots)
 
     def saved_bytes() -> int:
         return engine.increment(values=optimizer.master_values()).nbytes
@@ -211,7 +216,7 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
 
 
 PREPARE = {"base": prepare_base, "head": prepare_head, "full": prepare_full, "lora": prepare_lora,
-           "shira": prepare_shira, **{name: prepare_sift for name in DENSITY_METHODS}}
+           "qlora": prepare_lora, "shira": prepare_shira, **{name: prepare_sift for name in DENSITY_METHODS}}
 
 
 def prepare(model: nn.Module, run: MethodRun) -> Prepared:
