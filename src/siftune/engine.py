@@ -83,6 +83,7 @@ class SiftEngine:
         config.validate()
         self.model = model
         self.config = config
+        sharding.reshard(model)  # an FSDP2 model must show its sharded parameters, even after a forward
         targeted, dense = find_targets(model, config.target_modules, config.dense_modules)
         for name, p in targeted.items():
             if config.storage == "in_place" and not p.is_contiguous():

@@ -29,6 +29,7 @@ No weight or dense gradient is gathered beyond what FSDP2 does itself.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, WriteError
 from .select import index_dtype, random_indices
 from .storage import InPlace
 
@@ -67,6 +68,20 @@ def full(t: torch.Tensor) -> torch.Tensor:
         with distributed.collective_errors():
             return t.detach().full_tensor().cpu()
     return t.detach().cpu().clone()
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2-sharded module of ``model`` back to its sharded parameters.
+
+    FSDP2 leaves the root's parameters gathered after a forward (it expects
+    the backward next), so after an evaluation the model holds whole
+    tensors in their place; SIFT must find the sharded parameters it trains.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class ShardedInPlace(InPlace):
@@ -97,6 +112,10 @@ class ShardedInPlace(InPlace):
         rows = self.full_shape[0]
         per_rank = -(-rows // self.world)
         self.offset = min(self.rank * per_rank, rows) * (self.full_numel // rows if rows else 0)
+
+    def attached_to(self, model: torch.nn.Module, name: str) -> bool:
+        reshard(model)  # a forward since attach may have left the whole tensor in the parameter's place
+        return super().attached_to(model, name)
 
     def _flat(self) -> torch.Tensor:
         # Looked up each time: FSDP2 may re-point the local tensor (lazy init after model.to()).
@@ -201,6 +220,24 @@ def _all_gather_varying(t: torch.Tensor, store: ShardedInPlace) -> list[torch.Te
     return [part[:int(c)].cpu() for part, c in zip(parts, counts)]
 
 
+@contextlib.contextmanager
+def fsdp_collective_errors():
+    """Turn a failure of FSDP2's own collectives into :class:`DistributedError`, as the engine's are.
+
+    FSDP2 all-gathers and reduce-scatters inside the forward and backward,
+    where the engine cannot wrap them; torch reports a lost or stuck peer
+    there as a plain RuntimeError from its gloo transport, or as
+    DistBackendError from NCCL. Every other error passes unchanged.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (isinstance(exc, dist.DistBackendError) or "gloo" in str(exc)):
+            raise
+        with distributed.collective_errors():
+            raise
+
+
 def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
     """``fully_shard`` each transformer block of ``model``, then the model itself, as torchtune and torchtitan do.
 
@@ -270,8 +307,12 @@ class ShardedCheckpoints:
         skeleton = _without_tensors({**state, "world_size": distributed.world_size()}, tensors)
         mine = {f"rank{distributed.rank()}/{i}": t for i, t in enumerate(tensors)}
         mine[f"rank{distributed.rank()}/skeleton"] = _as_bytes_tensor(skeleton)
-        with distributed.collective_errors():
-            dcp.save(mine, storage_writer=dcp.FileSystemWriter(temporary))  # returns when every part is written
+        try:
+            with distributed.collective_errors():
+                dcp.save(mine, storage_writer=dcp.FileSystemWriter(temporary))  # returns when every part is written
+        except dcp.api.CheckpointException as exc:  # a BaseException: DCP gathers every rank's failure into it
+            raise WriteError(f"cannot write checkpoint {final}: {str(exc).strip().splitlines()[0]}; free some "
+                             "disk space or choose a writable folder") from None
         if distributed.is_main_process():
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
@@ -310,13 +351,12 @@ class ShardedCheckpoints:
         return None
 
     def clear(self) -> None:
-        """Delete every checkpoint of the folder (rank 0 deletes; every rank waits for it)."""
+        """Delete every checkpoint of the folder (on rank 0; the others' next save waits for it)."""
         if distributed.is_main_process():
             for step in self.steps():
                 shutil.rmtree(self.path(step), ignore_errors=True)
             for partial in self.folder.glob(".checkpoint-*.partial") if self.folder.is_dir() else ():
                 shutil.rmtree(partial, ignore_errors=True)
-        _barrier()
 
 
 def _attempt(read, *args):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, distributed, tracking
+from . import checkpoint, distributed, sharding, tracking
 from .config import SiftConfig
 from .engine import attach
 from .errors import CheckpointError, ConfigError
@@ -115,6 +115,12 @@ class TrainArgs:
             norm, skipped steps and held-out metrics by optimizer step to
             output_dir/tensorboard (``pip install siftune[tensorboard]``);
             ``"none"`` logs to metrics.json only. Default ``"none"``.
+        fsdp: shard the model with FSDP2's ``fully_shard`` (each transformer
+            block, then the whole model) so that each process holds 1/N of the
+            weights, gradients and SIFT state; start with torchrun. Every
+            process evaluates the whole held-out set; checkpoints are folders
+            of per-process files and resume on the same number of processes.
+            Default ``False``.
 
         quantize: load the model's Linear layers quantized by bitsandbytes,
             ``"nf4"``, ``"fp4"`` or ``"int8"`` (``pip install siftune[quant]``), and
@@ -170,6 +176,7 @@ class TrainArgs:
     nonfinite: str = "skip"
     device: str = "auto"
     report_to: str = "none"
+    fsdp: bool = False
 
     def validate(self, sources: dict[str, str] | None = None) -> None:
         """ConfigError naming the field for every value no run could use.
@@ -278,6 +285,12 @@ def _describe(hint) -> str:
 
 def run(args: TrainArgs, progress: bool = True) -> dict:
     """Train a SIFT increment as ``args`` says; returns the metrics it also writes."""
+    # A process lost inside FSDP2's collectives (in a forward or backward) ends the run as DistributedError.
+    with sharding.fsdp_collective_errors():
+        return _run(args, progress)
+
+
+def _run(args: TrainArgs, progress: bool) -> dict:
     from . import data, models
 
     args.validate()
@@ -287,7 +300,7 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
                           "processes: each takes an equal slice of every batch")
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    checkpoints = checkpoint.Checkpoints(out / CHECKPOINT_DIR)
+    checkpoints = (sharding.ShardedCheckpoints if args.fsdp else checkpoint.Checkpoints)(out / CHECKPOINT_DIR)
     resumed = checkpoints.load_latest() if args.resume else None  # before the slow loading: fail fast
     if resumed is not None:
         _check_resumable(resumed, args)
@@ -308,13 +321,15 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fsdp:
+        sharding.shard_model(model)  # before attach: SIFT trains the shards
     batches = _BatchMaker(args, tokenizer, labels, device)
     _print(f"siftune train: {args.model} on {args.dataset} ({len(train_set)} train / {len(eval_set)} held out)")
 
     if resumed is None:
         if distributed.is_main_process():
             checkpoints.clear()  # a fresh run must never later resume from an older run's checkpoints
-        before = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
+        before = evaluate(model, batches.eval(eval_set), args.task, split=not args.fsdp) if eval_set else {}
     else:
         before = resumed["progress"]["before"]
         _print(f"resuming from {resumed['path']} (step {resumed['step']})")
@@ -356,7 +371,9 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
             # With update_in_backward the optimizer sees only the dense modules' gradient: no global norm.
             grad_norm = None if args.update_in_backward else optimizer.last_grad_norm
             board.train_step(step + 1, losses[-1], learning_rate, grad_norm, optimizer.skipped_steps)
-        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and distributed.is_main_process():
+        # A sharded checkpoint takes every process's part; otherwise rank 0 holds it all.
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and (
+                args.fsdp or distributed.is_main_process()):
             checkpoints.save(checkpoint.capture(step + 1, engine, optimizer, scheduler, {
                 "micro_batches": (step + 1) * args.grad_accum, "losses": losses, "before": before,
                 "train_s": earlier_s + time.perf_counter() - started, "settings": _resume_settings(args)}))
@@ -368,7 +385,7 @@ def run(args: TrainArgs, progress: bool = True) -> dict:
     train_s = earlier_s + time.perf_counter() - started
     model.eval()
 
-    after = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
+    after = evaluate(model, batches.eval(eval_set), args.task, split=not args.fsdp) if eval_set else {}
     _report("after", after)
     if board is not None:
         board.held_out(steps, after)
@@ -438,8 +455,13 @@ class _BatchMaker:
         return ({k: v.to(self.device) for k, v in batch.items()} for batch in made)
 
     def eval(self, examples):
-        """This process's share of the held-out examples (all of them in a single process)."""
-        return self._make(distributed.shard_examples(examples), self.args.eval_batch_size, shuffle=False, seed=0)
+        """This process's share of the held-out examples (all of them in a single process).
+
+        With fsdp every process takes them all: each forward of a sharded
+        model needs every process, so they must run the same batches.
+        """
+        share = examples if self.args.fsdp else distributed.shard_examples(examples)
+        return self._make(share, self.args.eval_batch_size, shuffle=False, seed=0)
 
     def train_forever(self, examples, skip: int = 0):
         """Micro-batches epoch after epoch, each shuffled by seed + epoch, after the first ``skip`` of them."""
@@ -452,10 +474,11 @@ class _BatchMaker:
 
 
 @torch.no_grad()
-def evaluate(model, batches, task: str) -> dict:
+def evaluate(model, batches, task: str, split: bool = True) -> dict:
     """Held-out accuracy (classification) or response-token loss and perplexity (causal LM).
 
-    Under several processes each evaluates its share of the examples and the counts are summed.
+    Under several processes each evaluates its share of the examples and the
+    counts are summed (``split``), or each evaluates them all.
     """
     was_training = model.training
     model.eval()
@@ -473,7 +496,8 @@ def evaluate(model, batches, task: str) -> dict:
                 logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"))
             tokens += int((target != -100).sum())
     model.train(was_training)
-    correct, total, loss_sum, tokens = distributed.sum_across_ranks([correct, total, loss_sum, tokens])
+    if split:
+        correct, total, loss_sum, tokens = distributed.sum_across_ranks([correct, total, loss_sum, tokens])
     if task == "classification":
         return {"accuracy": correct / max(total, 1), "examples": int(total)}
     loss = loss_sum / max(tokens, 1)
