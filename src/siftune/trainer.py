@@ -84,6 +84,11 @@ class SiftMixin:
         """Refuse what would silently train something else than the SIFT increment."""
         name = type(self).__name__
         kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if kind == "FSDP" or self.args.fsdp or self.is_fsdp_enabled:
+            # accelerate shards the model after SIFT attached to it, replacing the weights it trains.
+            raise ConfigError(f"{name} does not run under accelerate's FSDP plugin; to train a sharded model use "
+                              "`torchrun ... -m siftune.cli train --fsdp` or your own loop (fully_shard, then "
+                              "siftune.attach), see docs/distributed.md")
         if kind in _SHARDING:
             raise ConfigError(f"{name} runs under plain data parallelism (DDP) only, not {kind}; "
                               "see docs/distributed.md")
