@@ -133,3 +133,67 @@ def test_the_benchmark_matches_sift_on_nf4_to_qlora_r8s_count(tiny_llama_dir):
     expected = lora_count(model, "causal_lm", 8)  # from the unquantized shapes
     assert counts["qlora"] == expected
     assert abs(counts["sift-nf4"] - expected) <= 14  # one rounding per targeted tensor
+
+
+def _train_nf4_increment(model_dir, seed: int):
+    model, _ = load_model(model_dir, "causal_lm", quantize="nf4")
+    model.train()
+    engine = siftune.attach(model, density=0.05, storage="delta")
+    optimizer = engine.optimizer(lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        ids = torch.randint(0, 50, (2, 8), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    increment = engine.increment(base_model=str(model_dir))
+    increment.metadata.update(task="causal_lm", quantize="nf4")
+    engine.detach()
+    return model, increment
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_two_increments_swap_on_one_quantized_model_without_reloading_it(tiny_llama_dir):
+    trained_a, first = _train_nf4_increment(tiny_llama_dir, seed=1)
+    _, second = _train_nf4_increment(tiny_llama_dir, seed=2)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    first.apply(trained_a)  # trained_a no longer carries its delta (detached): this puts it back
+    with_first = _logits(trained_a, ids)
+    first.remove(trained_a)
+    bare = _logits(trained_a, ids)
+    second.apply(trained_a)
+    with_second = _logits(trained_a, ids)
+    second.remove(trained_a)
+    first.apply(trained_a)
+    torch.testing.assert_close(_logits(trained_a, ids), with_first)
+    first.remove(trained_a)
+    torch.testing.assert_close(_logits(trained_a, ids), bare)
+    assert not torch.allclose(with_first, with_second) and not torch.allclose(with_first, bare)
+    assert type(trained_a.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"  # never rewritten
+
+
+def test_an_applied_increment_on_a_quantized_model_gives_the_trained_model(tiny_llama_dir):
+    model, increment = _train_nf4_increment(tiny_llama_dir, seed=1)
+    fresh, _ = load_model(tiny_llama_dir, "causal_lm", quantize="nf4")
+    fresh.train()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(4))
+    increment.apply(model)
+    increment.apply(fresh)
+    torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids))
+
+
+def test_merge_of_a_quantized_run_writes_the_dequantized_base_plus_the_delta(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, increment = _train_nf4_increment(tiny_llama_dir, seed=1)
+    increment.apply(model)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(5))
+    merged_dir = increment.merge(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert getattr(merged.config, "quantization_config", None) is None
+    torch.testing.assert_close(_logits(merged.train(), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)

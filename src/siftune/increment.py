@@ -28,7 +28,9 @@ from torch import nn
 
 from .errors import IncrementError
 from .io import atomic_write_bytes, atomic_write_dir, atomic_write_text
+from .quantize import dequantized_weight
 from .select import index_dtype
+from .storage import add_to_output, quantized_kind, weight_shape
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
@@ -117,8 +119,9 @@ class SparseIncrement:
             if p is None:
                 raise IncrementError(f"tensor {name} of the increment is not in the model; is this the right base model "
                                      f"({self.base_model})?")
-            if tuple(p.shape) != tuple(t.shape):
-                raise IncrementError(f"tensor {name} has shape {tuple(p.shape)} in the model but {tuple(t.shape)} in the "
+            shape = tuple(p.shape) if quantized_kind(p) is None else weight_shape(_owner(model, name))
+            if shape != tuple(t.shape):
+                raise IncrementError(f"tensor {name} has shape {shape} in the model but {tuple(t.shape)} in the "
                                      f"increment; load the base model it was trained on ({self.base_model})")
         for name, value in self.dense.items():
             p = params.get(name)
@@ -130,11 +133,20 @@ class SparseIncrement:
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> nn.Module:
-        """Write the increment into ``model`` in place (checked first: all or nothing)."""
+        """Write the increment into ``model`` in place (checked first: all or nothing).
+
+        A quantized weight (bitsandbytes, torchao) cannot take the values: its
+        layer gets them added to its output instead (a forward hook), so two
+        increments swap on one quantized model with :meth:`remove` and
+        :meth:`apply`, without reloading it.
+        """
         self.check(model)
         params = _named_tensors(model)
         replaced = {}
         for name, t in self.tensors.items():
+            if quantized_kind(params[name]) is not None:
+                replaced[name] = add_to_output(_owner(model, name), name, t.indices, t.values)
+                continue
             flat = params[name].detach().view(-1)
             idx = t.indices.to(flat.device, torch.int64)
             old = flat[idx].clone()
@@ -158,7 +170,14 @@ class SparseIncrement:
         if replaced is None and self.dense:
             raise IncrementError("this increment has dense tensors, which can only be removed from the model object "
                                  "it was applied to; reload the base model instead")
+        quantized = [name for name in self.tensors if quantized_kind(params[name]) is not None]
+        if quantized and replaced is None:
+            raise IncrementError(f"{quantized[0]} is quantized: the increment can only be removed from the model "
+                                 "object it was applied to")
         for name, t in self.tensors.items():
+            if name in quantized:
+                replaced[name].remove()  # the hook that added the values
+                continue
             flat = params[name].detach().view(-1)
             idx = t.indices.to(flat.device, torch.int64)
             if replaced is not None:
@@ -192,6 +211,9 @@ class SparseIncrement:
         built-in name, a folder or a cached hub name; default: the one
         recorded in the increment), for the recorded task (default
         ``causal_lm``), with a classification head sized for the recorded labels.
+        An increment trained on a quantized base (``metadata["quantize"]``)
+        gets that base dequantized, in plain layers: the weights it was
+        trained beside, so that base + increment is the trained model.
         """
         from .models import load_model
 
@@ -200,7 +222,16 @@ class SparseIncrement:
             raise IncrementError("the increment records no base model; pass base_model=...")
         task = self.metadata.get("task", "causal_lm")
         labels = self.metadata.get("labels")
-        return load_model(source, task, num_labels=len(labels) if labels else None, dtype=dtype, labels=labels)
+        kwargs = dict(num_labels=len(labels) if labels else None, dtype=dtype, labels=labels)
+        model, tokenizer = load_model(source, task, **kwargs)
+        quantize = self.metadata.get("quantize")
+        if quantize:
+            quantized, _ = load_model(source, task, quantize=quantize, **kwargs)
+            with torch.no_grad():
+                for name, module in quantized.named_modules():
+                    if quantized_kind(getattr(module, "weight", torch.empty(0))) is not None:
+                        model.get_submodule(name).weight.copy_(dequantized_weight(module))
+        return model, tokenizer
 
     # -- files -----------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
@@ -353,6 +384,11 @@ def _figure(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    """The module holding the tensor named ``name``."""
+    return model.get_submodule(name.rpartition(".")[0])
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -116,17 +116,15 @@ class Delta:
     of the logical weight from :meth:`attach` 's callback, once per backward.
     """
 
-    def __init__(self, module: nn.Module, name: str, density: float, dtype: torch.dtype):
-        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
-            raise ConfigError(f"storage='delta' works on Linear-like layers; {name} is a {type(module).__name__}: "
-                              "leave it out of target_modules or use storage='in_place'")
+    def __init__(self, module: nn.Module, name: str, k: int, dtype: torch.dtype):
+        _require_linear_like(module, name)
         keep_training_layout(module)
         self.module = module
         self.transposed = type(module).__name__ == "Conv1D"
         self.shape = weight_shape(module)
         self.numel = self.shape[0] * self.shape[1]
         device = _device_of(module)
-        self.trainable = nn.Parameter(torch.zeros(count_selected(self.numel, density), dtype=dtype, device=device))
+        self.trainable = nn.Parameter(torch.zeros(k, dtype=dtype, device=device))
         self.indices: torch.Tensor | None = None  # None until the first selection
         self.base_dtype = _base_dtype(module)
         self._handle = None
@@ -280,7 +278,9 @@ class _DeltaMatmul(torch.autograd.Function):
                 grad_x = (storage.csr(transposed=True) @ g2.t()).t().reshape(x.shape)
             else:
                 grad_x = grad_out @ storage.dense(grad_out.dtype)
-        if sparse and ctx.has_values and not wants_dense():
+        if not ctx.needs_input_grad[1]:
+            pass  # fixed values (an applied increment): no gradient wanted
+        elif sparse and ctx.has_values and not wants_dense():
             picked = torch.sparse.sampled_addmm(storage.csr(), g2.t().contiguous(), x2, beta=0.0).values()
             on_gradient(None, picked)
         else:
@@ -311,5 +311,31 @@ def _device_of(module: nn.Module) -> torch.device:
 def make(kind: str, module: nn.Module, param: nn.Parameter, name: str, density: float, delta_dtype: torch.dtype):
     """The storage ``SiftConfig.storage`` (``kind``) names for the targeted weight ``param`` of ``module``."""
     if kind == "delta":
-        return Delta(module, name, density, delta_dtype)
+        _require_linear_like(module, name)
+        rows, cols = weight_shape(module)
+        return Delta(module, name, count_selected(rows * cols, density), delta_dtype)
     return InPlace(param, name)
+
+
+def _require_linear_like(module: nn.Module, name: str) -> None:
+    if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+        raise ConfigError(f"storage='delta' works on Linear-like layers; {name} is a {type(module).__name__}: "
+                          "leave it out of target_modules or use storage='in_place'")
+
+
+def add_to_output(module: nn.Module, name: str, indices: torch.Tensor, values: torch.Tensor) -> Delta:
+    """Add fixed increment values to a layer's output: applying an increment to a weight that cannot be written.
+
+    For a quantized layer (:meth:`siftune.SparseIncrement.apply`); the
+    returned delta's :meth:`Delta.remove` takes it off again.
+    """
+    delta = Delta(module, name, indices.numel(), torch.float32)
+    delta.indices = indices.to(delta.trainable.device, index_dtype(delta.numel))
+    delta.trainable.data = values.to(delta.trainable.device, torch.float32)
+    delta.trainable.requires_grad_(False)
+    delta.attach(lambda: False, _no_gradient)
+    return delta
+
+
+def _no_gradient(dense, values) -> None:
+    pass  # an applied increment is not trained
