@@ -385,6 +385,14 @@ def test_a_resumed_sharded_run_continued_from_the_last_complete_checkpoint(job):
     assert not (folder / "resumed" / "checkpoints" / ".checkpoint-00000003.partial").exists()
 
 
+def test_recipe_with_fsdp_in_a_single_process_is_a_config_error(tmp_path, monkeypatch):
+    from siftune.train import TrainArgs, run
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(siftune.ConfigError, match="torchrun --nproc_per_node N"):
+        run(TrainArgs(model="unused", dataset="unused", output_dir=str(tmp_path), fsdp=True), progress=False)
+
+
 def test_a_sharded_checkpoint_on_another_number_of_processes_is_a_checkpoint_error(job):
     folder, _, _ = job
     with pytest.raises(siftune.CheckpointError, match="written by 2 processes, this job has 1"):

@@ -295,6 +295,9 @@ def _run(args: TrainArgs, progress: bool) -> dict:
 
     args.validate()
     distributed.init()  # joins the job when started by torchrun or accelerate launch, else does nothing
+    if args.fsdp and distributed.world_size() < 2:
+        raise ConfigError("fsdp shards the model across the processes of a job; start it with "
+                          "torchrun --nproc_per_node N -m siftune.cli train ... (N >= 2)")
     if args.batch_size % distributed.world_size():
         raise ConfigError(f"batch_size {args.batch_size} must be a multiple of the {distributed.world_size()} "
                           "processes: each takes an equal slice of every batch")
