@@ -41,6 +41,7 @@ SCENARIOS = {
     "clipping": ({"max_grad_norm": 0.05}, 1, torch.float32, None),
     "bf16 with masters": ({}, 1, torch.bfloat16, None),
     "uneven shards": ({}, 1, torch.float32, UNEVEN),
+    "a rank without rows": ({}, 1, torch.float32, (8, 16, 1, 3)),  # layer 2's one row lives on rank 0
     "random": ({"selection": "random", "seed": 3}, 1, torch.float32, None),
     "compact indices": ({"compact_indices": True, "state_dtype": "bfloat16"}, 1, torch.float32, None),
 }
@@ -87,6 +88,22 @@ def trainer_with_fsdp(out: Path):
                              report_to=[], max_steps=1)
     Trainer(model=tiny_bert_classifier(), args=args, train_dataset=contains_token_dataset(8),
             data_collator=default_data_collator, sift_config=SiftConfig(density=0.05, dense_modules=["classifier"]))
+
+
+def tied_selection() -> list[int]:
+    """The global indices selected from a score of ties: 1 everywhere, 2 at global indices 70 and 100.
+
+    Layer 0's weight (16 x 8) holds global indices 0-63 on rank 0 and 64-127
+    on rank 1; of k = 10, the two 2s and the eight 1s of lowest global index.
+    """
+    model = shard_mlp(mlp())
+    engine = siftune.attach(model, density=10 / 128, target_modules=["0"])
+    store, slot = engine.slots[0].storage, engine.slots[0]
+    score = torch.ones(store.full_numel)
+    score[[70, 100]] = 2.0
+    local = score[store.offset:store.offset + store.numel].reshape(store.shape)
+    idx = sharding.select(store, local, slot.k, slot.generator, "gradient")
+    return torch.cat(sharding._all_gather_varying(idx.long() + store.offset, store)).tolist()
 
 
 def refusals(folder: Path) -> dict[str, str]:
@@ -180,6 +197,7 @@ def _rank_main(job: str, folder: str) -> None:
     distributed.init()
     results = {scenario: train_mlp(scenario) for scenario in SCENARIOS}
     results["mixed precision"] = train_mixed_precision()
+    results["ties"] = tied_selection()
     results["refusals"] = refusals(folder)
     torch.save(results, folder / f"rank{rank}.pt")
     inputs = (folder / "model", folder / "data.csv")
@@ -280,6 +298,11 @@ def test_sharded_run_gives_the_increment_of_one_process_on_every_rank(job, scena
             assert bool(((rank[scenario]["increment"][name][1] - values).abs() <= allowed).all()), name
         for name, expected in single[scenario]["dense"].items():
             assert_close(rank[scenario]["dense"][name], expected, scenario, name)
+
+
+def test_ties_at_the_threshold_are_taken_in_global_index_order(job):
+    _, ranks, _ = job
+    assert ranks[0]["ties"] == ranks[1]["ties"] == [0, 1, 2, 3, 4, 5, 6, 7, 70, 100]
 
 
 def test_periodic_mode_refreshed_its_selection_inside_the_sharded_run(job):
