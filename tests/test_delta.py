@@ -335,3 +335,28 @@ def test_the_trainer_trains_a_delta_on_an_nf4_base_with_accumulation_and_saves_i
     saved = SparseIncrement.load(tmp_path / "increment")
     assert saved.config["storage"] == "delta"
     assert len(saved.tensors) == 14
+
+
+def test_delta_on_a_torchao_int8_weight_equals_training_the_dequantized_weights():
+    torchao = pytest.importorskip("torchao.quantization")
+    base = mlp()
+    quantized = copy.deepcopy(base)
+    torchao.quantize_(quantized, torchao.Int8WeightOnlyConfig())
+    dense = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in ("0", "2", "4"):
+            dense.get_submodule(name).weight.copy_(quantized.get_submodule(name).weight.dequantize())
+    engine = siftune.attach(quantized, _config(storage="delta", dense_modules=[], target_modules=["0", "2", "4"]))
+    optimizer = engine.optimizer(lr=1e-2)
+    reference = ReferenceSift(dense, _config(dense_modules=[], target_modules=["0", "2", "4"]), lr=1e-2)
+    for batch in mlp_batches(5):
+        mlp_loss(quantized, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mlp_loss(dense, batch).backward()
+        reference.after_backward()
+        reference.step()
+    x = mlp_batches(1, seed=6)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert type(quantized[0].weight).__name__ == "Int8Tensor"

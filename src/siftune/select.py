@@ -87,7 +87,8 @@ def find_targets(model: nn.Module, target_modules, dense_modules=()) -> tuple[di
         elif not is_target(name):
             continue
         weight = getattr(module, "weight", None)
-        if not _is_targetable(module) or not isinstance(weight, nn.Parameter):
+        # A parameter, or a quantized tensor subclass registered as one (torchao).
+        if not _is_targetable(module) or "weight" not in module._parameters or weight is None:
             if isinstance(target_modules, (list, tuple)) and name in target_modules:
                 raise TargetError(f"target module {name!r} is a {type(module).__name__}, which has no weight SIFT can target")
             continue
