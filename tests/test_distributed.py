@@ -27,7 +27,9 @@ from _models import MLP_DENSE, MLP_TARGETS, contains_token_dataset, mlp, mlp_bat
 WORLD = 2
 ATOL = 1e-6
 STEPS, ACCUM, GLOBAL_BATCH = 4, 2, 8
-MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}}  # refreshes after step 2
+MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2},  # refreshes after step 2
+             # storage="delta": the weights stay as they are, the trained values sit beside them
+             "delta": {"storage": "delta", "mode": "periodic", "refresh_every": 2}}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
 ENDS_WITHIN_S = 30  # after a rank fails, the others must have ended by then
@@ -61,8 +63,10 @@ def train_mlp(mode: str, ddp: bool = False) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         norms.append(optimizer.last_grad_norm)
+    with torch.no_grad():
+        outputs = model(mlp_batches(1, seed=99)[0][0])  # what the model computes, delta included
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "norms": norms,
-            "refreshes": engine.slots[0].version}
+            "refreshes": engine.slots[0].version, "outputs": outputs}
 
 
 def train_recipe(model_dir: Path, data: Path, out: Path) -> None:
@@ -260,6 +264,13 @@ def test_two_processes_train_the_same_weights_as_one_process_on_the_combined_bat
 def test_two_processes_see_the_gradient_norm_of_the_combined_batch(job, mode):
     _, ranks, single = job
     assert ranks[0][mode]["norms"] == pytest.approx(single[mode]["norms"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", MLP_MODES)
+def test_two_processes_compute_what_one_process_computes_after_training(job, mode):
+    _, ranks, single = job
+    torch.testing.assert_close(ranks[0][mode]["outputs"], single[mode]["outputs"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ranks[1][mode]["outputs"], single[mode]["outputs"], atol=ATOL, rtol=0)
 
 
 def test_periodic_mode_refreshed_its_selection_inside_the_run(job):
