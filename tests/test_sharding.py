@@ -32,7 +32,7 @@ STEPS, GLOBAL_BATCH = 4, 8
 JOB_LIMIT_S = 300
 ENDS_WITHIN_S = 30  # after a rank dies, the others must have ended by then
 UNEVEN = (8, 15, 16, 3)  # 15 and 3 rows: 8 + 7 and 2 + 1 on two ranks
-# Every scenario: SiftConfig overrides, micro-batches per step, weight dtype, MLP sizes.
+# Every scenario: SiftConfig overrides, micro-batches per step, weight dtype, MLP sizes, HSDP mesh.
 SCENARIOS = {
     "fixed": ({}, 1, torch.float32, None),
     "periodic": ({"mode": "periodic", "refresh_every": 2}, 1, torch.float32, None),  # refreshes after step 2
@@ -44,6 +44,9 @@ SCENARIOS = {
     "a rank without rows": ({}, 1, torch.float32, (8, 16, 1, 3)),  # layer 2's one row lives on rank 0
     "random": ({"selection": "random", "seed": 3}, 1, torch.float32, None),
     "compact indices": ({"compact_indices": True, "state_dtype": "bfloat16"}, 1, torch.float32, None),
+    # HSDP on two processes: two replicas of one shard each, or one replica in two shards.
+    "hsdp, 2 replicas": ({"max_grad_norm": 0.05}, 1, torch.float32, None, (2, 1)),
+    "hsdp, 2 shards": ({"max_grad_norm": 0.05}, 1, torch.float32, None, (1, 2)),
 }
 
 
@@ -136,10 +139,13 @@ def train_mlp(scenario: str) -> dict:
     the final selection (global indices), the increment, and this rank's
     selected count and state bytes.
     """
-    overrides, accum, dtype, sizes = SCENARIOS[scenario]
+    overrides, accum, dtype, sizes, *hsdp = SCENARIOS[scenario]
     model = mlp(dtype=dtype, **({"sizes": sizes} if sizes else {}))
     if distributed.world_size() > 1:
-        shard_mlp(model)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard_mlp(model, **({"mesh": init_device_mesh("cpu", hsdp[0], mesh_dim_names=("replicate", "shard"))}
+                            if hsdp else {}))
     engine = siftune.attach(model, SiftConfig(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE,
                                               **overrides))
     optimizer = engine.optimizer(lr=1e-2)

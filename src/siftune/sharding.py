@@ -93,13 +93,12 @@ class ShardedInPlace(InPlace):
     """
 
     def __init__(self, param: torch.nn.Parameter, name: str):
-        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor import Replicate, Shard
 
-        mesh, placements = param.device_mesh, tuple(param.placements)
-        if mesh.ndim != 1 or placements != (Shard(0),):
-            raise ConfigError(f"targeted weight {name} is sharded as {placements} on a {mesh.ndim}-D mesh; SIFT "
-                              "trains weights sharded along dim 0 on one mesh dimension (fully_shard's default, "
-                              "no shard_placement_fn, no HSDP)")
+        placements = tuple(param.placements)
+        if placements not in ((Shard(0),), (Replicate(), Shard(0))):
+            raise ConfigError(f"targeted weight {name} is sharded as {placements}; SIFT trains weights sharded "
+                              "along dim 0 (fully_shard's default, no shard_placement_fn), replicated or not (HSDP)")
         if not param.is_floating_point():
             raise ConfigError(f"targeted weight {name} is {param.dtype}; SIFT writes updates into float weights")
         self.trainable = param
@@ -107,7 +106,11 @@ class ShardedInPlace(InPlace):
         part = param.to_local()
         self.shape, self.numel = tuple(part.shape), part.numel()
         self.base_dtype = param.dtype
-        self.group, self.world, self.rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+        # Under HSDP the replicas hold the same shards and, after FSDP2's all-reduce, the same
+        # gradients: they select alike, and only the ranks along the shard dimension split a tensor.
+        mesh = param.device_mesh
+        dim = mesh.ndim - 1
+        self.group, self.world, self.rank = mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
         # FSDP2 cuts the rows as torch.chunk does: ceil(rows / world) per rank, the last ones short or empty.
         rows = self.full_shape[0]
         per_rank = -(-rows // self.world)
@@ -127,6 +130,12 @@ class ShardedInPlace(InPlace):
     def write(self, idx: torch.Tensor, values: torch.Tensor) -> None:
         flat = self._flat()
         flat[idx] = values.to(flat.dtype)
+
+
+def shard_group(param: torch.Tensor):
+    """The process group of the ranks among which ``param`` (a DTensor) is split: its mesh's last dimension."""
+    mesh = param.device_mesh
+    return mesh.get_group(mesh.ndim - 1)
 
 
 def make_storage(kind: str, param: torch.nn.Parameter, name: str) -> ShardedInPlace:
@@ -173,18 +182,19 @@ def select(store: ShardedInPlace, score: torch.Tensor, k: int, generator: torch.
 def global_norm(grads) -> float:
     """The norm of the gradient ``(param, idx, grad)`` triples hold together, across all shards.
 
-    Sharded parameters' parts are summed over the ranks (every rank must
-    then call this); whole (replicated) ones count once.
+    Sharded parameters' parts are summed over the ranks that split them
+    (every rank must then call this; all on one mesh); whole (replicated)
+    ones count once.
     """
     if not grads:
         return 0.0
-    sharded = [g for p, _, g in grads if is_sharded(p)]
+    sharded = [(p, g) for p, _, g in grads if is_sharded(p)]
     whole = [g for p, _, g in grads if not is_sharded(p)]
     squares = torch.zeros((), dtype=torch.float32, device=grads[0][2].device)
     if sharded:
-        part = _sum_of_squares(sharded)
+        part = _sum_of_squares([g for _, g in sharded])
         with distributed.collective_errors():
-            dist.all_reduce(part)
+            dist.all_reduce(part, group=shard_group(sharded[0][0]))
         squares = squares + part
     if whole:
         squares = squares + _sum_of_squares(whole)
@@ -238,19 +248,21 @@ def fsdp_collective_errors():
             raise
 
 
-def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mp_policy=None, mesh=None) -> torch.nn.Module:
     """``fully_shard`` each transformer block of ``model``, then the model itself, as torchtune and torchtitan do.
 
     The blocks are the modules whose class ``model._no_split_modules`` names
     (what transformers and accelerate treat as one layer); a model without
     that list is sharded at the root only. ``mp_policy`` is FSDP2's
-    ``MixedPrecisionPolicy``. Shard before :func:`siftune.attach`.
+    ``MixedPrecisionPolicy``; ``mesh`` a ``DeviceMesh``, by default one
+    dimension over every process (a 2-D mesh, replicate x shard, is HSDP).
+    Shard before :func:`siftune.attach`.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (distributed.world_size(),))
+    if mesh is None:
+        mesh = init_device_mesh(next(model.parameters()).device.type, (distributed.world_size(),))
     options = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
