@@ -132,14 +132,20 @@ def refusals(folder: Path) -> dict[str, str]:
     return messages
 
 
-def train_mlp(scenario: str) -> dict:
+def train_mlp(scenario: str, sync_every_micro_batch: bool = True) -> dict:
     """STEPS optimizer steps; sharded and on this rank's slice of each batch under a process group.
+
+    Without ``sync_every_micro_batch`` FSDP2 reduces the gradients at each
+    step's last micro-batch only (``set_requires_gradient_sync``), and the
+    engine selects from the one gradient it then sees per step.
 
     Returns everything gathered whole: weights, each step's gradient norm,
     the final selection (global indices), the increment, and this rank's
     selected count and state bytes.
     """
     overrides, accum, dtype, sizes, *hsdp = SCENARIOS[scenario]
+    if not sync_every_micro_batch:
+        overrides = {**overrides, "selection_batches": 1}
     model = mlp(dtype=dtype, **({"sizes": sizes} if sizes else {}))
     if distributed.world_size() > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -152,7 +158,9 @@ def train_mlp(scenario: str) -> dict:
     batches = distributed.shard(mlp_batches(STEPS * accum, batch_size=GLOBAL_BATCH, dtype=dtype))
     norms = []
     for _ in range(STEPS):
-        for _ in range(accum):
+        for micro in range(accum):
+            if not sync_every_micro_batch:
+                model.set_requires_gradient_sync(micro == accum - 1)
             mlp_loss(model, next(batches)).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -203,6 +211,7 @@ def _rank_main(job: str, folder: str) -> None:
     distributed.init()
     results = {scenario: train_mlp(scenario) for scenario in SCENARIOS}
     results["mixed precision"] = train_mixed_precision()
+    results["accumulation, synced once a step"] = train_mlp("accumulation", sync_every_micro_batch=False)
     results["ties"] = tied_selection()
     results["refusals"] = refusals(folder)
     torch.save(results, folder / f"rank{rank}.pt")
@@ -309,6 +318,15 @@ def test_sharded_run_gives_the_increment_of_one_process_on_every_rank(job, scena
 def test_ties_at_the_threshold_are_taken_in_global_index_order(job):
     _, ranks, _ = job
     assert ranks[0]["ties"] == ranks[1]["ties"] == [0, 1, 2, 3, 4, 5, 6, 7, 70, 100]
+
+
+def test_accumulating_unsynced_micro_batches_selects_from_the_steps_summed_gradient(job):
+    # FSDP2 reduces once a step, so the hooks see one gradient a step: selection_batches=1 then selects
+    # from both micro-batches, as one process does with selection_batches=2 (the accumulation scenario).
+    _, ranks, single = job
+    unsynced, expected = ranks[0]["accumulation, synced once a step"], single["accumulation"]
+    assert max_diff(unsynced["params"], expected["params"]) <= ATOL
+    assert all(torch.equal(unsynced["selected"][n], idx) for n, idx in expected["selected"].items())
 
 
 def test_periodic_mode_refreshed_its_selection_inside_the_sharded_run(job):
