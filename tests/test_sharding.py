@@ -114,12 +114,15 @@ def refusals(folder: Path) -> dict[str, str]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
+    def along_last_dim(param):
+        return Shard(param.dim() - 1)
+
     attempts = {
         "storage delta": lambda: siftune.attach(shard_mlp(mlp()), density=0.2, target_modules=MLP_TARGETS,
                                                 storage="delta"),
         "update in backward": lambda: siftune.attach(shard_mlp(mlp()), density=0.2, target_modules=MLP_TARGETS,
                                                      update_in_backward=True).optimizer(),
-        "sharded along dim 1": lambda: siftune.attach(fully_shard(mlp(), shard_placement_fn=lambda p: Shard(p.dim() - 1)),
+        "sharded along dim 1": lambda: siftune.attach(fully_shard(mlp(), shard_placement_fn=along_last_dim),
                                                       density=0.2, target_modules=MLP_TARGETS),
     }
     attempts["trainer with fsdp"] = lambda: trainer_with_fsdp(folder / f"trainer-rank{distributed.rank()}")

@@ -236,20 +236,21 @@ def fsdp_collective_errors():
 
     FSDP2 all-gathers and reduce-scatters inside the forward and backward,
     where the engine cannot wrap them; torch reports a lost or stuck peer
-    there as a plain RuntimeError from its gloo transport, or as
-    DistBackendError from NCCL. Every other error passes unchanged.
+    there as a plain RuntimeError raised in gloo's transport (its message
+    names the source file, ``gloo/transport/...``), or as DistBackendError
+    from NCCL. Every other error passes unchanged.
     """
     try:
         yield
     except RuntimeError as exc:
-        if not (isinstance(exc, dist.DistBackendError) or "gloo" in str(exc)):
+        if not (isinstance(exc, dist.DistBackendError) or "gloo/transport" in str(exc)):
             raise
         with distributed.collective_errors():
             raise
 
 
 def shard_model(model: torch.nn.Module, mp_policy=None, mesh=None) -> torch.nn.Module:
-    """``fully_shard`` each transformer block of ``model``, then the model itself, as torchtune and torchtitan do.
+    """``fully_shard`` each transformer block of ``model``, then the model, as torchtune and torchtitan do.
 
     The blocks are the modules whose class ``model._no_split_modules`` names
     (what transformers and accelerate treat as one layer); a model without
@@ -304,7 +305,7 @@ class ShardedCheckpoints:
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
     def save(self, state: dict):
-        """Write this rank's ``state`` (see :func:`siftune.checkpoint.capture`) as its part of the step's checkpoint."""
+        """Write this rank's ``state`` (:func:`siftune.checkpoint.capture`) as its part of the step's checkpoint."""
         import torch.distributed.checkpoint as dcp
 
         from .io import fsync_dir
@@ -316,7 +317,7 @@ class ShardedCheckpoints:
             temporary.mkdir(parents=True)
         _barrier()
         tensors: list[torch.Tensor] = []
-        skeleton = _without_tensors({**state, "world_size": distributed.world_size()}, tensors)
+        skeleton = _without_tensors(state, tensors)
         mine = {f"rank{distributed.rank()}/{i}": t for i, t in enumerate(tensors)}
         mine[f"rank{distributed.rank()}/skeleton"] = _as_bytes_tensor(skeleton)
         try:
