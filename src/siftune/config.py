@@ -90,6 +90,25 @@ class SiftConfig:
             ``"float32"`` or ``"bfloat16"`` (2 bytes less a component; with
             ``master_weights`` the optimizer keeps fp32 copies). Default
             ``"float32"``.
+        score: what ranks components at the end of the selection window
+            (:mod:`siftune.budget`): ``"grad"`` (|g| of the window's summed
+            gradient, the paper's), ``"grad_squared"`` (each micro-batch's g^2,
+            summed over the window; frees autograd's gradient every micro-batch
+            and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
+            with the weight's value at selection). Gradient selection,
+            ``storage="in_place"``, one process for ``"grad_squared"``.
+            Default ``"grad"``.
+        budget: how the selected count is shared: ``"per_tensor"`` (each
+            targeted tensor its ``density`` share, the paper's) or
+            ``"global"`` (one ranking over all targeted tensors, the same total
+            count; a tensor may get more or fewer than its share, or none
+            without ``min_density``). ``"global"`` needs gradient selection,
+            modes ``"fixed"``/``"periodic"``, ``storage="in_place"``, no
+            ``update_in_backward``, one process and unsharded weights.
+            Default ``"per_tensor"``.
+        min_density: with ``budget="global"``, the floor: every targeted
+            tensor keeps at least round(numel * min_density) of its top
+            components, in [0, density]. Default ``0.0``.
     """
 
     density: float = 0.01
@@ -107,6 +126,9 @@ class SiftConfig:
     compact_indices: bool = False
     storage: str = "in_place"
     delta_dtype: str = "float32"
+    score: str = "grad"
+    budget: str = "per_tensor"
+    min_density: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +158,7 @@ class SiftConfig:
             raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
         if self.delta_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"delta_dtype must be 'float32' or 'bfloat16', got {self.delta_dtype!r}")
+        self._validate_selection_options()
         if self.storage == "delta" and self.mode == "per_step":
             raise ConfigError("storage='delta' works in modes 'fixed' and 'periodic'; per_step keeps dense "
                               "gradients of every weight, which a quantized base cannot take")
@@ -171,6 +194,31 @@ class SiftConfig:
                 continue
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name} must be a list of module names or one regex string, got {value!r}")
+
+    def _validate_selection_options(self) -> None:
+        from .budget import BUDGETS, SCORES
+
+        if self.score not in SCORES:
+            raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if isinstance(self.min_density, bool) or not isinstance(self.min_density, (int, float)) or not (
+                0.0 <= self.min_density <= self.density):
+            raise ConfigError(f"min_density must be a number in [0, density={self.density}], got {self.min_density!r}")
+        if self.min_density and self.budget != "global":
+            raise ConfigError("min_density is the floor of budget='global'; per_tensor gives every tensor its share")
+        if self.selection == "random" and (self.score != "grad" or self.budget != "per_tensor"):
+            raise ConfigError("score and budget rank gradients; selection='random' draws each tensor's share "
+                              "uniformly: leave score='grad' and budget='per_tensor'")
+        if self.storage == "delta" and (self.score != "grad" or self.budget != "per_tensor"):
+            raise ConfigError("storage='delta' selects by score='grad' with budget='per_tensor' (the delta's size "
+                              "is fixed at attach, before a global selection is known)")
+        if self.mode == "per_step" and (self.score == "grad_squared" or self.budget != "per_tensor"):
+            raise ConfigError("mode='per_step' selects each tensor from its step's gradient: score 'grad' or "
+                              "'grad_weight', budget='per_tensor'")
+        if self.budget == "global" and self.update_in_backward:
+            raise ConfigError("budget='global' selects after the whole backward, so updates cannot be applied "
+                              "inside it; set update_in_backward=False or budget='per_tensor'")
 
     @property
     def torch_state_dtype(self) -> torch.dtype:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed, sharding, storage
+from . import budget, distributed, sharding, storage
 from .config import SiftConfig
 from .errors import CheckpointError, ConfigError
 from .select import (count_selected, find_targets, index_dtype, pack_indices, random_indices, tensor_generator,
@@ -44,7 +44,7 @@ class _Slot:
         self.compact = compact
         self.version = 0  # bumped at each new selection, so the optimizer can remap its state
         # The selection in force before this step's, restored if the step is skipped.
-        self.previous: tuple[torch.Tensor | None, int] | None = None
+        self.previous: tuple[torch.Tensor | None, int, int] | None = None  # idx, version, k
         self.pending_base: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None  # gradient of the selected entries, in the gradient's dtype
         self.selecting = True
@@ -96,6 +96,8 @@ class SiftEngine:
         self.slots = [_Slot(n, store, count_selected(getattr(store, "full_numel", store.numel), config.density),
                             tensor_generator(config.seed, i), compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
+        budget.check_placement(config, any(sharding.is_sharded(p) for p in targeted.values()), _distributed())
+        self.selector = budget.Selector(config, self.slots)
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
@@ -145,11 +147,14 @@ class SiftEngine:
         """
         if slot.selecting:
             slot.seen += 1
-            if slot.seen < self.config.selection_batches:
-                return False
-            score = grad if slot.score is None else slot.score + grad
+            window = self.selector.fold(slot, grad)
+            if window is None:
+                return self.selector.frees_gradient
+            grad, score = window
+            if self.selector.pool is not None:
+                self._select_globally(slot, score, grad)
+                return True
             idx = self._select(slot, score)
-            slot.score = None
             slot.grad = grad.reshape(-1)[idx]
         else:
             idx = slot.flat()
@@ -166,13 +171,24 @@ class SiftEngine:
             slot.grad, slot.applied = None, True
         return True
 
-    def _select(self, slot: _Slot, score: torch.Tensor) -> torch.Tensor:
-        """Select anew from ``score``; returns the flat indices (``slot.idx`` may hold them packed)."""
+    def _select_globally(self, slot: _Slot, score: torch.Tensor, grad: torch.Tensor) -> None:
+        """Offer ``slot``'s window to the global ranking; the last tensor to arrive selects for all."""
+        chosen = self.selector.pool.offer(slot, score, grad)
+        for each, (idx, picked) in zip(self.slots, chosen or ()):
+            self._select(each, None, chosen=idx)
+            each.grad = picked
+
+    def _select(self, slot: _Slot, score: torch.Tensor | None, chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """Select anew from ``score``, or take the indices ``chosen`` by a global budget; returns the flat
+        indices (``slot.idx`` may hold them packed)."""
         p = slot.param
         if slot.previous is None:
-            slot.previous = (slot.idx, slot.version)
+            slot.previous = (slot.idx, slot.version, slot.k)
         sharded = isinstance(slot.storage, sharding.ShardedInPlace)
-        if sharded:  # the gradient is FSDP2's average already
+        if chosen is not None:  # one process, unsharded (budget.check_placement)
+            idx = chosen.to(p.device)
+            slot.k = idx.numel()
+        elif sharded:  # the gradient is FSDP2's average already
             idx = sharding.select(slot.storage, score, slot.k, slot.generator, self.config.selection)
         elif self.config.selection == "random":
             idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
@@ -223,16 +239,21 @@ class SiftEngine:
                 if p.grad is None:
                     continue
                 grad = sharding.local(p.grad)
-                slot.grad = grad.reshape(-1)[self._select(slot, grad)]
+                slot.grad = grad.reshape(-1)[self._select(slot, budget.rank_score(self.config.score, grad, p))]
                 p.grad = None
             elif slot.selecting:
                 if p.grad is not None:  # window ended inside a multi-batch selection
                     grad = sharding.local(p.grad)
                     slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
                     p.grad = None
+                self.selector.end_step(slot)
                 continue
             if slot.grad is not None:
                 out.append((p, slot.flat(), slot.grad))
+        if self.selector.pool is not None and self.selector.pool.kept:
+            raise ConfigError(f"budget='global': {self.selector.pool.missing()[0]} got no gradient in the selection "
+                              "window, so no global ranking could be made; target only weights the loss depends "
+                              "on, or use budget='per_tensor'")
         for p in self.dense.values():
             if p.grad is not None:
                 out.append((p, None, sharding.local(p.grad)))
@@ -288,7 +309,7 @@ class SiftEngine:
     def undo_selection(slot: _Slot) -> None:
         """Go back to the selection in force before this step's (whose gradient was not finite)."""
         if slot.previous is not None:
-            slot.idx, slot.version = slot.previous
+            slot.idx, slot.version, slot.k = slot.previous
             slot.selecting, slot.seen, slot.score = True, 0, None
             slot.previous = slot.pending_base = None
 
@@ -296,6 +317,7 @@ class SiftEngine:
         """Forget accumulated sparse gradients (the dense ones are the optimizer's ``zero_grad``)."""
         for slot in self.slots:
             slot.grad = None
+        self.selector.sums.clear()
 
     def optimizer(self, lr: float = 1e-4, **kwargs):
         """A :class:`siftune.optim.SiftAdamW` over the selected components and dense modules."""
@@ -337,7 +359,8 @@ class SiftEngine:
         if not isinstance(state, dict) or not isinstance(state.get("slots"), dict):
             raise CheckpointError("engine state must be a dict with 'config', 'steps' and 'slots'")
         config = self.config.to_dict()
-        changed = sorted(k for k in config if state.get("config", {}).get(k) != config[k])
+        saved = {**SiftConfig().to_dict(), **state.get("config", {})}  # a field added since: its default
+        changed = sorted(k for k in config if saved.get(k) != config[k])
         if changed:
             raise CheckpointError(f"engine state was saved with other SIFT settings ({', '.join(changed)}); "
                                   "attach with the settings of the saved run")
@@ -346,10 +369,10 @@ class SiftEngine:
         steps = state.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise CheckpointError(f"engine state: steps {steps!r} must be an integer >= 0")
-        loaded = {s.name: _checked_slot_state(s, state["slots"][s.name]) for s in self.slots}
+        loaded = {s.name: _checked_slot_state(s, state["slots"][s.name], self.config.budget) for s in self.slots}
         for slot in self.slots:
             saved = loaded[slot.name]
-            slot.version, slot.selecting, slot.seen = saved["version"], saved["selecting"], saved["seen"]
+            slot.version, slot.selecting, slot.seen, slot.k = (saved[k] for k in ("version", "selecting", "seen", "k"))
             slot.idx, slot.score, slot.ever_idx, slot.base = (saved[k] for k in ("idx", "score", "ever_idx", "base"))
             slot.generator.set_state(saved["generator"])
             slot.storage.load_state(saved)
@@ -458,7 +481,7 @@ def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> S
     return SiftEngine(model, config)
 
 
-def _checked_slot_state(slot: _Slot, saved) -> dict:
+def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor") -> dict:
     """``saved`` with its tensors on the slot's device, after checking it fits the slot."""
     where = f"engine state of {slot.name}"
     p, numel = slot.param, slot.numel
@@ -468,13 +491,13 @@ def _checked_slot_state(slot: _Slot, saved) -> dict:
         value = saved.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise CheckpointError(f"{where}: {key} {value!r} must be an integer >= 0")
-    if saved["k"] != slot.k:
+    if saved["k"] != slot.k and budget_kind == "per_tensor":  # a global budget gives each tensor its own k
         raise CheckpointError(f"{where}: {saved['k']} selected components saved, this engine selects {slot.k}")
     if not isinstance(saved.get("selecting"), bool):
         raise CheckpointError(f"{where}: selecting must be true or false")
     out = dict(saved)
     # A shard holds its own part of the k selected components: any count.
-    for key, length in (("idx", None if isinstance(slot.storage, sharding.ShardedInPlace) else slot.k),
+    for key, length in (("idx", None if isinstance(slot.storage, sharding.ShardedInPlace) else saved["k"]),
                         ("ever_idx", None)):
         idx = saved.get(key)
         if idx is None:

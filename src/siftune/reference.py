@@ -40,6 +40,8 @@ class ReferenceSift:
         self.mask = {n: None for n in targeted}
         self.score = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in targeted.items()}
         self.seen = {n: 0 for n in targeted}
+        self.window_grad = {n: None for n in targeted}  # score="grad_squared": this step's gradient in the window
+        self.complete = []  # tensors whose window is complete, waiting for a global selection
         params = {**targeted, **self.dense}
         self.m = {n: torch.zeros_like(p, dtype=state_dtype if n in targeted else torch.float32) for n, p in params.items()}
         self.v = {n: torch.zeros_like(p, dtype=state_dtype if n in targeted else torch.float32) for n, p in params.items()}
@@ -48,14 +50,43 @@ class ReferenceSift:
         self.previous_mask = {n: None for n in targeted}
         self.steps = 0
 
+    def _ranking(self, name):
+        """The score components are ranked by, by magnitude."""
+        if self.config.score == "grad_weight":
+            return self.score[name] * self.targeted[name].detach().float()
+        return self.score[name]
+
     def _select(self, name):
-        """New mask from the score; components that do not stay selected restart their state."""
+        """New mask from the score, per tensor."""
         p = self.targeted[name]
         mask = torch.zeros(p.numel(), dtype=torch.bool)
         if self.config.selection == "random":
             mask[random_indices(p.numel(), self.k[name], self.generators[name], "cpu")] = True
         else:
-            mask[top_k_indices(self.score[name], self.k[name])] = True
+            mask[top_k_indices(self._ranking(name), self.k[name])] = True
+        self._use(name, mask)
+
+    def _select_globally(self):
+        """One ranking of all targeted tensors' components (model order breaks ties) for the total count,
+        after each tensor's top ``min_density`` share (its floor)."""
+        floors, others = {}, []
+        for name, p in self.targeted.items():
+            ranking = self._ranking(name).reshape(-1).abs()
+            floor = round(p.numel() * self.config.min_density)
+            floors[name] = torch.zeros(p.numel(), dtype=torch.bool)
+            floors[name][torch.sort(ranking, descending=True, stable=True).indices[:floor]] = True
+            others.append(torch.where(floors[name], -torch.inf, ranking))
+        rest = sum(self.k.values()) - sum(int(f.sum()) for f in floors.values())
+        chosen = torch.zeros(sum(p.numel() for p in self.targeted.values()), dtype=torch.bool)
+        chosen[torch.sort(torch.cat(others), descending=True, stable=True).indices[:rest]] = True
+        offset = 0
+        for name, p in self.targeted.items():
+            self._use(name, floors[name] | chosen[offset:offset + p.numel()])
+            offset += p.numel()
+
+    def _use(self, name, mask):
+        """Take ``mask`` (flat) as the selection; components that do not stay selected restart their state."""
+        p = self.targeted[name]
         mask = mask.view_as(p).to(p.device)
         if self.config.mode != "per_step":
             old = self.previous_mask[name]
@@ -72,16 +103,33 @@ class ReferenceSift:
         if self.config.mode == "per_step":
             return
         for name, p in self.targeted.items():
-            if self.mask[name] is None and p.grad is not None:
+            if self.mask[name] is None and p.grad is not None and name not in self.complete:
                 self.seen[name] += 1
-                if self.seen[name] == self.config.selection_batches:
+                done = self.seen[name] == self.config.selection_batches
+                if self.config.score == "grad_squared":  # each micro-batch's gradient on its own
+                    g, p.grad = p.grad, None
+                    self.window_grad[name] = g if self.window_grad[name] is None else self.window_grad[name] + g
+                    self.score[name] += g.float() ** 2
+                    if done:
+                        p.grad, self.window_grad[name] = self.window_grad[name], None
+                elif done:
                     self.score[name] += p.grad.float()  # p.grad: this window's sum so far
-                    self._select(name)
+                if done:
+                    self.complete.append(name)
+        if self.config.budget == "per_tensor":
+            for name in self.complete:
+                self._select(name)
+            self.complete = []
+        elif len(self.complete) == len(self.targeted):
+            self._select_globally()
+            self.complete = []
 
     @torch.no_grad()
     def step(self, max_grad_norm=None) -> None:
         grads = {}
         for name, p in self.targeted.items():
+            if self.mask[name] is None:
+                self.window_grad[name] = None  # the window goes on: this step's gradient is not applied
             if p.grad is None:
                 continue
             if self.config.mode == "per_step":
