@@ -202,6 +202,23 @@ def as_if_killed_after_step_2(checkpoints: Path, into: Path) -> None:
     (into / ".checkpoint-00000003.partial" / "__0_0.distcp").write_bytes(b"half a file")
 
 
+def load_after_damage(folder: Path) -> tuple[int, list[str]]:
+    """Two sharded checkpoints, the newest with rank 1's file cut in half: the step loaded and the warnings."""
+    import warnings
+
+    checkpoints = sharding.ShardedCheckpoints(folder)
+    for step in (1, 2):
+        checkpoints.save({"format_version": 1, "step": step, "values": torch.full((1000,), float(step))})
+    if distributed.rank() == 0:
+        part = checkpoints.path(2) / "__1_0.distcp"
+        part.write_bytes(part.read_bytes()[:part.stat().st_size // 2])
+    torch.distributed.barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = checkpoints.load_latest()
+    return state["step"], [str(w.message) for w in caught]
+
+
 def _rank_main(job: str, folder: str) -> None:
     """One rank of a job; RANK and the rest come from the environment, as under torchrun."""
     from siftune.cli import main
@@ -216,6 +233,7 @@ def _rank_main(job: str, folder: str) -> None:
     results["mixed precision"] = train_mixed_precision()
     results["accumulation, synced once a step"] = train_mlp("accumulation", sync_every_micro_batch=False)
     results["ties"] = tied_selection()
+    results["damaged checkpoint"] = load_after_damage(folder / "damaged")
     results["refusals"] = refusals(folder)
     torch.save(results, folder / f"rank{rank}.pt")
     inputs = (folder / "model", folder / "data.csv")
@@ -441,6 +459,13 @@ def test_recipe_with_fsdp_in_a_single_process_is_a_config_error(tmp_path, monkey
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(siftune.ConfigError, match="torchrun --nproc_per_node N"):
         run(TrainArgs(model="unused", dataset="unused", output_dir=str(tmp_path), fsdp=True), progress=False)
+
+
+def test_a_sharded_checkpoint_one_rank_cannot_read_is_skipped_on_every_rank(job):
+    _, ranks, _ = job
+    for rank in ranks:
+        step, warned = rank["damaged checkpoint"]
+        assert step == 1 and len(warned) == 1 and "checkpoint-00000002" in warned[0]
 
 
 def test_a_sharded_checkpoint_on_another_number_of_processes_is_a_checkpoint_error(job):
