@@ -387,7 +387,10 @@ class SiftEngine:
 
     @property
     def selected(self) -> dict[str, torch.Tensor]:
-        """Current selection: tensor name -> sorted flat indices (absent until selected)."""
+        """Current selection: tensor name -> sorted flat indices (absent until selected).
+
+        On a model sharded by FSDP2, this rank's part: indices into its own rows.
+        """
         return {s.name: s.flat() for s in self.slots if s.idx is not None}
 
     def state_bytes(self, optimizer=None) -> dict[str, int]:
@@ -398,7 +401,8 @@ class SiftEngine:
         the trained values beside the frozen weights; ``optimizer``: master values,
         moments and step counts of the selected components. These live on the
         model's device; the increment ledger (host memory) is not counted.
-        Divide by :attr:`num_selected` for the cost per selected component.
+        Divide by :attr:`num_selected` for the cost per selected component (on a
+        sharded model, by this rank's count: the lengths of :attr:`selected`).
         """
         def size(t):
             return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
@@ -418,7 +422,7 @@ class SiftEngine:
 
     @property
     def num_selected(self) -> int:
-        """Components selected in the targeted tensors (dense modules not counted)."""
+        """Components selected in the targeted tensors (dense modules not counted; all ranks' when sharded)."""
         return sum(s.k for s in self.slots)
 
     def increment(self, base_model: str | None = None, values: dict | None = None):
