@@ -11,7 +11,7 @@ import torch
 
 from siftune.bench import merge_records, parse_method, plan, run_bench
 from siftune.bench_methods import lora_count, resolve_density
-from siftune.bench_report import README_END, README_START, markdown_table, summarise, write_report
+from siftune.bench_report import README_END, README_START, markdown_table, summarise, validation_table, write_report
 from siftune.cli import main
 from siftune.errors import ConfigError
 
@@ -181,3 +181,46 @@ def test_gpu_bench_script_runs_peers_and_siftune_on_a_cpu_and_writes_records(tmp
     lean = records[1]
     assert lean["device"] == "cpu" and lean["step_s_median"] > 0 and lean["loss_last"] < lean["loss_first"]
     assert 6 <= lean["state_bytes_per_component"] < 6.01  # packed indices 2 B + bf16 moments 4 B
+
+
+def test_validation_split_comes_from_the_training_pool_and_each_record_holds_its_score(tmp_path, tiny_bert_dir,
+                                                                                         reviews_csv):
+    code = main(["bench", "--task", "classification", "--quick", "--methods", "sift-fixed", "--model", tiny_bert_dir,
+                 "--dataset", reviews_csv, "--eval-size", "16", "--val-size", "12", "--in-process",
+                 "--results-dir", str(tmp_path)])
+    assert code == 0
+    record = json.loads((tmp_path / "classification.json").read_text())[0]
+    assert record["val_examples"] == 12 and record["eval_examples"] == 16
+    assert 0.0 <= record["val_value"] <= 1.0
+    assert "--val-size 12" in record["command"]
+
+
+def test_lr_grid_runs_every_method_at_each_factor_of_its_rate():
+    runs = plan("classification", ["full", "sift-fixed:0.001"], [0], lr_grid=[0.5, 1, 2])
+    assert [(r.method, r.lr) for r in runs] == [("full", 2.5e-5), ("full", 5e-5), ("full", 1e-4),
+                                                ("sift-fixed", 1e-3), ("sift-fixed", 2e-3), ("sift-fixed", 4e-3)]
+    assert {r.val_size for r in runs} == {1000}
+
+
+def test_sift_options_reach_the_sift_methods_only_and_repeat_in_the_command():
+    runs = plan("classification", ["lora", "sift-fixed"], [0], sift=["budget=global", "selection_batches=4"])
+    lora, sift = runs
+    assert lora.sift == {} and sift.sift == {"budget": "global", "selection_batches": 4}
+    assert "--sift budget=global selection_batches=4" in sift.command()
+
+
+@pytest.mark.parametrize("option, message", [("density=0.1", "the method and its setting choose density"),
+                                             ("budget=layer", "budget must be one of"), ("budget", "field=value")])
+def test_bad_sift_options_are_config_errors(option, message):
+    with pytest.raises(ConfigError, match=message):
+        plan("classification", ["sift-fixed"], [0], sift=[option])
+
+
+def test_report_chooses_each_rate_on_validation_and_shows_test_for_the_chosen_rate_only():
+    records = [_record(lr=1e-3, value=0.70, val_value=0.81, val_examples=1000),
+               _record(lr=2e-3, value=0.95, val_value=0.80, val_examples=1000),
+               _record(lr=2e-3, seed=1, value=0.90, val_value=0.99, val_examples=1000)]
+    table = validation_table("classification", summarise(records))
+    # Seed 1 ran only at 2e-3: the choice compares seed 0, where 1e-3 is better.
+    assert "| 0.001 | 0 | 70.00 |" in table
+    assert "95.00" not in table and "92.50" not in table

@@ -25,12 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .bench_methods import DENSITY_METHODS, MATCHED_RANK, METHODS, QUANTIZED, RANKED, MethodRun, prepare
+from .bench_methods import DENSITY_METHODS, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SIFT_MODES, MethodRun, prepare
 from .errors import ConfigError
 
 RESULTS_DIR = Path("bench/results")
@@ -52,6 +52,7 @@ class TaskSetup:
     eval_batch_size: int
     lr: dict  # method -> learning rate of what it adapts
     dense_lr: dict  # method -> learning rate of the densely trained head (default: its lr)
+    val_size: int = 0  # validation examples drawn from the training pool, to choose settings on
 
 
 TASKS = {
@@ -61,16 +62,17 @@ TASKS = {
             "sift-periodic": 2e-3, "sift-per_step": 2e-3},
         # SIFT's head rate is examples/demo.yaml's dense_lr; peft trains its head copy at the adapter's rate.
         dense_lr={"head": 2e-3, "random": 2e-3, "sift-fixed": 2e-3, "sift-periodic": 2e-3, "sift-per_step": 2e-3},
+        val_size=1000,
     ),
     "causal_lm": TaskSetup(
         "smollm2", "chatterbot", steps=40, batch_size=8, max_length=128, eval_size=200, eval_batch_size=8,
         lr={"full": 2e-5, "lora": 2e-4, "shira": 2e-4, "random": 2e-4, "sift-fixed": 2e-4, "sift-periodic": 2e-4,
             "sift-per_step": 2e-4, "qlora": 2e-4, "sift-nf4": 2e-4},
-        dense_lr={},
+        dense_lr={}, val_size=200,
     ),
 }
 # Quick mode: every run takes seconds; it checks the plumbing, not the methods.
-QUICK = {"steps": 3, "batch_size": 4, "max_length": 32, "eval_size": 32, "eval_batch_size": 16}
+QUICK = {"steps": 3, "batch_size": 4, "max_length": 32, "eval_size": 32, "eval_batch_size": 16, "val_size": 16}
 DEFAULT_METHODS = {
     "classification": ["full", "lora", "sift-fixed:matched", "sift-fixed:0.001", "random:0.001"],
     "causal_lm": ["base", "full", "lora", "sift-fixed:matched", "shira"],
@@ -96,6 +98,9 @@ class RunSpec:
     dataset: str
     quick: bool = False
     threads: int = 2
+    # Defaults that mean "as before" for specs written without them (a running benchmark's).
+    val_size: int = 0
+    sift: dict = field(default_factory=dict)  # SiftConfig fields for sift-* methods, e.g. {"budget": "global"}
 
     @property
     def token(self) -> str:
@@ -105,13 +110,16 @@ class RunSpec:
         """The ``siftune bench`` command that repeats exactly this run."""
         parts = ["siftune", "bench", "--task", self.task, "--methods", self.token, "--seeds", str(self.seed),
                  "--steps", str(self.steps), "--batch-size", str(self.batch_size), "--max-length",
-                 str(self.max_length), "--eval-size", str(self.eval_size), "--lr", f"{self.method}={self.lr:g}",
+                 str(self.max_length), "--eval-size", str(self.eval_size), "--val-size", str(self.val_size),
+                 "--lr", f"{self.method}={self.lr:g}",
                  "--dense-lr", f"{self.method}={self.dense_lr:g}", "--threads", str(self.threads)]
         defaults = TASKS[self.task]
         if self.model != defaults.model:
             parts += ["--model", self.model]
         if self.dataset != defaults.dataset:
             parts += ["--dataset", self.dataset]
+        if self.sift:
+            parts += ["--sift", *(f"{k}={v}" for k, v in sorted(self.sift.items()))]
         return shlex.join(parts + (["--quick"] if self.quick else []))
 
 
@@ -157,17 +165,42 @@ def parse_rates(values: list[str] | None) -> tuple[float | None, dict[str, float
     return every, per_method
 
 
+def parse_sift_options(values: list[str] | None) -> dict:
+    """``["budget=global", "selection_batches=4"]`` -> SiftConfig fields, checked by SiftConfig."""
+    from .config import SiftConfig
+
+    options = {}
+    for value in values or []:
+        name, equals, text = value.partition("=")
+        if not equals:
+            raise ConfigError(f"--sift takes field=value pairs, as in budget=global; got {value!r}")
+        for kind in (int, float, str):
+            try:
+                options[name] = kind(text)
+                break
+            except ValueError:
+                continue
+    fixed = sorted(set(options) & {"density", "target_modules", "dense_modules", "mode", "refresh_every", "selection",
+                                   "max_grad_norm", "seed", "storage"})
+    if fixed:
+        raise ConfigError(f"--sift {fixed[0]}=... : the method and its setting choose {fixed[0]}; --sift takes "
+                          "the selection options (score, budget, min_density, selection_batches, ...)")
+    SiftConfig.from_dict({"density": 1.0, **options})  # unknown fields and bad values: one-line ConfigError
+    return options
+
+
 def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, steps: int | None = None,
          lr: list[str] | None = None, dense_lr: list[str] | None = None, threads: int = 2,
-         **sizes) -> list[RunSpec]:
-    """The runs for ``methods`` x ``seeds``; ``sizes`` may override batch_size, max_length, eval_size,
-    eval_batch_size, model, dataset."""
+         lr_grid: list[float] | None = None, sift: list[str] | None = None, **sizes) -> list[RunSpec]:
+    """The runs for ``methods`` x ``seeds`` (x ``lr_grid``: factors of each method's rate); ``sizes`` may
+    override batch_size, max_length, eval_size, val_size, eval_batch_size, model, dataset. ``sift``:
+    SiftConfig fields (``field=value``) for the sift-* methods."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     setup = TASKS[task]
     values = {"steps": setup.steps, "batch_size": setup.batch_size, "max_length": setup.max_length,
               "eval_size": setup.eval_size, "eval_batch_size": setup.eval_batch_size, "model": setup.model,
-              "dataset": setup.dataset}
+              "dataset": setup.dataset, "val_size": setup.val_size}
     if quick:
         values.update(QUICK)
     values.update({k: v for k, v in sizes.items() if v is not None})
@@ -175,14 +208,20 @@ def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, s
         values["steps"] = steps
     lr_all, lr_each = parse_rates(lr)
     dense_all, dense_each = parse_rates(dense_lr)
+    options = parse_sift_options(sift)
+    if any(f <= 0 for f in lr_grid or []):
+        raise ConfigError(f"--lr-grid takes factors > 0 of each method's rate, got {lr_grid}")
     runs = []
     for token in methods:
         method, setting = parse_method(token)
-        rate = lr_each.get(method, lr_all or setup.lr.get(method, 0.0))
-        head_rate = dense_each.get(method, dense_all or setup.dense_lr.get(method, rate))
-        for seed in seeds:
-            runs.append(RunSpec(task, method, setting, seed, lr=rate, dense_lr=head_rate, quick=quick,
-                                threads=threads, **{**values, "steps": 0 if method == "base" else values["steps"]}))
+        base_rate = lr_each.get(method, lr_all or setup.lr.get(method, 0.0))
+        # The same relative grid for every method: their good rates differ by 40x (full vs SIFT).
+        for rate in [float(f"{base_rate * f:.6g}") for f in lr_grid] if lr_grid and method != "base" else [base_rate]:
+            head_rate = dense_each.get(method, dense_all or setup.dense_lr.get(method, rate))
+            for seed in seeds:
+                runs.append(RunSpec(task, method, setting, seed, lr=rate, dense_lr=head_rate, quick=quick,
+                                    threads=threads, sift=options if method in SIFT_MODES else {},
+                                    **{**values, "steps": 0 if method == "base" else values["steps"]}))
     return runs
 
 
@@ -248,26 +287,33 @@ def _load(spec: RunSpec):
 
 def run_one(spec: RunSpec) -> dict:
     """Load, prepare, train and evaluate one run in this process; its record."""
+    from .data import split_examples
     from .train import evaluate
 
     torch.set_num_threads(spec.threads)
     load_avg = os.getloadavg()[0]
     train_set, eval_set, labels, model, batches = _load(spec)
+    val_set = []
+    if spec.val_size:  # from the training pool: the held-out (test) split is never used to choose settings
+        train_set, val_set = split_examples(train_set, spec.val_size, seed=SPLIT_SEED)
     load_mib = _max_rss_mib()
-    prepared = prepare(model, MethodRun(spec.method, spec.task, spec.setting, spec.lr, spec.dense_lr, spec.seed))
+    prepared = prepare(model, MethodRun(spec.method, spec.task, spec.setting, spec.lr, spec.dense_lr, spec.seed,
+                                        sift=spec.sift))
     losses, seconds = [], []
     if spec.steps:
         losses, seconds = train_steps(prepared.model, prepared.optimizer, batches.train_forever(train_set),
                                       spec.steps)
     peak_mib = _max_rss_mib()  # before evaluation: the training peak
     metrics = evaluate(prepared.model, batches.eval(eval_set), spec.task)
+    metric = "accuracy" if spec.task == "classification" else "loss"
+    val_value = evaluate(prepared.model, batches.eval(val_set), spec.task)[metric] if val_set else None
     record = {
         "task": spec.task, "method": spec.method,
         "setting": spec.setting if spec.setting is not None else "",
         "density": prepared.density, "rank": prepared.rank,
         "trainable": prepared.trainable, "trainable_head": prepared.head,
         "metric": "accuracy" if spec.task == "classification" else "loss",
-        "value": metrics["accuracy" if spec.task == "classification" else "loss"],
+        "value": metrics[metric], "val_value": val_value, "val_examples": len(val_set), "sift": spec.sift,
         "step_s": statistics.median(seconds[1:] or seconds) if seconds else None,  # step 1 selects: not typical
         "train_s": round(sum(seconds), 2), "peak_mib": round(peak_mib, 1), "load_mib": round(load_mib, 1),
         "increment_bytes": prepared.increment_bytes(),
@@ -322,7 +368,7 @@ def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
     for spec in runs:
         train_set, _, _, model, batches = _load(spec)
         prepared.append(prepare(model, MethodRun(spec.method, spec.task, spec.setting, spec.lr, spec.dense_lr,
-                                                 spec.seed)))
+                                                 spec.seed, sift=spec.sift)))
         prepared[-1].model.train()
         stream = stream or batches.train_forever(train_set)
     seconds: list[list[float]] = [[] for _ in runs]
@@ -348,7 +394,8 @@ def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
 def record_key(record: dict) -> tuple:
     """Records with the same key are the same experiment: a new one replaces the old."""
     return (record["method"], str(record["setting"]), record["seed"], record["steps"], record["lr"],
-            record["dense_lr"], record["batch_size"], record["max_length"])
+            record["dense_lr"], record["batch_size"], record["max_length"], record.get("val_examples", 0),
+            json.dumps(record.get("sift") or {}, sort_keys=True))
 
 
 def merge_records(path: Path, new: list[dict]) -> list[dict]:
@@ -424,8 +471,17 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a few tiny steps, results into runs/bench-quick/")
     p.add_argument("--lr", nargs="+", help="a learning rate for every method, or method=rate pairs")
     p.add_argument("--dense-lr", nargs="+", help="the head's learning rate, same forms as --lr")
+    p.add_argument("--lr-grid", nargs="+", type=float, metavar="FACTOR",
+                   help="run every method at each of these multiples of its rate (e.g. 0.5 1 2); --report then "
+                   "picks each method's rate by its validation score")
+    p.add_argument("--sift", nargs="+", metavar="FIELD=VALUE",
+                   help="SiftConfig fields for the sift-* methods, e.g. budget=global score=grad_squared "
+                   "selection_batches=4 min_density=0.0001")
     for name, what in (("batch-size", "examples per training batch"), ("max-length", "tokens per example"),
-                       ("eval-size", "held-out examples"), ("eval-batch-size", "examples per held-out batch")):
+                       ("eval-size", "held-out (test) examples"),
+                       ("val-size", "validation examples taken from the training pool to choose rates on, 0 for "
+                        "none (default: the task's, 1000 / 200)"),
+                       ("eval-batch-size", "examples per held-out batch")):
         p.add_argument(f"--{name}", type=int, help=f"{what} (default: the task's)")
     p.add_argument("--model", help="model name or folder (default: the task's)")
     p.add_argument("--dataset", help="built-in dataset or file (default: the task's)")
@@ -446,13 +502,15 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     results_dir = ns.results_dir or (QUICK_RESULTS_DIR if ns.quick else RESULTS_DIR)
     if ns.report:
-        for path in write_report(results_dir, readme=Path("README.md"), figure_dir=Path("docs/figures")):
+        main_results = Path(results_dir) == RESULTS_DIR  # a study's own folder leaves the README alone
+        for path in write_report(results_dir, readme=Path("README.md") if main_results else None,
+                                 figure_dir=Path("docs/figures") if main_results else None):
             print(f"wrote {path}")
         return 0
     runs = plan(ns.task, ns.methods or DEFAULT_METHODS[ns.task], ns.seeds, quick=ns.quick, steps=ns.steps,
-                lr=ns.lr, dense_lr=ns.dense_lr, threads=ns.threads, batch_size=ns.batch_size,
-                max_length=ns.max_length, eval_size=ns.eval_size, eval_batch_size=ns.eval_batch_size,
-                model=ns.model, dataset=ns.dataset)
+                lr=ns.lr, dense_lr=ns.dense_lr, threads=ns.threads, lr_grid=ns.lr_grid, sift=ns.sift,
+                batch_size=ns.batch_size, max_length=ns.max_length, eval_size=ns.eval_size, val_size=ns.val_size,
+                eval_batch_size=ns.eval_batch_size, model=ns.model, dataset=ns.dataset)
     if ns.paired_steps:
         timing = paired_step_times(runs, ns.paired_steps)
         path = Path(results_dir) / f"{ns.task}_paired_timing.json"

@@ -17,7 +17,7 @@ On a base whose Linear layers are loaded in nf4 (:data:`QUANTIZED`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -61,6 +61,7 @@ class MethodRun:
     dense_lr: float
     seed: int
     max_grad_norm: float = 1.0
+    sift: dict = field(default_factory=dict)  # more SiftConfig fields for sift-* (budget, score, ...)
 
 
 @dataclass
@@ -201,7 +202,7 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
         mode=SIFT_MODES.get(run.method, "fixed"), refresh_every=PERIODIC_REFRESH,
         selection="random" if run.method == "random" else "gradient", max_grad_norm=run.max_grad_norm,
-        seed=run.seed, storage="delta" if run.method in QUANTIZED else "in_place",
+        seed=run.seed, storage="delta" if run.method in QUANTIZED else "in_place", **run.sift,
     )
     engine = attach(model, config)
     optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)

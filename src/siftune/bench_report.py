@@ -34,10 +34,11 @@ def summarise(records: list[dict]) -> list[dict]:
     """One row per experiment: the records that differ only in seed, aggregated."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        key = (r["method"], str(r["setting"]), r["steps"], r["lr"], r["dense_lr"], r["batch_size"], r["max_length"])
+        key = (r["method"], str(r["setting"]), r["steps"], r["lr"], r["dense_lr"], r["batch_size"], r["max_length"],
+               r.get("val_examples", 0), json.dumps(r.get("sift") or {}, sort_keys=True))
         groups.setdefault(key, []).append(r)
     rows = []
-    for runs in groups.values():
+    for key, runs in groups.items():
         values = [r["value"] for r in runs]
         first = runs[0]
         steps = [r["step_s"] for r in runs if r["step_s"] is not None]
@@ -52,7 +53,10 @@ def summarise(records: list[dict]) -> list[dict]:
             "load_mib": statistics.median(r["load_mib"] for r in runs),
             "increment_bytes": first["increment_bytes"], "steps": first["steps"], "lr": first["lr"],
             "dense_lr": first["dense_lr"], "perplexity": _mean_of(runs, "perplexity"),
-            "majority": first.get("majority_accuracy"),
+            "majority": first.get("majority_accuracy"), "sift": first.get("sift") or {},
+            "val": {r["seed"]: r["val_value"] for r in runs if r.get("val_value") is not None},
+            "val_examples": first.get("val_examples", 0),
+            "experiment": key[:3] + key[5:],  # what a rate grid varies over: everything but lr and head lr
         })
     # The untrained base first, then one block per training length, methods in ORDER within it.
     rows.sort(key=lambda row: (row["steps"] != 0, row["steps"],
@@ -67,12 +71,13 @@ def _mean_of(runs, key):
 
 
 def setting_label(row: dict) -> str:
+    options = "".join(f", {k}={v}" for k, v in sorted(row.get("sift", {}).items()))
     if row["rank"] is not None:
         return f"r={row['rank']}"
     if row["density"] is not None:
         matched = " (LoRA r=8 count)" if row["setting"] == "matched" else ""
-        return f"{row['density']:.3%}{matched}"
-    return ""
+        return f"{row['density']:.3%}{matched}{options}"
+    return options[2:]
 
 
 def markdown_table(task: str, rows: list[dict]) -> str:
@@ -102,6 +107,50 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     if accuracy and rows[0]["majority"] is not None:
         notes.insert(0, f"Majority class: {rows[0]['majority'] * 100:.2f}%. Accuracy in points (%).")
     lines += ["", " ".join(notes)]
+    return "\n".join(lines)
+
+
+def chosen_on_validation(rows: list[dict]) -> list[tuple[list[dict], dict, list[int]]]:
+    """Per experiment run at several rates with a validation split: ``(candidates, chosen, seeds)``.
+
+    The chosen rate has the best mean validation score over the seeds every
+    candidate ran (``seeds``), so a rate run with more seeds has no edge.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["val"]:
+            groups.setdefault(row["experiment"], []).append(row)
+    out = []
+    for candidates in groups.values():
+        seeds = sorted(set.intersection(*(set(r["val"]) for r in candidates)))
+        if not seeds:
+            continue
+        sign = 1 if candidates[0]["metric"] == "accuracy" else -1
+        for r in candidates:
+            r["val_mean"] = statistics.fmean(r["val"][s] for s in seeds)
+        out.append((candidates, max(candidates, key=lambda r: sign * r["val_mean"]), seeds))
+    return out
+
+
+def validation_table(task: str, rows: list[dict]) -> str:
+    """Rates chosen on the validation split, and the held-out (test) score of the chosen one only."""
+    chosen = chosen_on_validation(rows)
+    if not chosen:
+        return ""
+    accuracy = rows[0]["metric"] == "accuracy"
+    scale = 100 if accuracy else 1
+    lines = ["", f"Rates chosen on validation ({task}; validation drawn from the training pool; test reported for "
+             "the chosen rate only):", "",
+             "| method | setting | steps | lr (head lr) tried: validation mean | chosen lr | seeds "
+             "| test (mean ± sd) |",
+             "|---|---|---:|---|---:|---|---|"]
+    for candidates, best, seeds in chosen:
+        tried = ", ".join(f"{r['lr']:g}" + (f" ({r['dense_lr']:g})" if r["dense_lr"] != r["lr"] else "")
+                          + f": {r['val_mean'] * scale:.2f}" for r in sorted(candidates, key=lambda r: r["lr"]))
+        spread = f" ± {best['sd'] * scale:.2f}" if best["sd"] is not None else ""
+        lines.append(f"| {best['method']} | {setting_label(best)} | {best['steps']} | {tried} (val seeds "
+                     f"{','.join(map(str, seeds))}, {best['val_examples']} examples) | {best['lr']:g} | "
+                     f"{','.join(map(str, best['seeds']))} | {best['mean'] * scale:.2f}{spread} |")
     return "\n".join(lines)
 
 
@@ -181,7 +230,7 @@ def write_report(results_dir: Path, readme: Path | None = None, figure_dir: Path
     results_dir = Path(results_dir)
     tables = {task: summarise(load(results_dir / f"{task}.json")) for task in TASK_TITLES}
     timings = {task: load(results_dir / f"{task}_paired_timing.json") for task in TASK_TITLES}
-    text = "\n\n".join(markdown_table(task, rows) + timing_table(task, timings[task])
+    text = "\n\n".join(markdown_table(task, rows) + validation_table(task, rows) + timing_table(task, timings[task])
                        for task, rows in tables.items() if rows)
     if not text:
         return []
