@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import ConfigError, SiftConfig  # noqa: E402
-from siftune.budget import ranked  # noqa: E402
+from siftune.budget import check_placement, ranked  # noqa: E402
 from _models import mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
 
@@ -220,3 +220,25 @@ def test_unsupported_selection_options_are_one_line_config_errors(overrides, mes
     with pytest.raises(ConfigError, match=message) as caught:
         SiftConfig(density=0.2, **overrides)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_squared")])
+def test_attaching_under_torch_distributed_with_a_one_process_option_is_a_config_error(overrides, monkeypatch):
+    import siftune.engine
+
+    monkeypatch.setattr(siftune.engine, "_distributed", lambda: True)
+    with pytest.raises(ConfigError, match="run in one process"):
+        siftune.attach(mlp(), config(**overrides))
+
+
+def test_gradient_times_weight_score_is_allowed_under_torch_distributed(monkeypatch):
+    import siftune.engine
+
+    monkeypatch.setattr(siftune.engine, "_distributed", lambda: True)
+    siftune.attach(mlp(), config(score="grad_weight"))
+
+
+@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight")])
+def test_selection_options_on_sharded_weights_are_a_config_error(overrides):
+    with pytest.raises(ConfigError, match="unsharded weights"):
+        check_placement(config(**overrides), sharded=True, multi_process=False)
