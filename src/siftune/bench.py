@@ -312,9 +312,9 @@ def run_one(spec: RunSpec) -> dict:
         "setting": spec.setting if spec.setting is not None else "",
         "density": prepared.density, "rank": prepared.rank,
         "trainable": prepared.trainable, "trainable_head": prepared.head,
-        "metric": "accuracy" if spec.task == "classification" else "loss",
-        "value": metrics[metric], "val_value": val_value, "val_examples": len(val_set), "sift": spec.sift,
+        "metric": metric, "value": metrics[metric], "val_value": val_value, "val_examples": len(val_set), "sift": spec.sift,
         "step_s": statistics.median(seconds[1:] or seconds) if seconds else None,  # step 1 selects: not typical
+        "first_step_s": seconds[0] if seconds else None,  # SIFT selects in it
         "train_s": round(sum(seconds), 2), "peak_mib": round(peak_mib, 1), "load_mib": round(load_mib, 1),
         "increment_bytes": prepared.increment_bytes(),
         "steps": spec.steps, "seed": spec.seed, "lr": spec.lr, "dense_lr": spec.dense_lr,
