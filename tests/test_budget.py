@@ -242,3 +242,39 @@ def test_gradient_times_weight_score_is_allowed_under_torch_distributed(monkeypa
 def test_selection_options_on_sharded_weights_are_a_config_error(overrides):
     with pytest.raises(ConfigError, match="unsharded weights"):
         check_placement(config(**overrides), sharded=True, multi_process=False)
+
+
+# -- siftune train -----------------------------------------------------------------
+
+def _reviews(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f"{'a warm film' if i % 2 else 'a cold mess'} {i},{i % 2}\n"
+                                             for i in range(40)))
+    return str(path)
+
+
+def test_siftune_train_takes_the_selection_options_and_the_increment_records_them(tmp_path, tiny_bert_dir):
+    from siftune import SparseIncrement
+    from siftune.cli import main
+    from siftune.select import count_selected
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_bert_dir, "--dataset", _reviews(tmp_path), "--output-dir", str(out),
+                 "--steps", "2", "--batch-size", "8", "--max-length", "16", "--eval-size", "0", "--density", "0.05",
+                 "--budget", "global", "--min-density", "0.01", "--score", "grad_weight", "--quiet"]) == 0
+    increment = SparseIncrement.load(out)
+    assert (increment.config["budget"], increment.config["score"], increment.config["min_density"]) == (
+        "global", "grad_weight", 0.01)
+    numels = {n: t.shape[0] * t.shape[1] for n, t in increment.tensors.items()}
+    counts = {n: t.indices.numel() for n, t in increment.tensors.items()}
+    assert sum(counts.values()) == sum(count_selected(n, 0.05) for n in numels.values())
+    assert all(counts[n] >= round(0.01 * numels[n]) for n in numels)
+
+
+def test_siftune_train_with_an_unknown_budget_is_a_one_line_error_and_exit_2(tmp_path, tiny_bert_dir, capsys):
+    from siftune.cli import main
+
+    assert main(["train", "--model", tiny_bert_dir, "--dataset", _reviews(tmp_path), "--budget", "layer",
+                 "--output-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "budget must be one of per_tensor, global" in err and err.count("\n") == 1

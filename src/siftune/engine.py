@@ -14,6 +14,9 @@ Selection, per targeted tensor, in the modes of :class:`SiftConfig`:
 * ``periodic``: the same, again every ``refresh_every`` optimizer steps;
 * ``per_step``: dense gradients are kept and the top-k is taken from each
   step's accumulated gradient.
+
+What ranks a component (``score``) and whether the count is shared per tensor
+or over all of them (``budget``) is :mod:`siftune.budget`'s.
 """
 from __future__ import annotations
 

@@ -129,8 +129,9 @@ class TrainArgs:
 
     The SIFT fields ``density``, ``mode``, ``selection_batches``,
     ``refresh_every``, ``state_dtype``, ``selection``, ``master_weights``,
-    ``update_in_backward``, ``compact_indices``, ``storage`` and
-    ``delta_dtype`` are :class:`SiftConfig`'s, documented there.
+    ``update_in_backward``, ``compact_indices``, ``storage``,
+    ``delta_dtype``, ``score``, ``budget`` and ``min_density`` are
+    :class:`SiftConfig`'s, documented there.
     """
 
     model: str = "minilm"
@@ -149,6 +150,9 @@ class TrainArgs:
     compact_indices: bool = False
     storage: str = "in_place"
     delta_dtype: str = "float32"
+    score: str = "grad"
+    budget: str = "per_tensor"
+    min_density: float = 0.0
     quantize: str | None = None
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
@@ -245,7 +249,7 @@ class TrainArgs:
             refresh_every=self.refresh_every, state_dtype=self.state_dtype, selection=self.selection,
             master_weights=self.master_weights, update_in_backward=self.update_in_backward,
             compact_indices=self.compact_indices, storage="delta" if self.quantize else self.storage,
-            delta_dtype=self.delta_dtype,
+            delta_dtype=self.delta_dtype, score=self.score, budget=self.budget, min_density=self.min_density,
             target_modules=self.target_modules, dense_modules=dense_modules or self.dense_modules or (),
             max_grad_norm=self.max_grad_norm or None, seed=self.seed,
         )
