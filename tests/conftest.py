@@ -9,6 +9,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["MPLBACKEND"] = "Agg"
 
+import json  # noqa: E402
 import string  # noqa: E402
 
 import pytest  # noqa: E402
@@ -103,3 +104,12 @@ def tiny_llama_dir(tmp_path, tiny_llama, tiny_tokenizer) -> str:
     tiny_llama.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def chat_jsonl(tmp_path):
+    """A prompt/response JSONL file: 16 pairs that teach "say x" -> "xxx"."""
+    path = tmp_path / "chat.jsonl"
+    lines = [json.dumps({"prompt": f"say {c}", "response": f"{c}{c}{c}"}) for c in "abcdefghijklmnop"]
+    path.write_text("\n".join(lines) + "\n")
+    return path

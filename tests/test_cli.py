@@ -36,14 +36,6 @@ def sentiment_csv(tmp_path):
     return path
 
 
-@pytest.fixture
-def chat_jsonl(tmp_path):
-    path = tmp_path / "chat.jsonl"
-    lines = [json.dumps({"prompt": f"say {c}", "response": f"{c}{c}{c}"}) for c in "abcdefghijklmnop"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def write_csv(path, rows):
     path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
     return path

@@ -164,8 +164,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_job(job: str, folder: Path, timeout_s: float = JOB_LIMIT_S) -> list[subprocess.Popen]:
-    """WORLD processes running ``_rank_main(job, folder)``; output in folder/rank{r}.out and .err."""
+def start_job(job: str, folder: Path, timeout_s: float = JOB_LIMIT_S,
+              module: str = "test_distributed") -> list[subprocess.Popen]:
+    """WORLD processes running ``module._rank_main(job, folder)``; output in folder/rank{r}.out and .err."""
     port = _free_port()
     procs = []
     for rank in range(WORLD):
@@ -173,7 +174,7 @@ def start_job(job: str, folder: Path, timeout_s: float = JOB_LIMIT_S) -> list[su
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: str(timeout_s),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-        code = f"from test_distributed import _rank_main; _rank_main({job!r}, {str(folder)!r})"
+        code = f"from {module} import _rank_main; _rank_main({job!r}, {str(folder)!r})"
         with open(folder / f"rank{rank}.out", "w") as out, open(folder / f"rank{rank}.err", "w") as err:
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=err))
     return procs

@@ -17,14 +17,6 @@ from siftune.models import load_model  # noqa: E402
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture
-def chat_jsonl(tmp_path):
-    path = tmp_path / "chat.jsonl"
-    lines = [json.dumps({"prompt": f"say {c}", "response": f"{c}{c}{c}"}) for c in "abcdefghijklmnop"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def _train(tmp_path, model_dir, dataset, *extra):
     out = tmp_path / "run"
     code = main(["train", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out),

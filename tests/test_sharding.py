@@ -24,7 +24,8 @@ sys.path.insert(0, str(TESTS))
 import siftune  # noqa: E402
 from siftune import SiftConfig, distributed, sharding  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
-from test_distributed import _free_port, finish, output, recipe_inputs  # noqa: E402, F401 (a fixture)
+from test_distributed import finish, output, recipe_inputs  # noqa: E402, F401 (a fixture)
+from test_distributed import start_job as start_distributed_job  # noqa: E402
 
 WORLD = 2
 ATOL = 1e-6
@@ -248,18 +249,8 @@ def _rank_main(job: str, folder: str) -> None:
 
 
 def start_job(job: str, folder: Path, timeout_s: float = JOB_LIMIT_S) -> list[subprocess.Popen]:
-    """WORLD processes running ``_rank_main(job, folder)``; output in folder/rank{r}.out and .err."""
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-               "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: str(timeout_s),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-        code = f"from test_sharding import _rank_main; _rank_main({job!r}, {str(folder)!r})"
-        with open(folder / f"rank{rank}.out", "w") as out, open(folder / f"rank{rank}.err", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=err))
-    return procs
+    """WORLD processes running this module's ``_rank_main(job, folder)``."""
+    return start_distributed_job(job, folder, timeout_s, module="test_sharding")
 
 
 @pytest.fixture(scope="module")
