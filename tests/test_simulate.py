@@ -26,8 +26,8 @@ def test_simulated_step_peaks_match_a_real_cpu_run_of_the_same_steps(method):
     simulated = simulate.simulate(method, "tiny", seq=64, warmup=1, dtype=torch.float32)
     simulated_peaks = [round(s["peak_gib"] * 2**30) for s in simulated["steps"]]
     assert len(real) == len(simulated_peaks) == 2
+    # The real count also holds SIFT's ledger (host memory on a GPU, the same allocator
+    # here): at most an int32 index and an fp32 value per selected component.
+    allowed = 16 * 1024 + 8 * simulated.get("selected", 0)
     for step, (r, s) in enumerate(zip(real, simulated_peaks)):
-        # The real count also holds SIFT's ledger (host memory on a GPU, the same allocator
-        # here): k x 8 B, under 1 MiB at this shape.
-        assert abs(r - s) <= 1 * MiB, f"step {step}: real {r / MiB:.2f} MiB, simulated {s / MiB:.2f} MiB"
-
+        assert abs(r - s) <= allowed, f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"
