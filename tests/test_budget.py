@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import ConfigError, SiftConfig  # noqa: E402
-from siftune.budget import check_placement, ranked  # noqa: E402
+from siftune.budget import check_placement, top_set  # noqa: E402
 from _models import mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
 
@@ -124,9 +124,22 @@ def test_gradient_times_weight_score_ranks_by_the_product():
     assert torch.equal(engine.selected["0.weight"].long(), expected)
 
 
-def test_ranked_orders_by_score_then_by_lower_index_among_ties():
+def test_top_set_takes_the_lower_indices_among_ties_at_the_boundary():
     score = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0])
-    assert ranked(score, 4).tolist() == [1, 3, 2, 4]
+    assert sorted(top_set(score, 4).tolist()) == [1, 2, 3, 4]
+    assert sorted(top_set(score, 4, at_least=torch.tensor(3.0)).tolist()) == [1, 3]
+
+
+def test_global_pool_breaks_ties_by_model_order_then_index_whatever_the_arrival_order():
+    # Equal scores everywhere: the total goes to the first positions in model order,
+    # although the tensors arrive last layer first, as in backward.
+    engine = siftune.attach(mlp(), config(**GLOBAL))
+    pool = engine.selector.pool
+    first, second = engine.slots
+    assert pool.offer(second, torch.ones(second.shape), torch.zeros(second.shape)) is None
+    chosen = pool.offer(first, torch.ones(first.shape), torch.zeros(first.shape))
+    total = sum(SHARES.values())
+    assert chosen[0][0].tolist() == list(range(total)) and chosen[1][0].numel() == 0
 
 
 # -- counts, memory, increments -----------------------------------------------
@@ -152,7 +165,7 @@ def test_global_selection_keeps_no_dense_gradient_of_a_targeted_weight_after_bac
     engine = siftune.attach(model, config(**GLOBAL))
     mlp_loss(model, mlp_batches(1)[0]).backward()
     assert all(model.get_parameter(n).grad is None for n in SHARES)
-    assert engine.selector.pool.scores is None  # the pool lives during the selecting backward only
+    assert engine.selector.pool.parts == []  # the pool lives during the selecting backward only
 
 
 def test_global_budget_resumes_from_engine_state_with_uneven_counts():

@@ -17,8 +17,9 @@ A global selection never holds all dense gradients. Backward delivers the
 tensors one at a time and each dense gradient is freed in its hook, so the
 ranking is built as they arrive: a tensor keeps its floor (its top f_i) and
 offers its next R = sum k_i - sum f_i best components to a running pool,
-which keeps the R best it has seen. When the last tensor has arrived the pool
-is exactly the global top-R. The pool holds score, position and gradient
+which keeps the R best it has seen (a top-k, no sort), and
+once it is full a tensor offers only what beats its R-th best. When the last
+tensor has arrived the pool is exactly the global top-R. The pool holds score, position and gradient
 value (16 B) for at most R components, during the selecting backward only.
 
 Ties rank the lower flat position (tensor order, then index) first, so that
@@ -54,15 +55,21 @@ def rank_score(kind: str, score: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return score  # grad: the window's sum; grad_squared: the window's sum of squares
 
 
-def ranked(score: torch.Tensor, m: int) -> torch.Tensor:
-    """Flat indices of the ``m`` largest entries of the 1-D ``score``: by score, then by index."""
+def top_set(score: torch.Tensor, m: int, at_least: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat indices of the ``m`` largest entries of the 1-D ``score`` (ties: lower index first), unordered;
+    with ``at_least``, only those of them >= it."""
     if m == 0:
         return torch.zeros(0, dtype=torch.long, device=score.device)
-    threshold = torch.topk(score, m, sorted=False).values.min()
-    above = (score > threshold).nonzero().squeeze(1)
-    ties = (score == threshold).nonzero().squeeze(1)[:m - above.numel()]  # ascending: lowest index first
-    idx = torch.cat([above, ties]).sort().values
-    return idx[torch.sort(score[idx], descending=True, stable=True).indices]
+    if at_least is not None:  # usually few pass: rank only them
+        idx = (score >= at_least).nonzero().squeeze(1)
+        return idx if idx.numel() <= m else idx[top_set(score[idx], m)]
+    values, idx = torch.topk(score, m, sorted=False)
+    value = values.min()  # the m-th largest
+    if int((score == value).sum()) == int((values == value).sum()):
+        return idx  # no tie left out at the boundary: top-k's own choice is the one
+    above = (score > value).nonzero().squeeze(1)
+    ties = (score == value).nonzero().squeeze(1)[:m - above.numel()]  # ascending: lowest index first
+    return torch.cat([above, ties])
 
 
 class Selector:
@@ -123,7 +130,9 @@ class GlobalPool:
 
     def reset(self) -> None:
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.scores = self.places = self.values = None
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (scores, places, gradient values)
+        self.pooled = 0
+        self.cut = None  # the R-th best score pooled so far: nothing below it can enter
 
     def offer(self, slot, score: torch.Tensor, grad: torch.Tensor):
         """``slot``'s window is complete: keep its floor, pool its best others.
@@ -136,32 +145,48 @@ class GlobalPool:
             raise ConfigError(f"budget='global': {slot.name} got a gradient again before every targeted tensor "
                               f"got one ({self.missing()[0]} got none); target only weights the loss depends on, "
                               "or use budget='per_tensor'")
-        flat, g = score.detach().reshape(-1).abs().float(), grad.reshape(-1)
-        top = ranked(flat, min(flat.numel(), self.floors[i] + self.rest))
-        floor, extra = top[:self.floors[i]], top[self.floors[i]:]
+        flat, g = score.detach().reshape(-1).abs().float(), grad.reshape(-1)  # abs(): a copy of our own
+        floor = top_set(flat, self.floors[i])
         self.kept[i] = (floor, g[floor])
-        scores, places, values = flat[extra], extra + self.offsets[i], g[extra].float()
-        if self.scores is not None:
-            scores = torch.cat([self.scores, scores])
-            places = torch.cat([self.places, places])
-            values = torch.cat([self.values, values])
-        by_place = torch.argsort(places)
-        best = by_place[torch.sort(scores[by_place], descending=True, stable=True).indices[:self.rest]]
-        self.scores, self.places, self.values = scores[best], places[best], values[best]
+        flat[floor] = -1.0  # scores are >= 0: the floor is out of the pool's ranking
+        extra = top_set(flat, min(flat.numel() - floor.numel(), self.rest), self.cut)
+        self.parts.append((flat[extra], extra + self.offsets[i], g[extra].float()))
+        self.pooled += extra.numel()
+        if self.pooled > 2 * self.rest:  # trimmed now and then, not at every tensor: fewer passes
+            self._trim()
         if len(self.kept) < len(self.numels):
             return None
+        self._trim()
         return self._split()
+
+    def _trim(self) -> None:
+        """Keep the R best pooled; among equal scores the lower places (model order, then index)."""
+        scores, places, values = (torch.cat(part) for part in zip(*self.parts))
+        if scores.numel() > self.rest:
+            value = torch.topk(scores, self.rest, sorted=False).values.min()
+            keep = (scores > value).nonzero().squeeze(1)
+            ties = (scores == value).nonzero().squeeze(1)
+            keep = torch.cat([keep, ties[torch.argsort(places[ties])[:self.rest - keep.numel()]]])
+            scores, places, values = scores[keep], places[keep], values[keep]
+            self.cut = value
+        self.parts, self.pooled = [(scores, places, values)], scores.numel()
 
     def missing(self) -> list[str]:
         """Names of the tensors that have not offered yet."""
         return [name for i, name in enumerate(self.names) if i not in self.kept]
 
     def _split(self):
+        _, places, values = self.parts[0]
+        order = torch.argsort(places)
+        places, values = places[order], values[order]
+        offsets = torch.tensor(self.offsets, device=places.device)
+        counts = torch.bincount(torch.bucketize(places, offsets, right=True) - 1, minlength=len(self.numels))
         out = []
-        for i, (floor, picked) in sorted(self.kept.items()):
-            mine = (self.places >= self.offsets[i]) & (self.places < self.offsets[i] + self.numels[i])
-            idx = torch.cat([floor, self.places[mine] - self.offsets[i]])
-            grad = torch.cat([picked, self.values[mine].to(picked.dtype)])
+        for i, (mine, picked) in enumerate(zip(torch.split(places, counts.tolist()),
+                                               torch.split(values, counts.tolist()))):
+            floor, floor_grad = self.kept[i]
+            idx = torch.cat([floor, mine - self.offsets[i]])
+            grad = torch.cat([floor_grad, picked.to(floor_grad.dtype)])
             order = torch.argsort(idx)
             out.append((idx[order].to(index_dtype(self.numels[i])), grad[order]))
         self.reset()
