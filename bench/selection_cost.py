@@ -91,8 +91,9 @@ def main() -> None:
                 elif kind == "step":
                     seconds[name]["step"].append(took)
             if engine.selector.pool is not None:
-                pools[name] = {"pool_peak_bytes": peak_pool.pop(id(engine.selector.pool), 0),
-                               "pool_bound_bytes": 16 * 3 * engine.selector.pool.rest + 12 * sum(engine.selector.pool.floors),
+                pool = engine.selector.pool
+                pools[name] = {"pool_peak_bytes": peak_pool.pop(id(pool), 0),
+                               "pool_bound_bytes": 16 * 3 * pool.rest + 12 * sum(pool.floors),
                                "per_tensor_counts": {s.name: s.k for s in engine.slots}}
             del model, engine, optimizer
     record = {"model": spec.model, "batch_size": spec.batch_size, "max_length": spec.max_length,
