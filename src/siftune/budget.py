@@ -16,11 +16,12 @@
 A global selection never holds all dense gradients. Backward delivers the
 tensors one at a time and each dense gradient is freed in its hook, so the
 ranking is built as they arrive: a tensor keeps its floor (its top f_i) and
-offers its next R = sum k_i - sum f_i best components to a running pool,
-which keeps the R best it has seen (a top-k, no sort), and
-once it is full a tensor offers only what beats its R-th best. When the last
-tensor has arrived the pool is exactly the global top-R. The pool holds score, position and gradient
-value (16 B) for at most R components, during the selecting backward only.
+offers its next R = sum k_i - sum f_i best components to a running pool.
+The pool is cut back to the R best (by a top-k threshold, no sort) whenever
+it passes 2R, and a tensor offers only what reaches the last cut's R-th best
+score, so it holds at most 3R entries (score, position, gradient value: 16 B
+each), during the selecting backward only. When the last tensor has arrived
+it is cut to exactly the global top-R.
 
 Ties rank the lower flat position (tensor order, then index) first, so that
 the dense :class:`siftune.ReferenceSift` gets the same selection.
