@@ -24,10 +24,10 @@ from .config import SiftConfig
 from .engine import attach
 from .errors import CheckpointError, ConfigError
 from .quantize import QUANTIZATIONS
+from .select import HEAD_NAMES
 from .io import atomic_write, atomic_write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEAD_NAMES = ("classifier", "score")  # the new head of transformers' sequence classifiers
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_TO = ("none", "tensorboard")

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..select import find_targets
-from ..train import HEAD_NAMES
+from ..select import HEAD_NAMES, find_targets
 from . import inputs, plots, report
 from .stats import TOP_FRACTIONS, Concentration, density_for_share, selection_share
 
