@@ -46,9 +46,13 @@ SIZES = {  # hidden, layers, intermediate, heads: the shapes of gpu_peers.py
     "tiny": (256, 2, 688, 4),
     "1b": (2048, 22, 5632, 32),
     "7b": (4096, 32, 11008, 32),
+    "13b": (5120, 40, 13824, 40),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["frozen", "full", "lora", "shira", "sift-5", "sift-5-lean", "sift-lora"]
+# On an nf4 base (quantize_nf4): QLoRA r=64 and SIFT with storage="delta" (issue 13, item 5).
+# Not in METHODS: a plain run measures the bf16 methods only; name these with --methods.
+NF4_METHODS = ["qlora-64-nf4", "sift-5-nf4", "sift-5-lean-nf4", "sift-qlora-nf4"]
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 
 
@@ -76,8 +80,32 @@ def lora_count(model, rank: int) -> int:
 
 
 def targeted_count(model) -> int:
-    return sum(m.weight.numel() for name, m in model.named_modules()
+    """Entries of the targeted weights, counted by their logical shape (a packed 4-bit weight holds half)."""
+    return sum(m.in_features * m.out_features for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS)
+
+
+def quantize_nf4(model, compute_dtype: torch.dtype):
+    """Swap each targeted Linear for a bitsandbytes nf4 ``Linear4bit`` (blocksize 64, no double quantization).
+
+    Embeddings, norms and lm_head keep their dtype. The new layer's weight is a
+    ``Params4bit`` holding the float weight, quantized when the layer moves to its
+    device, as bitsandbytes does it.
+    """
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if not (type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] in TARGETS):
+            continue
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4",
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=64,
+                                         compress_statistics=False, quant_type="nf4", module=layer)
+        if module.bias is not None:
+            layer.bias = module.bias
+        model.set_submodule(name, layer)
+    return model
 
 
 def setup(method: str, model, rank: int, fused: bool | None = None):
@@ -90,11 +118,11 @@ def setup(method: str, model, rank: int, fused: bool | None = None):
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5), None
     if method == "full":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused), None
-    if method in ("lora", "shira"):
+    if method in ("lora", "shira", "qlora-64-nf4"):
         import peft
 
         config = (peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
-                  if method == "lora" else peft.ShiraConfig(r=rank, target_modules=TARGETS))
+                  if method != "shira" else peft.ShiraConfig(r=rank, target_modules=TARGETS))
         model = peft.get_peft_model(model, config)
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused), None
     import siftune
@@ -103,6 +131,12 @@ def setup(method: str, model, rank: int, fused: bool | None = None):
                "sift-5-lean": dict(density=0.05, state_dtype="bfloat16", master_weights=False,
                                    compact_indices=True, update_in_backward=True),
                "sift-lora": dict(density=lora_count(model, rank) / targeted_count(model), update_in_backward=True),
+               # nf4 bases: the values train beside the frozen 4-bit weights (compact_indices is
+               # refused with a delta).
+               "sift-5-nf4": dict(density=0.05, storage="delta"),
+               "sift-5-lean-nf4": dict(density=0.05, storage="delta", delta_dtype="bfloat16", master_weights=False,
+                                       state_dtype="bfloat16", update_in_backward=True),
+               "sift-qlora-nf4": dict(density=lora_count(model, rank) / targeted_count(model), storage="delta"),
                }[method]
     engine = siftune.attach(model, siftune.SiftConfig(target_modules=TARGETS, **options))
     model.enable_input_require_grads()  # as peft does: checkpointed layers need a grad-requiring input
@@ -117,6 +151,8 @@ def worker(args) -> dict:
     started = time.time()
     model = build(args.size, device)
     params = sum(p.numel() for p in model.parameters())
+    if args.method in NF4_METHODS:  # quantized as the layers move to the device
+        model = quantize_nf4(model, model.dtype).to(device)
     if args.gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -177,7 +213,7 @@ def compare(records: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--methods", nargs="+", choices=METHODS + NF4_METHODS, default=METHODS)
     parser.add_argument("--size", default="7b", choices=sorted(SIZES))
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)

@@ -268,6 +268,10 @@ def cuda_kernels():
 
     kernels = torch.library.Library("aten", "IMPL")
     kernels.impl("sparse_mask", sparse_mask, "SparseMeta")
+    matmul4 = _bnb_matmul4bit()
+    plain_forward = matmul4.forward if matmul4 else None
+    if matmul4:
+        matmul4.forward = staticmethod(_dequantize_then_linear)
     F.scaled_dot_product_attention = sdpa
     adam._device_dtype_check_for_fused = fused_check
     siftune.storage.quantized_kind = plain_when_fake
@@ -280,12 +284,82 @@ def cuda_kernels():
         siftune.storage.quantized_kind = quantized_kind
         masking.is_tracing = tracing
         kernels._destroy()
+        if matmul4:
+            matmul4.forward = staticmethod(plain_forward)
+
+
+def _bnb_matmul4bit():
+    try:
+        from bitsandbytes.autograd._functions import MatMul4Bit
+    except ImportError:
+        return None
+    return MatMul4Bit
+
+
+def _dequantize_then_linear(ctx, A, B, out=None, bias=None, quant_state=None):
+    """bitsandbytes' ``MatMul4Bit.forward`` as its CUDA kernel runs it for 2048 tokens.
+
+    bitsandbytes 0.50 calls one op, ``gemm_4bit``; on CUDA that op dequantizes the
+    weight into a transient of the compute dtype and calls ``F.linear`` whenever the
+    rows exceed 1536 (``_dequant_linear_fallback``). Its fake implementation
+    allocates the output only, and the transient would be made below MemTracker,
+    out of its sight; so here the two steps run as two ops. What is saved for
+    backward is bnb's own (the packed weight); bnb's backward is unchanged
+    (it dequantizes again for the input gradient).
+    """
+    ctx.is_empty = False
+    B = B.view(-1, 1)
+    # The fallback dequantizes into a preallocated transient (``dequantize_4bit.out``), whose
+    # fake implementation in bnb 0.50 rejects every call (it compares a torch.Size with a
+    # list); the functional op allocates the same transient.
+    weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+        B, quant_state.absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), A.dtype)
+    output = F.linear(A, weight, bias)
+    del weight
+    if out is not None:
+        out.copy_(output)
+        output = out
+    ctx.state = quant_state
+    ctx.dtype_A, ctx.dtype_B, ctx.dtype_bias = A.dtype, B.dtype, None if bias is None else bias.dtype
+    ctx.tensors = (None, B) if any(ctx.needs_input_grad[:2]) else (None, None)
+    return output
+
+
+def fake_nf4_weight(layer):
+    """``layer``'s nf4 weight as bitsandbytes leaves it after quantization, made of fake tensors.
+
+    bitsandbytes' quantize needs data; what it leaves is built directly instead:
+    the packed weight (two 4-bit codes a byte, ``[out x in / 2, 1]`` uint8) and its
+    ``QuantState`` (fp32 absmax per 64-entry block, the 16-entry nf4 code, the
+    shape, bf16, blocksize 64, no double quantization). torch cannot make a
+    ``Params4bit`` (a Parameter subclass) of a fake tensor, so the weight is a
+    fake Parameter carrying Params4bit's attributes; ``Linear4bit.forward`` and
+    peft's 4-bit LoRA layer read ``weight.quant_state``, the rest is for show.
+    """
+    from bitsandbytes.functional import QuantState
+
+    shape = torch.Size([layer.out_features, layer.in_features])
+    numel = shape.numel()
+    weight = torch.nn.Parameter(torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=DEVICE),
+                                requires_grad=False)
+    weight.quant_state = QuantState(absmax=torch.empty(-(numel // -64), dtype=torch.float32, device=DEVICE),
+                                    shape=shape, code=torch.empty(16, dtype=torch.float32, device=DEVICE),
+                                    blocksize=64, quant_type="nf4", dtype=torch.bfloat16)
+    weight.blocksize, weight.quant_type, weight.compress_statistics = 64, "nf4", False
+    weight.quant_storage, weight.bnb_quantized, weight.module = torch.uint8, True, layer
+    return weight
 
 
 def _outside_modules(model) -> list[torch.Tensor]:
     """Device tensors a model keeps in plain attributes, out of MemTracker's sight:
-    peft SHiRA's indices (2 x int32 per trained entry), held in a dict per layer."""
-    return [t for m in model.modules() for t in getattr(m, "shira_indices", {}).values()]
+    peft SHiRA's indices (2 x int32 per trained entry), held in a dict per layer, and a
+    4-bit weight's quantization state (absmax, code), held by its ``Params4bit``."""
+    outside = [t for m in model.modules() for t in getattr(m, "shira_indices", {}).values()]
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:
+            outside += [t for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
+    return outside
 
 
 def simulate(method: str, size: str = "7b", seq: int = 2048, batch: int = 1, gc_layers: bool = True,
@@ -299,8 +373,17 @@ def simulate(method: str, size: str = "7b", seq: int = 2048, batch: int = 1, gc_
             return rank * sum(mask.shape)
     reads = HostReads(shira_count)
     model = gpu.build(size, "meta").to(dtype)  # real meta tensors: no init kernels to run
+    nf4 = method in gpu.NF4_METHODS
+    if nf4:  # bitsandbytes layers are made on real meta tensors; their weights become packed fakes below
+        gpu.quantize_nf4(model, dtype)
     with FakeTensorMode(allow_non_fake_inputs=True), reads, cuda_kernels():
         model.to_empty(device=DEVICE)  # now fake
+        if nf4:
+            import bitsandbytes as bnb
+
+            for layer in model.modules():
+                if isinstance(layer, bnb.nn.Linear4bit):
+                    layer.weight = fake_nf4_weight(layer)
         if gc_layers:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -339,6 +422,10 @@ def simulate(method: str, size: str = "7b", seq: int = 2048, batch: int = 1, gc_
                   first_step_roofline=first.totals(),
                   host_reads_answered=reads.reads, sim_s=round(time.time() - started, 1),
                   torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    if nf4:
+        import bitsandbytes
+
+        record["bitsandbytes"] = bitsandbytes.__version__
     if engine is not None:
         record.update(selected=engine.num_selected, density=engine.config.density)
     if method in ANCHORS.get(size, {}) and (seq, batch, gc_layers, rank) == (2048, 1, True, 64):
@@ -412,6 +499,9 @@ def summarize(records: list[dict]) -> dict:
     if "lora" in by and "sift-lora" in by:
         targets["c"] = dict(method="sift-lora", peak_gib=by["sift-lora"]["peak_gib"],
                             limit_gib=1.05 * by["lora"]["peak_gib"], rule="1.05 x LoRA r=64")
+    if "qlora-64-nf4" in by and "sift-qlora-nf4" in by:  # issue 13: the same, on an nf4 base
+        targets["c-nf4"] = dict(method="sift-qlora-nf4", peak_gib=by["sift-qlora-nf4"]["peak_gib"],
+                                limit_gib=1.05 * by["qlora-64-nf4"]["peak_gib"], rule="1.05 x QLoRA r=64 (nf4)")
     for t in targets.values():
         t["met"] = t["peak_gib"] <= t["limit_gib"]
     out["targets"] = targets
@@ -488,7 +578,7 @@ def table(records: list[dict], summary: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=gpu.METHODS, default=gpu.METHODS)
+    parser.add_argument("--methods", nargs="+", choices=gpu.METHODS + gpu.NF4_METHODS, default=gpu.METHODS)
     parser.add_argument("--size", default="7b", choices=sorted(gpu.SIZES))
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
@@ -520,8 +610,10 @@ def main() -> None:
         print(json.dumps({k: v for k, v in record.items() if "roofline" not in k and k != "steps"}), flush=True)
         summary = summarize(records)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(command=command, torch=torch.__version__,
-                                            transformers=transformers.__version__, **summary, methods=records),
+        versions = dict(torch=torch.__version__, transformers=transformers.__version__)
+        if any(r.get("bitsandbytes") for r in records):
+            versions["bitsandbytes"] = next(r["bitsandbytes"] for r in records if r.get("bitsandbytes"))
+        args.out.write_text(json.dumps(dict(command=command, **versions, **summary, methods=records),
                                        indent=1) + "\n")  # after every method: a crash loses nothing
     for line in table(records, summarize(records)):
         print(line)
