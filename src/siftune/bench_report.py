@@ -151,7 +151,7 @@ def validation_table(task: str, rows: list[dict]) -> str:
         lines.append(f"| {best['method']} | {setting_label(best)} | {best['steps']} | {tried} (val seeds "
                      f"{','.join(map(str, seeds))}, {best['val_examples']} examples) | {best['lr']:g} | "
                      f"{','.join(map(str, best['seeds']))} | {best['mean'] * scale:.2f}{spread} |")
-    return "\n".join(lines)
+    return "\n" + "\n".join(lines)  # a blank line after the table above
 
 
 def timing_table(task: str, entries: list[dict]) -> str:
