@@ -1,6 +1,7 @@
 """Device memory and step time of bench/gpu.py's 7B step, simulated on a CPU without a GPU.
 
     python bench/simulate.py                  # every method of bench/gpu.py; bench/results/simulated_memory.json
+    python bench/simulate.py --size 13b --warmup 1 --methods qlora-64-nf4 sift-qlora-nf4 --out runs/nf4.json
     python bench/simulate.py --methods frozen sift-5 --size tiny --out runs/sim.json
 
 Each method is set up exactly as ``bench/gpu.py`` does it (its ``build`` and
@@ -27,6 +28,22 @@ What stands in for the H200, and why (docs/bench.md, "Simulated"):
   supported; the fused kernel's shape function is what runs);
 * host reads of device values (the gradient norm, a finiteness check) answer
   1: they steer control flow only, and 1 is the branch ordinary training takes.
+
+nf4 bases (issue 13; ``--methods qlora-64-nf4 sift-5-nf4 sift-5-lean-nf4
+sift-qlora-nf4``, ``--size 7b`` or ``13b``): ``gpu.quantize_nf4`` swaps the
+targeted Linears for bitsandbytes ``Linear4bit`` layers (nf4, blocksize 64, no
+double quantization, bf16 compute); on fake tensors:
+
+* bitsandbytes' quantize needs data, so each layer gets what it would leave
+  (``fake_nf4_weight``): the packed uint8 weight and a ``QuantState`` with an
+  fp32 absmax per 64 entries and the 16-entry code. torch makes no
+  ``Params4bit`` of a fake tensor, so the weight is a fake Parameter carrying
+  Params4bit's attributes; absmax and code are tracked as device tensors
+  kept outside the modules;
+* ``MatMul4Bit.forward`` runs as ``dequantize_4bit`` then ``F.linear``: what
+  bitsandbytes' CUDA ``gemm_4bit`` does past 1536 rows (a 2048-token step),
+  so the per-layer dequantized transient is counted; its backward is
+  bitsandbytes' own (it dequantizes again for the input gradient).
 
 Not simulated: the CUDA allocator's rounding (512 B a block) and caching, the
 cuBLAS workspaces, memory that kernels allocate inside themselves (flash
@@ -219,7 +236,8 @@ def cuda_kernels():
 
     SDPA calls become flash attention (what CUDA picks for bf16, no mask,
     no dropout); with a mask, memory-efficient attention. torch AdamW's
-    fused path accepts ``meta``; siftune takes fake weights for the plain ones they stand for.
+    fused path accepts ``meta``. bitsandbytes' 4-bit matmul dequantizes and calls
+    ``F.linear``, as its CUDA kernel does for this many rows.
     """
     plain_sdpa = F.scaled_dot_product_attention
     adam = sys.modules["torch.optim.adam"]  # AdamW's fused path lives there
@@ -238,16 +256,6 @@ def cuda_kernels():
     def fused_check(p, cuda_unsupported=False):
         if p.device != DEVICE:
             check(p, cuda_unsupported)
-
-    import siftune.storage
-
-    quantized_kind = siftune.storage.quantized_kind
-
-    def plain_when_fake(weight):
-        # A fake tensor stands for a plain one; the engine refuses tensor subclasses as quantized.
-        if isinstance(weight, FakeTensor) and type(weight.data) is FakeTensor and weight.is_floating_point():
-            return None
-        return quantized_kind(weight)
 
     import transformers.masking_utils as masking
 
@@ -274,14 +282,12 @@ def cuda_kernels():
         matmul4.forward = staticmethod(_dequantize_then_linear)
     F.scaled_dot_product_attention = sdpa
     adam._device_dtype_check_for_fused = fused_check
-    siftune.storage.quantized_kind = plain_when_fake
     masking.is_tracing = tracing_but_not_fake
     try:
         yield
     finally:
         F.scaled_dot_product_attention = plain_sdpa
         adam._device_dtype_check_for_fused = check
-        siftune.storage.quantized_kind = quantized_kind
         masking.is_tracing = tracing
         kernels._destroy()
         if matmul4:
@@ -325,13 +331,13 @@ def _dequantize_then_linear(ctx, A, B, out=None, bias=None, quant_state=None):
     return output
 
 
-def fake_nf4_weight(layer):
+def fake_nf4_weight(layer, dtype: torch.dtype = torch.bfloat16):
     """``layer``'s nf4 weight as bitsandbytes leaves it after quantization, made of fake tensors.
 
     bitsandbytes' quantize needs data; what it leaves is built directly instead:
     the packed weight (two 4-bit codes a byte, ``[out x in / 2, 1]`` uint8) and its
     ``QuantState`` (fp32 absmax per 64-entry block, the 16-entry nf4 code, the
-    shape, bf16, blocksize 64, no double quantization). torch cannot make a
+    shape, the dtype it dequantizes to (bf16), blocksize 64, no double quantization). torch cannot make a
     ``Params4bit`` (a Parameter subclass) of a fake tensor, so the weight is a
     fake Parameter carrying Params4bit's attributes; ``Linear4bit.forward`` and
     peft's 4-bit LoRA layer read ``weight.quant_state``, the rest is for show.
@@ -344,7 +350,7 @@ def fake_nf4_weight(layer):
                                 requires_grad=False)
     weight.quant_state = QuantState(absmax=torch.empty(-(numel // -64), dtype=torch.float32, device=DEVICE),
                                     shape=shape, code=torch.empty(16, dtype=torch.float32, device=DEVICE),
-                                    blocksize=64, quant_type="nf4", dtype=torch.bfloat16)
+                                    blocksize=64, quant_type="nf4", dtype=dtype)
     weight.blocksize, weight.quant_type, weight.compress_statistics = 64, "nf4", False
     weight.quant_storage, weight.bnb_quantized, weight.module = torch.uint8, True, layer
     return weight
@@ -383,7 +389,7 @@ def simulate(method: str, size: str = "7b", seq: int = 2048, batch: int = 1, gc_
 
             for layer in model.modules():
                 if isinstance(layer, bnb.nn.Linear4bit):
-                    layer.weight = fake_nf4_weight(layer)
+                    layer.weight = fake_nf4_weight(layer, dtype)
         if gc_layers:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -457,6 +463,8 @@ def measure_cpu(method: str, size: str = "tiny", seq: int = 128, batch: int = 1,
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = gpu.build(size, "cpu")
+        if method in gpu.NF4_METHODS:  # quantized here by bitsandbytes' CPU kernels
+            model = gpu.quantize_nf4(model, torch.float32).to("cpu")
         if gc_layers:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

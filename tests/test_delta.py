@@ -112,6 +112,22 @@ def test_delta_on_a_bf16_base_equals_in_place_sift_to_bf16_rounding():
     assert worst < 2e-2
 
 
+def test_bf16_delta_values_on_an_fp32_cpu_base_train_without_sparse_kernels():
+    # torch has no bf16 CSR product on a CPU: bf16 values take the dense transient.
+    worst, *_ = _lockstep({"delta_dtype": "bfloat16"})
+    assert worst < 2e-2
+
+
+def test_a_fake_tensor_standing_for_a_plain_weight_is_not_quantized():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from siftune.storage import quantized_kind
+
+    with FakeTensorMode():
+        assert quantized_kind(nn.Parameter(torch.empty(4, 4))) is None
+        assert quantized_kind(nn.Parameter(torch.empty(8, 1, dtype=torch.uint8), requires_grad=False)) == "torch.uint8"
+
+
 def test_delta_increment_applied_to_the_base_gives_the_trained_model():
     _, base, fast, slow, engine, optimizer = _lockstep({"mode": "periodic", "refresh_every": 3})
     increment = engine.increment(values=optimizer.master_values())

@@ -31,3 +31,20 @@ def test_simulated_step_peaks_match_a_real_cpu_run_of_the_same_steps(method):
     allowed = 16 * 1024 + 8 * simulated.get("selected", 0)
     for step, (r, s) in enumerate(zip(real, simulated_peaks)):
         assert abs(r - s) <= allowed, f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"
+
+
+@pytest.mark.parametrize("method", ["qlora-64-nf4", "sift-qlora-nf4"])
+def test_simulated_nf4_step_peaks_match_a_real_cpu_run_of_the_same_steps(method, monkeypatch):
+    # The nf4 base: bitsandbytes quantizes for real on this CPU; the simulation builds the
+    # packed weights and quantization state as fakes. The delta takes its dense-transient
+    # path in both (the GPU's; on a CPU in fp32 it would use CSR kernels).
+    from siftune.storage import Delta
+
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(Delta, "sparse_kernels", lambda self, dtype: False)
+    real = simulate.measure_cpu(method, "tiny", seq=64, warmup=1)
+    simulated = simulate.simulate(method, "tiny", seq=64, warmup=1, dtype=torch.float32)
+    simulated_peaks = [round(s["peak_gib"] * 2**30) for s in simulated["steps"]]
+    allowed = 16 * 1024 + 8 * simulated.get("selected", 0)
+    for step, (r, s) in enumerate(zip(real, simulated_peaks)):
+        assert abs(r - s) <= allowed, f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"

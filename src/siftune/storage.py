@@ -38,6 +38,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .errors import CheckpointError, ConfigError
 from .quantize import keep_training_layout
@@ -48,7 +49,7 @@ def quantized_kind(weight: torch.Tensor) -> str | None:
     kind = type(weight).__name__
     if kind in ("Params4bit", "Int8Params"):
         return f"bitsandbytes {kind}"
-    if type(weight.data) is not torch.Tensor:
+    if type(weight.data) not in (torch.Tensor, FakeTensor):  # a fake tensor stands for a plain one
         return f"{type(weight.data).__name__}, a tensor subclass (e.g. torchao)"
     if not weight.is_floating_point():
         return str(weight.dtype)
@@ -217,8 +218,10 @@ class Delta:
         return flat.view(self.shape).t() if self.transposed else flat.view(out, inp)
 
     def sparse_kernels(self, dtype: torch.dtype) -> bool:
-        """Whether this layer's delta products run as sparse kernels (CPU, fp32, nn.Linear layout)."""
-        return self.trainable.device.type == "cpu" and dtype == torch.float32 and not self.transposed
+        """Whether this layer's delta products run as sparse kernels (CPU, fp32 activations and values,
+        nn.Linear layout): torch has no bf16 CSR product on a CPU."""
+        return (self.trainable.device.type == "cpu" and dtype == torch.float32
+                and self.trainable.dtype == torch.float32 and not self.transposed)
 
     def csr(self, transposed: bool = False) -> torch.Tensor:
         """The delta (or its transpose) as a CSR matrix over the current values."""
