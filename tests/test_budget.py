@@ -291,3 +291,18 @@ def test_siftune_train_with_an_unknown_budget_is_a_one_line_error_and_exit_2(tmp
                  "--output-dir", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "budget must be one of per_tensor, global" in err and err.count("\n") == 1
+
+
+def test_engine_state_saved_before_the_selection_options_existed_loads_with_their_defaults():
+    model = mlp()
+    engine = siftune.attach(model, config())
+    opt = engine.optimizer(lr=1e-2)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    state = engine.state_dict()
+    for name in ("score", "budget", "min_density"):
+        del state["config"][name]
+    resumed = siftune.attach(copy.deepcopy(model), config())
+    resumed.load_state_dict(state)
+    assert {n: i.tolist() for n, i in resumed.selected.items()} == {n: i.tolist() for n, i in engine.selected.items()}
