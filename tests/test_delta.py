@@ -52,6 +52,8 @@ def _lockstep(overrides: dict, steps: int = 8, accum: int = 1, dtype=torch.float
     ({"mode": "periodic", "refresh_every": 3}, 1),
     ({}, 3),
     ({"selection_batches": 3}, 2),
+    ({"selection_batches": 2}, 2),  # the window ends at a step's second micro-batch
+    ({"selection_batches": 2, "mode": "periodic", "refresh_every": 2}, 3),
     ({"max_grad_norm": 0.05}, 1),
     ({"selection": "random"}, 1),
     ({"update_in_backward": True}, 1),

@@ -54,6 +54,8 @@ class _Slot:
         self.applied = False  # update_in_backward: this step's update is already in the weights
         self.seen = 0  # micro-batches summed since this selection began
         self.score: torch.Tensor | None = None  # gradient of earlier windows of a long selection
+        # storage="delta", inside a selection window: this step's dense gradient so far (in place, .grad holds it)
+        self.step_grad: torch.Tensor | None = None
         # Ledger of every component ever selected, with its value before training.
         # Only saving an increment or checkpoint reads it, so it lives in host
         # memory: on a GPU it costs no device memory.
@@ -136,8 +138,11 @@ class SiftEngine:
             if at_indices is not None:  # the gradient at every index the delta holds
                 pos = slot.storage.positions(slot.flat())
                 self._take_gradient(slot, None, at_indices if pos is None else at_indices[pos])
-            elif not self._take_gradient(slot, grad):
-                slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
+                return
+            if slot.step_grad is not None:  # this step's earlier micro-batches, as autograd sums them in .grad
+                grad, slot.step_grad = slot.step_grad.add_(grad), None
+            if not self._take_gradient(slot, grad):
+                slot.step_grad = grad
 
         return on_gradient
 
@@ -245,10 +250,11 @@ class SiftEngine:
                 slot.grad = grad.reshape(-1)[self._select(slot, budget.rank_score(self.config.score, grad, p))]
                 p.grad = None
             elif slot.selecting:
-                if p.grad is not None:  # window ended inside a multi-batch selection
-                    grad = sharding.local(p.grad)
+                pending = p.grad if p.grad is not None else slot.step_grad  # in place, or beside (a delta)
+                if pending is not None:  # window ended inside a multi-batch selection
+                    grad = sharding.local(pending)
                     slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
-                    p.grad = None
+                    p.grad = slot.step_grad = None
                 self.selector.end_step(slot)
                 continue
             if slot.grad is not None:
@@ -293,7 +299,8 @@ class SiftEngine:
             slot.grad = None
             applied, slot.applied = slot.applied, False  # an update made in backward is committed
             if skipped and slot.selecting and self.config.mode != "per_step":
-                slot.seen, slot.score = 0, None  # a window folded into the score this step holds the bad gradient
+                # a window folded into the score this step holds the bad gradient
+                slot.seen, slot.score, slot.step_grad = 0, None, None
             if slot.previous is None:
                 continue
             if skipped and self.config.mode != "per_step" and not applied:
