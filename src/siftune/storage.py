@@ -228,7 +228,7 @@ class Delta:
         if self._structure_of is not self.indices:  # the layout changes with the indices only
             out, inp = self.shape
             rows, cols = (self.indices // inp).int(), (self.indices % inp).int()
-            order = torch.argsort(cols.long() * out + rows)
+            order = torch.argsort(cols.long() * out + rows).int()  # int32, as the other index tensors
             self._structure = (_crow(rows, out), cols, _crow(cols, inp), rows[order], order)
             self._structure_of = self.indices
         crow, cols, tcrow, trows, order = self._structure
