@@ -211,11 +211,10 @@ class Delta:
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The delta as a dense ``(out, in)`` matrix (the layer's transient)."""
-        out, inp = self.shape if not self.transposed else self.shape[::-1]
         flat = torch.zeros(self.numel, dtype=dtype, device=self.trainable.device)
         if self.indices is not None:
             flat[self.indices] = self.trainable.detach().to(dtype)
-        return flat.view(self.shape).t() if self.transposed else flat.view(out, inp)
+        return flat.view(self.shape).t() if self.transposed else flat.view(self.shape)
 
     def sparse_kernels(self, dtype: torch.dtype) -> bool:
         """Whether this layer's delta products run as sparse kernels (CPU, fp32 activations and values,
