@@ -47,7 +47,9 @@ SIZES = {  # hidden, layers, intermediate, heads: the shapes of gpu_peers.py
     "1b": (2048, 22, 5632, 32),
     "7b": (4096, 32, 11008, 32),
     "13b": (5120, 40, 13824, 40),
+    "70b": (8192, 80, 28672, 64),
 }
+KV_HEADS = {"70b": 8}  # Llama-2-70B's grouped-query attention; the others have a key/value head per head
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["frozen", "full", "lora", "shira", "sift-5", "sift-5-lean", "sift-lora"]
 # On an nf4 base (quantize_nf4): QLoRA r=64 and SIFT with storage="delta" (issue 13, item 5).
@@ -61,7 +63,7 @@ def build(size: str, device: str):
 
     hidden, layers, inter, heads = SIZES[size]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
+                         num_attention_heads=heads, num_key_value_heads=KV_HEADS.get(size, heads), vocab_size=32000,
                          max_position_embeddings=4096)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.set_default_dtype(dtype)

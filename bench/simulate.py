@@ -231,11 +231,13 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def cuda_kernels():
-    """Run the kernels a CUDA device would pick for this step, on the fake ``meta`` device.
+def cuda_kernels(device: torch.device = DEVICE):
+    """Run the kernels a CUDA device would pick for this step, on the fake ``device`` (``meta`` here;
+    ``cpu`` under FSDP2 in bench/simulate_fsdp.py).
 
     SDPA calls become flash attention (what CUDA picks for bf16, no mask,
-    no dropout); with a mask, memory-efficient attention. torch AdamW's
+    no dropout; it takes grouped-query key/value heads as they are); with a
+    mask, memory-efficient attention. torch AdamW's
     fused path accepts ``meta``. bitsandbytes' 4-bit matmul dequantizes and calls
     ``F.linear``, as its CUDA kernel does for this many rows.
     """
@@ -244,7 +246,7 @@ def cuda_kernels():
     check = adam._device_dtype_check_for_fused
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device != DEVICE or enable_gqa:
+        if query.device != device or (enable_gqa and attn_mask is not None):
             return plain_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa)
         if attn_mask is None:
@@ -254,7 +256,7 @@ def cuda_kernels():
             query, key, value, attn_mask, False, dropout_p, is_causal, scale=scale)[0]
 
     def fused_check(p, cuda_unsupported=False):
-        if p.device != DEVICE:
+        if p.device != device:
             check(p, cuda_unsupported)
 
     import transformers.masking_utils as masking

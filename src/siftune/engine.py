@@ -30,6 +30,10 @@ from .errors import CheckpointError, ConfigError
 from .select import (count_selected, find_targets, index_dtype, pack_indices, random_indices, tensor_generator,
                      top_k_indices, unpack_indices)
 
+# Where the increment ledger (untrained values and indices of every component ever
+# selected) is kept: host memory, read only when an increment or checkpoint is saved.
+LEDGER_DEVICE = torch.device("cpu")
+
 
 class _Slot:
     """Selection state of one targeted tensor."""
@@ -214,13 +218,13 @@ class SiftEngine:
         slot.selecting = False
         slot.storage.select(idx)
         # Untrained values, taken before this step's update changes them (to host memory).
-        slot.pending_base = slot.storage.read(idx).to("cpu", copy=True)
+        slot.pending_base = slot.storage.read(idx).to(LEDGER_DEVICE, copy=True)
         return idx
 
     @staticmethod
     def _record(slot: _Slot) -> None:
         """Add a committed selection's new components to the ledger, with their untrained values."""
-        idx, base = slot.flat().cpu(), slot.pending_base
+        idx, base = slot.flat().to(LEDGER_DEVICE), slot.pending_base
         if slot.ever_idx is None:
             slot.ever_idx, slot.base = idx, base
             return
