@@ -54,7 +54,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 METHODS = ["frozen", "full", "lora", "shira", "sift-5", "sift-5-lean", "sift-lora"]
 # On an nf4 base (quantize_nf4): QLoRA r=64 and SIFT with storage="delta" (issue 13, item 5).
 # Not in METHODS: a plain run measures the bf16 methods only; name these with --methods.
-NF4_METHODS = ["qlora-64-nf4", "sift-5-nf4", "sift-5-lean-nf4", "sift-qlora-nf4"]
+NF4_METHODS = ["qlora-64-nf4", "sift-5-nf4", "sift-5-lean-nf4", "sift-qlora-nf4", "sift-qlora-nf4-compact"]
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 
 
@@ -133,12 +133,13 @@ def setup(method: str, model, rank: int, fused: bool | None = None):
                "sift-5-lean": dict(density=0.05, state_dtype="bfloat16", master_weights=False,
                                    compact_indices=True, update_in_backward=True),
                "sift-lora": dict(density=lora_count(model, rank) / targeted_count(model), update_in_backward=True),
-               # nf4 bases: the values train beside the frozen 4-bit weights (compact_indices is
-               # refused with a delta).
+               # nf4 bases: the values train beside the frozen 4-bit weights.
                "sift-5-nf4": dict(density=0.05, storage="delta"),
                "sift-5-lean-nf4": dict(density=0.05, storage="delta", delta_dtype="bfloat16", master_weights=False,
-                                       state_dtype="bfloat16", update_in_backward=True),
+                                       state_dtype="bfloat16", update_in_backward=True, compact_indices=True),
                "sift-qlora-nf4": dict(density=lora_count(model, rank) / targeted_count(model), storage="delta"),
+               "sift-qlora-nf4-compact": dict(density=lora_count(model, rank) / targeted_count(model),
+                                              storage="delta", compact_indices=True),
                }[method]
     engine = siftune.attach(model, siftune.SiftConfig(target_modules=TARGETS, **options))
     model.enable_input_require_grads()  # as peft does: checkpointed layers need a grad-requiring input

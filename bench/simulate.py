@@ -441,6 +441,20 @@ def simulate(method: str, size: str = "7b", seq: int = 2048, batch: int = 1, gc_
     return record
 
 
+def allocations(prof) -> list[tuple[int, int, int]]:
+    """A finished ``torch.profiler.profile(profile_memory=True)``'s allocation events, in time order:
+    ``(start ns, bytes, the allocator's total after it)``."""
+    from torch._C._profiler import _EventType
+
+    events, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+    return sorted(events)
+
+
 def measure_cpu(method: str, size: str = "tiny", seq: int = 128, batch: int = 1, gc_layers: bool = True,
                 warmup: int = 1, rank: int = 64) -> list[int]:
     """The same steps really run on this CPU (fp32, as bench/gpu.py builds on a CPU): each step's peak
@@ -450,17 +464,7 @@ def measure_cpu(method: str, size: str = "tiny", seq: int = 128, batch: int = 1,
     so one session covers the set-up and one each step; the simulation's twin is
     ``simulate(..., dtype=torch.float32)``.
     """
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-
-    def allocations(prof):
-        events, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
-        while nodes:
-            node = nodes.pop()
-            nodes.extend(node.children)
-            if node.tag == _EventType.Allocation:
-                events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
-        return sorted(events)
 
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -509,9 +513,10 @@ def summarize(records: list[dict]) -> dict:
     if "lora" in by and "sift-lora" in by:
         targets["c"] = dict(method="sift-lora", peak_gib=by["sift-lora"]["peak_gib"],
                             limit_gib=1.05 * by["lora"]["peak_gib"], rule="1.05 x LoRA r=64")
-    if "qlora-64-nf4" in by and "sift-qlora-nf4" in by:  # issue 13: the same, on an nf4 base
-        targets["c-nf4"] = dict(method="sift-qlora-nf4", peak_gib=by["sift-qlora-nf4"]["peak_gib"],
-                                limit_gib=1.05 * by["qlora-64-nf4"]["peak_gib"], rule="1.05 x QLoRA r=64 (nf4)")
+    for name, method in (("c-nf4", "sift-qlora-nf4"), ("c-nf4-compact", "sift-qlora-nf4-compact")):
+        if "qlora-64-nf4" in by and method in by:  # issue 13: the same, on an nf4 base
+            targets[name] = dict(method=method, peak_gib=by[method]["peak_gib"],
+                                 limit_gib=1.05 * by["qlora-64-nf4"]["peak_gib"], rule="1.05 x QLoRA r=64 (nf4)")
     for t in targets.values():
         t["met"] = t["peak_gib"] <= t["limit_gib"]
     out["targets"] = targets

@@ -57,6 +57,8 @@ def _lockstep(overrides: dict, steps: int = 8, accum: int = 1, dtype=torch.float
     ({"max_grad_norm": 0.05}, 1),
     ({"selection": "random"}, 1),
     ({"update_in_backward": True}, 1),
+    ({"compact_indices": True}, 2),
+    ({"compact_indices": True, "mode": "periodic", "refresh_every": 3}, 1),
 ])
 def test_delta_on_an_fp32_base_equals_in_place_sift_step_for_step(overrides, accum):
     worst, base, fast, slow, _, _ = _lockstep(overrides, accum=accum)
@@ -64,11 +66,13 @@ def test_delta_on_an_fp32_base_equals_in_place_sift_step_for_step(overrides, acc
     assert not torch.equal(slow[0].weight, base[0].weight)  # the comparison trained something
 
 
-def test_sparse_and_dense_delta_kernels_train_the_same_model(monkeypatch):
+@pytest.mark.parametrize("compact", [False, True])
+def test_sparse_and_dense_delta_kernels_train_the_same_model(monkeypatch, compact):
     """On a CPU in fp32 the delta's products run as CSR kernels; the dense transient must agree."""
-    sparse = _lockstep({"mode": "periodic", "refresh_every": 3})
+    overrides = {"mode": "periodic", "refresh_every": 3, "compact_indices": compact}
+    sparse = _lockstep(overrides)
     monkeypatch.setattr(siftune.storage.Delta, "sparse_kernels", lambda self, dtype: False)
-    dense = _lockstep({"mode": "periodic", "refresh_every": 3})
+    dense = _lockstep(overrides)
     x = mlp_batches(1, seed=5)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(sparse[2](x), dense[2](x), atol=1e-6, rtol=1e-5)
@@ -149,12 +153,34 @@ def test_delta_state_per_selected_component_is_index_value_and_adam_moments():
     assert held["optimizer"] == 8 * selected  # two fp32 moments; no master copy: the values are fp32
 
 
-def test_delta_checkpoint_restores_the_values_and_training_continues_identically():
+def test_compact_indices_keep_one_packed_copy_of_a_fixed_selection():
+    _, _, _, _, engine, optimizer = _lockstep({"compact_indices": True}, steps=2)
+    held = engine.state_bytes(optimizer)
+    packed = sum(s.idx.numel() * 2 for s in engine.slots)  # 2 bytes a component plus 4 a 65,536-entry block
+    assert held["indices"] == packed < 2 * engine.num_selected + 4 * len(engine.slots) + 1
+    for slot in engine.slots:
+        assert slot.idx.dtype == torch.int16 and slot.storage.stored is slot.idx  # shared, not copied
+        assert torch.equal(slot.storage.indices, slot.flat())
+
+
+def test_compact_indices_in_periodic_mode_count_the_delta_s_own_packed_indices():
+    _, _, _, _, engine, optimizer = _lockstep({"compact_indices": True, "mode": "periodic", "refresh_every": 3})
+    grown = [s for s in engine.slots if s.storage.count > s.k]
+    assert grown  # a refresh added components, which the delta keeps beside the current selection
+    held = engine.state_bytes(optimizer)
+    assert held["indices"] == sum(2 * s.idx.numel() for s in engine.slots) + sum(2 * s.storage.stored.numel()
+                                                                                for s in grown)
+    assert all(s.storage.stored.dtype == torch.int16 for s in engine.slots)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_delta_checkpoint_restores_the_values_and_training_continues_identically(compact):
     batches = mlp_batches(6)
+    settings = dict(storage="delta", mode="periodic", refresh_every=2, compact_indices=compact)
 
     def run(restart_at=None):
         model = mlp()
-        engine = siftune.attach(model, _config(storage="delta", mode="periodic", refresh_every=2))
+        engine = siftune.attach(model, _config(**settings))
         optimizer = engine.optimizer(lr=1e-2)
         for i, batch in enumerate(batches):
             if i == restart_at:
@@ -163,7 +189,7 @@ def test_delta_checkpoint_restores_the_values_and_training_continues_identically
                 dense = copy.deepcopy(model.state_dict())
                 model = mlp()
                 model.load_state_dict(dense)
-                engine = siftune.attach(model, _config(storage="delta", mode="periodic", refresh_every=2))
+                engine = siftune.attach(model, _config(**settings))
                 optimizer = engine.optimizer(lr=1e-2)
                 engine.load_state_dict(engine_state)
                 optimizer.load_state_dict(optim_state)
@@ -221,7 +247,7 @@ def test_in_place_storage_on_a_quantized_weight_is_a_config_error_naming_delta()
         siftune.attach(model, density=0.1, target_modules=["0"])
 
 
-@pytest.mark.parametrize("overrides", [{"mode": "per_step"}, {"compact_indices": True}, {"delta_dtype": "int8"}])
+@pytest.mark.parametrize("overrides", [{"mode": "per_step"}, {"delta_dtype": "int8"}])
 def test_delta_refuses_what_it_cannot_do(overrides):
     with pytest.raises(ConfigError):
         SiftConfig(storage="delta", **overrides)

@@ -162,8 +162,6 @@ class SiftConfig:
         if self.storage == "delta" and self.mode == "per_step":
             raise ConfigError("storage='delta' works in modes 'fixed' and 'periodic'; per_step keeps dense "
                               "gradients of every weight, which a quantized base cannot take")
-        if self.storage == "delta" and self.compact_indices:
-            raise ConfigError("compact_indices works with storage='in_place'; the delta keeps its indices unpacked")
         if self.compact_indices and self.mode == "per_step":
             raise ConfigError("compact_indices works in modes 'fixed' and 'periodic'; per_step keeps dense state")
         if self.update_in_backward and self.max_grad_norm is not None:

@@ -78,6 +78,15 @@ class _Slot:
         return self.ever_idx.to(self.param.device)
 
 
+def _stored_selection(slot: _Slot, idx: torch.Tensor) -> torch.Tensor:
+    """``slot.idx`` for the sorted flat indices ``idx``: packed with compact_indices, and one tensor with
+    a delta that holds exactly these indices (fixed mode), rather than a second copy."""
+    shared = slot.storage.kept_as(idx) if isinstance(slot.storage, storage.Delta) else None
+    if shared is not None:
+        return shared
+    return pack_indices(idx, slot.numel) if slot.compact else idx
+
+
 class SiftEngine:
     """SIFT attached to a model: targets resolved, hooks registered, gradients kept sparse.
 
@@ -100,7 +109,7 @@ class SiftEngine:
         self.dense = dense
         stores = {n: sharding.make_storage(config.storage, p, n) if sharding.is_sharded(p) else
                   storage.make(config.storage, model.get_submodule(n.rpartition(".")[0]), p, n, config.density,
-                               config.torch_delta_dtype) for n, p in targeted.items()}
+                               config.torch_delta_dtype, config.compact_indices) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
         self.slots = [_Slot(n, store, count_selected(getattr(store, "full_numel", store.numel), config.density),
                             tensor_generator(config.seed, i), compact=config.compact_indices)
@@ -213,10 +222,10 @@ class SiftEngine:
             idx = top_k_indices(score, slot.k)
         if _distributed() and not sharded:
             distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
-        slot.idx = pack_indices(idx, slot.numel) if slot.compact else idx
         slot.version += 1
         slot.selecting = False
         slot.storage.select(idx)
+        slot.idx = _stored_selection(slot, idx)
         # Untrained values, taken before this step's update changes them (to host memory).
         slot.pending_base = slot.storage.read(idx).to(LEDGER_DEVICE, copy=True)
         return idx
@@ -390,6 +399,8 @@ class SiftEngine:
             slot.idx, slot.score, slot.ever_idx, slot.base = (saved[k] for k in ("idx", "score", "ever_idx", "base"))
             slot.generator.set_state(saved["generator"])
             slot.storage.load_state(saved)
+            if slot.idx is not None and slot.compact:
+                slot.idx = _stored_selection(slot, slot.flat())
             slot.grad = slot.previous = slot.pending_base = None
         self.steps = steps
 
@@ -426,8 +437,8 @@ class SiftEngine:
         for slot in self.slots:
             if isinstance(slot.storage, storage.Delta):
                 out["values"] += size(slot.param)
-                if slot.storage.indices is not slot.flat():  # periodic mode: the ledger's own indices
-                    out["indices"] += size(slot.storage.indices)
+                if slot.storage.stored is not slot.idx:  # periodic mode: the delta's own indices
+                    out["indices"] += size(slot.storage.stored)
         if optimizer is not None:
             for slot in self.slots:
                 state = optimizer.state.get(slot.param, {})
@@ -532,7 +543,7 @@ def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor") -> 
             raise CheckpointError(f"{where}: {key} must be a 1-D integer tensor" + (f" of {length}" if length else ""))
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or not bool((idx[1:] > idx[:-1]).all())):
             raise CheckpointError(f"{where}: {key} must be sorted, unique and in [0, {numel})")
-        out[key] = idx.to(p.device if key == "idx" else "cpu", index_dtype(numel))
+        out[key] = idx.to(p.device if key == "idx" else LEDGER_DEVICE, index_dtype(numel))
         if key == "idx" and slot.compact:
             out[key] = packed.to(p.device)
     base = saved.get("base")
@@ -541,7 +552,7 @@ def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor") -> 
     if base is not None:
         if not isinstance(base, torch.Tensor) or base.dtype != p.dtype or base.shape != saved["ever_idx"].shape:
             raise CheckpointError(f"{where}: base values must be {p.dtype}, one per ledger index")
-        out["base"] = base.cpu()
+        out["base"] = base.to(LEDGER_DEVICE)
     score = saved.get("score")
     if score is not None:
         if not isinstance(score, torch.Tensor) or tuple(score.shape) != slot.shape or not score.is_floating_point():

@@ -42,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .errors import CheckpointError, ConfigError
 from .quantize import keep_training_layout
-from .select import count_selected, index_dtype
+from .select import count_selected, index_dtype, pack_indices, unpack_indices
 
 def quantized_kind(weight: torch.Tensor) -> str | None:
     """How ``weight`` is quantized (bitsandbytes, torchao, an integer dtype), or None for a plain float weight."""
@@ -115,9 +115,13 @@ class Delta:
     selection, plus in periodic mode every component selected before, whose
     trained change stays in the forward. The engine gets the dense gradient
     of the logical weight from :meth:`attach` 's callback, once per backward.
+
+    With ``compact`` (``SiftConfig.compact_indices``) the indices are kept
+    packed, 2 bytes a component (``siftune.select.pack_indices``), and
+    unpacked for each use: one layer's transient, as its dense delta is.
     """
 
-    def __init__(self, module: nn.Module, name: str, k: int, dtype: torch.dtype):
+    def __init__(self, module: nn.Module, name: str, k: int, dtype: torch.dtype, compact: bool = False):
         _require_linear_like(module, name)
         keep_training_layout(module)
         self.module = module
@@ -126,20 +130,40 @@ class Delta:
         self.numel = self.shape[0] * self.shape[1]
         device = _device_of(module)
         self.trainable = nn.Parameter(torch.zeros(k, dtype=dtype, device=device))
-        self.indices: torch.Tensor | None = None  # None until the first selection
+        self.compact = compact
+        # The indices as kept (sorted flat, or packed with compact); None until the first selection.
+        self.stored: torch.Tensor | None = None
+        self.count = 0  # how many indices (and values) there are
         self.base_dtype = _base_dtype(module)
         self._handle = None
         self._structure, self._structure_of = None, None  # CSR layout of ``indices``, for the sparse kernels
 
+    @property
+    def indices(self) -> torch.Tensor | None:
+        """Sorted flat indices into the logical weight (unpacked anew when kept packed), or None."""
+        if self.stored is None or not self.compact:
+            return self.stored
+        return unpack_indices(self.stored, self.numel)
+
+    @indices.setter
+    def indices(self, idx: torch.Tensor | None) -> None:
+        self.count = 0 if idx is None else idx.numel()
+        self.stored = pack_indices(idx, self.numel) if idx is not None and self.compact else idx
+
+    def kept_as(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The stored form of ``idx`` (sorted) when the delta holds exactly ``idx``, to share rather than copy."""
+        return self.stored if self.stored is not None and self.count == idx.numel() else None
+
     # -- selection ------------------------------------------------------------
     def select(self, idx: torch.Tensor) -> None:
         """Make ``idx`` (sorted flat indices) trainable; components selected before keep their values."""
-        if self.indices is None:
+        if self.stored is None:
             self.indices = idx
             return
-        new = torch.isin(idx, self.indices, invert=True)
+        indices = self.indices
+        new = torch.isin(idx, indices, invert=True)
         if new.any():
-            merged = torch.cat([self.indices, idx[new]])
+            merged = torch.cat([indices, idx[new]])
             order = torch.argsort(merged)
             values = torch.cat([self.trainable.detach(), self.trainable.new_zeros(int(new.sum()))])[order]
             self.indices = merged[order]
@@ -147,11 +171,11 @@ class Delta:
 
     def positions(self, idx: torch.Tensor) -> torch.Tensor | None:
         """Rows of ``indices`` holding ``idx`` (a sorted subset); None when ``idx`` is all of them."""
-        return None if idx.numel() == self.indices.numel() else torch.searchsorted(self.indices, idx)
+        return None if idx.numel() == self.count else torch.searchsorted(self.indices, idx)
 
     def read(self, idx: torch.Tensor) -> torch.Tensor:
         values = self.trainable.detach()
-        if self.indices is None:
+        if self.stored is None:
             return values.new_zeros(idx.numel())
         pos = self.positions(idx)
         return values if pos is None else values[pos]
@@ -212,7 +236,7 @@ class Delta:
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The delta as a dense ``(out, in)`` matrix (the layer's transient)."""
         flat = torch.zeros(self.numel, dtype=dtype, device=self.trainable.device)
-        if self.indices is not None:
+        if self.stored is not None:
             flat[self.indices] = self.trainable.detach().to(dtype)
         return flat.view(self.shape).t() if self.transposed else flat.view(self.shape)
 
@@ -224,12 +248,13 @@ class Delta:
 
     def csr(self, transposed: bool = False) -> torch.Tensor:
         """The delta (or its transpose) as a CSR matrix over the current values."""
-        if self._structure_of is not self.indices:  # the layout changes with the indices only
+        if self._structure_of is not self.stored:  # the layout changes with the indices only
             out, inp = self.shape
-            rows, cols = (self.indices // inp).int(), (self.indices % inp).int()
+            indices = self.indices
+            rows, cols = (indices // inp).int(), (indices % inp).int()
             order = torch.argsort(cols.long() * out + rows).int()  # int32, as the other index tensors
             self._structure = (_crow(rows, out), cols, _crow(cols, inp), rows[order], order)
-            self._structure_of = self.indices
+            self._structure_of = self.stored
         crow, cols, tcrow, trows, order = self._structure
         values = self.trainable.detach()
         with warnings.catch_warnings():
@@ -258,7 +283,7 @@ class _DeltaMatmul(torch.autograd.Function):
     def forward(ctx, x, trainable, storage: Delta, callbacks):
         ctx.storage, ctx.callbacks = storage, callbacks
         ctx.save_for_backward(x)
-        ctx.has_values = storage.indices is not None
+        ctx.has_values = storage.stored is not None
         if not ctx.has_values:  # nothing trained yet: the output is the base's alone
             out_features = storage.shape[1] if storage.transposed else storage.shape[0]
             return x.new_zeros(*x.shape[:-1], out_features)
@@ -310,12 +335,13 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def make(kind: str, module: nn.Module, param: nn.Parameter, name: str, density: float, delta_dtype: torch.dtype):
+def make(kind: str, module: nn.Module, param: nn.Parameter, name: str, density: float, delta_dtype: torch.dtype,
+         compact: bool = False):
     """The storage ``SiftConfig.storage`` (``kind``) names for the targeted weight ``param`` of ``module``."""
     if kind == "delta":
         _require_linear_like(module, name)
         rows, cols = weight_shape(module)
-        return Delta(module, name, count_selected(rows * cols, density), delta_dtype)
+        return Delta(module, name, count_selected(rows * cols, density), delta_dtype, compact)
     return InPlace(param, name)
 
 
