@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .bench_methods import DENSITY_METHODS, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SIFT_MODES, MethodRun, prepare
+from .bench_methods import (DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SIFT_MODES, MethodRun,
+                            prepare)
 from .errors import ConfigError
 
 RESULTS_DIR = Path("bench/results")
@@ -67,7 +68,7 @@ TASKS = {
     "causal_lm": TaskSetup(
         "smollm2", "chatterbot", steps=40, batch_size=8, max_length=128, eval_size=200, eval_batch_size=8,
         lr={"full": 2e-5, "lora": 2e-4, "shira": 2e-4, "random": 2e-4, "sift-fixed": 2e-4, "sift-periodic": 2e-4,
-            "sift-per_step": 2e-4, "qlora": 2e-4, "sift-nf4": 2e-4},
+            "sift-per_step": 2e-4, "qlora": 2e-4, "sift-nf4": 2e-4, "sift-bf16": 2e-4},
         dense_lr={}, val_size=200,
     ),
 }
@@ -278,7 +279,8 @@ def _load(spec: RunSpec):
     train_set, eval_set = data.split_examples(examples, spec.eval_size, seed=SPLIT_SEED)
     labels = data.label_names(train_set) if spec.task == "classification" else None
     torch.manual_seed(spec.seed)  # the new head's initialisation, the same for every method
-    model, tokenizer = models.load_model(spec.model, spec.task, labels=labels, quantize=QUANTIZED.get(spec.method))
+    model, tokenizer = models.load_model(spec.model, spec.task, labels=labels, quantize=QUANTIZED.get(spec.method),
+                                         dtype=DTYPES.get(spec.method, torch.float32))
     batches = _BatchMaker(TrainArgs(model=spec.model, dataset=spec.dataset, task=spec.task, seed=spec.seed,
                                     batch_size=spec.batch_size, max_length=spec.max_length,
                                     eval_batch_size=spec.eval_batch_size), tokenizer, labels)

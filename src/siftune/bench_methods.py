@@ -13,7 +13,8 @@ every weight), ``lora`` and ``shira`` (peft, setting = rank), ``random``
 ``sift-fixed`` / ``sift-periodic`` / ``sift-per_step`` (setting = density).
 On a base whose Linear layers are loaded in nf4 (:data:`QUANTIZED`):
 ``qlora`` (peft LoRA, setting = rank) and ``sift-nf4`` (SIFT fixed mode with
-``storage="delta"``, setting = density).
+``storage="delta"``, setting = density). ``sift-bf16``: SIFT fixed mode on a
+base loaded in bf16 (:data:`DTYPES`; fp32 masters and moments, the defaults).
 """
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ TARGETS = {
 }
 HEADS = {"classification": ["classifier"], "causal_lm": []}  # trained densely where one exists
 
-SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step", "sift-nf4": "fixed"}
+SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step", "sift-nf4": "fixed",
+              "sift-bf16": "fixed"}
 RANKED = ("lora", "shira", "qlora")
 DENSITY_METHODS = ("random", *SIFT_MODES)
 QUANTIZED = {"qlora": "nf4", "sift-nf4": "nf4"}  # method -> how its base model's Linear layers are loaded
+DTYPES = {"sift-bf16": torch.bfloat16}  # method -> the dtype its base model is loaded in (else fp32)
 METHODS = ("base", "head", "full", *RANKED, *DENSITY_METHODS)
 MATCHED_RANK = 8  # "matched" density = LoRA at this rank's count / targeted components
 LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 r: the usual scale alpha / r = 2

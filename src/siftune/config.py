@@ -77,7 +77,8 @@ class SiftConfig:
             (16-bit offsets in blocks of 65,536 entries) instead of int32 flat
             indices, unpacked for a moment when used: 2 bytes less per selected
             component for a little compute each step. Modes ``"fixed"`` and
-            ``"periodic"``. Default ``False``.
+            ``"periodic"``; with ``storage="delta"`` the delta keeps its
+            indices packed too (one copy in fixed mode). Default ``False``.
         storage: where the trained values live. ``"in_place"`` writes them
             into the weights (no cost in the forward). ``"delta"`` keeps the
             targeted weights frozen in whatever form the model holds them
