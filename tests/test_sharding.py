@@ -190,7 +190,7 @@ def _whole_selection(engine) -> dict[str, torch.Tensor]:
 def recipe_flags(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """``siftune train`` on the tiny BERT: 3 steps of 2 micro-batches, a refresh after step 2, a checkpoint a step."""
     return ["train", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out), "--steps", "3",
-            "--batch-size", "4", "--grad-accum", "2", "--eval-size", "8", "--eval-batch-size", "3",
+            "--batch-size", "4", "--grad-accum", "2", "--eval-size", "7", "--eval-batch-size", "3",
             "--max-length", "16", "--density", "0.05", "--lr", "1e-2", "--warmup-steps", "1", "--mode", "periodic",
             "--refresh-every", "2", "--checkpoint-every", "1", "--quiet", *extra]
 
@@ -492,3 +492,21 @@ def test_a_rank_killed_during_sharded_training_ends_the_others_with_a_distribute
 def test_trainer_with_accelerates_fsdp2_plugin_is_a_config_error_that_names_what_to_use(job):
     _, ranks, _ = job
     assert "siftune.cli train --fsdp" in ranks[0]["refusals"].get("trainer with fsdp", "")
+
+
+@pytest.mark.parametrize("rank, uncounted", [(0, 0), (1, 1)])
+def test_fsdp_evaluation_runs_every_rank_through_as_many_batches_and_counts_each_example_once(
+        monkeypatch, rank, uncounted):
+    from conftest import make_tiny_tokenizer
+    from _models import tiny_bert_classifier
+    from siftune.train import NOT_COUNTED, TrainArgs, _BatchMaker, evaluate
+
+    examples = [{"text": f"film {i}", "label": "pos" if i % 2 else "neg"} for i in range(7)]
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "sum_across_ranks", lambda values: list(values))  # this rank's counts only
+    args = TrainArgs(model="unused", dataset="unused", eval_batch_size=3, max_length=8, fsdp=True)
+    batches = list(_BatchMaker(args, make_tiny_tokenizer(), ["neg", "pos"]).eval(examples))
+    assert len(batches) == 2  # ceil(4 / 3): rank 0 holds examples 0, 2, 4, 6; rank 1 holds 1, 3, 5 and one filler
+    assert sum(bool(b.get(NOT_COUNTED)) for b in batches) == uncounted
+    assert evaluate(tiny_bert_classifier(), batches, "classification")["examples"] == 4 - rank

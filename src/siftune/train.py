@@ -336,7 +336,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     if resumed is None:
         if distributed.is_main_process():
             checkpoints.clear()  # a fresh run must never later resume from an older run's checkpoints
-        before = evaluate(model, batches.eval(eval_set), args.task, split=not args.fsdp) if eval_set else {}
+        before = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
     else:
         before = resumed["progress"]["before"]
         _print(f"resuming from {resumed['path']} (step {resumed['step']})")
@@ -392,7 +392,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     train_s = earlier_s + time.perf_counter() - started
     model.eval()
 
-    after = evaluate(model, batches.eval(eval_set), args.task, split=not args.fsdp) if eval_set else {}
+    after = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
     _report("after", after)
     if board is not None:
         board.held_out(steps, after)
@@ -464,11 +464,21 @@ class _BatchMaker:
     def eval(self, examples):
         """This process's share of the held-out examples (all of them in a single process).
 
-        With fsdp every process takes them all: each forward of a sharded
-        model needs every process, so they must run the same batches.
+        With fsdp each forward of a sharded model needs every process, so all
+        run as many batches: a shorter share ends with batches of one example
+        that :func:`evaluate` runs but does not count (:data:`NOT_COUNTED`).
         """
-        share = examples if self.args.fsdp else distributed.shard_examples(examples)
-        return self._make(share, self.args.eval_batch_size, shuffle=False, seed=0)
+        share = distributed.shard_examples(examples)
+        size = self.args.eval_batch_size
+        batches = self._make(share, size, shuffle=False, seed=0)
+        if not self.args.fsdp:
+            return batches
+        longest = math.ceil(math.ceil(len(examples) / distributed.world_size()) / size)
+        padding = longest - math.ceil(len(share) / size)
+        if not padding:
+            return batches
+        filler = {**next(self._make(examples[:1], 1, shuffle=False, seed=0)), NOT_COUNTED: True}
+        return itertools.chain(batches, itertools.repeat(filler, padding))
 
     def train_forever(self, examples, skip: int = 0):
         """Micro-batches epoch after epoch, each shuffled by seed + epoch, after the first ``skip`` of them."""
@@ -480,19 +490,27 @@ class _BatchMaker:
             skip, epoch = 0, epoch + 1
 
 
+NOT_COUNTED = "_siftune_not_counted"  # the key that marks an evaluation batch run only to keep ranks in step
+
+
 @torch.no_grad()
 def evaluate(model, batches, task: str, split: bool = True) -> dict:
     """Held-out accuracy (classification) or response-token loss and perplexity (causal LM).
 
     Under several processes each evaluates its share of the examples and the
-    counts are summed (``split``), or each evaluates them all.
+    counts are summed (``split``), or each evaluates them all. A batch marked
+    :data:`NOT_COUNTED` runs (a sharded model's forward needs every process)
+    but is not counted.
     """
     was_training = model.training
     model.eval()
     correct = total = 0
     loss_sum = tokens = 0.0
     for batch in batches:
-        output = model(**batch)
+        counted = not batch.get(NOT_COUNTED, False)
+        output = model(**{k: v for k, v in batch.items() if k != NOT_COUNTED})
+        if not counted:
+            continue
         if task == "classification":
             correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
             total += batch["labels"].numel()
