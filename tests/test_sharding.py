@@ -510,3 +510,26 @@ def test_fsdp_evaluation_runs_every_rank_through_as_many_batches_and_counts_each
     assert len(batches) == 2  # ceil(4 / 3): rank 0 holds examples 0, 2, 4, 6; rank 1 holds 1, 3, 5 and one filler
     assert sum(bool(b.get(NOT_COUNTED)) for b in batches) == uncounted
     assert evaluate(tiny_bert_classifier(), batches, "classification")["examples"] == 4 - rank
+
+
+def test_a_sharded_checkpoint_with_a_flipped_bit_is_skipped_for_the_one_before(tmp_path):
+    """DCP stores tensors as raw bytes: without the checksum a flipped bit would load as a wrong value."""
+    import warnings
+
+    from siftune.checkpoint import FORMAT_VERSION
+
+    checkpoints = sharding.ShardedCheckpoints(tmp_path)
+    values = torch.arange(1000, dtype=torch.float32) * 1.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
+        for step in (3, 4):
+            checkpoints.save({"step": step, "format_version": FORMAT_VERSION, "values": values + step})
+    part = checkpoints.path(4) / "__0_0.distcp"
+    raw = bytearray(part.read_bytes())
+    at = raw.find((values + 4).numpy().tobytes()[400:408])
+    assert at > 0
+    raw[at] ^= 1
+    part.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        state = checkpoints.load_latest()
+    assert state["step"] == 3 and torch.equal(state["values"], values + 3)

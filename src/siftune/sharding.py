@@ -30,6 +30,7 @@ No weight or dense gradient is gathered beyond what FSDP2 does itself.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import pickle
@@ -320,6 +321,7 @@ class ShardedCheckpoints:
         skeleton = _without_tensors(state, tensors)
         mine = {f"rank{distributed.rank()}/{i}": t for i, t in enumerate(tensors)}
         mine[f"rank{distributed.rank()}/skeleton"] = _as_bytes_tensor(skeleton)
+        mine[f"rank{distributed.rank()}/{_SHA256}"] = _digest(mine)  # over this rank's whole part
         try:
             with distributed.collective_errors():
                 dcp.save(mine, storage_writer=dcp.FileSystemWriter(temporary))  # returns when every part is written
@@ -402,6 +404,9 @@ def _read_part(path: Path, saved: dict) -> dict:
     try:
         with distributed.collective_errors():
             dcp.load(mine, storage_reader=dcp.FileSystemReader(path))
+        digest = mine.pop(prefix + _SHA256, None)  # absent from checkpoints of siftune before it
+        if digest is not None and not torch.equal(digest, _digest(mine)):
+            raise CheckpointError(f"{path}: this rank's part is corrupt (checksum mismatch)")
         skeleton = torch.load(io.BytesIO(mine.pop(prefix + "skeleton").numpy().tobytes()), weights_only=True)
         state = _with_tensors(skeleton, [mine[f"{prefix}{i}"] for i in range(len(mine))])
     except (KeyError, IndexError, dcp.api.CheckpointException, pickle.UnpicklingError, RuntimeError) as exc:
@@ -412,7 +417,18 @@ def _read_part(path: Path, saved: dict) -> dict:
 
 
 _FOLDER = re.compile(r"^checkpoint-(\d{8,})$")
+_SHA256 = "sha256"  # each rank's part ends with the SHA-256 of the rest of it, checked on load
 _TENSOR = "\0siftune-tensor"  # stands for the i-th saved tensor in a checkpoint's skeleton
+
+
+def _digest(part: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SHA-256 of a rank's tensors (names, dtypes, shapes and bytes, in name order), as 32 uint8."""
+    h = hashlib.sha256()
+    for key in sorted(part):
+        t = part[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
 
 
 def _without_tensors(value, tensors: list):
