@@ -481,8 +481,8 @@ def test_a_rank_killed_during_sharded_training_ends_the_others_with_a_distribute
     procs[1].send_signal(signal.SIGKILL)
     codes, _ = finish(procs[:1], ENDS_WITHIN_S)
     finish(procs[1:], 0)
-    # Exit code 2 from the CLI; now and then gloo's teardown aborts the process after that (-6).
-    assert codes[0] in (2, -signal.SIGABRT), output(folder, 0)[-2000:]
+    # Exit code 2 from the CLI, which skips the teardown of the broken process group (gloo may abort in it).
+    assert codes[0] == 2, output(folder, 0)[-2000:]
     assert "siftune train: error: rank 0 of 2: a collective operation failed" in output(folder, 0)
 
 

@@ -13,13 +13,14 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 import typing
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, SiftError
+from .errors import ConfigError, DistributedError, SiftError
 
 
 def _flag_type(field: dataclasses.Field):
@@ -259,6 +260,17 @@ def _quiet_transformers() -> None:
         logging.disable_progress_bar()
 
 
+def _exit_without_teardown(code: int) -> None:
+    """End a process whose job lost a peer now: tearing down a process group with a dead peer can
+    abort (gloo), which would turn the one-line error's exit code 2 into SIGABRT."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -267,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except SiftError as exc:
         print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
+        if isinstance(exc, DistributedError):
+            _exit_without_teardown(2)
         return 2
     except KeyboardInterrupt:
         print(f"siftune {ns.command}: interrupted", file=sys.stderr)
