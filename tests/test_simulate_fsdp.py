@@ -50,10 +50,11 @@ def test_simulated_rank_peaks_match_a_real_two_process_fsdp_run(real_runs, metho
     assert len(real["peaks"]) == len(peaks) == 2
     # Known gaps: the real count holds SIFT's ledger (host memory on a GPU; an int32 index and
     # an fp32 value a component here) and the real rank's own share of each tensor's top-k,
-    # where the simulation gives every rank an equal share (16 B a component of state).
+    # where the simulation gives every rank an equal share: 16 B a component of state, and
+    # up to 16 B more of the update's temporaries when the peak falls in the optimizer step.
     allowed = 16 * 1024
     if real["selected"] is not None:
-        allowed += 8 * real["selected"] + 16 * abs(real["selected"] - simulated["selected_rank0"])
+        allowed += 8 * real["selected"] + 32 * abs(real["selected"] - simulated["selected_rank0"])
     for step, (r, s) in enumerate(zip(real["peaks"], peaks)):
         assert abs(r - s) <= allowed, f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"
 
