@@ -33,7 +33,7 @@ def test_simulated_step_peaks_match_a_real_cpu_run_of_the_same_steps(method):
         assert abs(r - s) <= allowed, f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"
 
 
-@pytest.mark.parametrize("method", ["qlora-64-nf4", "sift-qlora-nf4"])
+@pytest.mark.parametrize("method", ["qlora-64-nf4", "sift-qlora-nf4", "sift-qlora-nf4-compact"])
 def test_simulated_nf4_step_peaks_match_a_real_cpu_run_of_the_same_steps(method, monkeypatch):
     # The nf4 base: bitsandbytes quantizes for real on this CPU; the simulation builds the
     # packed weights and quantization state as fakes. The delta takes its dense-transient
