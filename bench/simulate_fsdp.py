@@ -276,7 +276,7 @@ def table(records: list[dict]) -> list[str]:
     """docs/distributed.md's table: per-GPU peak GiB, one row per method, one column per size."""
     sizes = sorted({r["size"] for r in records}, key=lambda s: (len(s), s))
     world = records[0]["world"] if records else 8
-    lines = [f"| method | " + " | ".join(f"{s.upper()} (GiB per GPU, {world} GPUs)" for s in sizes) + " |",
+    lines = ["| method | " + " | ".join(f"{s.upper()} (GiB per GPU, {world} GPUs)" for s in sizes) + " |",
              "|---|" + "---:|" * len(sizes)]
     for method in METHODS:
         row = {r["size"]: r for r in records if r["method"] == method}
