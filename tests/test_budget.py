@@ -223,8 +223,6 @@ def test_global_budget_with_a_targeted_weight_the_loss_does_not_use_is_a_config_
     (dict(budget="global", min_density=0.5), "min_density must be a number in"),
     (dict(min_density=0.01), "min_density is the floor of budget='global'"),
     (dict(budget="global", selection="random"), "selection='random'"),
-    (dict(budget="global", storage="delta"), "storage='delta'"),
-    (dict(score="grad_squared", storage="delta"), "storage='delta'"),
     (dict(budget="global", mode="per_step"), "mode='per_step'"),
     (dict(score="grad_squared", mode="per_step"), "mode='per_step'"),
     (dict(budget="global", update_in_backward=True), "update_in_backward"),
@@ -251,10 +249,14 @@ def test_gradient_times_weight_score_is_allowed_under_torch_distributed(monkeypa
     siftune.attach(mlp(), config(score="grad_weight"))
 
 
-@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight")])
-def test_selection_options_on_sharded_weights_are_a_config_error(overrides):
+@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_squared")])
+def test_one_process_selection_options_on_sharded_weights_are_a_config_error(overrides):
     with pytest.raises(ConfigError, match="unsharded weights"):
         check_placement(config(**overrides), sharded=True, multi_process=False)
+
+
+def test_gradient_times_weight_score_is_allowed_on_sharded_weights():
+    check_placement(config(score="grad_weight"), sharded=True, multi_process=True)
 
 
 # -- siftune train -----------------------------------------------------------------

@@ -59,6 +59,11 @@ def _lockstep(overrides: dict, steps: int = 8, accum: int = 1, dtype=torch.float
     ({"update_in_backward": True}, 1),
     ({"compact_indices": True}, 2),
     ({"compact_indices": True, "mode": "periodic", "refresh_every": 3}, 1),
+    # The selection options (siftune.budget): the delta's weight is base plus delta, its counts uneven.
+    ({"score": "grad_weight", "mode": "periodic", "refresh_every": 3}, 2),
+    ({"score": "grad_squared", "selection_batches": 3}, 2),
+    ({"budget": "global", "min_density": 0.02, "mode": "periodic", "refresh_every": 3}, 1),
+    ({"budget": "global", "compact_indices": True}, 2),
 ])
 def test_delta_on_an_fp32_base_equals_in_place_sift_step_for_step(overrides, accum):
     worst, base, fast, slow, _, _ = _lockstep(overrides, accum=accum)
@@ -300,14 +305,18 @@ def _dequantized_twin(folder, quantized):
     return dense.train()
 
 
-@pytest.mark.parametrize("kind, tolerance", [("nf4", 1e-6), ("fp4", 1e-6), ("int8", 2e-2)])
-def test_delta_on_a_quantized_base_equals_training_the_dequantized_weights(llama_folder, kind, tolerance):
+@pytest.mark.parametrize("kind, tolerance, options", [
+    ("nf4", 1e-6, {}), ("fp4", 1e-6, {}), ("int8", 2e-2, {}),
+    # |g * w| ranks by the dequantized base plus the delta trained so far (a refresh after step 2)
+    ("nf4", 1e-6, {"score": "grad_weight"}),
+])
+def test_delta_on_a_quantized_base_equals_training_the_dequantized_weights(llama_folder, kind, tolerance, options):
     """int8 is held to a loose tolerance: LLM.int8() also rounds the activations to int8."""
     quantized = _quantized(llama_folder, kind)
     dense = _dequantized_twin(llama_folder, quantized)
-    engine = siftune.attach(quantized, density=0.05, storage="delta", mode="periodic", refresh_every=2)
+    engine = siftune.attach(quantized, density=0.05, storage="delta", mode="periodic", refresh_every=2, **options)
     optimizer = engine.optimizer(lr=1e-2)
-    reference = ReferenceSift(dense, SiftConfig(density=0.05, mode="periodic", refresh_every=2), lr=1e-2)
+    reference = ReferenceSift(dense, SiftConfig(density=0.05, mode="periodic", refresh_every=2, **options), lr=1e-2)
     losses = []
     for ids in token_batches(5):
         fast = quantized(input_ids=ids, labels=ids).loss

@@ -44,6 +44,7 @@ SCENARIOS = {
     "uneven shards": ({}, 1, torch.float32, UNEVEN),
     "a rank without rows": ({}, 1, torch.float32, (8, 16, 1, 3)),  # layer 2's one row lives on rank 0
     "random": ({"selection": "random", "seed": 3}, 1, torch.float32, None),
+    "grad_weight": ({"score": "grad_weight", "mode": "periodic", "refresh_every": 2}, 1, torch.float32, UNEVEN),
     "compact indices": ({"compact_indices": True, "state_dtype": "bfloat16"}, 1, torch.float32, None),
     # HSDP on two processes: two replicas of one shard each, or one replica in two shards.
     "hsdp, 2 replicas": ({"max_grad_norm": 0.05}, 1, torch.float32, None, (2, 1)),

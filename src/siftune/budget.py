@@ -39,9 +39,9 @@ BUDGETS = ("per_tensor", "global")
 
 def check_placement(config, sharded: bool, multi_process: bool) -> None:
     """ConfigError for options whose ranking this placement of the weights cannot compute."""
-    if sharded and (config.score != "grad" or config.budget != "per_tensor"):
-        raise ConfigError("score and budget options work on unsharded weights; on an FSDP2 model use "
-                          "score='grad' and budget='per_tensor'")
+    if sharded and (config.score == "grad_squared" or config.budget != "per_tensor"):
+        raise ConfigError("score='grad_squared' and budget='global' work on unsharded weights; on an FSDP2 model "
+                          "use budget='per_tensor' with score 'grad' or 'grad_weight'")
     if multi_process and (config.score == "grad_squared" or config.budget == "global"):
         # Ranks hold their own gradients: a sum of squares over ranks is not the square of
         # the averaged gradient, and a global ranking's gradient values would stay on rank 0.
@@ -49,10 +49,11 @@ def check_placement(config, sharded: bool, multi_process: bool) -> None:
                           "use budget='per_tensor' with score 'grad' or 'grad_weight'")
 
 
-def rank_score(kind: str, score: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """What components are ranked by (largest magnitude first), from the window's ``score``."""
+def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
+    """What components are ranked by (largest magnitude first), from the window's ``score`` and the
+    weight's storage (``siftune.storage``: its values now, for grad_weight)."""
     if kind == "grad_weight":
-        return score.float() * weight.detach().float()
+        return score.float() * store.current_weight().float()
     return score  # grad: the window's sum; grad_squared: the window's sum of squares
 
 
@@ -109,7 +110,7 @@ class Selector:
             step = grad
             slot.score = grad if slot.score is None else slot.score + grad
         score, slot.score = slot.score, None
-        return step, rank_score(self.kind, score, slot.param)
+        return step, rank_score(self.kind, score, slot.storage)
 
     def end_step(self, slot) -> None:
         """A step ended inside ``slot``'s window: this step's gradient is not applied."""

@@ -96,16 +96,17 @@ class SiftConfig:
             gradient, the paper's), ``"grad_squared"`` (each micro-batch's g^2,
             summed over the window; frees autograd's gradient every micro-batch
             and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
-            with the weight's value at selection). Gradient selection,
-            ``storage="in_place"``, one process for ``"grad_squared"``.
+            with the weight's value at selection: for ``storage="delta"`` the
+            dequantized base plus the delta). Gradient selection; one
+            process and unsharded weights for ``"grad_squared"``.
             Default ``"grad"``.
         budget: how the selected count is shared: ``"per_tensor"`` (each
             targeted tensor its ``density`` share, the paper's) or
             ``"global"`` (one ranking over all targeted tensors, the same total
             count; a tensor may get more or fewer than its share, or none
             without ``min_density``). ``"global"`` needs gradient selection,
-            modes ``"fixed"``/``"periodic"``, ``storage="in_place"``, no
-            ``update_in_backward``, one process and unsharded weights.
+            modes ``"fixed"``/``"periodic"``, no ``update_in_backward``, one
+            process and unsharded weights.
             Default ``"per_tensor"``.
         min_density: with ``budget="global"``, the floor: every targeted
             tensor keeps at least round(numel * min_density) of its top
@@ -209,9 +210,6 @@ class SiftConfig:
         if self.selection == "random" and (self.score != "grad" or self.budget != "per_tensor"):
             raise ConfigError("score and budget rank gradients; selection='random' draws each tensor's share "
                               "uniformly: leave score='grad' and budget='per_tensor'")
-        if self.storage == "delta" and (self.score != "grad" or self.budget != "per_tensor"):
-            raise ConfigError("storage='delta' selects by score='grad' with budget='per_tensor' (the delta's size "
-                              "is fixed at attach, before a global selection is known)")
         if self.mode == "per_step" and (self.score == "grad_squared" or self.budget != "per_tensor"):
             raise ConfigError("mode='per_step' selects each tensor from its step's gradient: score 'grad' or "
                               "'grad_weight', budget='per_tensor'")

@@ -152,6 +152,9 @@ class SiftEngine:
                 pos = slot.storage.positions(slot.flat())
                 self._take_gradient(slot, None, at_indices if pos is None else at_indices[pos])
                 return
+            if self.selector.frees_gradient:  # grad_squared: the selector sums each micro-batch itself
+                self._take_gradient(slot, grad)
+                return
             if slot.step_grad is not None:  # this step's earlier micro-batches, as autograd sums them in .grad
                 grad, slot.step_grad = slot.step_grad.add_(grad), None
             if not self._take_gradient(slot, grad):
@@ -260,7 +263,7 @@ class SiftEngine:
                 if p.grad is None:
                     continue
                 grad = sharding.local(p.grad)
-                slot.grad = grad.reshape(-1)[self._select(slot, budget.rank_score(self.config.score, grad, p))]
+                slot.grad = grad.reshape(-1)[self._select(slot, budget.rank_score(self.config.score, grad, slot.storage))]
                 p.grad = None
             elif slot.selecting:
                 pending = p.grad if p.grad is not None else slot.step_grad  # in place, or beside (a delta)

@@ -128,6 +128,10 @@ class ShardedInPlace(InPlace):
     def read(self, idx: torch.Tensor) -> torch.Tensor:
         return self._flat()[idx]
 
+    def current_weight(self) -> torch.Tensor:
+        """This rank's rows of the weight, as they are now (the local part of score="grad_weight")."""
+        return self._flat().view(self.shape)
+
     def write(self, idx: torch.Tensor, values: torch.Tensor) -> None:
         flat = self._flat()
         flat[idx] = values.to(flat.dtype)

@@ -41,7 +41,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .errors import CheckpointError, ConfigError
-from .quantize import keep_training_layout
+from .quantize import dequantized_weight, keep_training_layout
 from .select import count_selected, index_dtype, pack_indices, unpack_indices
 
 def quantized_kind(weight: torch.Tensor) -> str | None:
@@ -89,6 +89,10 @@ class InPlace:
 
     def write(self, idx: torch.Tensor, values: torch.Tensor) -> None:
         self.trainable.detach().view(-1)[idx] = values.to(self.trainable.dtype)  # index_put_: int32 indices
+
+    def current_weight(self) -> torch.Tensor:
+        """The weight's values now (score="grad_weight" ranks by them)."""
+        return self.trainable.detach()
 
     def attached_to(self, model: nn.Module, name: str) -> bool:
         return model.get_parameter(name) is self.trainable
@@ -159,6 +163,8 @@ class Delta:
         """Make ``idx`` (sorted flat indices) trainable; components selected before keep their values."""
         if self.stored is None:
             self.indices = idx
+            if self.trainable.numel() != idx.numel():  # budget="global": this tensor's own share of the total
+                self.trainable.data = self.trainable.new_zeros(idx.numel())
             return
         indices = self.indices
         new = torch.isin(idx, indices, invert=True)
@@ -179,6 +185,14 @@ class Delta:
             return values.new_zeros(idx.numel())
         pos = self.positions(idx)
         return values if pos is None else values[pos]
+
+    def current_weight(self) -> torch.Tensor:
+        """The values the layer computes with now, base plus delta, as a dense fp32 tensor of the logical
+        weight's shape (score="grad_weight" ranks by them): one layer's transient, as its dense gradient is."""
+        weight = dequantized_weight(self.module).float().reshape(self.shape)
+        if self.stored is not None:
+            weight.view(-1)[self.indices] += self.trainable.detach().float()
+        return weight
 
     def write(self, idx: torch.Tensor, values: torch.Tensor) -> None:
         pos = self.positions(idx)
