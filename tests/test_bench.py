@@ -224,3 +224,18 @@ def test_report_chooses_each_rate_on_validation_and_shows_test_for_the_chosen_ra
     # Seed 1 ran only at 2e-3: the choice compares seed 0, where 1e-3 is better.
     assert "| 0.001 | 0 | 70.00 |" in table
     assert "95.00" not in table and "92.50" not in table
+
+
+def test_report_draws_each_rate_grid_beside_its_tables(tmp_path):
+    records = [_record(lr=1e-3, value=0.70, val_value=0.81, val_examples=1000),
+               _record(lr=2e-3, value=0.95, val_value=0.80, val_examples=1000),
+               _record(method="lora", setting=8, rank=8, density=None, lr=1e-3, val_value=0.7, val_examples=1000)]
+    (tmp_path / "classification.json").write_text(json.dumps(records))
+    written = write_report(tmp_path)
+    assert tmp_path / "rate_grid.png" in written and (tmp_path / "rate_grid.png").stat().st_size > 0
+    assert "![validation score against learning rate](rate_grid.png)" in (tmp_path / "README.md").read_text()
+    # One rate only (LoRA here) is a choice without a grid: no figure then.
+    (tmp_path / "classification.json").write_text(json.dumps(records[2:]))
+    (tmp_path / "rate_grid.png").unlink()
+    assert tmp_path / "rate_grid.png" not in write_report(tmp_path)
+    assert not (tmp_path / "rate_grid.png").exists() and "rate_grid" not in (tmp_path / "README.md").read_text()
