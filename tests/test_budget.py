@@ -233,20 +233,20 @@ def test_unsupported_selection_options_are_one_line_config_errors(overrides, mes
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_squared")])
-def test_attaching_under_torch_distributed_with_a_one_process_option_is_a_config_error(overrides, monkeypatch):
+def test_attaching_under_torch_distributed_with_the_squared_score_is_a_config_error(monkeypatch):
     import siftune.engine
 
     monkeypatch.setattr(siftune.engine, "_distributed", lambda: True)
-    with pytest.raises(ConfigError, match="run in one process"):
-        siftune.attach(mlp(), config(**overrides))
+    with pytest.raises(ConfigError, match="runs in one process"):
+        siftune.attach(mlp(), config(score="grad_squared"))
 
 
-def test_gradient_times_weight_score_is_allowed_under_torch_distributed(monkeypatch):
+@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight")])
+def test_global_budget_and_gradient_times_weight_are_allowed_under_torch_distributed(overrides, monkeypatch):
     import siftune.engine
 
     monkeypatch.setattr(siftune.engine, "_distributed", lambda: True)
-    siftune.attach(mlp(), config(score="grad_weight"))
+    siftune.attach(mlp(), config(**overrides))
 
 
 @pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_squared")])

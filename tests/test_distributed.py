@@ -29,7 +29,10 @@ ATOL = 1e-6
 STEPS, ACCUM, GLOBAL_BATCH = 4, 2, 8
 MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2},  # refreshes after step 2
              # storage="delta": the weights stay as they are, the trained values sit beside them
-             "delta": {"storage": "delta", "mode": "periodic", "refresh_every": 2}}
+             "delta": {"storage": "delta", "mode": "periodic", "refresh_every": 2},
+             # the selection options: one ranking over all tensors from the summed score; |g w| on a delta
+             "global": {"budget": "global", "min_density": 0.05, "mode": "periodic", "refresh_every": 2},
+             "delta, |g w|": {"storage": "delta", "score": "grad_weight", "mode": "periodic", "refresh_every": 2}}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
 ENDS_WITHIN_S = 30  # after a rank fails, the others must have ended by then

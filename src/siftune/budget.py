@@ -42,11 +42,11 @@ def check_placement(config, sharded: bool, multi_process: bool) -> None:
     if sharded and (config.score == "grad_squared" or config.budget != "per_tensor"):
         raise ConfigError("score='grad_squared' and budget='global' work on unsharded weights; on an FSDP2 model "
                           "use budget='per_tensor' with score 'grad' or 'grad_weight'")
-    if multi_process and (config.score == "grad_squared" or config.budget == "global"):
-        # Ranks hold their own gradients: a sum of squares over ranks is not the square of
-        # the averaged gradient, and a global ranking's gradient values would stay on rank 0.
-        raise ConfigError("score='grad_squared' and budget='global' run in one process; under torch.distributed "
-                          "use budget='per_tensor' with score 'grad' or 'grad_weight'")
+    if multi_process and config.score == "grad_squared":
+        # Ranks hold their own micro-batch gradients: a sum of squares over ranks is
+        # not the square of the averaged gradient.
+        raise ConfigError("score='grad_squared' runs in one process; under torch.distributed use score 'grad' "
+                          "or 'grad_weight'")
 
 
 def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:

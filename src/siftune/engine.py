@@ -197,6 +197,10 @@ class SiftEngine:
 
     def _select_globally(self, slot: _Slot, score: torch.Tensor, grad: torch.Tensor) -> None:
         """Offer ``slot``'s window to the global ranking; the last tensor to arrive selects for all."""
+        if _distributed():
+            # Ranked by the ranks' summed score, the same on every rank, so every rank builds the
+            # same pool; the pooled gradient values stay this rank's own, averaged at the step.
+            score = _summed_over_ranks(score)
         chosen = self.selector.pool.offer(slot, score, grad)
         for each, (idx, picked) in zip(self.slots, chosen or ()):
             self._select(each, None, chosen=idx)
@@ -218,10 +222,7 @@ class SiftEngine:
             idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
         else:
             if _distributed():
-                # A copy even when already fp32 (.float() would alias it): the rank's
-                # own gradient must stay local, it is averaged once at the step.
-                score = score.to(torch.float32, copy=True)
-                distributed.all_reduce(score)
+                score = _summed_over_ranks(score)
             idx = top_k_indices(score, slot.k)
         if _distributed() and not sharded:
             distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
@@ -494,6 +495,14 @@ class SiftEngine:
             self.model._ddp_params_and_buffers_to_ignore = self._ddp_ignore_before
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._saved_flags.get(name, p.requires_grad))
+
+
+def _summed_over_ranks(score: torch.Tensor) -> torch.Tensor:
+    """``score`` summed over the ranks, in fp32, as a new tensor: a copy even when already fp32 (.float()
+    would alias it), since the rank's own gradient must stay local; it is averaged once at the step."""
+    score = score.to(torch.float32, copy=True)
+    distributed.all_reduce(score)
+    return score
 
 
 def _distributed() -> bool:
