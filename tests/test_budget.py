@@ -249,14 +249,14 @@ def test_global_budget_and_gradient_times_weight_are_allowed_under_torch_distrib
     siftune.attach(mlp(), config(**overrides))
 
 
-@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_squared")])
-def test_one_process_selection_options_on_sharded_weights_are_a_config_error(overrides):
+def test_the_squared_score_on_sharded_weights_is_a_config_error():
     with pytest.raises(ConfigError, match="unsharded weights"):
-        check_placement(config(**overrides), sharded=True, multi_process=False)
+        check_placement(config(score="grad_squared"), sharded=True, multi_process=False)
 
 
-def test_gradient_times_weight_score_is_allowed_on_sharded_weights():
-    check_placement(config(score="grad_weight"), sharded=True, multi_process=True)
+@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight")])
+def test_global_budget_and_gradient_times_weight_are_allowed_on_sharded_weights(overrides):
+    check_placement(config(**overrides), sharded=True, multi_process=True)
 
 
 # -- siftune train -----------------------------------------------------------------

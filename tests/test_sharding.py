@@ -45,6 +45,10 @@ SCENARIOS = {
     "a rank without rows": ({}, 1, torch.float32, (8, 16, 1, 3)),  # layer 2's one row lives on rank 0
     "random": ({"selection": "random", "seed": 3}, 1, torch.float32, None),
     "grad_weight": ({"score": "grad_weight", "mode": "periodic", "refresh_every": 2}, 1, torch.float32, UNEVEN),
+    "global budget": ({"budget": "global", "min_density": 0.05, "mode": "periodic", "refresh_every": 2}, 1,
+                      torch.float32, UNEVEN),
+    "global budget, |g w|, packed": ({"budget": "global", "score": "grad_weight", "compact_indices": True}, 1,
+                                     torch.float32, (8, 16, 1, 3)),
     "compact indices": ({"compact_indices": True, "state_dtype": "bfloat16"}, 1, torch.float32, None),
     # HSDP on two processes: two replicas of one shard each, or one replica in two shards.
     "hsdp, 2 replicas": ({"max_grad_norm": 0.05}, 1, torch.float32, None, (2, 1)),
@@ -109,6 +113,19 @@ def tied_selection() -> list[int]:
     local = score[store.offset:store.offset + store.numel].reshape(store.shape)
     idx = sharding.select(store, local, slot.k, slot.generator, "gradient")
     return torch.cat(sharding._all_gather_varying(idx.long() + store.offset, store)).tolist()
+
+
+def tied_global_cut() -> list[int]:
+    """This rank's part of the 4 largest of scores that all tie: tensor 0 holds 3 on each rank, tensor 1 two.
+
+    In global model order (tensor, then rank, then index) rank 0's three of
+    tensor 0 come first, then rank 1's first one of tensor 0; tensor 1's
+    entries, first in each rank's own list, get none.
+    """
+    scores = torch.ones(5)
+    tensors = torch.tensor([1, 1, 0, 0, 0])
+    order = torch.argsort(tensors, stable=True)  # candidates come in model order
+    return sorted(order[sharding.top_over_ranks(scores, tensors[order], 2, 4, None)].tolist())
 
 
 def refusals(folder: Path) -> dict[str, str]:
@@ -235,6 +252,7 @@ def _rank_main(job: str, folder: str) -> None:
     results["mixed precision"] = train_mixed_precision()
     results["accumulation, synced once a step"] = train_mlp("accumulation", sync_every_micro_batch=False)
     results["ties"] = tied_selection()
+    results["global ties"] = tied_global_cut()
     results["damaged checkpoint"] = load_after_damage(folder / "damaged")
     results["refusals"] = refusals(folder)
     torch.save(results, folder / f"rank{rank}.pt")
@@ -331,6 +349,11 @@ def test_sharded_run_gives_the_increment_of_one_process_on_every_rank(job, scena
 def test_ties_at_the_threshold_are_taken_in_global_index_order(job):
     _, ranks, _ = job
     assert ranks[0]["ties"] == ranks[1]["ties"] == [0, 1, 2, 3, 4, 5, 6, 7, 70, 100]
+
+
+def test_ties_at_a_global_budgets_cut_are_taken_in_global_model_order(job):
+    _, ranks, _ = job
+    assert [ranks[0]["global ties"], ranks[1]["global ties"]] == [[2, 3, 4], [2]]
 
 
 def test_accumulating_unsynced_micro_batches_selects_from_the_steps_summed_gradient(job):

@@ -39,9 +39,9 @@ BUDGETS = ("per_tensor", "global")
 
 def check_placement(config, sharded: bool, multi_process: bool) -> None:
     """ConfigError for options whose ranking this placement of the weights cannot compute."""
-    if sharded and (config.score == "grad_squared" or config.budget != "per_tensor"):
-        raise ConfigError("score='grad_squared' and budget='global' work on unsharded weights; on an FSDP2 model "
-                          "use budget='per_tensor' with score 'grad' or 'grad_weight'")
+    if sharded and config.score == "grad_squared":
+        raise ConfigError("score='grad_squared' works on unsharded weights; on an FSDP2 model use score 'grad' "
+                          "or 'grad_weight'")
     if multi_process and config.score == "grad_squared":
         # Ranks hold their own micro-batch gradients: a sum of squares over ranks is
         # not the square of the averaged gradient.
@@ -123,9 +123,12 @@ class GlobalPool:
     def __init__(self, slots, min_density: float):
         self.names = [s.name for s in slots]
         self.position = {name: i for i, name in enumerate(self.names)}
-        self.numels = [s.numel for s in slots]
+        self.numels = [s.numel for s in slots]  # on FSDP2 shards: this rank's part
         self.counts = [s.k for s in slots]  # the per-tensor shares: their sum is the total
-        self.floors = [int(round(n * min_density)) for n in self.numels]
+        self.floors = [int(round(getattr(s.storage, "full_numel", s.numel) * min_density)) for s in slots]
+        # On FSDP2 shards every rank pools its own rows' candidates; the floors and the final
+        # cut are then taken over the ranks (siftune.sharding).
+        self.shards = [s.storage for s in slots] if hasattr(slots[0].storage, "full_numel") else None
         self.rest = sum(self.counts) - sum(self.floors)
         self.offsets = [sum(self.numels[:i]) for i in range(len(slots))]
         self.reset()
@@ -148,7 +151,14 @@ class GlobalPool:
                               f"got one ({self.missing()[0]} got none); target only weights the loss depends on, "
                               "or use budget='per_tensor'")
         flat, g = score.detach().reshape(-1).abs().float(), grad.reshape(-1)  # abs(): a copy of our own
-        floor = top_set(flat, self.floors[i])
+        if self.shards is None:
+            floor = top_set(flat, self.floors[i])
+        elif self.floors[i]:  # this rank's part of the whole tensor's top f_i
+            from .sharding import select
+
+            floor = select(self.shards[i], flat, self.floors[i], slot.generator, "gradient").long()
+        else:
+            floor = torch.zeros(0, dtype=torch.long, device=flat.device)
         self.kept[i] = (floor, g[floor])
         flat[floor] = -1.0  # scores are >= 0: the floor is out of the pool's ranking
         extra = top_set(flat, min(flat.numel() - floor.numel(), self.rest), self.cut)
@@ -178,7 +188,16 @@ class GlobalPool:
         return [name for i, name in enumerate(self.names) if i not in self.kept]
 
     def _split(self):
-        _, places, values = self.parts[0]
+        scores, places, values = self.parts[0]
+        if self.shards is not None:  # this rank's part of the R best over all ranks
+            order = torch.argsort(places)
+            scores, places, values = scores[order], places[order], values[order]
+            offsets = torch.tensor(self.offsets, device=places.device)
+            tensors = torch.bucketize(places, offsets, right=True) - 1
+            from .sharding import top_over_ranks
+
+            keep = top_over_ranks(scores, tensors, len(self.numels), self.rest, self.shards[0].group)
+            places, values = places[keep], values[keep]
         order = torch.argsort(places)
         places, values = places[order], values[order]
         offsets = torch.tensor(self.offsets, device=places.device)

@@ -105,8 +105,9 @@ class SiftConfig:
             ``"global"`` (one ranking over all targeted tensors, the same total
             count; a tensor may get more or fewer than its share, or none
             without ``min_density``). ``"global"`` needs gradient selection,
-            modes ``"fixed"``/``"periodic"``, no ``update_in_backward`` and
-            unsharded weights (several processes rank by their summed score).
+            modes ``"fixed"``/``"periodic"`` and no ``update_in_backward``
+            (several processes rank by their summed score; FSDP2 shards by a
+            cut found over the ranks).
             Default ``"per_tensor"``.
         min_density: with ``budget="global"``, the floor: every targeted
             tensor keeps at least round(numel * min_density) of its top

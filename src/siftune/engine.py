@@ -197,7 +197,7 @@ class SiftEngine:
 
     def _select_globally(self, slot: _Slot, score: torch.Tensor, grad: torch.Tensor) -> None:
         """Offer ``slot``'s window to the global ranking; the last tensor to arrive selects for all."""
-        if _distributed():
+        if _distributed() and not isinstance(slot.storage, sharding.ShardedInPlace):
             # Ranked by the ranks' summed score, the same on every rank, so every rank builds the
             # same pool; the pooled gradient values stay this rank's own, averaged at the step.
             score = _summed_over_ranks(score)

@@ -184,6 +184,48 @@ def select(store: ShardedInPlace, score: torch.Tensor, k: int, generator: torch.
     return keep.nonzero().squeeze(1).to(index_dtype(store.numel))
 
 
+def top_over_ranks(scores: torch.Tensor, tensors: torch.Tensor, n_tensors: int, count: int, group) -> torch.Tensor:
+    """This rank's part of the ``count`` largest ``scores`` of all ranks in ``group``: positions into ``scores``.
+
+    ``scores`` (1-D, fp32, >= 0) are this rank's candidates in ascending
+    model order (targeted tensor ``tensors[j]``, then index); every rank
+    must call this at the same time. The threshold is found bit by bit
+    (a non-negative float's bits order as an integer), one scalar
+    all-reduce a bit, so no rank gathers the others' candidates; entries
+    equal to it are taken in global model order: tensor, then rank (ranks
+    hold increasing rows), then index.
+    """
+    device = scores.device
+    bits = scores.contiguous().view(torch.int32)
+    threshold = 0
+    with distributed.collective_errors():
+        for bit in range(30, -1, -1):  # bit 31 is the sign, 0 for every score
+            candidate = threshold | (1 << bit)
+            n = (bits >= candidate).sum().reshape(1)
+            dist.all_reduce(n, group=group)
+            if int(n) >= count:
+                threshold = candidate
+        above = bits > threshold
+        n_above = above.sum().reshape(1)
+        dist.all_reduce(n_above, group=group)
+        tied = (bits == threshold).nonzero().squeeze(1)
+        tied_per_tensor = torch.bincount(tensors[tied], minlength=n_tensors)
+        every = [torch.empty_like(tied_per_tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, tied_per_tensor, group=group)
+    wanted, rank = count - int(n_above), dist.get_rank(group)
+    take = torch.zeros(n_tensors, dtype=torch.long)
+    for i in range(n_tensors):  # tensor-major, rank-minor: global model order
+        for r, ties in enumerate(every):
+            got = min(int(ties[i]), wanted)
+            wanted -= got
+            if r == rank:
+                take[i] = got
+    keep = [above.nonzero().squeeze(1)]
+    for i in take.nonzero().squeeze(1).tolist():
+        keep.append(tied[tensors[tied] == i][:int(take[i])])  # ascending: lowest index first
+    return torch.cat(keep).to(device)
+
+
 def global_norm(grads) -> float:
     """The norm of the gradient ``(param, idx, grad)`` triples hold together, across all shards.
 
