@@ -55,8 +55,16 @@ def test_simulated_rank_peaks_match_a_real_two_process_fsdp_run(real_runs, metho
     allowed = 16 * 1024
     if real["selected"] is not None:
         allowed += 8 * real["selected"] + 32 * abs(real["selected"] - simulated["selected_rank0"])
+    # In full fine-tuning the root group's reduce-scatter input (the unsharded gradients of the
+    # embedding, the output layer and the final norm) is last held by the gloo work that all-reduces it, and gloo's
+    # worker thread lets go of it before or after the next step begins, varying from run to run
+    # (about 1 in 3 on a loaded CPU); NCCL's is freed at its event. So a real step may hold that
+    # one buffer more, exactly.
+    hidden = simulate_fsdp.gpu.SIZES["tiny"][0]
+    root_grads = (2 * 32000 + 1) * hidden * 4 if method == "full" else 0  # fp32
     for step, (r, s) in enumerate(zip(real["peaks"], peaks)):
-        assert abs(r - s) <= allowed, f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"
+        assert abs(r - s) <= allowed or abs(r - root_grads - s) <= allowed, (
+            f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB")
 
 
 def test_sift_state_per_rank_is_its_share_of_the_components_at_the_stated_bytes():
