@@ -150,7 +150,7 @@ def _shard_and_set_up(method: str, model, mesh, rank: int):
     if method == "sift-5-lean":
         import siftune
 
-        engine = siftune.attach(model, siftune.SiftConfig(target_modules=gpu.TARGETS, **LEAN))
+        engine = siftune.attach(model, siftune.SiftConfig(target_modules=gpu.TARGETS, score="grad", **LEAN))
         model.enable_input_require_grads()
         return model, engine.optimizer(lr=1e-4), engine
     return gpu.setup(method, model, rank, fused=True)

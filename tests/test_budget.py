@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
-from siftune import ConfigError, SiftConfig  # noqa: E402
+from siftune import CheckpointError, ConfigError, SiftConfig  # noqa: E402
 from siftune.budget import check_placement, top_set  # noqa: E402
 from _models import mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
@@ -89,7 +89,7 @@ def test_global_budget_selects_the_largest_gradient_magnitudes_over_all_targeted
     batch = mlp_batches(1)[0]
     grads, _ = _first_gradients([batch])
     model = mlp()
-    engine = siftune.attach(model, config(**GLOBAL))
+    engine = siftune.attach(model, config(**GLOBAL, score="grad"))
     mlp_loss(model, batch).backward()
     everything = torch.cat([grads[n].reshape(-1).abs() for n in SHARES])
     threshold = torch.sort(everything, descending=True).values[sum(SHARES.values()) - 1]
@@ -295,9 +295,9 @@ def test_siftune_train_with_an_unknown_budget_is_a_one_line_error_and_exit_2(tmp
     assert "budget must be one of per_tensor, global" in err and err.count("\n") == 1
 
 
-def test_engine_state_saved_before_the_selection_options_existed_loads_with_their_defaults():
+def test_engine_state_saved_before_the_selection_options_existed_loads_as_the_paper_s_selection_it_ran():
     model = mlp()
-    engine = siftune.attach(model, config())
+    engine = siftune.attach(model, config(score="grad"))
     opt = engine.optimizer(lr=1e-2)
     mlp_loss(model, mlp_batches(1)[0]).backward()
     opt.step()
@@ -305,6 +305,9 @@ def test_engine_state_saved_before_the_selection_options_existed_loads_with_thei
     state = engine.state_dict()
     for name in ("score", "budget", "min_density"):
         del state["config"][name]
-    resumed = siftune.attach(copy.deepcopy(model), config())
+    resumed = siftune.attach(copy.deepcopy(model), config(score="grad"))
     resumed.load_state_dict(state)
     assert {n: i.tolist() for n, i in resumed.selected.items()} == {n: i.tolist() for n, i in engine.selected.items()}
+    # Saved without a score, it ran |g|: resuming under today's default would rank otherwise.
+    with pytest.raises(CheckpointError, match=r"other SIFT settings \(score\)"):
+        siftune.attach(copy.deepcopy(model), config()).load_state_dict(state)

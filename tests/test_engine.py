@@ -182,7 +182,7 @@ def test_update_in_backward_skips_a_non_finite_step_and_keeps_no_selection_from_
     probe = copy.deepcopy(base)
     mlp_loss(probe, batches[1]).backward()
     model = copy.deepcopy(base)
-    engine = siftune.attach(model, config(update_in_backward=True))
+    engine = siftune.attach(model, config(update_in_backward=True, score="grad"))
     opt = engine.optimizer(lr=1e-2, nonfinite=policy)
     if policy == "raise":
         with pytest.raises(NonFiniteGradientError, match="0.weight"):
@@ -363,7 +363,7 @@ def test_selection_is_top_k_of_the_first_batch_gradient_magnitude():
     probe = copy.deepcopy(base)
     mlp_loss(probe, batch).backward()
     model = copy.deepcopy(base)
-    engine = siftune.attach(model, config())
+    engine = siftune.attach(model, config(score="grad"))
     mlp_loss(model, batch).backward()
     for name in ("0.weight", "2.weight"):
         g = probe.get_parameter(name).grad.reshape(-1)
@@ -521,7 +521,7 @@ def test_skipped_non_finite_first_step_does_not_fix_the_selection():
     probe = copy.deepcopy(base)
     mlp_loss(probe, batches[1]).backward()
     model = copy.deepcopy(base)
-    engine = siftune.attach(model, config())
+    engine = siftune.attach(model, config(score="grad"))
     opt = engine.optimizer(lr=1e-2, nonfinite="skip")
     _nan_step(model, opt, batches[0])
     assert opt.skipped_steps == 1

@@ -97,9 +97,11 @@ class SiftConfig:
             summed over the window; frees autograd's gradient every micro-batch
             and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
             with the weight's value at selection: for ``storage="delta"`` the
-            dequantized base plus the delta). Gradient selection; one
-            process and unsharded weights for ``"grad_squared"``.
-            Default ``"grad"``.
+            dequantized base plus the delta). One process and unsharded
+            weights for ``"grad_squared"``; ``selection="random"`` ranks
+            nothing and ignores it. Default ``"grad_weight"``: chosen on
+            validation over the paper's ``"grad"`` on both benchmark tasks
+            (docs/bench.md, "Selection options").
         budget: how the selected count is shared: ``"per_tensor"`` (each
             targeted tensor its ``density`` share, the paper's) or
             ``"global"`` (one ranking over all targeted tensors, the same total
@@ -129,7 +131,7 @@ class SiftConfig:
     compact_indices: bool = False
     storage: str = "in_place"
     delta_dtype: str = "float32"
-    score: str = "grad"
+    score: str = "grad_weight"
     budget: str = "per_tensor"
     min_density: float = 0.0
 
@@ -208,9 +210,9 @@ class SiftConfig:
             raise ConfigError(f"min_density must be a number in [0, density={self.density}], got {self.min_density!r}")
         if self.min_density and self.budget != "global":
             raise ConfigError("min_density is the floor of budget='global'; per_tensor gives every tensor its share")
-        if self.selection == "random" and (self.score != "grad" or self.budget != "per_tensor"):
-            raise ConfigError("score and budget rank gradients; selection='random' draws each tensor's share "
-                              "uniformly: leave score='grad' and budget='per_tensor'")
+        if self.selection == "random" and self.budget != "per_tensor":
+            raise ConfigError("budget ranks gradients; selection='random' draws each tensor's share uniformly: "
+                              "leave budget='per_tensor'")
         if self.mode == "per_step" and (self.score == "grad_squared" or self.budget != "per_tensor"):
             raise ConfigError("mode='per_step' selects each tensor from its step's gradient: score 'grad' or "
                               "'grad_weight', budget='per_tensor'")
@@ -232,6 +234,12 @@ class SiftConfig:
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         return out
+
+    @classmethod
+    def saved_defaults(cls) -> dict:
+        """The value a saved config that lacks a field ran with: the default of its time. ``score`` was
+        added with default ``"grad"`` (the paper's), and so ran every config saved without it."""
+        return {**cls().to_dict(), "score": "grad"}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SiftConfig":

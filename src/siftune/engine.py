@@ -386,7 +386,7 @@ class SiftEngine:
         if not isinstance(state, dict) or not isinstance(state.get("slots"), dict):
             raise CheckpointError("engine state must be a dict with 'config', 'steps' and 'slots'")
         config = self.config.to_dict()
-        saved = {**SiftConfig().to_dict(), **state.get("config", {})}  # a field added since: its default
+        saved = {**SiftConfig.saved_defaults(), **state.get("config", {})}  # a field added since: what it ran
         changed = sorted(k for k in config if saved.get(k) != config[k])
         if changed:
             raise CheckpointError(f"engine state was saved with other SIFT settings ({', '.join(changed)}); "

@@ -69,6 +69,8 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
         return functional.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "Int8Params":
         scale = getattr(weight, "SCB", None)
+        if scale is None:  # after a forward, bitsandbytes keeps the scales in the layer's state
+            scale = getattr(getattr(module, "state", None), "SCB", None)
         if scale is None:
             raise ConfigError("this int8 layer holds no scales (SCB); was it moved to its device?")
         return weight.data.float() * (scale.float().unsqueeze(1) / 127)

@@ -150,7 +150,7 @@ class TrainArgs:
     compact_indices: bool = False
     storage: str = "in_place"
     delta_dtype: str = "float32"
-    score: str = "grad"
+    score: str = "grad_weight"
     budget: str = "per_tensor"
     min_density: float = 0.0
     quantize: str | None = None
