@@ -2,30 +2,32 @@
 # Issue 14's selection study as run on the 2-core CPU (docs/bench.md, "Study at 300 steps"):
 # task (a) at 300 steps; each method's rate from a grid on validation (seed 0), then seeds 1 and 2
 # at the chosen rate for the finalists; the report picks rates by validation and prints test once.
-#   bash bench/issue14_study.sh        # about 2.5 hours on 2 idle cores (a MiniLM run: ~3 min)
+#   bash bench/issue14_study.sh        # about 5 hours on 2 idle cores (a MiniLM run: ~3 min, a SmolLM2 run ~3.5)
+# Steps 1-4 ran in the second session with the paper's |g| as the default score (its runs without --sift
+# were |g|: their records say score=grad); steps 5-7 in the third.
 set -e
 R=bench/results/issue14_study
 B="siftune bench --task classification --steps 300 --threads 2 --results-dir $R"
 S="--lr sift-fixed=1e-3 --dense-lr sift-fixed=2e-3"
 
 # 1. seed 0, rates x1 and x2 of each method's base rate (SIFT 1e-3, head 2e-3; full 5e-5; LoRA 5e-4)
-for sift in "" "budget=global" "score=grad_squared selection_batches=4" "score=grad_weight"; do
-  $B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.001 sift-fixed:matched $S ${sift:+--sift $sift}
+for sift in "score=grad" "budget=global score=grad" "score=grad_squared selection_batches=4" "score=grad_weight"; do
+  $B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.001 sift-fixed:matched $S --sift $sift
 done
 $B --seeds 0 --lr-grid 1 2 --methods full lora --lr full=5e-5 lora=5e-4
 
 # 2. where the best validation score sat at the grid's top: x4 too (seed 0)
-$B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002
-$B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift budget=global
+$B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift score=grad
+$B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift budget=global score=grad
 $B --seeds 0 --methods lora:8 --lr lora=0.002
 $B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift score=grad_squared selection_batches=4
 $B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift score=grad_weight
 
 # 3. finalists at their validation-chosen rate, seeds 1 and 2: per density the paper's selection and
 #    the variant best on validation, full fine-tuning and LoRA
-$B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.002 --dense-lr sift-fixed=0.002
-$B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift budget=global
-$B --seeds 1 2 --methods sift-fixed:matched --lr sift-fixed=0.001 --dense-lr sift-fixed=0.002
+$B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.002 --dense-lr sift-fixed=0.002 --sift score=grad
+$B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift budget=global score=grad
+$B --seeds 1 2 --methods sift-fixed:matched --lr sift-fixed=0.001 --dense-lr sift-fixed=0.002 --sift score=grad
 $B --seeds 1 2 --methods sift-fixed:matched --lr sift-fixed=0.001 --dense-lr sift-fixed=0.002 --sift score=grad_weight
 $B --seeds 1 2 --methods full --lr full=5e-05
 $B --seeds 1 2 --methods lora:8 --lr lora=0.001
@@ -35,9 +37,38 @@ $B --seeds 1 2 --methods lora:8 --lr lora=0.001
 $B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.004 --dense-lr sift-fixed=0.002 --sift score=grad_weight
 C="siftune bench --task causal_lm --steps 40 --seeds 0 --threads 2 --results-dir $R --methods sift-fixed:matched --lr sift-fixed=2e-4"
 $C --sift score=grad_weight
-$C
-$C --sift budget=global
-$B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.01 $S
+$C --sift score=grad
+$C --sift budget=global score=grad
+$B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.01 $S --sift score=grad
 $B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.01 $S --sift score=grad_weight
+
+# --- third session: the score default is |g w| since then, so the paper's selection is --sift score=grad ---
+# 5. task (b) on its own grid (seed 0): x2 x4 x8 (x16 where x8 was best) of 2e-4 for SIFT's variants, LoRA x1-x16,
+#    full x1-x8 of 2e-5; the window (g^2 over 4 micro-batches) at x4 x8
+C="siftune bench --task causal_lm --steps 40 --seeds 0 --threads 1 --results-dir $R"
+for lr in 4e-4 8e-4 1.6e-3 3.2e-3; do
+  for sift in "score=grad" "budget=global score=grad" "score=grad_weight"; do
+    $C --methods sift-fixed:matched --lr sift-fixed=$lr --sift $sift
+  done
+done
+$C --methods lora:8 --lr-grid 1 2 4 8 16 --lr lora=2e-4
+$C --methods full --lr-grid 1 2 4 8 --lr full=2e-5
+$C --methods sift-fixed:matched --lr-grid 4 8 --lr sift-fixed=2e-4 --sift score=grad_squared selection_batches=4
+# 6. task (b) finalists on seeds 1 and 2 at their validation-chosen rate: the paper's, the best variant
+$C --seeds 1 2 --methods sift-fixed:matched --lr sift-fixed=1.6e-3 --sift score=grad
+$C --seeds 1 2 --methods sift-fixed:matched --lr sift-fixed=1.6e-3 --sift score=grad_weight
+# 7. task (a): 1% on seeds 1 and 2; SHiRA and random on the grid at LoRA's count, then seeds 1 and 2;
+#    one rate above the grid's top where the best sat there (0.1%: x8)
+B="siftune bench --task classification --steps 300 --threads 1 --results-dir $R"
+$B --seeds 1 2 --methods sift-fixed:0.01 --lr sift-fixed=0.001 --dense-lr sift-fixed=0.002 --sift score=grad_weight
+$B --seeds 1 2 --methods sift-fixed:0.01 --lr sift-fixed=0.001 --dense-lr sift-fixed=0.002 --sift score=grad
+$B --seeds 0 --lr-grid 1 2 4 --methods shira:8 --lr shira=5e-4
+$B --seeds 0 --lr-grid 1 2 4 --methods random:matched --lr random=1e-3 --dense-lr random=2e-3
+$B --seeds 1 2 --methods shira:8 --lr shira=1e-3
+$B --seeds 1 2 --methods random:matched --lr random=2e-3 --dense-lr random=2e-3
+for sift in "budget=global score=grad" "score=grad_squared selection_batches=4" "score=grad_weight"; do
+  $B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.008 --dense-lr sift-fixed=0.002 --sift $sift
+done
+$B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.008 --dense-lr sift-fixed=0.002 --sift score=grad_weight
 
 siftune bench --report --results-dir $R

@@ -314,7 +314,8 @@ def run_one(spec: RunSpec) -> dict:
         "setting": spec.setting if spec.setting is not None else "",
         "density": prepared.density, "rank": prepared.rank,
         "trainable": prepared.trainable, "trainable_head": prepared.head,
-        "metric": metric, "value": metrics[metric], "val_value": val_value, "val_examples": len(val_set), "sift": spec.sift,
+        "metric": metric, "value": metrics[metric], "val_value": val_value, "val_examples": len(val_set),
+        "sift": _selection_options(spec),
         "step_s": statistics.median(seconds[1:] or seconds) if seconds else None,  # step 1 selects: not typical
         "first_step_s": seconds[0] if seconds else None,  # SIFT selects in it
         "train_s": round(sum(seconds), 2), "peak_mib": round(peak_mib, 1), "load_mib": round(load_mib, 1),
@@ -389,6 +390,16 @@ def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
             "command": shlex.join(["siftune", "bench", "--task", first.task, "--methods", *[r.token for r in runs],
                                    "--paired-steps", str(steps), "--threads", str(first.threads)]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _selection_options(spec) -> dict:
+    """The ``--sift`` options of a record; for a gradient-selecting SIFT method with the score it ran
+    with, given or not, so that records stay apart when SiftConfig's default changes."""
+    from .config import SiftConfig
+
+    if not spec.method.startswith("sift-"):
+        return dict(spec.sift)
+    return {"score": SiftConfig.__dataclass_fields__["score"].default, **spec.sift}
 
 
 # ------------------------------------------------------------------ many runs (parent side)
