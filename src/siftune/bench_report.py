@@ -206,15 +206,27 @@ def plot_quality(tables: dict[str, list[dict]], path: Path) -> Path:
                            label={"full": "full fine-tuning", "head": "head only",
                                   "base": "untrained"}[method])
                 break
-        ax.set_xscale("log")
-        ax.set_xlabel("trained components outside the head (log scale)")
-        ax.set_ylabel("held-out accuracy (%)" if scale == 100 else "held-out response loss")
-        ax.set_title(f"{TASK_TITLES.get(task, task).split(':')[0]}, {steps} steps", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _log_x_axes(ax, f"{TASK_TITLES.get(task, task).split(':')[0]}, {steps} steps",
+                    "trained components outside the head (log scale)",
+                    "held-out accuracy (%)" if scale == 100 else "held-out response loss", legend_size=8)
+    return _save(fig, path, dpi=120)
+
+
+def _log_x_axes(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -256,17 +268,10 @@ def plot_rate_grids(tables: dict[str, list[dict]], path: Path) -> Path | None:
                             markerfacecolor="none", label=f"{label} (val seeds {','.join(map(str, seeds))})")
             ax.plot([best["lr"]], [best["val_mean"] * scale], marker="o", color=line.get_color(), markersize=8)
         density = "LoRA r=8's count" if panel == "matched" else f"density {float(panel):.1%}"
-        ax.set_title(f"{TASK_TITLES.get(task, task).split(':')[0]}: {density}", fontsize=10)
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate (log scale); filled: chosen")
-        ax.set_ylabel("validation accuracy (%)" if scale == 100 else "validation response loss")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _log_x_axes(ax, f"{TASK_TITLES.get(task, task).split(':')[0]}: {density}",
+                    "learning rate (log scale); filled: chosen",
+                    "validation accuracy (%)" if scale == 100 else "validation response loss", legend_size=7)
+    return _save(fig, path, dpi=110)
 
 
 def _main_lr(rows: list[dict], method: str) -> float | None:
