@@ -60,6 +60,10 @@ def test_simulated_rank_peaks_match_a_real_two_process_fsdp_run(real_runs, metho
     # worker thread lets go of it before or after the next step begins, varying from run to run
     # (about 1 in 3 on a loaded CPU); NCCL's is freed at its event. So a real step may hold that
     # one buffer more, exactly.
+    # SIFT's steps show the same effect on smaller buffers: its real steady step has measured 0.36 to
+    # 0.65 MB above the simulation from run to run; 1 MiB of slack covers that and nothing larger.
+    if real["selected"] is not None:
+        allowed += MiB
     hidden = simulate_fsdp.gpu.SIZES["tiny"][0]
     root_grads = (2 * 32000 + 1) * hidden * 4 if method == "full" else 0  # fp32
     for step, (r, s) in enumerate(zip(real["peaks"], peaks)):
