@@ -43,16 +43,16 @@ $B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.01 $S --sift score=grad
 $B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.01 $S --sift score=grad_weight
 
 # --- third session: the score default is |g w| since then, so the paper's selection is --sift score=grad ---
-# 5. task (b) on its own grid (seed 0): x2 x4 x8 (x16 where x8 was best) of 2e-4 for SIFT's variants, LoRA x1-x16,
-#    full x1-x4 of 2e-5; the window (g^2 over 4 micro-batches) at x4 x8
+# 5. task (b) on its own grid (seed 0): x2 x4 x8 (x16 where x8 was best) of 2e-4 for SIFT's variants, LoRA x1-x32,
+#    full x1-x8 of 2e-5; the window (g^2 over 4 micro-batches) at x4 x8
 C="siftune bench --task causal_lm --steps 40 --seeds 0 --threads 1 --results-dir $R"
 for lr in 4e-4 8e-4 1.6e-3 3.2e-3; do
   for sift in "score=grad" "budget=global score=grad" "score=grad_weight"; do
     $C --methods sift-fixed:matched --lr sift-fixed=$lr --sift $sift
   done
 done
-$C --methods lora:8 --lr-grid 1 2 4 8 16 --lr lora=2e-4
-$C --methods full --lr-grid 1 2 4 --lr full=2e-5   # x8 was meant to run too (its best sat at x4) and did not
+$C --methods lora:8 --lr-grid 1 2 4 8 16 32 --lr lora=2e-4
+$C --methods full --lr-grid 1 2 4 8 --lr full=2e-5
 $C --methods sift-fixed:matched --lr-grid 4 8 --lr sift-fixed=2e-4 --sift score=grad_squared selection_batches=4
 # 6. task (b) finalists on seeds 1 and 2 at their validation-chosen rate: the paper's, the best variant
 $C --seeds 1 2 --methods sift-fixed:matched --lr sift-fixed=1.6e-3 --sift score=grad
