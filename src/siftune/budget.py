@@ -39,14 +39,11 @@ BUDGETS = ("per_tensor", "global")
 
 def check_placement(config, sharded: bool, multi_process: bool) -> None:
     """ConfigError for options whose ranking this placement of the weights cannot compute."""
-    if sharded and config.score == "grad_squared":
-        raise ConfigError("score='grad_squared' works on unsharded weights; on an FSDP2 model use score 'grad' "
-                          "or 'grad_weight'")
-    if multi_process and config.score == "grad_squared":
+    if (sharded or multi_process) and config.score == "grad_squared":
         # Ranks hold their own micro-batch gradients: a sum of squares over ranks is
         # not the square of the averaged gradient.
-        raise ConfigError("score='grad_squared' runs in one process; under torch.distributed use score 'grad' "
-                          "or 'grad_weight'")
+        raise ConfigError("score='grad_squared' runs in one process on unsharded weights; under torch.distributed "
+                          "or FSDP2 use score 'grad' or 'grad_weight'")
 
 
 def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
