@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import CheckpointError, ConfigError, SiftConfig  # noqa: E402
-from siftune.budget import check_placement, top_set  # noqa: E402
+from siftune.budget import top_set  # noqa: E402
 from _models import mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
 
@@ -233,30 +233,13 @@ def test_unsupported_selection_options_are_one_line_config_errors(overrides, mes
     assert "\n" not in str(caught.value)
 
 
-def test_attaching_under_torch_distributed_with_the_squared_score_is_a_config_error(monkeypatch):
+@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight"), dict(score="grad_squared")])
+def test_every_selection_option_attaches_under_torch_distributed(overrides, monkeypatch):
     import siftune.engine
 
     monkeypatch.setattr(siftune.engine, "_distributed", lambda: True)
-    with pytest.raises(ConfigError, match="runs in one process"):
-        siftune.attach(mlp(), config(score="grad_squared"))
-
-
-@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight")])
-def test_global_budget_and_gradient_times_weight_are_allowed_under_torch_distributed(overrides, monkeypatch):
-    import siftune.engine
-
-    monkeypatch.setattr(siftune.engine, "_distributed", lambda: True)
-    siftune.attach(mlp(), config(**overrides))
-
-
-def test_the_squared_score_on_sharded_weights_is_a_config_error():
-    with pytest.raises(ConfigError, match="unsharded weights"):
-        check_placement(config(score="grad_squared"), sharded=True, multi_process=False)
-
-
-@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight")])
-def test_global_budget_and_gradient_times_weight_are_allowed_on_sharded_weights(overrides):
-    check_placement(config(**overrides), sharded=True, multi_process=True)
+    engine = siftune.attach(mlp(), config(**overrides))
+    assert engine.selector.over_ranks is siftune.engine._summed_over_ranks  # ranks by the combined batch
 
 
 # -- siftune train -----------------------------------------------------------------

@@ -32,7 +32,11 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              "delta": {"storage": "delta", "mode": "periodic", "refresh_every": 2},
              # the selection options: one ranking over all tensors from the summed score; |g w| on a delta
              "global": {"budget": "global", "min_density": 0.05, "mode": "periodic", "refresh_every": 2},
-             "delta, |g w|": {"storage": "delta", "score": "grad_weight", "mode": "periodic", "refresh_every": 2}}
+             "delta, |g w|": {"storage": "delta", "score": "grad_weight", "mode": "periodic", "refresh_every": 2},
+             # g^2 of the combined micro-batches, over a window that ends inside the second step
+             "g^2 window": {"score": "grad_squared", "selection_batches": 3, "mode": "periodic", "refresh_every": 2},
+             "delta, g^2, global": {"storage": "delta", "score": "grad_squared", "budget": "global",
+                                    "min_density": 0.05, "selection_batches": 2}}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
 ENDS_WITHIN_S = 30  # after a rank fails, the others must have ended by then

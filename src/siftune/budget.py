@@ -37,15 +37,6 @@ SCORES = ("grad", "grad_squared", "grad_weight")
 BUDGETS = ("per_tensor", "global")
 
 
-def check_placement(config, sharded: bool, multi_process: bool) -> None:
-    """ConfigError for options whose ranking this placement of the weights cannot compute."""
-    if (sharded or multi_process) and config.score == "grad_squared":
-        # Ranks hold their own micro-batch gradients: a sum of squares over ranks is
-        # not the square of the averaged gradient.
-        raise ConfigError("score='grad_squared' runs in one process on unsharded weights; under torch.distributed "
-                          "or FSDP2 use score 'grad' or 'grad_weight'")
-
-
 def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
     """What components are ranked by (largest magnitude first), from the window's ``score`` and the
     weight's storage (``siftune.storage``: its values now, for grad_weight)."""
@@ -72,11 +63,19 @@ def top_set(score: torch.Tensor, m: int, at_least: torch.Tensor | None = None) -
 
 
 class Selector:
-    """The selection windows of an engine's targeted tensors, and the global ranking across them."""
+    """The selection windows of an engine's targeted tensors, and the global ranking across them.
 
-    def __init__(self, config, slots):
+    ``over_ranks``, under torch.distributed, sums a tensor over the ranks: a
+    rank's gradient of a whole (unsharded) weight is that of its own slice of
+    each micro-batch, so the ranking is taken from the score of the combined
+    batch, the same on every rank. FSDP2 shards need none: their gradient is
+    averaged already.
+    """
+
+    def __init__(self, config, slots, over_ranks=None):
         self.kind = config.score
         self.window = config.selection_batches
+        self.over_ranks = over_ranks
         # grad_squared needs each micro-batch's gradient, so autograd's .grad is
         # freed every micro-batch and this step's sum is kept here instead.
         self.sums: dict[str, torch.Tensor] = {}
@@ -96,7 +95,9 @@ class Selector:
         if self.kind == "grad_squared":
             step = self.sums.pop(slot.name, None)
             step = grad if step is None else step + grad
-            square = grad.float() ** 2
+            # The combined micro-batch's gradient is squared, not each rank's own (summed over
+            # the ranks, not averaged: the same ranking).
+            square = self._combined(slot, grad).float() ** 2
             slot.score = square if slot.score is None else slot.score.add_(square)
             if slot.seen < self.window:
                 self.sums[slot.name] = step
@@ -108,6 +109,16 @@ class Selector:
             slot.score = grad if slot.score is None else slot.score + grad
         score, slot.score = slot.score, None
         return step, rank_score(self.kind, score, slot.storage)
+
+    def ranked(self, slot, score: torch.Tensor) -> torch.Tensor:
+        """``slot``'s window ``score`` as every rank ranks it: a rank's own summed over the ranks (a
+        grad_squared score is summed over them per micro-batch already)."""
+        return score if self.kind == "grad_squared" else self._combined(slot, score)
+
+    def _combined(self, slot, t: torch.Tensor) -> torch.Tensor:
+        if self.over_ranks is None or slot.storage.averaged_over_ranks:
+            return t
+        return self.over_ranks(t)
 
     def end_step(self, slot) -> None:
         """A step ended inside ``slot``'s window: this step's gradient is not applied."""

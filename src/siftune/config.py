@@ -97,8 +97,9 @@ class SiftConfig:
             summed over the window; frees autograd's gradient every micro-batch
             and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
             with the weight's value at selection: for ``storage="delta"`` the
-            dequantized base plus the delta). One process and unsharded
-            weights for ``"grad_squared"``; ``selection="random"`` ranks
+            dequantized base plus the delta). Under torch.distributed
+            ``"grad_squared"`` squares the combined batch's gradient (DDP:
+            one all-reduce per micro-batch of the window); ``selection="random"`` ranks
             nothing and ignores it. Default ``"grad_weight"``: chosen on
             validation over the paper's ``"grad"`` on both benchmark tasks
             (docs/bench.md, "Selection options").

@@ -114,8 +114,7 @@ class SiftEngine:
         self.slots = [_Slot(n, store, count_selected(getattr(store, "full_numel", store.numel), config.density),
                             tensor_generator(config.seed, i), compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
-        budget.check_placement(config, any(sharding.is_sharded(p) for p in targeted.values()), _distributed())
-        self.selector = budget.Selector(config, self.slots)
+        self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
@@ -197,11 +196,9 @@ class SiftEngine:
 
     def _select_globally(self, slot: _Slot, score: torch.Tensor, grad: torch.Tensor) -> None:
         """Offer ``slot``'s window to the global ranking; the last tensor to arrive selects for all."""
-        if _distributed() and not isinstance(slot.storage, sharding.ShardedInPlace):
-            # Ranked by the ranks' summed score, the same on every rank, so every rank builds the
-            # same pool; the pooled gradient values stay this rank's own, averaged at the step.
-            score = _summed_over_ranks(score)
-        chosen = self.selector.pool.offer(slot, score, grad)
+        # Ranked by the ranks' summed score, the same on every rank, so every rank builds the
+        # same pool; the pooled gradient values stay this rank's own, averaged at the step.
+        chosen = self.selector.pool.offer(slot, self.selector.ranked(slot, score), grad)
         for each, (idx, picked) in zip(self.slots, chosen or ()):
             self._select(each, None, chosen=idx)
             each.grad = picked
@@ -213,7 +210,7 @@ class SiftEngine:
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version, slot.k)
         sharded = isinstance(slot.storage, sharding.ShardedInPlace)
-        if chosen is not None:  # one process, unsharded (budget.check_placement)
+        if chosen is not None:  # by the global budget (siftune.budget)
             idx = chosen.to(p.device)
             slot.k = idx.numel()
         elif sharded:  # the gradient is FSDP2's average already
@@ -221,9 +218,7 @@ class SiftEngine:
         elif self.config.selection == "random":
             idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
         else:
-            if _distributed():
-                score = _summed_over_ranks(score)
-            idx = top_k_indices(score, slot.k)
+            idx = top_k_indices(self.selector.ranked(slot, score), slot.k)
         if _distributed() and not sharded:
             distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
         slot.version += 1

@@ -93,6 +93,8 @@ class ShardedInPlace(InPlace):
     weight's; global flat index = ``offset`` + local flat index.
     """
 
+    averaged_over_ranks = True  # by FSDP2's reduce-scatter
+
     def __init__(self, param: torch.nn.Parameter, name: str):
         from torch.distributed.tensor import Replicate, Shard
 

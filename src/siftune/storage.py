@@ -71,6 +71,10 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 class InPlace:
     """The trained values are the weight's own: read and written at the selected indices."""
 
+    # Whether the gradient the engine gets is averaged over the ranks already (FSDP2 shards); under
+    # DDP each rank's is its own, and the engine combines them.
+    averaged_over_ranks = False
+
     def __init__(self, param: nn.Parameter, name: str):
         kind = quantized_kind(param)
         if kind:
@@ -124,6 +128,8 @@ class Delta:
     packed, 2 bytes a component (``siftune.select.pack_indices``), and
     unpacked for each use: one layer's transient, as its dense delta is.
     """
+
+    averaged_over_ranks = False  # as InPlace's
 
     def __init__(self, module: nn.Module, name: str, k: int, dtype: torch.dtype, compact: bool = False):
         _require_linear_like(module, name)
