@@ -132,6 +132,34 @@ def tied_global_cut() -> list[int]:
     return sorted(order[sharding.top_over_ranks(scores, tensors[order], 2, 4, None)].tolist())
 
 
+POOL_TENSORS, POOL_ROWS, POOL_K = 6, 100, 10  # per rank: 6 tensors of 100 entries; 10 of each 200 selected
+
+
+def pool_scores(tensor: int, rank: int) -> torch.Tensor:
+    """Distinct scores of ``rank``'s rows of one tensor, for :func:`pooled_over_ranks`."""
+    return torch.rand(POOL_ROWS, generator=torch.Generator().manual_seed(100 * tensor + rank))
+
+
+def pooled_over_ranks() -> tuple[list[tuple[int, int]], int]:
+    """A global budget's pool on shards, fed in backward order: this rank's picks as (tensor, local index),
+    checked against the values it kept, and the most entries the rank's pool held at once."""
+    from types import SimpleNamespace
+
+    from siftune.budget import GlobalPool
+
+    store = SimpleNamespace(full_numel=WORLD * POOL_ROWS, group=None)
+    slots = [SimpleNamespace(name=str(i), numel=POOL_ROWS, k=POOL_K, storage=store) for i in range(POOL_TENSORS)]
+    pool = GlobalPool(slots, min_density=0.0)
+    for slot in reversed(slots):
+        score = pool_scores(int(slot.name), distributed.rank())
+        chosen = pool.offer(slot, score, -score)
+    picks = []
+    for i, (idx, values) in enumerate(chosen):
+        assert torch.equal(values, -pool_scores(i, distributed.rank())[idx.long()])
+        picks += [(i, j) for j in idx.tolist()]
+    return picks, pool.peak
+
+
 def refusals(folder: Path) -> dict[str, str]:
     """The ConfigError of each setting SIFT cannot honour on a sharded model."""
     from torch.distributed.fsdp import fully_shard
@@ -257,6 +285,7 @@ def _rank_main(job: str, folder: str) -> None:
     results["accumulation, synced once a step"] = train_mlp("accumulation", sync_every_micro_batch=False)
     results["ties"] = tied_selection()
     results["global ties"] = tied_global_cut()
+    results["pool"] = pooled_over_ranks()
     results["damaged checkpoint"] = load_after_damage(folder / "damaged")
     results["refusals"] = refusals(folder)
     torch.save(results, folder / f"rank{rank}.pt")
@@ -358,6 +387,19 @@ def test_ties_at_the_threshold_are_taken_in_global_index_order(job):
 def test_ties_at_a_global_budgets_cut_are_taken_in_global_model_order(job):
     _, ranks, _ = job
     assert [ranks[0]["global ties"], ranks[1]["global ties"]] == [[2, 3, 4], [2]]
+
+
+def test_a_global_budgets_pools_hold_about_their_share_of_the_ranking(job):
+    # The R best of all ranks' scores, each rank its own; and the ranks' pools together never pass 2R plus
+    # one tensor's offers (R from each rank), where each rank alone would keep up to 3R (here 180).
+    _, ranks, _ = job
+    scored = [(float(pool_scores(i, r)[j]), r, i, j) for i in range(POOL_TENSORS) for r in range(WORLD)
+              for j in range(POOL_ROWS)]
+    rest = POOL_TENSORS * POOL_K
+    best = sorted(scored, reverse=True)[:rest]
+    for r in range(WORLD):
+        assert ranks[r]["pool"][0] == sorted((i, j) for _, rank, i, j in best if rank == r)
+    assert sum(ranks[r]["pool"][1] for r in range(WORLD)) <= 2 * rest + WORLD * rest
 
 
 def test_accumulating_unsynced_micro_batches_selects_from_the_steps_summed_gradient(job):

@@ -23,6 +23,14 @@ score, so it holds at most 3R entries (score, position, gradient value: 16 B
 each), during the selecting backward only. When the last tensor has arrived
 it is cut to exactly the global top-R.
 
+On FSDP2 shards each rank pools its own rows' candidates. After each
+tensor the ranks add up their pool sizes (one scalar all-reduce); once the
+sum passes 2R, every rank drops its entries below the R-th best of all
+ranks' (found bit by bit, :func:`siftune.sharding.cut_over_ranks`). The
+ranks' pools so hold at most 2R entries together, plus one tensor's offers:
+a rank holds about its share of the ranking (2R/N of N ranks), not R of its
+own. The last cut over the ranks takes ties in global model order.
+
 Ties rank the lower flat position (tensor order, then index) first, so that
 the dense :class:`siftune.ReferenceSift` gets the same selection.
 """
@@ -139,6 +147,7 @@ class GlobalPool:
         self.shards = [s.storage for s in slots] if hasattr(slots[0].storage, "full_numel") else None
         self.rest = sum(self.counts) - sum(self.floors)
         self.offsets = [sum(self.numels[:i]) for i in range(len(slots))]
+        self.peak = 0  # the most entries this rank's pool has held at once
         self.reset()
 
     def reset(self) -> None:
@@ -172,7 +181,10 @@ class GlobalPool:
         extra = top_set(flat, min(flat.numel() - floor.numel(), self.rest), self.cut)
         self.parts.append((flat[extra], extra + self.offsets[i], g[extra].float()))
         self.pooled += extra.numel()
-        if self.pooled > 2 * self.rest:  # trimmed now and then, not at every tensor: fewer passes
+        self.peak = max(self.peak, self.pooled)
+        if self.shards is not None:
+            self._cut_over_ranks()
+        elif self.pooled > 2 * self.rest:  # trimmed now and then, not at every tensor: fewer passes
             self._trim()
         if len(self.kept) < len(self.numels):
             return None
@@ -190,6 +202,19 @@ class GlobalPool:
             scores, places, values = scores[keep], places[keep], values[keep]
             self.cut = value
         self.parts, self.pooled = [(scores, places, values)], scores.numel()
+
+    def _cut_over_ranks(self) -> None:
+        """FSDP2 shards: once the ranks' pools together pass 2R entries, each rank drops what is below the
+        R-th best of all of them, so that a rank holds about its share of the ranking, not R of its own."""
+        from .sharding import cut_over_ranks, sum_over_ranks
+
+        group = self.shards[0].group
+        if sum_over_ranks(self.pooled, group) <= 2 * self.rest:
+            return
+        scores, places, values = (torch.cat(part) for part in zip(*self.parts))
+        value = cut_over_ranks(scores, self.rest, group)
+        keep = (scores >= value).nonzero().squeeze(1)  # ties stay: the last cut takes them in model order
+        self.parts, self.pooled, self.cut = [(scores[keep], places[keep], values[keep])], keep.numel(), value
 
     def missing(self) -> list[str]:
         """Names of the tensors that have not offered yet."""

@@ -186,18 +186,22 @@ def select(store: ShardedInPlace, score: torch.Tensor, k: int, generator: torch.
     return keep.nonzero().squeeze(1).to(index_dtype(store.numel))
 
 
-def top_over_ranks(scores: torch.Tensor, tensors: torch.Tensor, n_tensors: int, count: int, group) -> torch.Tensor:
-    """This rank's part of the ``count`` largest ``scores`` of all ranks in ``group``: positions into ``scores``.
+def sum_over_ranks(n: int, group) -> int:
+    """The integer ``n`` summed over the ranks of ``group`` (every rank must call this at the same time)."""
+    total = torch.tensor([n], dtype=torch.long)
+    with distributed.collective_errors():
+        dist.all_reduce(total, group=group)
+    return int(total)
 
-    ``scores`` (1-D, fp32, >= 0) are this rank's candidates in ascending
-    model order (targeted tensor ``tensors[j]``, then index); every rank
-    must call this at the same time. The threshold is found bit by bit
-    (a non-negative float's bits order as an integer), one scalar
-    all-reduce a bit, so no rank gathers the others' candidates; entries
-    equal to it are taken in global model order: tensor, then rank (ranks
-    hold increasing rows), then index.
+
+def cut_over_ranks(scores: torch.Tensor, count: int, group) -> torch.Tensor:
+    """The ``count``-th largest of all ranks' ``scores`` (1-D, fp32, >= 0), as a 0-d fp32 tensor (0 when the
+    ranks hold fewer); every rank must call this at the same time.
+
+    It is found bit by bit (a non-negative float's bits order as an
+    integer), one scalar all-reduce a bit, so no rank gathers the others'
+    candidates.
     """
-    device = scores.device
     bits = scores.contiguous().view(torch.int32)
     threshold = 0
     with distributed.collective_errors():
@@ -207,10 +211,25 @@ def top_over_ranks(scores: torch.Tensor, tensors: torch.Tensor, n_tensors: int, 
             dist.all_reduce(n, group=group)
             if int(n) >= count:
                 threshold = candidate
-        above = bits > threshold
+    return torch.tensor(threshold, dtype=torch.int32).view(torch.float32).to(scores.device)
+
+
+def top_over_ranks(scores: torch.Tensor, tensors: torch.Tensor, n_tensors: int, count: int, group) -> torch.Tensor:
+    """This rank's part of the ``count`` largest ``scores`` of all ranks in ``group``: positions into ``scores``.
+
+    ``scores`` (1-D, fp32, >= 0) are this rank's candidates in ascending
+    model order (targeted tensor ``tensors[j]``, then index); every rank
+    must call this at the same time. The threshold is
+    :func:`cut_over_ranks`'s; entries equal to it are taken in global model
+    order: tensor, then rank (ranks hold increasing rows), then index.
+    """
+    device = scores.device
+    threshold = cut_over_ranks(scores, count, group)
+    with distributed.collective_errors():
+        above = scores > threshold
         n_above = above.sum().reshape(1)
         dist.all_reduce(n_above, group=group)
-        tied = (bits == threshold).nonzero().squeeze(1)
+        tied = (scores == threshold).nonzero().squeeze(1)
         tied_per_tensor = torch.bincount(tensors[tied], minlength=n_tensors)
         every = [torch.empty_like(tied_per_tensor) for _ in range(dist.get_world_size(group))]
         dist.all_gather(every, tied_per_tensor, group=group)
