@@ -77,6 +77,9 @@ def main() -> None:
                 continue
             for task, methods, seeds, options, folder in PARTS[part]:
                 options = {k: v for k, v in options.items() if not (args.quick and k in ("steps", "eval_size"))}
+                # The plan's runs train on the whole training pool, as its records were made: the
+                # validation split of `siftune bench` (issue 14's study, rates chosen on it) is off here.
+                options.setdefault("val_size", 0)
                 run_bench(plan(task, methods, seeds, quick=args.quick, threads=args.threads, **options),
                           results / folder)
     published = not args.quick  # the quick report never touches README.md or docs/
