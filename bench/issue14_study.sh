@@ -71,4 +71,26 @@ for sift in "budget=global score=grad" "score=grad_squared selection_batches=4" 
 done
 $B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.008 --dense-lr sift-fixed=0.002 --sift score=grad_weight
 
+# --- fourth session ---
+# 8. task (b): full above its grid's top; LoRA seeds 1, 2; SHiRA and random on the grid, then seeds 1, 2 of
+#    full, SHiRA and random at their chosen rates; task (a): SHiRA's seeds at 2e-3, 1% global/window grid,
+#    0.1% at x16
+C="siftune bench --task causal_lm --steps 40 --threads 1 --results-dir $R"
+$C --seeds 0 --methods full --lr full=3.2e-4
+$C --seeds 1 2 --methods lora:8 --lr lora=3.2e-3
+$B --seeds 1 2 --methods shira:8 --lr shira=2e-3
+$C --seeds 0 --methods shira:8 --lr-grid 1 2 4 8 --lr shira=1.6e-3
+$C --seeds 0 --methods random:matched --lr-grid 1 2 4 8 --lr random=8e-4
+$C --seeds 1 2 --methods full --lr full=1.6e-4
+$C --seeds 1 2 --methods shira:8 --lr shira=6.4e-3
+$C --seeds 1 2 --methods random:matched --lr random=6.4e-3
+S="--lr sift-fixed=1e-3 --dense-lr sift-fixed=2e-3"
+$B --seeds 0 --lr-grid 1 2 4 --methods sift-fixed:0.01 $S --sift budget=global score=grad
+$B --seeds 0 --lr-grid 1 2 4 --methods sift-fixed:0.01 $S --sift score=grad_squared selection_batches=4
+for sift in "score=grad_weight" "budget=global score=grad"; do
+  $B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.016 --dense-lr sift-fixed=0.002 --sift $sift
+done
+# The README's SIFT rows with the default score: python bench/run.py --part main300 lr300 causal40 main lr extra
+# (SIFT methods only were rerun; see docs/bench.md, "Fourth session")
+
 siftune bench --report --results-dir $R
