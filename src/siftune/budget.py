@@ -206,10 +206,11 @@ class GlobalPool:
     def _cut_over_ranks(self) -> None:
         """FSDP2 shards: once the ranks' pools together pass 2R entries, each rank drops what is below the
         R-th best of all of them, so that a rank holds about its share of the ranking, not R of its own."""
-        from .sharding import cut_over_ranks, sum_over_ranks
+        from .distributed import sum_across_ranks
+        from .sharding import cut_over_ranks
 
         group = self.shards[0].group
-        if sum_over_ranks(self.pooled, group) <= 2 * self.rest:
+        if sum_across_ranks([self.pooled], group)[0] <= 2 * self.rest:
             return
         scores, places, values = (torch.cat(part) for part in zip(*self.parts))
         value = cut_over_ranks(scores, self.rest, group)

@@ -141,19 +141,20 @@ def mean_across_ranks(value: float) -> float:
     return sum_across_ranks([value])[0] / world_size()
 
 
-def sum_across_ranks(values: list[float]) -> list[float]:
-    """Each value summed over the ranks (unchanged in a single process)."""
+def sum_across_ranks(values: list[float], group=None) -> list[float]:
+    """Each value summed over the ranks (of ``group``, default all; unchanged in a single process)."""
     if world_size() == 1:
         return list(values)
     total = torch.tensor(values, dtype=torch.float64)
-    all_reduce(total)
+    all_reduce(total, group)
     return total.tolist()
 
 
-def all_reduce(tensor: torch.Tensor) -> None:
-    """Sum ``tensor`` over the ranks, in place; :class:`DistributedError` if a rank is gone."""
+def all_reduce(tensor: torch.Tensor, group=None) -> None:
+    """Sum ``tensor`` over the ranks (of ``group``, default all), in place; :class:`DistributedError` if a
+    rank is gone."""
     with collective_errors():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=group)
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> None:

@@ -186,14 +186,6 @@ def select(store: ShardedInPlace, score: torch.Tensor, k: int, generator: torch.
     return keep.nonzero().squeeze(1).to(index_dtype(store.numel))
 
 
-def sum_over_ranks(n: int, group) -> int:
-    """The integer ``n`` summed over the ranks of ``group`` (every rank must call this at the same time)."""
-    total = torch.tensor([n], dtype=torch.long)
-    with distributed.collective_errors():
-        dist.all_reduce(total, group=group)
-    return int(total)
-
-
 def cut_over_ranks(scores: torch.Tensor, count: int, group) -> torch.Tensor:
     """The ``count``-th largest of all ranks' ``scores`` (1-D, fp32, >= 0), as a 0-d fp32 tensor (0 when the
     ranks hold fewer); every rank must call this at the same time.
