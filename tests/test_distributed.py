@@ -36,7 +36,11 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              # g^2 of the combined micro-batches, over a window that ends inside the second step
              "g^2 window": {"score": "grad_squared", "selection_batches": 3, "mode": "periodic", "refresh_every": 2},
              "delta, g^2, global": {"storage": "delta", "score": "grad_squared", "budget": "global",
-                                    "min_density": 0.05, "selection_batches": 2}}
+                                    "min_density": 0.05, "selection_batches": 2},
+             # selections beyond the top-k: from the combined batch's score, the same on every rank
+             "mixed": {"selection": "mixed", "mode": "periodic", "refresh_every": 2},
+             "delta, balanced": {"storage": "delta", "selection": "balanced", "line_cap": 1.0},
+             "grow and drop": {"selection": "grow_drop", "mode": "periodic", "refresh_every": 2, "drop_share": 0.5}}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
 ENDS_WITHIN_S = 30  # after a rank fails, the others must have ended by then
