@@ -2,6 +2,7 @@
 # The density sweep: quality against trainable count for SIFT's selections, random components, LoRA
 # at several ranks and full fine-tuning, every rate chosen on validation (docs/selection.md).
 #   bash bench/sweep.sh PART...      # parts below; records merge into bench/results/sweep/<task>.json
+#   bash bench/sweep.sh a-new-matched a-open & bash bench/sweep.sh a-new-low b-new a-rest &   # two at a time
 #   siftune bench --report --results-dir bench/results/sweep          # tables and chosen rates
 #   python bench/sweep_figures.py                                     # the figures
 # Task (a): MiniLM-L6 on Rotten Tomatoes, 300 steps; task (b): SmolLM2-135M on chatterbot, 40 steps.
@@ -42,8 +43,15 @@ cell() {  # TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]: run it unless
     echo "have: $task $token lr $lr seed $seed $*"
     return
   fi
-  siftune bench --task "$task" --steps "$steps" --seeds "$seed" --threads 1 --results-dir "$R" \
-    --methods "$token" --lr "${token%%:*}=$lr" ${1:+--sift "$@"}
+  # Into a folder of its own, then merged under a lock: two parts may run at once.
+  local own
+  own=$(mktemp -d)
+  siftune bench --task "$task" --steps "$steps" --seeds "$seed" --threads 1 --results-dir "$own" \
+    --methods "$token" --lr "${token%%:*}=$lr" ${1:+--sift "$@"} &&
+  [ -f "$own/$task.json" ] && flock "$R/.lock" "$PY" -c "import json, sys; from pathlib import Path
+from siftune.bench import merge_records
+merge_records(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))" "$R/$task.json" "$own/$task.json"
+  rm -rf "$own"
 }
 
 a() { cell classification 300 0 "$@"; }  # task (a), seed 0
@@ -69,6 +77,23 @@ for part in "$@"; do
       a lora:32 5e-4; a lora:32 1e-3; a lora:32 2e-3
       a sift-fixed:matched 5e-4
       ;;
-    *) echo "unknown part $part (a-open, a-rest)" >&2; exit 2 ;;
+    # The new selections on task (a): at LoRA's count (x1 and x2 of 1e-3, where |g w| peaked), at 0.1%
+    # (8e-3 and 4e-3, |g w|'s best two there); grow and drop refreshing every 50 steps.
+    a-new-matched)
+      a sift-fixed:matched 1e-3 selection=balanced; a sift-fixed:matched 1e-3 selection=mixed
+      a sift-fixed:matched 2e-3 selection=balanced; a sift-fixed:matched 2e-3 selection=mixed
+      a sift-periodic:matched 1e-3 selection=grow_drop refresh_every=50
+      ;;
+    a-new-low)
+      a sift-fixed:0.001 8e-3 selection=balanced; a sift-fixed:0.001 8e-3 selection=mixed
+      a sift-fixed:0.001 4e-3 selection=balanced; a sift-fixed:0.001 4e-3 selection=mixed
+      a sift-periodic:0.001 8e-3 selection=grow_drop refresh_every=50
+      ;;
+    # Task (b) at LoRA's count, 40 steps: the new selections at |g w|'s chosen 1.6e-3 and x2.
+    b-new)
+      b sift-fixed:matched 1.6e-3 selection=balanced; b sift-fixed:matched 1.6e-3 selection=mixed
+      b sift-fixed:matched 3.2e-3 selection=balanced; b sift-fixed:matched 3.2e-3 selection=mixed
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-new-matched, a-new-low, b-new)" >&2; exit 2 ;;
   esac
 done
