@@ -2,7 +2,7 @@
 # The density sweep: quality against trainable count for SIFT's selections, random components, LoRA
 # at several ranks and full fine-tuning, every rate chosen on validation (docs/selection.md).
 #   bash bench/sweep.sh PART...      # parts below; records merge into bench/results/sweep/<task>.json
-#   bash bench/sweep.sh a-new-matched a-open & bash bench/sweep.sh a-new-low b-new a-rest &   # two at a time
+#   bash bench/sweep.sh a-new-matched a-open & bash bench/sweep.sh a-cross a-new-low b-new a-rest &   # two at once
 #   siftune bench --report --results-dir bench/results/sweep          # tables and chosen rates
 #   python bench/sweep_figures.py                                     # the figures
 # Task (a): MiniLM-L6 on Rotten Tomatoes, 300 steps; task (b): SmolLM2-135M on chatterbot, 40 steps.
@@ -77,6 +77,10 @@ for part in "$@"; do
       a lora:32 5e-4; a lora:32 1e-3; a lora:32 2e-3
       a sift-fixed:matched 5e-4
       ;;
+    # Task (a): random components at 1%, where the gradient's lead at 0.1% and random's at LoRA's count meet.
+    a-cross)
+      a random:0.01 2e-3; a random:0.01 4e-3
+      ;;
     # The new selections on task (a): at LoRA's count (x1 and x2 of 1e-3, where |g w| peaked), at 0.1%
     # (8e-3 and 4e-3, |g w|'s best two there); grow and drop refreshing every 50 steps.
     a-new-matched)
@@ -94,6 +98,6 @@ for part in "$@"; do
       b sift-fixed:matched 1.6e-3 selection=balanced; b sift-fixed:matched 1.6e-3 selection=mixed
       b sift-fixed:matched 3.2e-3 selection=balanced; b sift-fixed:matched 3.2e-3 selection=mixed
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-new-matched, a-new-low, b-new)" >&2; exit 2 ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new)" >&2; exit 2 ;;
   esac
 done
