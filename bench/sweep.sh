@@ -77,9 +77,10 @@ for part in "$@"; do
       a lora:32 5e-4; a lora:32 1e-3; a lora:32 2e-3
       a sift-fixed:matched 5e-4
       ;;
-    # Task (a): random components at 1%, where the gradient's lead at 0.1% and random's at LoRA's count meet.
+    # Task (a): random components above 8e-3 at 0.1% (its best so far, the grid's top) and at 1%, where
+    # the gradient's lead at 0.1% and random's at LoRA's count meet.
     a-cross)
-      a random:0.01 2e-3; a random:0.01 4e-3
+      a random:0.001 1.6e-2; a random:0.01 4e-3; a random:0.001 3.2e-2; a random:0.01 2e-3
       ;;
     # The new selections on task (a): at LoRA's count (x1 and x2 of 1e-3, where |g w| peaked), at 0.1%
     # (8e-3 and 4e-3, |g w|'s best two there); grow and drop refreshing every 50 steps.
