@@ -319,7 +319,7 @@ def markdown(result: dict) -> str:
                             "busiest 1% columns hold", "what"],
                            [[s, *(report._percent(stats["whole_model"][k]) for k in
                                   ("rows_touched", "columns_touched", "busiest_rows_share",
-                                   "busiest_columns_share")), result["selections"][s]]
+                                   "busiest_columns_share")), result["selections"][s].replace("|", "\\|")]
                             for s, stats in spreads.items()])
     types = list(next(iter(spreads.values()))["module_types"])
     lines += ["", "## By module type", "", "Rows touched / columns touched / share of the count.", ""]
