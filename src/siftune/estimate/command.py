@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--trainable", type=_count, help="SIFT's trained count instead of --density "
                         "(e.g. 160M)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA/QLoRA/SHiRA rank (default 64)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights (default bfloat16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="the weights' dtype (default bfloat16)")
     parser.add_argument("--quantize", choices=QUANTIZE, help="the base's Linear layers in bitsandbytes nf4 or "
                         "int8 (qlora: nf4 unless told)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step per GPU (default 1)")

@@ -115,7 +115,7 @@ def _summary(record: dict, config, setup: Setup, gpus: int, fsdp: bool, how: str
     peak_step, peak_phase, peak = 0, None, {"total": 0}
     for i, step in enumerate(record["steps"]):
         for phase, snap in step["phases"].items():
-            if snap["total"] > peak["total"]:
+            if snap["total"] >= peak["total"]:
                 peak_step, peak_phase, peak = i, phase, snap
     step_s, why = calibration.step_time(record.get("roofline"), setup, gpus)
     steps = record["steps"]

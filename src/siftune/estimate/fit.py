@@ -52,9 +52,15 @@ def largest(peak_at, low, high, budget: int, step=None, relative: float = 0.01):
     if peak(high) <= budget:
         return high, probes
     lo, hi = low, high
-    while (hi - lo > step) if step else (hi - lo > relative * lo):
+    while hi - lo > (step or relative * lo):
+        tolerance = step or relative * lo
         crossing = lo + (budget - peak(lo)) * (hi - lo) / (peak(hi) - peak(lo))
-        x = min(max(crossing, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
+        if crossing - lo < tolerance:
+            x = lo + tolerance  # the line says lo is the answer: probe just above it
+        elif hi - crossing < tolerance:
+            x = hi - tolerance
+        else:  # just under the crossing, so that the next probe can close the bracket from above
+            x = min(max(crossing - tolerance / 2, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
         if step:
             x = min(max(round(x / step) * step, lo + step), hi - step)
         if peak(x) <= budget:

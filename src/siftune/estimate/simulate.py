@@ -39,7 +39,6 @@ steps for real on a CPU, and ``tests/test_simulate.py`` holds the two equal.
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 from collections import defaultdict
 
@@ -395,6 +394,9 @@ def task_of(config) -> str:
                                                         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
     kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise Untraceable(f"a {kind} model is an encoder-decoder: estimate traces decoder-only causal language "
+                          "models and encoders (sequence classification)")
     if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal_lm"
     if kind in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
@@ -511,7 +513,6 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
             if roofline and step == warmup:
                 last = timer.totals()
             del tracker
-            gc.collect()
         selected = engine.num_selected if engine is not None else None
     return dict(base_params=base, params=params, trainable=trainable, selected=selected, targeted=entries,
                 density=density if engine is not None else None, steps=steps,
