@@ -67,7 +67,7 @@ def _count(text: str) -> int:
 def run(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .extrapolate import SHORT, estimate
+    from .extrapolate import SHORT, SHORT_FSDP, estimate
     from .fit import fit
     from .shapes import load_config
 
@@ -85,7 +85,8 @@ def run(ns: argparse.Namespace) -> int:
         if setup.quantize and setup.method in ("full", "shira"):
             raise ConfigError(f"{setup.method} trains the weights themselves: it cannot run on a {setup.quantize} "
                               "base; leave it out or drop --quantize")
-    bar = tqdm(total=len(SHORT) * len(setups), unit="simulation", disable=ns.quiet or None, file=sys.stderr,
+    per_estimate = len(SHORT_FSDP if ns.gpus > 1 else SHORT)
+    bar = tqdm(total=per_estimate * len(setups), unit="simulation", disable=ns.quiet or None, file=sys.stderr,
                desc="estimate")
     results = []
     with bar:

@@ -4,12 +4,13 @@ A model whose layers are all alike adds the same allocations per layer at
 every point of a step: its parameters, gradients and optimizer state, the
 input each checkpointed layer keeps, the activations of the layer running.
 So each phase's peak (forward, backward, optimizer step) of each step is
-``a + b x layers``: simulating 2 and 3 layers gives ``a`` and ``b`` exactly,
+``a + b x layers``: simulating 2 and 3 layers gives ``a`` and ``b`` exactly
+(3 and 4 under FSDP2, whose backward gathers the next layer ahead),
 and the model's peak is each phase's line taken at its layer count, the
 highest. What is checked, not assumed: the config gives every layer the same
 kind (no per-layer list that varies), and the base's parameter count at 2 and
 3 layers extrapolates to the full model's exactly. A model with unlike
-layers, or with 3 layers or fewer, is simulated whole. ``tests/test_estimate.py``
+layers, or with no more layers than that, is simulated whole. ``tests/test_estimate.py``
 holds the shortcut to the whole simulation.
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ from .shapes import layer_count, uniform_layers, with_layers
 
 GiB = 2**30
 SHORT = (2, 3)
+# Under FSDP2 the backward holds the running layer's and the prefetched next layer's buffers; with
+# two layers there is no layer between the first and the last, so the line starts at three.
+SHORT_FSDP = (3, 4)
 
 
 def trace_once(config, setup: Setup, gpus: int, fsdp: bool, warmup: int) -> dict:
@@ -60,22 +64,23 @@ def estimate(config, setup: Setup, gpus: int = 1, fsdp: bool = False, whole: boo
     params, entries = counts(config)
     if setup.trainable is not None:  # a count of the whole model's entries, whatever is simulated
         setup = setup.replace(density=density_of(setup, entries), trainable=None)
-    if whole or uneven or layers <= SHORT[-1]:
+    short = SHORT_FSDP if gpus > 1 else SHORT
+    if whole or uneven or layers <= short[-1]:
         record = trace_once(config, setup, gpus, fsdp, warmup)
-        _advance(progress, len(SHORT))
+        _advance(progress, len(short))
         how = f"all {layers} layers simulated" + (f" ({uneven})" if uneven and not whole else "")
         return _summary(record, config, setup, gpus, fsdp, how)
     traces = []
-    for count in SHORT:
+    for count in short:
         traces.append(trace_once(with_layers(config, count), setup, gpus, fsdp, warmup))
         _advance(progress, 1)
-    record = extrapolate(traces, SHORT, layers)
+    record = extrapolate(traces, short, layers)
     if record["base_params"] != params:
-        raise ConfigError(f"the layers of this {config.model_type} model are not alike: 2 and 3 layers "
+        raise ConfigError(f"the layers of this {config.model_type} model are not alike: {short[0]} and {short[1]} layers "
                           f"extrapolate to {record['base_params']:,} parameters, the model has {params:,}; "
                           "estimate it with --whole")
     return _summary(record, config, setup, gpus, fsdp,
-                    f"layers {SHORT[0]} and {SHORT[1]} simulated, extrapolated to {layers}")
+                    f"layers {short[0]} and {short[1]} simulated, extrapolated to {layers}")
 
 
 def _advance(progress, n: int) -> None:
@@ -123,7 +128,7 @@ def _summary(record: dict, config, setup: Setup, gpus: int, fsdp: bool, how: str
         method=setup.method, model=getattr(config, "name_or_path", "") or config.model_type,
         layers=layer_count(config), gpus=gpus, fsdp=fsdp, setup=_setup_fields(setup), simulated=how,
         params=record["base_params"], trainable=record["trainable"], selected=record.get("selected"),
-        density=record.get("density"), peak_bytes=peak["total"],
+        targeted=record["targeted"], density=record.get("density"), peak_bytes=peak["total"],
         parts={k: v for k, v in peak.items() if k != "total" and v},
         peak_at=dict(step=_step_name(peak_step, len(steps), setup), phase=peak_phase),
         first_step_peak_bytes=max(s["total"] for s in steps[0]["phases"].values()),

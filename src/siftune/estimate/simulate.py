@@ -39,6 +39,7 @@ steps for real on a CPU, and ``tests/test_simulate.py`` holds the two equal.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from collections import defaultdict
 
@@ -388,8 +389,14 @@ def outside_modules(model) -> list[torch.Tensor]:
     return outside
 
 
+# Encoders: estimated as sequence classifiers (transformers also maps some of them to a causal LM head).
+ENCODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta", "mpnet",
+            "modernbert"}
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
 def task_of(config) -> str:
-    """``"causal_lm"`` or ``"classification"`` (an encoder); Untraceable for anything else."""
+    """``"causal_lm"`` or ``"classification"`` (an encoder); Untraceable, naming why, for anything else."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
@@ -397,6 +404,11 @@ def task_of(config) -> str:
     if getattr(config, "is_encoder_decoder", False):
         raise Untraceable(f"a {kind} model is an encoder-decoder: estimate traces decoder-only causal language "
                           "models and encoders (sequence classification)")
+    if any((getattr(config, name, None) or 0) > 1 for name in EXPERT_COUNTS):
+        raise Untraceable(f"a {kind} model is a mixture of experts: how many tokens each expert gets depends on "
+                          "the data, which fake tensors do not have")
+    if kind in ENCODERS and kind in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return "classification"
     if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal_lm"
     if kind in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
@@ -406,26 +418,36 @@ def task_of(config) -> str:
 
 
 def build_model(config, setup: Setup, device: str | torch.device = "meta"):
-    """The model of ``config`` on ``device`` in the set-up's dtype (nf4 layers when asked)."""
+    """The model of ``config`` on ``device`` in the set-up's dtype (nf4 layers when asked).
+
+    Attention is SDPA's where transformers has it for the architecture (what it picks on a
+    GPU), else its eager implementation.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ..models import _dtype_kwargs
 
     task = task_of(config)
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    kwargs = dict(num_labels=2) if task == "classification" else {}
+    if task == "classification" and getattr(config, "num_labels", 2) < 2:
+        config = copy.deepcopy(config)
+        config.num_labels = 2
     dtype = setup.torch_dtype if str(device) == "meta" else torch.float32
-    try:
-        with torch.device(device):
-            model = auto.from_config(config, attn_implementation="sdpa", **_dtype_kwargs(dtype), **kwargs)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise Untraceable(f"transformers cannot build a {config.model_type} model from this config with "
-                          f"SDPA attention: {exc}") from None
+    model = None
+    for attention in ("sdpa", "eager"):
+        try:
+            with torch.device(device):
+                model = auto.from_config(config, attn_implementation=attention, **_dtype_kwargs(dtype))
+            break
+        except Exception as exc:  # noqa: BLE001  (transformers raises several kinds for a config it cannot build)
+            if attention == "eager":
+                raise Untraceable(f"transformers cannot build a {config.model_type} model from this config: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     if setup.quantize == "nf4":
         quantize_nf4(model, dtype)
     elif setup.quantize == "int8":
-        raise Untraceable("int8 bases cannot be simulated: bitsandbytes' int8 matmul keeps outlier "
-                          "columns whose count depends on the data; estimate nf4 instead")
+        raise Untraceable("int8 bases cannot be simulated: bitsandbytes' int8 matmul splits out outlier "
+                          "columns, a count only the data can tell; estimate nf4 instead")
     return model
 
 
