@@ -396,6 +396,13 @@ class ShardedCheckpoints:
         _barrier()
         return final
 
+    def writers(self, step: int) -> int | None:
+        """How many processes wrote the checkpoint of ``step`` (None when its metadata cannot be read)."""
+        try:
+            return len({key.partition("/")[0] for key in _metadata(self.path(step))})
+        except CheckpointError:
+            return None
+
     def load_latest(self) -> dict | None:
         """This rank's part of the newest complete checkpoint, or ``None`` when there is none.
 
