@@ -92,7 +92,7 @@ class SiftConfig:
             ``master_weights`` the optimizer keeps fp32 copies). Default
             ``"float32"``.
         score: what ranks components at the end of the selection window
-            (:mod:`siftune.budget`): ``"grad"`` (|g| of the window's summed
+            (:mod:`siftune.core.budget`): ``"grad"`` (|g| of the window's summed
             gradient, the paper's), ``"grad_squared"`` (each micro-batch's g^2,
             summed over the window; frees autograd's gradient every micro-batch
             and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
@@ -200,7 +200,7 @@ class SiftConfig:
                 raise ConfigError(f"{name} must be a list of module names or one regex string, got {value!r}")
 
     def _validate_selection_options(self) -> None:
-        from .budget import BUDGETS, SCORES
+        from .core.budget import BUDGETS, SCORES
 
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import IncrementError
+from ..errors import IncrementError
 from .io import atomic_write_bytes, atomic_write_dir, atomic_write_text
-from .quantize import dequantized_weight
-from .select import index_dtype
-from .storage import add_to_output, quantized_kind, weight_shape
+from ..core.quantize import dequantized_weight
+from ..core.select import index_dtype
+from ..core.storage import add_to_output, quantized_kind, weight_shape
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
@@ -215,7 +215,7 @@ class SparseIncrement:
         gets that base dequantized, in plain layers: the weights it was
         trained beside, so that base + increment is the trained model.
         """
-        from .models import load_model
+        from ..recipes.models import load_model
 
         source = base_model or self.base_model
         if not source:
