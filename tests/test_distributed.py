@@ -37,7 +37,10 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              # g^2 of the combined micro-batches, over a window that ends inside the second step
              "g^2 window": {"score": "grad_squared", "selection_batches": 3, "mode": "periodic", "refresh_every": 2},
              "delta, g^2, global": {"storage": "delta", "score": "grad_squared", "budget": "global",
-                                    "min_density": 0.05, "selection_batches": 2}}
+                                    "min_density": 0.05, "selection_batches": 2},
+             # whole rows (columns): each rank computes its slice's gradient only, the engine all-reduces it
+             "rows": {"structure": "rows", "mode": "periodic", "refresh_every": 2},
+             "columns, delta": {"structure": "columns", "storage": "delta", "mode": "periodic", "refresh_every": 2}}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
 ENDS_WITHIN_S = 30  # after a rank fails, the others must have ended by then

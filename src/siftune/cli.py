@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -168,10 +169,12 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
-    from .artifacts.increment import SparseIncrement
+    from .artifacts.increment import SparseIncrement, check_destination
 
+    # Before anything is loaded: a refused output costs no time.
+    check_destination(ns.output, ns.overwrite, {"the increment being merged": Path(ns.increment)}, "--overwrite")
     increment = SparseIncrement.load(ns.increment)
-    out = increment.merge(ns.output, base_model=ns.base_model)
+    out = increment.merge(ns.output, base_model=ns.base_model, overwrite=ns.overwrite)
     print(f"merged {ns.increment} into {out}/ (loads with transformers' from_pretrained)")
     return 0
 
@@ -231,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("increment", help="folder with increment.safetensors + increment_config.json")
     merge.add_argument("output", help="folder to write the merged model to")
     merge.add_argument("--base-model", help="base model name or path (default: the one the increment records)")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an output folder that is not empty (or a file), once the merged folder is "
+                            "complete; never the increment's or base model's folder, nor the current one")
     merge.set_defaults(func=cmd_merge)
 
     from .analysis import GradientArgs, LandscapeArgs
@@ -276,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     _quiet_transformers()
     try:
-        return ns.func(ns)
+        with warnings.catch_warnings():
+            # One line each, in the command's voice, as its errors are: not the Python source line.
+            warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
+            return ns.func(ns)
     except SiftError as exc:
         print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
         if isinstance(exc, DistributedError):

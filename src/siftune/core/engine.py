@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import budget, storage
+from . import budget, storage, structured
 from ..parallel import distributed, sharding
 from ..config import SiftConfig
 from ..errors import CheckpointError, ConfigError
@@ -108,17 +108,17 @@ class SiftEngine:
             if config.storage == "in_place" and not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
         self.dense = dense
-        stores = {n: sharding.make_storage(config.storage, p, n) if sharding.is_sharded(p) else
-                  storage.make(config.storage, model.get_submodule(n.rpartition(".")[0]), p, n, config.density,
-                               config.torch_delta_dtype, config.compact_indices) for n, p in targeted.items()}
+        stores = {n: self._make_storage(model, n, p) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
-        self.slots = [_Slot(n, store, count_selected(getattr(store, "full_numel", store.numel), config.density),
-                            tensor_generator(config.seed, i), compact=config.compact_indices)
+        self.slots = [_Slot(n, store, self._count(store), tensor_generator(config.seed, i),
+                            compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
         self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
+        # A structured slice's weight stays frozen: its gradient is the slice's, computed by structured.py.
+        trainable = {id(p) for p in dense.values()} | {
+            id(s.param) for s in self.slots if not getattr(s.storage, "frozen", False)}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         # Under DistributedDataParallel the engine exchanges the selected gradient
@@ -132,10 +132,28 @@ class SiftEngine:
         self.apply_in_backward = None
         self._handles = []
         for slot in self.slots:
-            if isinstance(slot.storage, storage.Delta):
+            if hasattr(slot.storage, "attach"):  # a delta or a structured slice: it hands the gradient over itself
                 slot.storage.attach(lambda slot=slot: slot.selecting, self._delta_gradient_for(slot))
             elif config.mode != "per_step":
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
+
+    def _make_storage(self, model: nn.Module, name: str, param: nn.Parameter):
+        config, module = self.config, model.get_submodule(name.rpartition(".")[0])
+        if config.structure and sharding.is_sharded(param):
+            raise ConfigError(f"structure={config.structure!r} does not work on FSDP2 shards ({name} is sharded): "
+                              "set structure=None, or train without fully_shard")
+        if sharding.is_sharded(param):
+            return sharding.make_storage(config.storage, param, name)
+        if config.structure:
+            return structured.make(config, module, param, name)
+        return storage.make(config.storage, module, param, name, config.density, config.torch_delta_dtype,
+                            config.compact_indices)
+
+    def _count(self, store) -> int:
+        """Components selected in a tensor: its density share, in whole rows/columns with a structure."""
+        if self.config.structure:
+            return structured.selected_count(store.shape, self.config.density, self.config.structure)
+        return count_selected(getattr(store, "full_numel", store.numel), self.config.density)
 
     # -- backward ----------------------------------------------------------
     def _hook_for(self, slot: _Slot):
@@ -216,6 +234,11 @@ class SiftEngine:
             slot.k = idx.numel()
         elif sharded:  # the gradient is FSDP2's average already
             idx = sharding.select(slot.storage, score, slot.k, slot.generator, self.config.selection)
+        elif self.config.structure and self.config.selection == "random":
+            idx = structured.random_lines(slot.shape, slot.k, self.config.structure, slot.generator, p.device)
+        elif self.config.structure:
+            idx = structured.top_lines(self.selector.ranked(slot, score).reshape(slot.shape), slot.k,
+                                       self.config.structure)
         elif self.config.selection == "random":
             idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
         else:

@@ -132,7 +132,7 @@ class TrainArgs:
     The SIFT fields ``density``, ``mode``, ``selection_batches``,
     ``refresh_every``, ``state_dtype``, ``selection``, ``master_weights``,
     ``update_in_backward``, ``compact_indices``, ``storage``,
-    ``delta_dtype``, ``score``, ``budget`` and ``min_density`` are
+    ``delta_dtype``, ``score``, ``budget``, ``min_density`` and ``structure`` are
     :class:`SiftConfig`'s, documented there.
     """
 
@@ -155,6 +155,7 @@ class TrainArgs:
     score: str = "grad_weight"
     budget: str = "per_tensor"
     min_density: float = 0.0
+    structure: str | None = None
     quantize: str | None = None
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
@@ -252,6 +253,7 @@ class TrainArgs:
             master_weights=self.master_weights, update_in_backward=self.update_in_backward,
             compact_indices=self.compact_indices, storage="delta" if self.quantize else self.storage,
             delta_dtype=self.delta_dtype, score=self.score, budget=self.budget, min_density=self.min_density,
+            structure=self.structure,
             target_modules=self.target_modules, dense_modules=dense_modules or self.dense_modules or (),
             max_grad_norm=self.max_grad_norm or None, seed=self.seed,
         )
