@@ -332,7 +332,7 @@ def test_files_siftune_writes_are_readable_as_the_umask_allows(inputs, tmp_path,
 
 
 def test_a_replaced_file_keeps_its_own_mode(tmp_path, umask_0022):
-    from siftune.io import atomic_write_text
+    from siftune.artifacts.io import atomic_write_text
 
     path = tmp_path / "notes.txt"
     path.write_text("old")
@@ -509,10 +509,10 @@ def test_a_bad_shape_or_dtype_in_increment_config_names_that_file(run, capsys, e
     (["--fsdp", "--storage", "delta"], "fsdp cannot be combined with storage delta"),
 ])
 def test_a_refused_combination_fails_before_anything_is_loaded(inputs, tmp_path, capsys, monkeypatch, flags, says):
-    import siftune.models
+    import siftune.recipes.models
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(siftune.models, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(siftune.recipes.models, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     assert main(train_flags(inputs, tmp_path / "run", *flags)) == 2
     error = one_line_error(capsys, "train")
     assert says in error and flags[0] in error and flags[1] in error

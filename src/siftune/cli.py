@@ -71,7 +71,7 @@ def _help(text: str) -> str:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     from .config import SiftConfig
-    from .train import TrainArgs
+    from .recipes.train import TrainArgs
 
     parser.add_argument("--config", metavar="FILE", help="YAML file with any of the keys below, spelled as the "
                         "flags or with underscores; flags given as well override it")
@@ -91,7 +91,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def train_args_from(namespace: argparse.Namespace):
     """TrainArgs from defaults, then the YAML file, then explicit flags."""
-    from .train import TrainArgs
+    from .recipes.train import TrainArgs
 
     values: dict[str, typing.Any] = {}
     sources: dict[str, str] = {}  # field -> the YAML file its value came from, for error messages
@@ -174,14 +174,14 @@ def _yaml_number(value):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .train import run
+    from .recipes.train import run
 
     run(train_args_from(ns), progress=not ns.quiet)
     return 0
 
 
 def cmd_info(ns: argparse.Namespace) -> int:
-    from .increment import SparseIncrement
+    from .artifacts.increment import SparseIncrement
 
     summary = SparseIncrement.load(ns.increment).summary()
     if ns.json:
@@ -202,7 +202,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
-    from .increment import SparseIncrement, check_destination
+    from .artifacts.increment import SparseIncrement, check_destination
 
     # Before anything is loaded: a refused output costs no time.
     check_destination(ns.output, ns.overwrite, {"the increment being merged": Path(ns.increment)}, "--overwrite")
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_flags(landscape, LandscapeArgs)
     analyze.set_defaults(func=cmd_analyze)
 
-    from .bench import add_parser as add_bench_parser
+    from .bench.runner import add_parser as add_bench_parser
 
     add_bench_parser(sub)  # siftune bench: the side-by-side benchmark
     return parser

@@ -6,7 +6,7 @@ import re
 import torch
 from torch import nn
 
-from .errors import TargetError
+from ..errors import TargetError
 
 # Module types whose ``weight`` may carry a sparse increment.
 TARGETABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, distributed, sharding, tracking
-from .config import SiftConfig
-from .engine import attach
-from .errors import CheckpointError, ConfigError
-from .quantize import QUANTIZATIONS
-from .select import HEAD_NAMES
-from .io import atomic_write, atomic_write_text
+from ..artifacts import checkpoint
+from ..parallel import distributed, sharding
+from . import tracking
+from ..config import SiftConfig
+from ..core.engine import attach
+from ..errors import CheckpointError, ConfigError
+from ..core.quantize import QUANTIZATIONS
+from ..core.select import HEAD_NAMES
+from ..artifacts.io import atomic_write, atomic_write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_DIR = "checkpoints"
