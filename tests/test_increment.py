@@ -124,16 +124,25 @@ def test_remove_from_another_model_object_subtracts_the_increment(trained, incre
     base = trained[0]
     sparse_only = SparseIncrement(increment.tensors)
     applied = sparse_only.apply(copy.deepcopy(base))
-    other = copy.deepcopy(applied)  # a different object: remove cannot use the saved originals
+    other = copy.deepcopy(base)
+    other.load_state_dict(applied.state_dict())  # as a merged model loads: apply() never ran on it
     sparse_only.remove(other)
     for name, value in params(base).items():
         torch.testing.assert_close(other.get_parameter(name).detach(), value, atol=1e-6, rtol=0, msg=name)
 
 
-def test_remove_of_dense_tensors_from_another_model_object_is_an_increment_error(trained, increment):
+def test_remove_of_dense_tensors_from_a_model_it_was_not_applied_to_is_an_increment_error(trained, increment):
     applied = increment.apply(copy.deepcopy(trained[0]))
-    with pytest.raises(IncrementError):
-        increment.remove(copy.deepcopy(applied))
+    other = copy.deepcopy(trained[0])
+    other.load_state_dict(applied.state_dict())  # the values, but not the record of what apply() overwrote
+    with pytest.raises(IncrementError, match="dense tensors"):
+        increment.remove(other)
+
+
+def test_a_copy_of_a_model_the_increment_is_applied_to_is_restored_exactly_by_remove(trained, increment):
+    applied = increment.apply(copy.deepcopy(trained[0]))
+    other = increment.remove(copy.deepcopy(applied))
+    assert_same_state(params(other), params(trained[0]))
 
 
 def test_bf16_increment_holds_fp32_values_that_rebuild_the_trained_bf16_weights_exactly():
@@ -338,7 +347,7 @@ def test_apply_writes_into_a_tensor_the_base_holds_as_a_buffer(trained, incremen
 
 def test_a_save_interrupted_between_its_two_files_loads_the_new_increment_with_a_warning(increment, saved,
                                                                                           monkeypatch):
-    import siftune.increment as module
+    import siftune.artifacts.increment as module
 
     newer = SparseIncrement({n: dataclasses.replace(t, values=t.values * 2) for n, t in increment.tensors.items()},
                             dense=increment.dense, base_model="tiny-mlp-2", config=increment.config)
