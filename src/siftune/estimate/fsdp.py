@@ -80,7 +80,7 @@ def layers_of(model, count: int) -> torch.nn.ModuleList:
 @contextlib.contextmanager
 def _ledger_off_device():
     """Keep SIFT's increment ledger off the counted device (it is host memory on a GPU)."""
-    from .. import engine
+    from ..core import engine
 
     saved = engine.LEDGER_DEVICE
     engine.LEDGER_DEVICE = torch.device("meta")
@@ -212,7 +212,7 @@ def measure_cpu(config, setup: Setup, warmup: int = 1) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.profiler import ProfilerActivity, profile
 
-    from .. import distributed
+    from ..parallel import distributed
     from .simulate import allocations
 
     distributed.init()

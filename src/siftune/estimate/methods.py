@@ -91,7 +91,7 @@ class Setup:
 
 def targeted(model) -> list[tuple[str, torch.nn.Module]]:
     """The Linear-like layers every method targets: all but the output layer."""
-    from ..quantize import KEEP_FULL_PRECISION
+    from ..core.quantize import KEEP_FULL_PRECISION
 
     out = []
     for name, module in model.named_modules():

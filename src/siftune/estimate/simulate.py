@@ -425,7 +425,7 @@ def build_model(config, setup: Setup, device: str | torch.device = "meta"):
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ..models import _dtype_kwargs
+    from ..recipes.models import _dtype_kwargs
 
     task = task_of(config)
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
