@@ -49,7 +49,7 @@ cell() {  # TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]: run it unless
   siftune bench --task "$task" --steps "$steps" --seeds "$seed" --threads 1 --results-dir "$own" \
     --methods "$token" --lr "${token%%:*}=$lr" ${1:+--sift "$@"} &&
   [ -f "$own/$task.json" ] && flock "$R/.lock" "$PY" -c "import json, sys; from pathlib import Path
-from siftune.bench import merge_records
+from siftune.bench.runner import merge_records
 merge_records(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))" "$R/$task.json" "$own/$task.json"
   rm -rf "$own"
 }

@@ -3,7 +3,7 @@
     python bench/sweep_figures.py [--results-dir bench/results/sweep]
 
 Per task, every experiment (method, setting, selection options) is taken at
-the rate with the best validation score (``siftune.bench_report``'s rule:
+the rate with the best validation score (``siftune.bench.report``'s rule:
 the mean over the seeds every rate ran); its test score is the mean over
 the seeds run at that rate. Writes into the folder:
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from siftune.bench_report import chosen_on_validation, load, summarise  # noqa: E402
+from siftune.bench.report import chosen_on_validation, load, summarise  # noqa: E402
 
 TITLES = {"classification": "(a) MiniLM-L6 on Rotten Tomatoes, 300 steps: test accuracy (%)",
           "causal_lm": "(b) SmolLM2-135M on chatterbot, 40 steps: test response loss"}

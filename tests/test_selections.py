@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from siftune import ConfigError, SiftConfig  # noqa: E402
-from siftune.select import balanced_indices, grow_drop_indices, line_caps, mixed_indices  # noqa: E402
+from siftune.core.select import balanced_indices, grow_drop_indices, line_caps, mixed_indices  # noqa: E402
 from test_delta import _lockstep as delta_lockstep  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
 

@@ -28,8 +28,9 @@ class SiftConfig:
             every targeted weight. Default ``0.01``.
         target_modules: which modules' weights get a sparse increment. A list of
             names (a module matches when its qualified name equals the entry or
-            ends with ``"." + entry``, as in peft), or one string used as a
-            regular expression that must match the whole qualified name. Only
+            ends with ``"." + entry``, as in peft), or one string: a name as in
+            the list (``"query"`` is ``["query"]``), or else a regular expression
+            that must match the whole qualified name. Only
             ``nn.Linear``-like modules with a 2-D ``weight`` (and ``nn.Embedding``,
             convolutions) are targeted; their biases are not. ``None`` or
             ``"all-linear"`` (as in peft) targets every Linear-like layer
@@ -122,7 +123,7 @@ class SiftConfig:
             ``master_weights`` the optimizer keeps fp32 copies). Default
             ``"float32"``.
         score: what ranks components at the end of the selection window
-            (:mod:`siftune.budget`): ``"grad"`` (|g| of the window's summed
+            (:mod:`siftune.core.budget`): ``"grad"`` (|g| of the window's summed
             gradient, the paper's), ``"grad_squared"`` (each micro-batch's g^2,
             summed over the window; frees autograd's gradient every micro-batch
             and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
@@ -145,6 +146,15 @@ class SiftConfig:
         min_density: with ``budget="global"``, the floor: every targeted
             tensor keeps at least round(numel * min_density) of its top
             components, in [0, density]. Default ``0.0``.
+        structure: ``None`` (or ``"none"``: single components, the paper's),
+            ``"rows"`` or ``"columns"``: select whole output rows (input
+            columns) of each targeted weight, ranked by the score summed over
+            the row (column), as many as the density's count rounded to whole
+            rows (columns). The backward then computes only the selected
+            slice's weight gradient, never the dense one, so a step costs
+            less than a dense backward (:mod:`siftune.core.structured`).
+            ``nn.Linear`` targets only; modes ``"fixed"`` and ``"periodic"``,
+            ``budget="per_tensor"``, not on FSDP2 shards. Default ``None``.
     """
 
     density: float = 0.01
@@ -168,6 +178,7 @@ class SiftConfig:
     score_share: float = 0.5
     line_cap: float = 2.0
     drop_share: float = 0.25
+    structure: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -233,7 +244,7 @@ class SiftConfig:
                 raise ConfigError(f"{name} must be a list of module names or one regex string, got {value!r}")
 
     def _validate_selection_options(self) -> None:
-        from .budget import BUDGETS, SCORES
+        from .core.budget import BUDGETS, SCORES
 
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
@@ -266,6 +277,16 @@ class SiftConfig:
         if self.selection == "grow_drop" and self.mode != "periodic":
             raise ConfigError("selection='grow_drop' drops and grows components at each refresh: set "
                               "mode='periodic' (refresh_every steps apart)")
+        if self.structure == "none":
+            self.structure = None
+        if self.structure not in (None, "rows", "columns"):
+            raise ConfigError(f"structure must be None, 'rows' or 'columns', got {self.structure!r}")
+        if self.structure and (self.mode == "per_step" or self.budget != "per_tensor"):
+            raise ConfigError(f"structure={self.structure!r} selects whole rows/columns of each tensor from its own "
+                              "score, once or periodically: use mode 'fixed' or 'periodic' and budget='per_tensor'")
+        if self.structure and self.selection in ("mixed", "balanced", "grow_drop"):
+            raise ConfigError(f"structure={self.structure!r} chooses whole rows or columns; selection="
+                              f"{self.selection!r} chooses single components: use one of them")
         if self.budget == "global" and self.update_in_backward:
             raise ConfigError("budget='global' selects after the whole backward, so updates cannot be applied "
                               "inside it; set update_in_backward=False or budget='per_tensor'")

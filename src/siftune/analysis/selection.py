@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..select import (balanced_indices, count_selected, mixed_indices, random_indices, tensor_generator,
+from ..core.select import (balanced_indices, count_selected, mixed_indices, random_indices, tensor_generator,
                       top_k_indices)
 from . import inputs, plots, report
 from .gradients import accumulated_gradient, layer_and_type, targeted_weights
@@ -163,7 +163,7 @@ def spread_report(chosen: dict, shapes: dict) -> dict:
 
 def _train(model, batches, args: SelectionArgs, method: str, head: list[str], names: list[str]) -> dict:
     """Train a copy of ``model`` by ``method``; each targeted weight's trained change (fp32, host)."""
-    from ..engine import attach
+    from ..core.engine import attach
 
     model = copy.deepcopy(model)
     before = {n: model.get_parameter(n).detach().float().clone() for n in names}

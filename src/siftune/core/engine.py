@@ -4,7 +4,7 @@ This is the one module that touches ``.grad``. For every targeted weight a
 post-accumulate-grad hook runs as soon as autograd has written that weight's
 gradient; it takes the selected entries into a small fp32 buffer and frees
 the dense gradient, so dense weight gradients never pile up. The optimizer
-(:mod:`siftune.optim`) then updates exactly those entries in the same step:
+(:mod:`siftune.core.optim`) then updates exactly those entries in the same step:
 no lag, and no tensor left for "the next backward".
 
 Selection, per targeted tensor, in the modes of :class:`SiftConfig`:
@@ -16,7 +16,7 @@ Selection, per targeted tensor, in the modes of :class:`SiftConfig`:
   step's accumulated gradient.
 
 What ranks a component (``score``) and whether the count is shared per tensor
-or over all of them (``budget``) is :mod:`siftune.budget`'s.
+or over all of them (``budget``) is :mod:`siftune.core.budget`'s.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import budget, distributed, sharding, storage
-from .config import SiftConfig
-from .errors import CheckpointError, ConfigError
+from . import budget, storage, structured
+from ..parallel import distributed, sharding
+from ..config import SiftConfig
+from ..errors import CheckpointError, ConfigError
 from .select import (balanced_indices, count_selected, find_targets, grow_drop_indices, index_dtype, mixed_indices,
                      pack_indices, random_indices, tensor_generator, top_k_indices, unpack_indices)
 
@@ -40,7 +41,7 @@ class _Slot:
 
     def __init__(self, name: str, store, k: int, generator: torch.Generator, compact: bool = False):
         self.name = name
-        self.storage = store  # where the trained values live (siftune.storage)
+        self.storage = store  # where the trained values live (siftune.core.storage)
         self.param = store.trainable  # what the optimizer trains: the weight, or the delta's values
         self.numel, self.shape = store.numel, store.shape  # of the (logical) weight the indices point into
         self.k = k
@@ -110,17 +111,17 @@ class SiftEngine:
             raise ConfigError(f"selection={config.selection!r} chooses among a whole tensor's components, which "
                               "FSDP2 shards split over the ranks; use selection='gradient' or 'random' on shards")
         self.dense = dense
-        stores = {n: sharding.make_storage(config.storage, p, n) if sharding.is_sharded(p) else
-                  storage.make(config.storage, model.get_submodule(n.rpartition(".")[0]), p, n, config.density,
-                               config.torch_delta_dtype, config.compact_indices) for n, p in targeted.items()}
+        stores = {n: self._make_storage(model, n, p) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
-        self.slots = [_Slot(n, store, count_selected(getattr(store, "full_numel", store.numel), config.density),
-                            tensor_generator(config.seed, i), compact=config.compact_indices)
+        self.slots = [_Slot(n, store, self._count(store), tensor_generator(config.seed, i),
+                            compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
         self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        trainable = {id(p) for p in dense.values()} | {id(s.param) for s in self.slots}
+        # A structured slice's weight stays frozen: its gradient is the slice's, computed by structured.py.
+        trainable = {id(p) for p in dense.values()} | {
+            id(s.param) for s in self.slots if not getattr(s.storage, "frozen", False)}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         # Under DistributedDataParallel the engine exchanges the selected gradient
@@ -134,10 +135,28 @@ class SiftEngine:
         self.apply_in_backward = None
         self._handles = []
         for slot in self.slots:
-            if isinstance(slot.storage, storage.Delta):
+            if hasattr(slot.storage, "attach"):  # a delta or a structured slice: it hands the gradient over itself
                 slot.storage.attach(lambda slot=slot: slot.selecting, self._delta_gradient_for(slot))
             elif config.mode != "per_step":
                 self._handles.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
+
+    def _make_storage(self, model: nn.Module, name: str, param: nn.Parameter):
+        config, module = self.config, model.get_submodule(name.rpartition(".")[0])
+        if config.structure and sharding.is_sharded(param):
+            raise ConfigError(f"structure={config.structure!r} does not work on FSDP2 shards ({name} is sharded): "
+                              "set structure=None, or train without fully_shard")
+        if sharding.is_sharded(param):
+            return sharding.make_storage(config.storage, param, name)
+        if config.structure:
+            return structured.make(config, module, param, name)
+        return storage.make(config.storage, module, param, name, config.density, config.torch_delta_dtype,
+                            config.compact_indices)
+
+    def _count(self, store) -> int:
+        """Components selected in a tensor: its density share, in whole rows/columns with a structure."""
+        if self.config.structure:
+            return structured.selected_count(store.shape, self.config.density, self.config.structure)
+        return count_selected(getattr(store, "full_numel", store.numel), self.config.density)
 
     # -- backward ----------------------------------------------------------
     def _hook_for(self, slot: _Slot):
@@ -213,11 +232,16 @@ class SiftEngine:
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version, slot.k)
         sharded = isinstance(slot.storage, sharding.ShardedInPlace)
-        if chosen is not None:  # by the global budget (siftune.budget)
+        if chosen is not None:  # by the global budget (siftune.core.budget)
             idx = chosen.to(p.device)
             slot.k = idx.numel()
         elif sharded:  # the gradient is FSDP2's average already
             idx = sharding.select(slot.storage, score, slot.k, slot.generator, self.config.selection)
+        elif self.config.structure and self.config.selection == "random":
+            idx = structured.random_lines(slot.shape, slot.k, self.config.structure, slot.generator, p.device)
+        elif self.config.structure:
+            idx = structured.top_lines(self.selector.ranked(slot, score).reshape(slot.shape), slot.k,
+                                       self.config.structure)
         elif self.config.selection == "random":
             idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
         else:
@@ -359,7 +383,7 @@ class SiftEngine:
         self.selector.sums.clear()
 
     def optimizer(self, lr: float = 1e-4, **kwargs):
-        """A :class:`siftune.optim.SiftAdamW` over the selected components and dense modules."""
+        """A :class:`siftune.core.optim.SiftAdamW` over the selected components and dense modules."""
         from .optim import SiftAdamW
 
         replaced = [s.name for s in self.slots if not s.storage.attached_to(self.model, s.name)]
@@ -474,7 +498,7 @@ class SiftEngine:
         in full. ``values`` may map a tensor name to fp32 values at the ledger's
         indices (the optimizer passes its master copies).
         """
-        from .increment import SparseIncrement, TensorDelta
+        from ..artifacts.increment import SparseIncrement, TensorDelta
 
         tensors = {}
         for slot in self.slots:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SiftConfig
+from ..config import SiftConfig
 from .select import count_selected, find_targets, line_caps, random_indices, tensor_generator, top_k_indices
+from .structured import random_lines, selected_count
 
 
 class ReferenceSift:
@@ -35,6 +36,8 @@ class ReferenceSift:
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         self.k = {n: count_selected(p.numel(), config.density) for n, p in targeted.items()}
+        if config.structure:  # whole rows (columns): the count rounded to whole ones
+            self.k = {n: selected_count(tuple(p.shape), config.density, config.structure) for n, p in targeted.items()}
         self.generators = {n: tensor_generator(config.seed, i) for i, n in enumerate(targeted)}
         state_dtype = config.torch_state_dtype
         self.mask = {n: None for n in targeted}
@@ -62,7 +65,9 @@ class ReferenceSift:
         p = self.targeted[name]
         mask = torch.zeros(p.numel(), dtype=torch.bool)
         k, ranking = self.k[name], self._ranking(name).reshape(-1).abs()
-        if self.config.selection == "random":
+        if self.config.structure:
+            mask = self._lines_mask(name)
+        elif self.config.selection == "random":
             mask[random_indices(p.numel(), k, self.generators[name], "cpu")] = True
         elif self.config.selection == "mixed":
             top = round(self.config.score_share * k)
@@ -113,6 +118,25 @@ class ReferenceSift:
         rest = best_first((r, c) for r in range(rows) for c in range(columns) if (r, c) not in chosen)
         chosen.update(rest[:k - len(chosen)])
         return [r * columns + c for r, c in chosen]
+
+    def _lines_mask(self, name):
+        """Flat mask of whole rows (columns): those whose |ranking| sum is largest, or random ones."""
+        p, structure = self.targeted[name], self.config.structure
+        rows = structure == "rows"
+        count = self.k[name] // (p.shape[1] if rows else p.shape[0])
+        if self.config.selection == "random":
+            flat = random_lines(tuple(p.shape), self.k[name], structure, self.generators[name], "cpu")
+            mask = torch.zeros(p.numel(), dtype=torch.bool)
+            mask[flat] = True
+            return mask
+        sums = self._ranking(name).abs().sum(dim=1 if rows else 0).cpu()
+        lines = torch.sort(sums, descending=True, stable=True).indices[:count]
+        mask = torch.zeros(p.shape, dtype=torch.bool)
+        if rows:
+            mask[lines, :] = True
+        else:
+            mask[:, lines] = True
+        return mask.reshape(-1)
 
     def _select_globally(self):
         """One ranking of all targeted tensors' components (model order breaks ties) for the total count,
