@@ -86,7 +86,7 @@ class ByteCounter:
 
 
 def build(quick: bool):
-    from siftune.models import load_model
+    from siftune.recipes.models import load_model
 
     torch.manual_seed(0)
     model, _ = load_model("minilm", "classification", num_labels=2)
@@ -100,7 +100,7 @@ def build(quick: bool):
 def measure(method: str, density: float | None, steps: int, warmup: int, quick: bool, counter: ByteCounter) -> dict:
     """One method in this process (a rank of the job, or the only process)."""
     import siftune
-    from siftune import distributed
+    from siftune.parallel import distributed
 
     model, inputs = build(quick)
     world = distributed.world_size()
@@ -143,7 +143,7 @@ def _rows(batch: dict) -> int:
 
 def worker(out_dir: Path, threads: int, steps: int, warmup: int, quick: bool) -> None:
     """Every method in turn, in this process; rank 0 writes the rows."""
-    from siftune import distributed
+    from siftune.parallel import distributed
 
     distributed.init()
     torch.set_num_threads(threads)

@@ -42,7 +42,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def build(case: str, quick: bool):
     torch.manual_seed(0)
     if case == "minilm":
-        from siftune.models import load_model
+        from siftune.recipes.models import load_model
 
         model, _ = load_model("minilm", "classification", num_labels=2)
         batch, length, vocab = (4, 16, 1000) if quick else (16, 64, 30000)

@@ -7,11 +7,11 @@
     python bench/run.py --quick            # the same plan at quick sizes, into runs/bench-quick/
     python bench/run.py --report           # only regenerate tables, README section and figure
 
-It calls the code behind ``siftune bench`` (src/siftune/bench.py); each run
+It calls the code behind ``siftune bench`` (src/siftune/bench/runner.py); each run
 is a fresh process and its record lands in bench/results/<task>.json as soon
 as it ends, so the script can be stopped and restarted (finished records are
 replaced by identical reruns, nothing else is lost). Settings and learning
-rates are in ``siftune.bench.TASKS``; docs/bench.md explains them.
+rates are in ``siftune.bench.runner.TASKS``; docs/bench.md explains them.
 Run from the repository root.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siftune.bench import QUICK_RESULTS_DIR, RESULTS_DIR, append_json, paired_step_times, plan, run_bench
-from siftune.bench_report import write_report
+from siftune.bench.runner import QUICK_RESULTS_DIR, RESULTS_DIR, append_json, paired_step_times, plan, run_bench
+from siftune.bench.report import write_report
 
 MAIN = ["full", "lora", "sift-fixed:matched", "sift-fixed:0.001", "random:0.001"]
 # `siftune bench`'s defaults are 300 steps for (a) and 40 for (b); the first

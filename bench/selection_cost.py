@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from siftune import attach  # noqa: E402
-from siftune.bench import _load, _machine, append_json, plan  # noqa: E402
-from siftune.bench_methods import HEADS, TARGETS, resolve_density  # noqa: E402
-from siftune.budget import GlobalPool  # noqa: E402
+from siftune.bench.runner import _load, _machine, append_json, plan  # noqa: E402
+from siftune.bench.methods import HEADS, TARGETS, resolve_density  # noqa: E402
+from siftune.core.budget import GlobalPool  # noqa: E402
 
 VARIANTS = {
     "per_tensor, grad (the paper's)": {},

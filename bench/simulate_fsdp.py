@@ -23,7 +23,7 @@ The methods are bench/gpu.py's, set up the same way, after sharding:
   before sharding (as torchtune does), AdamW on the adapters;
 * ``sift-5``: SIFT fixed mode at 5% with the defaults (fp32 masters and
   moments), attached to the sharded model: each rank selects, stores and
-  updates its own rows' components (``siftune.sharding``);
+  updates its own rows' components (``siftune.parallel.sharding``);
 * ``sift-5-lean``: 5% with bf16 moments, no masters and 16-bit column
   indices; the update runs in ``optimizer.step()``, not in the backward hook
   (``update_in_backward`` needs one process: the step's clipping norm spans
@@ -35,7 +35,7 @@ What stands in for the GPUs, beyond bench/simulate.py's substitutions
 
 * the fake device is ``cpu`` (FSDP2 needs a device mesh, and a CPU-only torch
   makes none for ``cuda``); the increment ledger, host memory on a GPU, is
-  moved to ``meta`` for the run (``siftune.engine.LEDGER_DEVICE``) so that it
+  moved to ``meta`` for the run (``siftune.core.engine.LEDGER_DEVICE``) so that it
   is not counted;
 * the fake process group moves no data, so SIFT's global top-k cannot see
   the other ranks' scores; each rank is given an equal share of every
@@ -111,14 +111,14 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
 @contextlib.contextmanager
 def _ledger_off_device():
     """Keep SIFT's increment ledger off the counted device (it is host memory on a GPU)."""
-    import siftune.engine
+    import siftune.core.engine
 
-    saved = siftune.engine.LEDGER_DEVICE
-    siftune.engine.LEDGER_DEVICE = torch.device("meta")
+    saved = siftune.core.engine.LEDGER_DEVICE
+    siftune.core.engine.LEDGER_DEVICE = torch.device("meta")
     try:
         yield
     finally:
-        siftune.engine.LEDGER_DEVICE = saved
+        siftune.core.engine.LEDGER_DEVICE = saved
 
 
 def _build(method: str, size: str, dtype: torch.dtype, device: str, rank: int):
@@ -241,7 +241,7 @@ def measure_cpu(method: str, size: str = "tiny", seq: int = 64, warmup: int = 1,
     (the profiler's allocation events), and for SIFT this rank's selected count."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from siftune import distributed
+    from siftune.parallel import distributed
 
     distributed.init()
     torch.manual_seed(0)

@@ -22,8 +22,8 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from siftune import SiftConfig
-from siftune.data import load_examples, split_examples
-from siftune.models import load_model
+from siftune.recipes.data import load_examples, split_examples
+from siftune.recipes.models import load_model
 from siftune.trainer import SiftMixin
 
 

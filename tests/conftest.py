@@ -52,7 +52,7 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """Folder of the bundled all-MiniLM-L6-v2 model."""
-    from siftune.models import resolve_model
+    from siftune.recipes.models import resolve_model
 
     return resolve_model("minilm")
 

@@ -97,7 +97,7 @@ def chats_jsonl(tmp_path):
 
 @pytest.fixture
 def bert_batches(tiny_bert, tiny_tokenizer):
-    from siftune.data import classification_batches
+    from siftune.recipes.data import classification_batches
 
     examples = [{"text": t, "label": label} for t, label in REVIEWS]
     return list(classification_batches(examples, tiny_tokenizer, ["fresh", "rotten"], 3, 16,

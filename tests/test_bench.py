@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from siftune.bench import merge_records, parse_method, plan, run_bench
-from siftune.bench_methods import lora_count, resolve_density
-from siftune.bench_report import README_END, README_START, markdown_table, summarise, validation_table, write_report
+from siftune.bench.runner import merge_records, parse_method, plan, run_bench
+from siftune.bench.methods import lora_count, resolve_density
+from siftune.bench.report import README_END, README_START, markdown_table, summarise, validation_table, write_report
 from siftune.cli import main
 from siftune.errors import ConfigError
 
@@ -93,7 +93,7 @@ def test_paired_timing_steps_every_method_in_turns(tmp_path, tiny_bert_dir, revi
 
 
 def test_matched_density_is_lora_r8_count_over_targeted_components(minilm_path):
-    from siftune.models import load_model
+    from siftune.recipes.models import load_model
 
     model, _ = load_model(minilm_path, "classification", num_labels=2)
     # 6 layers x (4 x 8 (384 + 384) + 2 x 8 (384 + 1536)) and 6 x (4 x 384^2 + 2 x 384 x 1536).
@@ -157,7 +157,7 @@ def test_report_gives_mean_and_spread_over_seeds_and_fills_the_readme(tmp_path):
 
 
 def test_no_method_trains_what_it_should_not(tiny_bert):
-    from siftune.bench_methods import MethodRun, prepare
+    from siftune.bench.methods import MethodRun, prepare
 
     before = {n: p.detach().clone() for n, p in tiny_bert.named_parameters()}
     prepared = prepare(tiny_bert, MethodRun("head", "classification", None, 1e-2, 1e-2, 0))

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import CheckpointError, ConfigError, SiftConfig  # noqa: E402
-from siftune.budget import top_set  # noqa: E402
+from siftune.core.budget import top_set  # noqa: E402
 from _models import mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
 
@@ -235,11 +235,11 @@ def test_unsupported_selection_options_are_one_line_config_errors(overrides, mes
 
 @pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight"), dict(score="grad_squared")])
 def test_every_selection_option_attaches_under_torch_distributed(overrides, monkeypatch):
-    import siftune.engine
+    import siftune.core.engine
 
-    monkeypatch.setattr(siftune.engine, "_distributed", lambda: True)
+    monkeypatch.setattr(siftune.core.engine, "_distributed", lambda: True)
     engine = siftune.attach(mlp(), config(**overrides))
-    assert engine.selector.over_ranks is siftune.engine._summed_over_ranks  # ranks by the combined batch
+    assert engine.selector.over_ranks is siftune.core.engine._summed_over_ranks  # ranks by the combined batch
 
 
 # -- siftune train -----------------------------------------------------------------
@@ -254,7 +254,7 @@ def _reviews(tmp_path):
 def test_siftune_train_takes_the_selection_options_and_the_increment_records_them(tmp_path, tiny_bert_dir):
     from siftune import SparseIncrement
     from siftune.cli import main
-    from siftune.select import count_selected
+    from siftune.core.select import count_selected
 
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_bert_dir, "--dataset", _reviews(tmp_path), "--output-dir", str(out),

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
-from siftune import CheckpointError, WriteError, checkpoint, cli  # noqa: E402
+from siftune import CheckpointError, WriteError, cli  # noqa: E402
+from siftune.artifacts import checkpoint  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
 
 # -- the training state, in process -------------------------------------------------------------
@@ -326,11 +327,11 @@ def test_a_read_only_disk_is_a_write_error_and_the_previous_checkpoint_stays(sma
 # writing the checkpoint of step KILL_WRITING_CHECKPOINT.
 DYING_TRAIN = """
 import os, signal, sys
-import siftune.checkpoint, siftune.cli, siftune.io, siftune.optim
+import siftune.artifacts.checkpoint, siftune.cli, siftune.artifacts.io, siftune.core.optim
 
 after_step = int(os.environ.get("KILL_AFTER_STEP", "0"))
 in_checkpoint = int(os.environ.get("KILL_WRITING_CHECKPOINT", "0"))
-real_step, real_write = siftune.optim.SiftAdamW.step, siftune.checkpoint.atomic_write_bytes
+real_step, real_write = siftune.core.optim.SiftAdamW.step, siftune.artifacts.checkpoint.atomic_write_bytes
 
 def step(self, *args, **kwargs):
     out = real_step(self, *args, **kwargs)
@@ -345,11 +346,11 @@ def write(path, data):
                 f.write(data[: len(data) // 2])
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        siftune.io.atomic_write(path, half_then_die)
+        siftune.artifacts.io.atomic_write(path, half_then_die)
     return real_write(path, data)
 
-siftune.optim.SiftAdamW.step = step
-siftune.checkpoint.atomic_write_bytes = write
+siftune.core.optim.SiftAdamW.step = step
+siftune.artifacts.checkpoint.atomic_write_bytes = write
 sys.exit(siftune.cli.main(sys.argv[1:]))
 """
 
@@ -435,11 +436,11 @@ def test_resume_with_other_training_settings_is_a_one_line_error_naming_them(rec
     assert "(lr)" in error and "checkpoint-00000006.pt" in error and "\n" not in error
 
 
-def test_a_fresh_run_deletes_checkpoints_of_an_earlier_run(recipe, tmp_path):
+def test_a_fresh_run_with_overwrite_deletes_checkpoints_of_an_earlier_run(recipe, tmp_path):
     flags, _ = recipe
     stale = checkpoint.Checkpoints(tmp_path / "checkpoints")
     stale.save(small_state(100))
-    assert cli.main(flags + ["--output-dir", str(tmp_path), "--steps", "1", "--eval-size", "0"]) == 0
+    assert cli.main(flags + ["--output-dir", str(tmp_path), "--steps", "1", "--eval-size", "0", "--overwrite"]) == 0
     assert stale.steps() == []
 
 

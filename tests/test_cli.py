@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import siftune
 from siftune import SiftConfig, SparseIncrement
 from siftune.cli import build_parser, field_docs, main
-from siftune.data import classification_batches
-from siftune.models import load_model
+from siftune.recipes.data import classification_batches
+from siftune.recipes.models import load_model
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_every_flag_of_every_command_says_what_it_does():
 
 
 def test_train_help_states_each_fields_actual_default():
-    from siftune.train import TrainArgs
+    from siftune.recipes.train import TrainArgs
 
     docs = field_docs(SiftConfig, TrainArgs)
     for field in dataclasses.fields(TrainArgs):
@@ -172,7 +172,7 @@ def test_train_help_states_each_fields_actual_default():
 
 
 def test_the_command_imports_no_optional_package_until_a_flag_needs_it():
-    code = ("import sys; from siftune import cli, data, models, train; cli.build_parser(); "
+    code = ("import sys; from siftune import cli; from siftune.recipes import data, models, train; cli.build_parser(); "
             "print(sorted({'datasets', 'pyarrow', 'tensorboard'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -263,7 +263,7 @@ def test_a_fresh_run_replaces_an_earlier_runs_tensorboard_log(tmp_path, tiny_ber
 
 def test_report_to_tensorboard_without_the_package_says_what_to_install(tmp_path, tiny_bert_dir, sentiment_csv,
                                                                         monkeypatch, capsys):
-    from siftune import tracking
+    from siftune.recipes import tracking
 
     find_spec = tracking.importlib.util.find_spec
     monkeypatch.setattr(tracking.importlib.util, "find_spec",

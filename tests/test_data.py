@@ -1,4 +1,4 @@
-"""Tests of siftune.data: built-in datasets, file readers, splits and tokenised batches."""
+"""Tests of siftune.recipes.data: built-in datasets, file readers, splits and tokenised batches."""
 
 import bz2
 import gzip
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from siftune.data import (
+from siftune.recipes.data import (
     TokenizedDataset,
     causal_lm_batches,
     classification_batches,
@@ -387,7 +387,7 @@ def test_folder_not_written_by_save_to_disk_raises(tmp_path):
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
     import importlib
 
-    from siftune import data
+    from siftune.recipes import data
 
     path = tmp_path / "d.parquet"
     path.write_bytes(b"PAR1")

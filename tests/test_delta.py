@@ -59,7 +59,7 @@ def _lockstep(overrides: dict, steps: int = 8, accum: int = 1, dtype=torch.float
     ({"update_in_backward": True}, 1),
     ({"compact_indices": True}, 2),
     ({"compact_indices": True, "mode": "periodic", "refresh_every": 3}, 1),
-    # The selection options (siftune.budget): the delta's weight is base plus delta, its counts uneven.
+    # The selection options (siftune.core.budget): the delta's weight is base plus delta, its counts uneven.
     ({"score": "grad_weight", "mode": "periodic", "refresh_every": 3}, 2),
     ({"score": "grad_squared", "selection_batches": 3}, 2),
     ({"budget": "global", "min_density": 0.02, "mode": "periodic", "refresh_every": 3}, 1),
@@ -76,7 +76,7 @@ def test_sparse_and_dense_delta_kernels_train_the_same_model(monkeypatch, compac
     """On a CPU in fp32 the delta's products run as CSR kernels; the dense transient must agree."""
     overrides = {"mode": "periodic", "refresh_every": 3, "compact_indices": compact}
     sparse = _lockstep(overrides)
-    monkeypatch.setattr(siftune.storage.Delta, "sparse_kernels", lambda self, dtype: False)
+    monkeypatch.setattr(siftune.core.storage.Delta, "sparse_kernels", lambda self, dtype: False)
     dense = _lockstep(overrides)
     x = mlp_batches(1, seed=5)[0][0]
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_bf16_delta_values_on_an_fp32_cpu_base_train_without_sparse_kernels():
 def test_a_fake_tensor_standing_for_a_plain_weight_is_not_quantized():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from siftune.storage import quantized_kind
+    from siftune.core.storage import quantized_kind
 
     with FakeTensorMode():
         assert quantized_kind(nn.Parameter(torch.empty(4, 4))) is None
@@ -285,7 +285,7 @@ def llama_folder(tmp_path_factory):
 def _quantized(folder, kind):
     from transformers import AutoModelForCausalLM
 
-    from siftune.quantize import quantization_config
+    from siftune.core.quantize import quantization_config
 
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization_config(kind),
                                                  device_map="cpu")
@@ -296,7 +296,7 @@ def _dequantized_twin(folder, quantized):
     """The fp32 model whose targeted weights are the quantized model's, dequantized once."""
     from transformers import AutoModelForCausalLM
 
-    from siftune.quantize import dequantized_weight
+    from siftune.core.quantize import dequantized_weight
 
     dense = AutoModelForCausalLM.from_pretrained(folder)
     for name, module in quantized.named_modules():

@@ -21,7 +21,8 @@ import torch
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 import siftune  # noqa: E402
-from siftune import SiftConfig, distributed  # noqa: E402
+from siftune import SiftConfig  # noqa: E402
+from siftune.parallel import distributed  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, contains_token_dataset, mlp, mlp_batches, mlp_loss  # noqa: E402
 
 WORLD = 2
@@ -81,7 +82,7 @@ def train_mlp(mode: str, ddp: bool = False) -> dict:
 
 def train_recipe(model_dir: Path, data: Path, out: Path) -> None:
     """``siftune train``'s recipe, as the CLI runs it."""
-    from siftune.train import TrainArgs, run
+    from siftune.recipes.train import TrainArgs, run
 
     run(TrainArgs(model=str(model_dir), dataset=str(data), output_dir=str(out), steps=3, batch_size=4, grad_accum=2,
                   eval_size=8, eval_batch_size=3, max_length=16, density=0.05, lr=1e-2, warmup_steps=1,

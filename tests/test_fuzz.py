@@ -27,7 +27,9 @@ from safetensors.torch import save as save_safetensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
-from siftune import CheckpointError, ConfigError, DataError, IncrementError, SparseIncrement, checkpoint, data  # noqa: E402
+from siftune import CheckpointError, ConfigError, DataError, IncrementError, SparseIncrement  # noqa: E402
+from siftune.artifacts import checkpoint  # noqa: E402
+from siftune.recipes import data  # noqa: E402
 from siftune.cli import train_args_from  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
 from conftest import make_tiny_tokenizer  # noqa: E402

@@ -347,7 +347,7 @@ def test_apply_writes_into_a_tensor_the_base_holds_as_a_buffer(trained, incremen
 
 def test_a_save_interrupted_between_its_two_files_loads_the_new_increment_with_a_warning(increment, saved,
                                                                                           monkeypatch):
-    import siftune.increment as module
+    import siftune.artifacts.increment as module
 
     newer = SparseIncrement({n: dataclasses.replace(t, values=t.values * 2) for n, t in increment.tensors.items()},
                             dense=increment.dense, base_model="tiny-mlp-2", config=increment.config)

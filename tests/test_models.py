@@ -1,12 +1,12 @@
-"""Tests of siftune.models: built-in model names, local folders, offline loading for a task."""
+"""Tests of siftune.recipes.models: built-in model names, local folders, offline loading for a task."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from siftune.data import causal_lm_batches
+from siftune.recipes.data import causal_lm_batches
 from siftune.errors import ModelLoadError
-from siftune.models import load_model, resolve_model
+from siftune.recipes.models import load_model, resolve_model
 
 PAIRS = [
     {"prompt": "Hi there", "response": "Hello!"},

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import ConfigError, SparseIncrement  # noqa: E402
 from siftune.cli import main  # noqa: E402
-from siftune.models import load_model  # noqa: E402
+from siftune.recipes.models import load_model  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -45,7 +45,7 @@ def test_an_unknown_quantization_is_a_one_line_error(tmp_path, tiny_llama_dir, c
 
 
 def test_quantize_without_bitsandbytes_says_what_to_install(monkeypatch):
-    from siftune.quantize import quantization_config
+    from siftune.core.quantize import quantization_config
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'siftune\[quant\]'"):
@@ -113,7 +113,7 @@ def test_a_model_the_user_quantized_trains_through_the_python_api(tmp_path):
 
 
 def test_the_benchmark_matches_sift_on_nf4_to_qlora_r8s_count(tiny_llama_dir):
-    from siftune.bench_methods import MethodRun, lora_count, prepare
+    from siftune.bench.methods import MethodRun, lora_count, prepare
 
     counts = {}
     for method in ("qlora", "sift-nf4"):

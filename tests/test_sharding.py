@@ -22,7 +22,8 @@ import torch
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 import siftune  # noqa: E402
-from siftune import SiftConfig, distributed, sharding  # noqa: E402
+from siftune import SiftConfig  # noqa: E402
+from siftune.parallel import distributed, sharding  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_distributed import finish, output, recipe_inputs  # noqa: E402, F401 (a fixture)
 from test_distributed import start_job as start_distributed_job  # noqa: E402
@@ -145,7 +146,7 @@ def pooled_over_ranks() -> tuple[list[tuple[int, int]], int]:
     checked against the values it kept, and the most entries the rank's pool held at once."""
     from types import SimpleNamespace
 
-    from siftune.budget import GlobalPool
+    from siftune.core.budget import GlobalPool
 
     store = SimpleNamespace(full_numel=WORLD * POOL_ROWS, group=None)
     slots = [SimpleNamespace(name=str(i), numel=POOL_ROWS, k=POOL_K, storage=store) for i in range(POOL_TENSORS)]
@@ -515,7 +516,7 @@ def test_a_resumed_sharded_run_continued_from_the_last_complete_checkpoint(job):
 
 
 def test_recipe_with_fsdp_in_a_single_process_is_a_config_error(tmp_path, monkeypatch):
-    from siftune.train import TrainArgs, run
+    from siftune.recipes.train import TrainArgs, run
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(siftune.ConfigError, match="torchrun --nproc_per_node N"):
@@ -569,7 +570,7 @@ def test_fsdp_evaluation_runs_every_rank_through_as_many_batches_and_counts_each
         monkeypatch, rank, uncounted):
     from conftest import make_tiny_tokenizer
     from _models import tiny_bert_classifier
-    from siftune.train import NOT_COUNTED, TrainArgs, _BatchMaker, evaluate
+    from siftune.recipes.train import NOT_COUNTED, TrainArgs, _BatchMaker, evaluate
 
     examples = [{"text": f"film {i}", "label": "pos" if i % 2 else "neg"} for i in range(7)]
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -586,7 +587,7 @@ def test_a_sharded_checkpoint_with_a_flipped_bit_is_skipped_for_the_one_before(t
     """DCP stores tensors as raw bytes: without the checksum a flipped bit would load as a wrong value."""
     import warnings
 
-    from siftune.checkpoint import FORMAT_VERSION
+    from siftune.artifacts.checkpoint import FORMAT_VERSION
 
     checkpoints = sharding.ShardedCheckpoints(tmp_path)
     values = torch.arange(1000, dtype=torch.float32) * 1.25

@@ -38,7 +38,7 @@ def test_simulated_nf4_step_peaks_match_a_real_cpu_run_of_the_same_steps(method,
     # The nf4 base: bitsandbytes quantizes for real on this CPU; the simulation builds the
     # packed weights and quantization state as fakes. The delta takes its dense-transient
     # path in both (the GPU's; on a CPU in fp32 it would use CSR kernels).
-    from siftune.storage import Delta
+    from siftune.core.storage import Delta
 
     pytest.importorskip("bitsandbytes")
     monkeypatch.setattr(Delta, "sparse_kernels", lambda self, dtype: False)

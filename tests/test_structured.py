@@ -126,7 +126,7 @@ def test_selection_is_the_lines_whose_summed_score_is_largest(structure):
     ("columns", (16, 8), 1.0, 8),
 ])
 def test_the_count_is_rounded_to_whole_lines(structure, shape, density, lines):
-    from siftune.structured import line_length, selected_count
+    from siftune.core.structured import line_length, selected_count
 
     assert selected_count(shape, density, structure) == lines * line_length(shape, structure)
 
@@ -318,7 +318,7 @@ def test_a_target_other_than_a_linear_is_a_config_error_and_leaves_the_model_as_
 
 
 def test_fsdp2_shards_are_refused_with_a_config_error(monkeypatch):
-    from siftune import sharding
+    from siftune.parallel import sharding
 
     monkeypatch.setattr(sharding, "is_sharded", lambda t: isinstance(t, nn.Parameter))
     with pytest.raises(ConfigError, match="FSDP2"):

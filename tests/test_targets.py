@@ -7,7 +7,7 @@ from torch import nn
 
 import siftune
 from siftune import SiftConfig, TargetError
-from siftune.select import find_targets
+from siftune.core.select import find_targets
 
 from _models import tiny_bert_classifier
 

@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
-from siftune import ConfigError, DataError, NonFiniteGradientError, cli, data  # noqa: E402
-from siftune.train import TrainArgs  # noqa: E402
+from siftune import ConfigError, DataError, NonFiniteGradientError, cli  # noqa: E402
+from siftune.recipes import data  # noqa: E402
+from siftune.recipes.train import TrainArgs  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
 
 
@@ -285,6 +286,6 @@ def test_a_bf16_model_skips_an_overflowing_step_without_touching_its_fp32_master
 
 
 def test_non_finite_losses_of_skipped_steps_are_written_to_metrics_json_as_null():
-    from siftune.train import _json_safe
+    from siftune.recipes.train import _json_safe
 
     assert _json_safe({"losses": [0.5, NAN], "x": {"y": INF}}) == {"losses": [0.5, None], "x": {"y": None}}

@@ -7,12 +7,12 @@
     engine.increment(base_model="path/or/name").save("out/")
 """
 from .config import SiftConfig
-from .engine import SiftEngine, attach
+from .core.engine import SiftEngine, attach
 from .errors import (CheckpointError, ConfigError, DataError, DistributedError, IncrementError, ModelLoadError,
                      NonFiniteGradientError, SiftError, TargetError, WriteError)
-from .increment import SparseIncrement, TensorDelta
-from .optim import SiftAdamW
-from .reference import ReferenceSift
+from .artifacts.increment import SparseIncrement, TensorDelta
+from .core.optim import SiftAdamW
+from .core.reference import ReferenceSift
 
 __version__ = "0.1.0"
 

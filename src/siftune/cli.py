@@ -71,7 +71,7 @@ def _help(text: str) -> str:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     from .config import SiftConfig
-    from .train import TrainArgs
+    from .recipes.train import TrainArgs
 
     parser.add_argument("--config", metavar="FILE", help="YAML file with any of the keys below, spelled as the "
                         "flags or with underscores; flags given as well override it")
@@ -91,7 +91,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def train_args_from(namespace: argparse.Namespace):
     """TrainArgs from defaults, then the YAML file, then explicit flags."""
-    from .train import TrainArgs
+    from .recipes.train import TrainArgs
 
     values: dict[str, typing.Any] = {}
     sources: dict[str, str] = {}  # field -> the YAML file its value came from, for error messages
@@ -118,7 +118,15 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}, line {exc.line}: key {exc.key!r} is given twice (the first at line "
+                          f"{exc.first_line}); keep one") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
@@ -128,6 +136,31 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): _yaml_number(v) for k, v in data.items()}
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(key)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+def _strict_loader():
+    """PyYAML's SafeLoader, but a key given twice in one mapping is an error, not a silent last-wins."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
@@ -141,14 +174,14 @@ def _yaml_number(value):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .train import run
+    from .recipes.train import run
 
     run(train_args_from(ns), progress=not ns.quiet)
     return 0
 
 
 def cmd_info(ns: argparse.Namespace) -> int:
-    from .increment import SparseIncrement
+    from .artifacts.increment import SparseIncrement
 
     summary = SparseIncrement.load(ns.increment).summary()
     if ns.json:
@@ -169,7 +202,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
-    from .increment import SparseIncrement, check_destination
+    from .artifacts.increment import SparseIncrement, check_destination
 
     # Before anything is loaded: a refused output costs no time.
     check_destination(ns.output, ns.overwrite, {"the increment being merged": Path(ns.increment)}, "--overwrite")
@@ -249,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_flags(landscape, LandscapeArgs)
     analyze.set_defaults(func=cmd_analyze)
 
-    from .bench import add_parser as add_bench_parser
+    from .bench.runner import add_parser as add_bench_parser
 
     add_bench_parser(sub)  # siftune bench: the side-by-side benchmark
     return parser
@@ -277,6 +310,15 @@ def _exit_without_teardown(code: int) -> None:
         os._exit(code)
 
 
+def _says_first(exc: SiftError) -> bool:
+    """Whether this process prints ``exc``: under a launcher, an error met before the job's processes
+    joined (bad flags, a refused output folder) is every process's alike, and only rank 0 says it."""
+    import torch.distributed as dist
+
+    joined = dist.is_available() and dist.is_initialized()
+    return joined or os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -287,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
             return ns.func(ns)
     except SiftError as exc:
-        print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
+        if _says_first(exc):
+            print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
         if isinstance(exc, DistributedError):
             _exit_without_teardown(2)
         return 2

@@ -24,8 +24,9 @@ class SiftConfig:
             every targeted weight. Default ``0.01``.
         target_modules: which modules' weights get a sparse increment. A list of
             names (a module matches when its qualified name equals the entry or
-            ends with ``"." + entry``, as in peft), or one string used as a
-            regular expression that must match the whole qualified name. Only
+            ends with ``"." + entry``, as in peft), or one string: a name as in
+            the list (``"query"`` is ``["query"]``), or else a regular expression
+            that must match the whole qualified name. Only
             ``nn.Linear``-like modules with a 2-D ``weight`` (and ``nn.Embedding``,
             convolutions) are targeted; their biases are not. ``None`` or
             ``"all-linear"`` (as in peft) targets every Linear-like layer
@@ -92,7 +93,7 @@ class SiftConfig:
             ``master_weights`` the optimizer keeps fp32 copies). Default
             ``"float32"``.
         score: what ranks components at the end of the selection window
-            (:mod:`siftune.budget`): ``"grad"`` (|g| of the window's summed
+            (:mod:`siftune.core.budget`): ``"grad"`` (|g| of the window's summed
             gradient, the paper's), ``"grad_squared"`` (each micro-batch's g^2,
             summed over the window; frees autograd's gradient every micro-batch
             and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
@@ -121,7 +122,7 @@ class SiftConfig:
             the row (column), as many as the density's count rounded to whole
             rows (columns). The backward then computes only the selected
             slice's weight gradient, never the dense one, so a step costs
-            less than a dense backward (:mod:`siftune.structured`).
+            less than a dense backward (:mod:`siftune.core.structured`).
             ``nn.Linear`` targets only; modes ``"fixed"`` and ``"periodic"``,
             ``budget="per_tensor"``, not on FSDP2 shards. Default ``None``.
     """
@@ -210,7 +211,7 @@ class SiftConfig:
                 raise ConfigError(f"{name} must be a list of module names or one regex string, got {value!r}")
 
     def _validate_selection_options(self) -> None:
-        from .budget import BUDGETS, SCORES
+        from .core.budget import BUDGETS, SCORES
 
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..select import HEAD_NAMES, find_targets
+from ..core.select import HEAD_NAMES, find_targets
 from . import inputs, plots, report
 from .stats import TOP_FRACTIONS, Concentration, density_for_share, selection_share
 

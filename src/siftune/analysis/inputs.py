@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import data, models
+from ..recipes import data, models
 from ..errors import ConfigError, DataError
 
 # Characters that make a single --target-modules value a regex rather than a module name.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..select import find_targets
+from ..core.select import find_targets
 from . import inputs, plots, report
 from .stats import amplitude_1d, amplitude_2d
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..select import count_selected
+from ..core.select import count_selected
 
 # The fractions of components and the norm shares every report lists.
 TOP_FRACTIONS = (0.001, 0.01, 0.05, 0.1)

@@ -4,7 +4,7 @@ Every ``prepare_*`` function takes the model and a :class:`MethodRun` and
 returns a :class:`Prepared`: the model to call (peft wraps it for LoRA and
 SHiRA), its optimizer, how many components it trains, and a function that
 gives the bytes a trained result would take on disk. The training loop,
-schedule and evaluation are shared (:mod:`siftune.bench`), so methods differ
+schedule and evaluation are shared (:mod:`siftune.bench.runner`), so methods differ
 only here.
 
 Method names: ``head`` (only the new classification head), ``full`` (AdamW on
@@ -29,9 +29,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .select import find_targets
-from .storage import weight_shape
+from ..errors import ConfigError
+from ..core.select import find_targets
+from ..core.storage import weight_shape
 
 # The weights every sparse and low-rank method adapts, per task: all encoder
 # Linear layers of BERT-style classifiers, all attention and MLP projections
@@ -224,8 +224,8 @@ def prepare_shira(model, run: MethodRun) -> Prepared:
 
 def prepare_sift(model, run: MethodRun) -> Prepared:
     """siftune's engine: SIFT in the method's mode, or ``random`` selection at the same density."""
-    from .config import SiftConfig
-    from .engine import attach
+    from ..config import SiftConfig
+    from ..core.engine import attach
 
     density = resolve_density(model, run.task, run.setting)
     config = SiftConfig(

@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .errors import CheckpointError, ConfigError, WriteError
-from .select import index_dtype, random_indices
-from .storage import InPlace
+from ..errors import CheckpointError, ConfigError, WriteError
+from ..core.select import index_dtype, random_indices
+from ..core.storage import InPlace
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:
@@ -267,7 +267,7 @@ def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def whole_delta(store: ShardedInPlace, indices: torch.Tensor, values: torch.Tensor):
     """The increment's :class:`TensorDelta` of a sharded weight, from every rank's (local) ledger part."""
-    from .increment import TensorDelta
+    from ..artifacts.increment import TensorDelta
 
     device = store.trainable.device
     global_idx = torch.cat(_all_gather_varying((indices.long() + store.offset).to(device), store))
@@ -365,10 +365,10 @@ class ShardedCheckpoints:
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
     def save(self, state: dict):
-        """Write this rank's ``state`` (:func:`siftune.checkpoint.capture`) as its part of the step's checkpoint."""
+        """Write this rank's ``state`` (:func:`siftune.artifacts.checkpoint.capture`) as its part of the step's checkpoint."""
         import torch.distributed.checkpoint as dcp
 
-        from .io import fsync_dir
+        from ..artifacts.io import fsync_dir
 
         step = int(state["step"])
         final, temporary = self.path(step), self.folder / f".checkpoint-{step:08d}.partial"
@@ -395,6 +395,13 @@ class ShardedCheckpoints:
                 shutil.rmtree(self.path(old), ignore_errors=True)
         _barrier()
         return final
+
+    def writers(self, step: int) -> int | None:
+        """How many processes wrote the checkpoint of ``step`` (None when its metadata cannot be read)."""
+        try:
+            return len({key.partition("/")[0] for key in _metadata(self.path(step))})
+        except CheckpointError:
+            return None
 
     def load_latest(self) -> dict | None:
         """This rank's part of the newest complete checkpoint, or ``None`` when there is none.
@@ -455,7 +462,7 @@ def _read_part(path: Path, saved: dict) -> dict:
     """This rank's part of the checkpoint at ``path`` (every rank must call this)."""
     import torch.distributed.checkpoint as dcp
 
-    from .checkpoint import FORMAT_VERSION
+    from ..artifacts.checkpoint import FORMAT_VERSION
 
     prefix = f"rank{distributed.rank()}/"
     mine = {key: torch.empty(meta.size, dtype=meta.properties.dtype)

@@ -10,7 +10,7 @@ generators, and the position in the data stream.
 On disk the file is a magic line, the SHA-256 of the payload, then the
 payload (``torch.save`` of a dict of tensors and plain values, read back
 with ``weights_only=True`` so a file can never run code). It is written
-through :func:`siftune.io.atomic_write`; the previous checkpoint is deleted
+through :func:`siftune.artifacts.io.atomic_write`; the previous checkpoint is deleted
 only after the new one is complete. :meth:`Checkpoints.load_latest` takes
 the newest file that is complete and intact and warns about any it skips.
 The file is assembled in memory (its checksum comes first), so saving takes
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from . import sharding
-from .errors import CheckpointError, ConfigError, WriteError
+from ..parallel import sharding
+from ..errors import CheckpointError, ConfigError, WriteError
 from .io import atomic_write_bytes, remove_stale_temporaries
 
 FORMAT_VERSION = 1

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError, IncrementError
+from ..errors import ConfigError, IncrementError
 from .io import atomic_write_bytes, atomic_write_dir, atomic_write_text
-from .quantize import dequantized_weight
-from .select import index_dtype
-from .storage import add_to_output, quantized_kind, weight_shape
+from ..core.quantize import dequantized_weight
+from ..core.select import index_dtype
+from ..core.storage import add_to_output, quantized_kind, weight_shape
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
@@ -262,7 +262,7 @@ class SparseIncrement:
         gets that base dequantized, in plain layers: the weights it was
         trained beside, so that base + increment is the trained model.
         """
-        from .models import load_model
+        from ..recipes.models import load_model
 
         source = base_model or self.base_model
         if not source:
@@ -529,7 +529,7 @@ def _read_header(path: Path, text: str | None = None) -> dict:
 
 def _check_sift_config(path: Path, config: dict) -> None:
     """IncrementError naming ``path`` and the field when a recorded SIFT setting has a wrong type or range."""
-    from .config import SiftConfig
+    from ..config import SiftConfig
 
     known = {key: value for key, value in config.items() if key in SiftConfig.saved_defaults()}
     for key in ("target_modules", "dense_modules"):
@@ -545,7 +545,7 @@ def _check_sift_config(path: Path, config: dict) -> None:
 
 def _check_metadata(path: Path, metadata: dict) -> None:
     """IncrementError naming ``path`` and the field when the metadata ``load_base`` uses is malformed."""
-    from .quantize import QUANTIZATIONS
+    from ..core.quantize import QUANTIZATIONS
 
     task, labels, quantize = metadata.get("task"), metadata.get("labels"), metadata.get("quantize")
     if task is not None and task not in ("classification", "causal_lm"):

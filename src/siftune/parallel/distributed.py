@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, DistributedError
+from ..errors import ConfigError, DistributedError
 
 TIMEOUT_ENV = "SIFTUNE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 def check_installed() -> None:
     """ConfigError saying what to install when the tensorboard package is missing (found without importing it)."""

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import WriteError
+from ..errors import WriteError
 
 TEMP_SUFFIX = ".tmp"
 

@@ -1,14 +1,14 @@
 """Quantized bases: load a model's Linear layers in 4 or 8 bits with bitsandbytes.
 
 SIFT then trains a ``storage="delta"`` increment beside the frozen quantized
-weights (:mod:`siftune.storage`), as QLoRA trains LoRA adapters beside them.
+weights (:mod:`siftune.core.storage`), as QLoRA trains LoRA adapters beside them.
 bitsandbytes is an optional dependency: ``pip install siftune[quant]``.
 """
 from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 QUANTIZATIONS = {
     "nf4": "4-bit NormalFloat (QLoRA's default)",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SiftConfig
+from ..config import SiftConfig
 from .select import count_selected, find_targets, random_indices, tensor_generator, top_k_indices
 from .structured import random_lines, selected_count
 

@@ -14,8 +14,8 @@ from collections import defaultdict
 
 import torch
 
-from . import distributed, sharding
-from .errors import CheckpointError, ConfigError, NonFiniteGradientError
+from ..parallel import distributed, sharding
+from ..errors import CheckpointError, ConfigError, NonFiniteGradientError
 
 
 class SiftAdamW(torch.optim.Optimizer):

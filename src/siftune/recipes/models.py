@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import check_task, package_dir
-from .errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def resolve_model(name_or_path: str) -> str:
 def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=None, quantize=None, device=None):
     """Load a model and its tokenizer for a task, offline, as ``(model, tokenizer)``.
 
-    ``quantize`` ("nf4", "fp4" or "int8", see :mod:`siftune.quantize`) loads the
+    ``quantize`` ("nf4", "fp4" or "int8", see :mod:`siftune.core.quantize`) loads the
     Linear layers quantized by bitsandbytes, computing in ``dtype``, onto
     ``device`` (default: the CPU); the output layer and a classification head
     stay in ``dtype``.
@@ -169,7 +169,7 @@ def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=
             raise ConfigError(f"classification needs at least 2 labels, got {num_labels}")
         head_kwargs["num_labels"] = num_labels
     if quantize is not None:
-        from .quantize import quantization_config
+        from ..core.quantize import quantization_config
 
         head_kwargs["quantization_config"] = quantization_config(quantize, compute_dtype=dtype)
         head_kwargs["device_map"] = str(device or "cpu")  # bitsandbytes quantizes as it places the weights
@@ -186,7 +186,7 @@ def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load {folder} as a {task} model: {exc}") from exc
     if quantize is not None:
-        from .quantize import keep_training_layout
+        from ..core.quantize import keep_training_layout
 
         for module in model.modules():
             keep_training_layout(module)

@@ -4,7 +4,7 @@ This is the one module that touches ``.grad``. For every targeted weight a
 post-accumulate-grad hook runs as soon as autograd has written that weight's
 gradient; it takes the selected entries into a small fp32 buffer and frees
 the dense gradient, so dense weight gradients never pile up. The optimizer
-(:mod:`siftune.optim`) then updates exactly those entries in the same step:
+(:mod:`siftune.core.optim`) then updates exactly those entries in the same step:
 no lag, and no tensor left for "the next backward".
 
 Selection, per targeted tensor, in the modes of :class:`SiftConfig`:
@@ -16,7 +16,7 @@ Selection, per targeted tensor, in the modes of :class:`SiftConfig`:
   step's accumulated gradient.
 
 What ranks a component (``score``) and whether the count is shared per tensor
-or over all of them (``budget``) is :mod:`siftune.budget`'s.
+or over all of them (``budget``) is :mod:`siftune.core.budget`'s.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import budget, distributed, sharding, storage, structured
-from .config import SiftConfig
-from .errors import CheckpointError, ConfigError
+from . import budget, storage, structured
+from ..parallel import distributed, sharding
+from ..config import SiftConfig
+from ..errors import CheckpointError, ConfigError
 from .select import (count_selected, find_targets, index_dtype, pack_indices, random_indices, tensor_generator,
                      top_k_indices, unpack_indices)
 
@@ -40,7 +41,7 @@ class _Slot:
 
     def __init__(self, name: str, store, k: int, generator: torch.Generator, compact: bool = False):
         self.name = name
-        self.storage = store  # where the trained values live (siftune.storage)
+        self.storage = store  # where the trained values live (siftune.core.storage)
         self.param = store.trainable  # what the optimizer trains: the weight, or the delta's values
         self.numel, self.shape = store.numel, store.shape  # of the (logical) weight the indices point into
         self.k = k
@@ -228,7 +229,7 @@ class SiftEngine:
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version, slot.k)
         sharded = isinstance(slot.storage, sharding.ShardedInPlace)
-        if chosen is not None:  # by the global budget (siftune.budget)
+        if chosen is not None:  # by the global budget (siftune.core.budget)
             idx = chosen.to(p.device)
             slot.k = idx.numel()
         elif sharded:  # the gradient is FSDP2's average already
@@ -365,7 +366,7 @@ class SiftEngine:
         self.selector.sums.clear()
 
     def optimizer(self, lr: float = 1e-4, **kwargs):
-        """A :class:`siftune.optim.SiftAdamW` over the selected components and dense modules."""
+        """A :class:`siftune.core.optim.SiftAdamW` over the selected components and dense modules."""
         from .optim import SiftAdamW
 
         replaced = [s.name for s in self.slots if not s.storage.attached_to(self.model, s.name)]
@@ -480,7 +481,7 @@ class SiftEngine:
         in full. ``values`` may map a tensor name to fp32 values at the ledger's
         indices (the optimizer passes its master copies).
         """
-        from .increment import SparseIncrement, TensorDelta
+        from ..artifacts.increment import SparseIncrement, TensorDelta
 
         tensors = {}
         for slot in self.slots:

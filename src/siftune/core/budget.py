@@ -26,7 +26,7 @@ it is cut to exactly the global top-R.
 On FSDP2 shards each rank pools its own rows' candidates. After each
 tensor the ranks add up their pool sizes (one scalar all-reduce); once the
 sum passes 2R, every rank drops its entries below the R-th best of all
-ranks' (found bit by bit, :func:`siftune.sharding.cut_over_ranks`). The
+ranks' (found bit by bit, :func:`siftune.parallel.sharding.cut_over_ranks`). The
 ranks' pools so hold at most 2R entries together, plus one tensor's offers:
 a rank holds about its share of the ranking (2R/N of N ranks), not R of its
 own. The last cut over the ranks takes ties in global model order.
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .select import index_dtype
 
 SCORES = ("grad", "grad_squared", "grad_weight")
@@ -47,7 +47,7 @@ BUDGETS = ("per_tensor", "global")
 
 def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
     """What components are ranked by (largest magnitude first), from the window's ``score`` and the
-    weight's storage (``siftune.storage``: its values now, for grad_weight)."""
+    weight's storage (``siftune.core.storage``: its values now, for grad_weight)."""
     if kind == "grad_weight":
         return score.float() * store.current_weight().float()
     return score  # grad: the window's sum; grad_squared: the window's sum of squares
@@ -143,7 +143,7 @@ class GlobalPool:
         self.counts = [s.k for s in slots]  # the per-tensor shares: their sum is the total
         self.floors = [int(round(getattr(s.storage, "full_numel", s.numel) * min_density)) for s in slots]
         # On FSDP2 shards every rank pools its own rows' candidates; the floors and the final
-        # cut are then taken over the ranks (siftune.sharding).
+        # cut are then taken over the ranks (siftune.parallel.sharding).
         self.shards = [s.storage for s in slots] if hasattr(slots[0].storage, "full_numel") else None
         self.rest = sum(self.counts) - sum(self.floors)
         self.offsets = [sum(self.numels[:i]) for i in range(len(slots))]
@@ -171,7 +171,7 @@ class GlobalPool:
         if self.shards is None:
             floor = top_set(flat, self.floors[i])
         elif self.floors[i]:  # this rank's part of the whole tensor's top f_i
-            from .sharding import select
+            from ..parallel.sharding import select
 
             floor = select(self.shards[i], flat, self.floors[i], slot.generator, "gradient").long()
         else:
@@ -206,8 +206,8 @@ class GlobalPool:
     def _cut_over_ranks(self) -> None:
         """FSDP2 shards: once the ranks' pools together pass 2R entries, each rank drops what is below the
         R-th best of all of them, so that a rank holds about its share of the ranking, not R of its own."""
-        from .distributed import sum_across_ranks
-        from .sharding import cut_over_ranks
+        from ..parallel.distributed import sum_across_ranks
+        from ..parallel.sharding import cut_over_ranks
 
         group = self.shards[0].group
         if sum_across_ranks([self.pooled], group)[0] <= 2 * self.rest:
@@ -228,7 +228,7 @@ class GlobalPool:
             scores, places, values = scores[order], places[order], values[order]
             offsets = torch.tensor(self.offsets, device=places.device)
             tensors = torch.bucketize(places, offsets, right=True) - 1
-            from .sharding import top_over_ranks
+            from ..parallel.sharding import top_over_ranks
 
             keep = top_over_ranks(scores, tensors, len(self.numels), self.rest, self.shards[0].group)
             places, values = places[keep], values[keep]
