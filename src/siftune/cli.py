@@ -285,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.runner import add_parser as add_bench_parser
 
     add_bench_parser(sub)  # siftune bench: the side-by-side benchmark
+
+    from .estimate.command import add_parser as add_estimate_parser
+
+    add_estimate_parser(sub)  # siftune estimate: will it fit, simulated without a GPU
     return parser
 
 
