@@ -332,11 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     _quiet_transformers()
+    # Warnings one line each, in the command's voice, as its errors are: not the Python source line.
+    # (catch_warnings does not restore formatwarning: put back by hand.)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
     try:
-        with warnings.catch_warnings():
-            # One line each, in the command's voice, as its errors are: not the Python source line.
-            warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
-            return ns.func(ns)
+        return ns.func(ns)
     except SiftError as exc:
         if _says_first(exc):
             print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"siftune {ns.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -59,6 +59,14 @@ def estimate(config, setup: Setup, gpus: int = 1, fsdp: bool = False, whole: boo
     ``whole`` simulates every layer instead of extrapolating from two and three.
     ``progress`` (a tqdm bar or None) is advanced once per simulation.
     """
+    record, setup, how = simulate_record(config, setup, gpus, fsdp, whole, warmup, progress)
+    return _summary(record, config, setup, gpus, fsdp, how)
+
+
+def simulate_record(config, setup: Setup, gpus: int = 1, fsdp: bool = False, whole: bool = False,
+                    warmup: int = 1, progress=None) -> tuple[dict, Setup, str]:
+    """The simulation's own record of every phase of every step (:func:`.simulate.trace`'s), for the whole
+    model, extrapolated or not; the set-up as simulated (a trainable count made a density); how."""
     layers = layer_count(config)
     uneven = uniform_layers(config)
     params, entries = counts(config)
@@ -68,19 +76,17 @@ def estimate(config, setup: Setup, gpus: int = 1, fsdp: bool = False, whole: boo
     if whole or uneven or layers <= short[-1]:
         record = trace_once(config, setup, gpus, fsdp, warmup)
         _advance(progress, len(short))
-        how = f"all {layers} layers simulated" + (f" ({uneven})" if uneven and not whole else "")
-        return _summary(record, config, setup, gpus, fsdp, how)
+        return record, setup, f"all {layers} layers simulated" + (f" ({uneven})" if uneven and not whole else "")
     traces = []
     for count in short:
         traces.append(trace_once(with_layers(config, count), setup, gpus, fsdp, warmup))
         _advance(progress, 1)
     record = extrapolate(traces, short, layers)
     if record["base_params"] != params:
-        raise ConfigError(f"the layers of this {config.model_type} model are not alike: {short[0]} and {short[1]} layers "
-                          f"extrapolate to {record['base_params']:,} parameters, the model has {params:,}; "
+        raise ConfigError(f"the layers of this {config.model_type} model are not alike: {short[0]} and {short[1]} "
+                          f"layers extrapolate to {record['base_params']:,} parameters, the model has {params:,}; "
                           "estimate it with --whole")
-    return _summary(record, config, setup, gpus, fsdp,
-                    f"layers {short[0]} and {short[1]} simulated, extrapolated to {layers}")
+    return record, setup, f"layers {short[0]} and {short[1]} simulated, extrapolated to {layers}"
 
 
 def _advance(progress, n: int) -> None:
@@ -95,7 +101,8 @@ def extrapolate(traces: list[dict], counts: tuple[int, int], layers: int) -> dic
     t = (layers - n0) / (n1 - n0)
 
     def line(x, y):
-        if isinstance(x, dict):
+        if isinstance(x, dict) or isinstance(y, dict):  # an op only one of the two ran counts 0 in the other
+            x, y = x or {}, y or {}
             return {k: line(x.get(k, 0), y.get(k, 0)) for k in set(x) | set(y)}
         if isinstance(x, list):
             return [line(u, v) for u, v in zip(x, y)]
@@ -108,8 +115,6 @@ def extrapolate(traces: list[dict], counts: tuple[int, int], layers: int) -> dic
     for key in a:
         if key in ("density", "world", "host_reads"):
             out[key] = a[key]
-        elif key in ("roofline", "first_step_roofline") and a[key]:
-            out[key] = {k: line(a[key][k], b[key][k]) for k in ("kernels", "flops", "bytes", "roofline_s")}
         else:
             out[key] = line(a[key], b[key])
     return out

@@ -276,6 +276,20 @@ def cuda_kernels(device: torch.device = DEVICE):
         values = torch.empty((mask._nnz(), *self.shape[mask.sparse_dim():]), dtype=self.dtype, device=self.device)
         return torch.sparse_coo_tensor(mask._indices(), values, self.shape, is_coalesced=mask.is_coalesced())
 
+    from ..core import storage
+
+    plain_dequantized = storage.dequantized_weight
+
+    def dequantized_weight(module):
+        # siftune dequantizes a 4-bit base (score="grad_weight") by the weight's type, which a fake
+        # Parameter does not have: the same op bitsandbytes runs, on its fake packed weight.
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is None or not isinstance(weight, FakeTensor):
+            return plain_dequantized(module)
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            weight.view(-1, 1), state.absmax, state.blocksize, state.quant_type, list(state.shape), state.dtype)
+
     kernels = torch.library.Library("aten", "IMPL")
     kernels.impl("sparse_mask", sparse_mask, "SparseMeta")
     matmul4 = _bnb_matmul4bit()
@@ -285,9 +299,11 @@ def cuda_kernels(device: torch.device = DEVICE):
     F.scaled_dot_product_attention = sdpa
     adam._device_dtype_check_for_fused = fused_check
     masking.is_tracing = tracing_but_not_fake
+    storage.dequantized_weight = dequantized_weight
     try:
         yield
     finally:
+        storage.dequantized_weight = plain_dequantized
         F.scaled_dot_product_attention = plain_sdpa
         adam._device_dtype_check_for_fused = check
         masking.is_tracing = tracing
@@ -332,24 +348,22 @@ def _dequantize_then_linear(ctx, A, B, out=None, bias=None, quant_state=None):
     return output
 
 
-class Params4bit(torch.nn.Parameter):
-    """A fake nf4 weight: torch makes no bitsandbytes ``Params4bit`` of a fake tensor, so this
-    Parameter carries its attributes and its name (which siftune reads to dequantize)."""
-
-
 def fake_nf4_weight(layer, dtype: torch.dtype = torch.bfloat16, device: torch.device = DEVICE):
     """``layer``'s nf4 weight as bitsandbytes leaves it after quantization, made of fake tensors.
 
     The packed weight (two 4-bit codes a byte, ``[out x in / 2, 1]`` uint8) and its
     ``QuantState`` (fp32 absmax per 64-entry block, the 16-entry nf4 code, the
     shape, the dtype it dequantizes to, blocksize 64, no double quantization).
-    ``Linear4bit.forward`` and peft's 4-bit LoRA layer read ``weight.quant_state``.
+    torch makes no ``Params4bit`` of a fake tensor, so the weight is a fake Parameter
+    carrying its attributes; ``Linear4bit.forward``, peft's 4-bit LoRA layer and
+    siftune's delta read ``weight.quant_state``.
     """
     from bitsandbytes.functional import QuantState
 
     shape = torch.Size([layer.out_features, layer.in_features])
     numel = shape.numel()
-    weight = Params4bit(torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False)
+    weight = torch.nn.Parameter(torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=device),
+                                requires_grad=False)
     weight.quant_state = QuantState(absmax=torch.empty(-(numel // -64), dtype=torch.float32, device=device),
                                     shape=shape, code=torch.empty(16, dtype=torch.float32, device=device),
                                     blocksize=64, quant_type="nf4", dtype=dtype)
@@ -566,7 +580,7 @@ def measure_cpu(config, setup: Setup, warmup: int = 1) -> list[int]:
 
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build_model(config, setup.replace(quantize=None), "cpu")
+        model = build_model(config, Setup("full", dtype="float32"), "cpu")  # quantized below, for real
         if setup.quantize == "nf4":
             _quantize_nf4_for_real(model)
         if setup.gradient_checkpointing:
@@ -600,8 +614,9 @@ def _quantize_nf4_for_real(model) -> None:
         layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                   compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4",
                                   device="meta")
+        # Params4bit quantizes as it moves to a device; a module's .to skips what is already there.
         layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=64,
-                                         compress_statistics=False, quant_type="nf4", module=layer)
+                                         compress_statistics=False, quant_type="nf4", module=layer).to("cpu")
         if module.bias is not None:
             layer.bias = module.bias
-        model.set_submodule(name, layer.to("cpu"))
+        model.set_submodule(name, layer)
