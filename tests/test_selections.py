@@ -120,3 +120,14 @@ def test_a_selection_option_out_of_place_is_a_one_line_config_error(overrides, m
     with pytest.raises(ConfigError, match=message) as caught:
         SiftConfig(density=0.2, **overrides)
     assert "\n" not in str(caught.value)
+
+
+def test_bench_runs_grow_and_drop_only_as_the_periodic_method():
+    from siftune.bench.runner import plan
+
+    runs = plan("classification", ["sift-periodic:0.01"], [0], sift=["selection=grow_drop", "refresh_every=50"])
+    assert runs[0].sift == {"selection": "grow_drop", "refresh_every": 50}
+    with pytest.raises(ConfigError, match="run it as sift-periodic"):
+        plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=grow_drop"])
+    with pytest.raises(ConfigError, match="the method chooses it"):
+        plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=random"])
