@@ -26,7 +26,7 @@ it is cut to exactly the global top-R.
 On FSDP2 shards each rank pools its own rows' candidates. After each
 tensor the ranks add up their pool sizes (one scalar all-reduce); once the
 sum passes 2R, every rank drops its entries below the R-th best of all
-ranks' (found bit by bit, :func:`siftune.parallel.sharding.cut_over_ranks`). The
+ranks' (found bit by bit, :func:`siftune.parallel.distributed.cut_over_ranks`). The
 ranks' pools so hold at most 2R entries together, plus one tensor's offers:
 a rank holds about its share of the ranking (2R/N of N ranks), not R of its
 own. The last cut over the ranks takes ties in global model order.
@@ -141,10 +141,10 @@ class GlobalPool:
         self.position = {name: i for i, name in enumerate(self.names)}
         self.numels = [s.numel for s in slots]  # on FSDP2 shards: this rank's part
         self.counts = [s.k for s in slots]  # the per-tensor shares: their sum is the total
-        self.floors = [int(round(getattr(s.storage, "full_numel", s.numel) * min_density)) for s in slots]
+        self.floors = [int(round(s.storage.full_numel * min_density)) for s in slots]
         # On FSDP2 shards every rank pools its own rows' candidates; the floors and the final
-        # cut are then taken over the ranks (siftune.parallel.sharding).
-        self.shards = [s.storage for s in slots] if hasattr(slots[0].storage, "full_numel") else None
+        # cut are then taken over the ranks (siftune.parallel.distributed).
+        self.shards = [s.storage for s in slots] if slots[0].storage.partial else None
         self.rest = sum(self.counts) - sum(self.floors)
         self.offsets = [sum(self.numels[:i]) for i in range(len(slots))]
         self.peak = 0  # the most entries this rank's pool has held at once
@@ -171,9 +171,7 @@ class GlobalPool:
         if self.shards is None:
             floor = top_set(flat, self.floors[i])
         elif self.floors[i]:  # this rank's part of the whole tensor's top f_i
-            from ..parallel.sharding import select
-
-            floor = select(self.shards[i], flat, self.floors[i], slot.generator, "gradient").long()
+            floor = self.shards[i].top_k(flat, self.floors[i]).long()
         else:
             floor = torch.zeros(0, dtype=torch.long, device=flat.device)
         self.kept[i] = (floor, g[floor])
@@ -206,8 +204,7 @@ class GlobalPool:
     def _cut_over_ranks(self) -> None:
         """FSDP2 shards: once the ranks' pools together pass 2R entries, each rank drops what is below the
         R-th best of all of them, so that a rank holds about its share of the ranking, not R of its own."""
-        from ..parallel.distributed import sum_across_ranks
-        from ..parallel.sharding import cut_over_ranks
+        from ..parallel.distributed import cut_over_ranks, sum_across_ranks
 
         group = self.shards[0].group
         if sum_across_ranks([self.pooled], group)[0] <= 2 * self.rest:
@@ -228,7 +225,7 @@ class GlobalPool:
             scores, places, values = scores[order], places[order], values[order]
             offsets = torch.tensor(self.offsets, device=places.device)
             tensors = torch.bucketize(places, offsets, right=True) - 1
-            from ..parallel.sharding import top_over_ranks
+            from ..parallel.distributed import top_over_ranks
 
             keep = top_over_ranks(scores, tensors, len(self.numels), self.rest, self.shards[0].group)
             places, values = places[keep], values[keep]
