@@ -29,7 +29,7 @@ What stands in for the H200, and why (docs/bench.md, "Simulated"):
 * host reads of device values (the gradient norm, a finiteness check) answer
   1: they steer control flow only, and 1 is the branch ordinary training takes.
 
-nf4 bases (issue 13; ``--methods qlora-64-nf4 sift-5-nf4 sift-5-lean-nf4
+nf4 bases (``--methods qlora-64-nf4 sift-5-nf4 sift-5-lean-nf4
 sift-qlora-nf4``, ``--size 7b`` or ``13b``): ``gpu.quantize_nf4`` swaps the
 targeted Linears for bitsandbytes ``Linear4bit`` layers (nf4, blocksize 64, no
 double quantization, bf16 compute); on fake tensors:
@@ -493,12 +493,12 @@ def measure_cpu(method: str, size: str = "tiny", seq: int = 128, batch: int = 1,
 
 
 def summarize(records: list[dict]) -> dict:
-    """Calibration against the H200 anchors, issue 2's targets (a)-(c), and the step-time estimate."""
+    """Calibration against the H200 anchors, the targets (a)-(c), and the step-time estimate."""
     by = {r["method"]: r for r in records if "peak_gib" in r}
     anchored = {m: r for m, r in by.items() if "anchor_gib" in r}  # the H200's shape and settings only
     calibration = {m: dict(simulated_gib=r["peak_gib"], anchor_gib=r["anchor_gib"],
                            off=r["peak_gib"] / r["anchor_gib"] - 1) for m, r in anchored.items()}
-    # The issue's rule: the floor, full fine-tuning and LoRA each within 5% of the H200 at 7B.
+    # The rule: the floor, full fine-tuning and LoRA each within 5% of the H200 at 7B.
     out = dict(calibration=calibration,
                memory_is_measurement=all(m in calibration and abs(calibration[m]["off"]) <= 0.05
                                          for m in ("frozen", "full", "lora")))
@@ -514,7 +514,7 @@ def summarize(records: list[dict]) -> dict:
         targets["c"] = dict(method="sift-lora", peak_gib=by["sift-lora"]["peak_gib"],
                             limit_gib=1.05 * by["lora"]["peak_gib"], rule="1.05 x LoRA r=64")
     for name, method in (("c-nf4", "sift-qlora-nf4"), ("c-nf4-compact", "sift-qlora-nf4-compact")):
-        if "qlora-64-nf4" in by and method in by:  # issue 13: the same, on an nf4 base
+        if "qlora-64-nf4" in by and method in by:  # the same, on an nf4 base
             targets[name] = dict(method=method, peak_gib=by[method]["peak_gib"],
                                  limit_gib=1.05 * by["qlora-64-nf4"]["peak_gib"], rule="1.05 x QLoRA r=64 (nf4)")
     for t in targets.values():
