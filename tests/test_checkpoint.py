@@ -436,11 +436,11 @@ def test_resume_with_other_training_settings_is_a_one_line_error_naming_them(rec
     assert "(lr)" in error and "checkpoint-00000006.pt" in error and "\n" not in error
 
 
-def test_a_fresh_run_deletes_checkpoints_of_an_earlier_run(recipe, tmp_path):
+def test_a_fresh_run_with_overwrite_deletes_checkpoints_of_an_earlier_run(recipe, tmp_path):
     flags, _ = recipe
     stale = checkpoint.Checkpoints(tmp_path / "checkpoints")
     stale.save(small_state(100))
-    assert cli.main(flags + ["--output-dir", str(tmp_path), "--steps", "1", "--eval-size", "0"]) == 0
+    assert cli.main(flags + ["--output-dir", str(tmp_path), "--steps", "1", "--eval-size", "0", "--overwrite"]) == 0
     assert stale.steps() == []
 
 

@@ -227,17 +227,42 @@ def test_an_edited_checksum_is_an_error_naming_the_tensor(run):
 
 
 def test_an_increment_saved_before_checksums_loads_with_one_warning(run, capsys):
-    tensors = load_file(str(run / "increment.safetensors"))
-    header = json.loads((run / "increment_config.json").read_text())
-    del header["sha256"]
-    save_file(tensors, str(run / "increment.safetensors"), metadata={"format": "siftune", "header": json.dumps(header)})
-    (run / "increment_config.json").write_text(json.dumps(header))
+    strip_checksums(run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         SparseIncrement.load(run)
         SparseIncrement.load(run)
     assert len(caught) == 1 and "saved without checksums" in str(caught[0].message)
     assert main(["info", str(run)]) == 0  # still usable from the command line
+
+
+def strip_checksums(run: Path) -> None:
+    """Make ``run``'s increment look as an older siftune saved it: no SHA-256 in either header."""
+    tensors = load_file(str(run / "increment.safetensors"))
+    header = json.loads((run / "increment_config.json").read_text())
+    del header["sha256"]
+    save_file(tensors, str(run / "increment.safetensors"), metadata={"format": "siftune", "header": json.dumps(header)})
+    (run / "increment_config.json").write_text(json.dumps(header))
+
+
+def test_the_command_says_a_warning_in_one_line_of_its_own(run):
+    import subprocess
+    import sys
+
+    strip_checksums(run)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "siftune.cli", "info", str(run)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "checksums" in line]
+    assert said == [f"siftune info: warning: {run / 'increment.safetensors'} was saved without checksums (by an "
+                    "older siftune), so damage to it cannot be detected; save the increment again to add them"]
+
+
+def test_the_command_leaves_warnings_formatted_as_it_found_them(run):
+    before = warnings.formatwarning
+    assert main(["info", str(run)]) == 0
+    assert warnings.formatwarning is before
 
 
 def test_saved_checksums_are_of_the_stored_tensors(run):
@@ -339,3 +364,213 @@ def test_a_replaced_file_keeps_its_own_mode(tmp_path, umask_0022):
     path.chmod(0o640)
     atomic_write_text(path, "new")
     assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640
+
+
+# -- resume: never a silent fresh start, never a lost checkpoint ---------------------------------------------------
+
+@pytest.fixture
+def checkpointed(inputs, tmp_path):
+    """A run that left checkpoints (as if it had died after step 2 of 3)."""
+    out = tmp_path / "run"
+    assert main(train_flags(inputs, out, "--checkpoint-every", "1")) == 0
+    (out / "checkpoints" / "checkpoint-00000002.pt").unlink()
+    return out
+
+
+def test_a_run_without_resume_into_a_folder_with_checkpoints_refuses_and_keeps_them(inputs, checkpointed, tmp_path,
+                                                                                    capsys):
+    before = snapshot(tmp_path)
+    assert main(train_flags(inputs, checkpointed, "--checkpoint-every", "1")) == 2
+    error = one_line_error(capsys, "train")
+    assert "holds checkpoints of an earlier run" in error and "--resume" in error and "--overwrite" in error
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_with_overwrite_deletes_the_earlier_checkpoints_and_trains_afresh(inputs, checkpointed, capsys):
+    assert main(train_flags(inputs, checkpointed, "--overwrite")) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert not list((checkpointed / "checkpoints").iterdir())
+
+
+def sharded_checkpoint(folder: Path, step: int, processes: int) -> Path:
+    """A checkpoint folder laid out as ``--fsdp`` writes it: one part per process, through torch's DCP."""
+    import torch.distributed.checkpoint as dcp
+
+    path = folder / f"checkpoint-{step:08d}"
+    parts = {f"rank{rank}/0": torch.zeros(4) for rank in range(processes)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
+        dcp.save(parts, storage_writer=dcp.FileSystemWriter(path), no_dist=True)
+    return path
+
+
+def test_resuming_a_sharded_checkpoint_in_one_process_is_an_error_not_a_fresh_start(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    sharded_checkpoint(out / "checkpoints", 3, processes=2)
+    before = snapshot(tmp_path)
+    assert main(train_flags(inputs, out, "--resume")) == 2
+    error = one_line_error(capsys, "train")
+    assert "sharded checkpoint, written with --fsdp by 2 processes" in error
+    assert "torchrun --nproc_per_node 2" in error and "--overwrite" in error
+    assert snapshot(tmp_path) == before
+
+
+def test_resuming_a_single_process_checkpoint_with_fsdp_is_an_error(inputs, checkpointed, tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts rank 0; the error comes before the job joins
+    before = snapshot(tmp_path)
+    assert main(train_flags(inputs, checkpointed, "--resume", "--fsdp", "--batch-size", "8")) == 2
+    assert "written by one process without --fsdp" in one_line_error(capsys, "train")
+    assert snapshot(tmp_path) == before
+
+
+def test_resuming_a_sharded_checkpoint_on_another_number_of_processes_is_an_error(inputs, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "run"
+    sharded_checkpoint(out / "checkpoints", 3, processes=2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(train_flags(inputs, out, "--resume", "--fsdp")) == 2
+    assert "written by 2 processes, this job has 4" in one_line_error(capsys, "train")
+
+
+def test_resume_finds_the_same_dataset_by_another_path(inputs, checkpointed, tmp_path, capsys, monkeypatch):
+    moved = Path(shutil.copy(inputs / "data.csv", tmp_path / "elsewhere.csv"))
+    monkeypatch.chdir(tmp_path)
+    flags = train_flags(inputs, checkpointed, "--resume")
+    flags[flags.index("--dataset") + 1] = moved.name  # relative, and another file with the same rows
+    assert main(flags) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_resume_with_a_dataset_whose_content_changed_is_an_error_naming_it(inputs, checkpointed, tmp_path, capsys):
+    data = Path(shutil.copy(inputs / "data.csv", tmp_path / "data.csv"))
+    flags = train_flags(inputs, checkpointed, "--overwrite")
+    flags[flags.index("--dataset") + 1] = str(data)
+    assert main(flags + ["--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    data.write_text(data.read_text().replace("film 3,", "movie 3,"))  # same path, other rows
+    before = snapshot(tmp_path)
+    flags[flags.index("--overwrite")] = "--resume"
+    assert main(flags + ["--checkpoint-every", "1"]) == 2
+    error = one_line_error(capsys, "train")
+    assert "other settings (dataset; dataset:" in error and str(data) in error
+    assert snapshot(tmp_path) == before
+
+
+# -- configuration and command-line edges --------------------------------------------------------------------------
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_yaml_key_given_twice_is_an_error_with_its_line(inputs, tmp_path, capsys):
+    config = write_yaml(tmp_path, "lr: 0.01\nsteps: 2\nlr: 0.02\n")
+    assert main(train_flags(inputs, tmp_path / "run") + ["--config", str(config)]) == 2
+    error = one_line_error(capsys, "train")
+    assert "line 3: key 'lr' is given twice (the first at line 1)" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_syntax_error_gives_its_line_and_column(inputs, tmp_path, capsys):
+    config = write_yaml(tmp_path, "lr: 0.01\n  steps: 2\n")
+    assert main(train_flags(inputs, tmp_path / "run") + ["--config", str(config)]) == 2
+    assert "config.yaml, line 2, column 8: not valid YAML" in one_line_error(capsys, "train")
+
+
+def test_a_yaml_target_modules_string_trains_as_the_one_item_list_does(inputs, tmp_path):
+    increments = []
+    for name, value in (("string", "query"), ("list", "[query]")):
+        config = write_yaml(tmp_path, f"target_modules: {value}\n")
+        assert main(train_flags(inputs, tmp_path / name) + ["--config", str(config)]) == 0
+        increments.append(SparseIncrement.load(tmp_path / name))
+    assert sorted(increments[0].tensors) == sorted(increments[1].tensors)
+    assert increments[0].tensors and all(name.endswith("query.weight") for name in increments[0].tensors)
+
+
+def test_a_target_modules_string_in_python_matches_as_the_one_item_list_does():
+    from _models import tiny_bert_classifier
+
+    targeted = [sorted(slot.name for slot in siftune.attach(tiny_bert_classifier(),
+                                                            siftune.SiftConfig(target_modules=value)).slots)
+                for value in ("query", ["query"])]
+    assert targeted[0] == targeted[1] and len(targeted[0]) == 2
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("density", "0.01", "density must be a number in (0, 1]"),
+    ("mode", 5, "mode must be one of"),
+    ("format_version", "1", "format_version must be an integer, got '1' (str)"),
+    ("format_version", 2, "newer than this siftune reads"),
+])
+def test_a_malformed_increment_config_field_is_an_error_naming_the_file(run, tmp_path, capsys, field, value, says):
+    config = run / "increment_config.json"
+    header = json.loads(config.read_text())
+    (header if field == "format_version" else header["sift_config"])[field] = value
+    config.write_text(json.dumps(header))
+    before = snapshot(tmp_path)
+    assert main(["info", str(run)]) == 2
+    error = one_line_error(capsys, "info")
+    assert f"{config}" in error and says in error and "increment.safetensors" not in error
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("entry, says", [("shape", "shape [0] must be a list of positive integers"),
+                                         ("dtype", "dtype 'float8' must be one of")])
+def test_a_bad_shape_or_dtype_in_increment_config_names_that_file(run, capsys, entry, says):
+    config = run / "increment_config.json"
+    header = json.loads(config.read_text())
+    name = sorted(header["tensors"])[0]
+    header["tensors"][name][entry] = [0] if entry == "shape" else "float8"
+    config.write_text(json.dumps(header))
+    assert main(["info", str(run)]) == 2
+    error = one_line_error(capsys, "info")
+    assert error.startswith(f"siftune info: error: {config}: tensor {name}: {says}")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--fsdp", "--quantize", "nf4"], "fsdp cannot be combined with quantize"),
+    (["--fsdp", "--storage", "delta"], "fsdp cannot be combined with storage delta"),
+])
+def test_a_refused_combination_fails_before_anything_is_loaded(inputs, tmp_path, capsys, monkeypatch, flags, says):
+    import siftune.recipes.models
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(siftune.recipes.models, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(train_flags(inputs, tmp_path / "run", *flags)) == 2
+    error = one_line_error(capsys, "train")
+    assert says in error and flags[0] in error and flags[1] in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_under_a_launcher_a_refused_combination_is_said_once_by_rank_0(inputs, tmp_path):
+    import subprocess
+    import sys
+
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "PYTHONPATH": os.pathsep.join(sys.path)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "siftune.cli", *train_flags(inputs, tmp_path / "run"),
+                                       "--fsdp", "--quantize", "nf4"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2]
+    said = [[line for line in err.splitlines() if line.startswith("siftune")] for _, err in results]
+    assert len(said[0]) == 1 and "--fsdp" in said[0][0] and said[1] == []
+    assert "Traceback" not in results[0][1] + results[1][1]
+
+
+def test_the_readme_csv_example_trains_on_an_80_row_file(inputs, tmp_path, capsys):
+    flags = train_flags(inputs, tmp_path / "run")
+    del flags[flags.index("--eval-size"):flags.index("--eval-size") + 2]  # the default held-out size
+    assert main(flags) == 0
+    assert "(72 train / 8 held out)" in capsys.readouterr().out
+
+
+def test_resume_and_overwrite_together_are_refused(inputs, checkpointed, tmp_path, capsys):
+    before = snapshot(tmp_path)
+    assert main(train_flags(inputs, checkpointed, "--resume", "--overwrite")) == 2
+    assert "contradict each other" in one_line_error(capsys, "train")
+    assert snapshot(tmp_path) == before

@@ -1,4 +1,4 @@
-"""bench/simulate_fsdp.py: one rank's simulated FSDP2 memory is what a real sharded run allocates.
+"""siftune.estimate.fsdp: one rank's simulated FSDP2 memory is what a real sharded run allocates.
 
 The simulation runs rank 0 of a job on a fake process group and fake
 tensors and counts allocations with ``FSDPMemTracker``; the twin is a real
@@ -13,22 +13,30 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from siftune.estimate import Setup
+from siftune.estimate.fsdp import measure_cpu, trace
+from siftune.estimate.shapes import LLAMA_SHAPES, named_config
 
 TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS.parent / "bench"))
 sys.path.insert(0, str(TESTS))
-import simulate_fsdp  # noqa: E402
 from test_distributed import WORLD, finish, output, start_job  # noqa: E402
 
 MiB = 2**20
-METHODS = ("full", "sift-5")
 SEQ = 64
+TINY = named_config("llama-tiny")
+SETUPS = {"full": Setup("full", dtype="float32", seq_len=SEQ, gradient_checkpointing=True),
+          "sift-5": Setup("sift", density=0.05, dtype="float32", seq_len=SEQ, gradient_checkpointing=True)}
+METHODS = tuple(SETUPS)
+
+
+def peaks(record: dict) -> list[int]:
+    return [max(phase["total"] for phase in step["phases"].values()) for step in record["steps"]]
 
 
 def _rank_main(job: str, folder: str) -> None:
     """Each rank: the real steps of every method of ``METHODS``, one process group for all."""
-    results = {method: simulate_fsdp.measure_cpu(method, "tiny", seq=SEQ, warmup=1) for method in METHODS}
+    results = {method: measure_cpu(TINY, SETUPS[method], warmup=1) for method in METHODS}
     rank = results[METHODS[0]]["rank"]
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -45,9 +53,8 @@ def real_runs(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("method", METHODS)
 def test_simulated_rank_peaks_match_a_real_two_process_fsdp_run(real_runs, method):
     real = real_runs[method]
-    simulated = simulate_fsdp.simulate(method, "tiny", world=WORLD, seq=SEQ, warmup=1, dtype=torch.float32)
-    peaks = [round(s["peak_gib"] * 2**30) for s in simulated["steps"]]
-    assert len(real["peaks"]) == len(peaks) == 2
+    simulated = trace(TINY, SETUPS[method], world=WORLD, warmup=1)
+    assert len(real["peaks"]) == len(peaks(simulated)) == 2
     # Known gaps: the real count holds SIFT's ledger (host memory on a GPU; an int32 index and
     # an fp32 value a component here) and the real rank's own share of each tensor's top-k,
     # where the simulation gives every rank an equal share: 16 B a component of state, and
@@ -64,26 +71,27 @@ def test_simulated_rank_peaks_match_a_real_two_process_fsdp_run(real_runs, metho
     # 0.65 MB above the simulation from run to run; 1 MiB of slack covers that and nothing larger.
     if real["selected"] is not None:
         allowed += MiB
-    hidden = simulate_fsdp.gpu.SIZES["tiny"][0]
+    hidden = LLAMA_SHAPES["llama-tiny"][0]
     root_grads = (2 * 32000 + 1) * hidden * 4 if method == "full" else 0  # fp32
-    for step, (r, s) in enumerate(zip(real["peaks"], peaks)):
+    for step, (r, s) in enumerate(zip(real["peaks"], peaks(simulated))):
         assert abs(r - s) <= allowed or abs(r - root_grads - s) <= allowed, (
             f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB")
 
 
 def test_sift_state_per_rank_is_its_share_of_the_components_at_the_stated_bytes():
-    record = simulate_fsdp.simulate("sift-5", "tiny", world=4, seq=16, warmup=0)
+    record = trace(TINY, Setup("sift", density=0.05, seq_len=16, gradient_checkpointing=True), world=4, warmup=0)
     state = record["state_bytes_rank0"]
     mine = record["selected_rank0"]
-    assert record["selected"] / 4 <= mine <= record["selected"] / 4 + len(simulate_fsdp.gpu.TARGETS) * 2
+    assert record["selected"] / 4 <= mine <= record["selected"] / 4 + 7 * 2  # 7 targeted weights a layer
     assert state["indices"] == 4 * mine  # int32 flat indices into the rank's rows
     assert state["optimizer"] == 12 * mine  # fp32 master and two fp32 moments (bf16 weights)
-    sharded = record["steps"][0]["parts_gib"]["Sharded Param"] * 2**30
-    assert abs(sharded - 2 * record["params"] / 4) < 2 * 4096  # bf16, a quarter each (rows padded to 4)
+    # After the step only the shards are held: bf16, a quarter each (rows padded to 4).
+    sharded = record["steps"][0]["phases"]["optimizer"]["parameters"]
+    assert abs(sharded - 2 * record["params"] / 4) < 2 * 4096
 
 
 def test_a_simulation_leaves_no_process_group_behind():
     import torch.distributed as dist
 
-    simulate_fsdp.simulate("frozen", "tiny", world=2, seq=16, warmup=0)
+    trace(TINY, Setup("frozen", seq_len=16), world=2, warmup=0)
     assert not dist.is_initialized()

@@ -118,7 +118,15 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}, line {exc.line}: key {exc.key!r} is given twice (the first at line "
+                          f"{exc.first_line}); keep one") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
@@ -128,6 +136,31 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): _yaml_number(v) for k, v in data.items()}
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(key)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+def _strict_loader():
+    """PyYAML's SafeLoader, but a key given twice in one mapping is an error, not a silent last-wins."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
@@ -252,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.runner import add_parser as add_bench_parser
 
     add_bench_parser(sub)  # siftune bench: the side-by-side benchmark
+
+    from .estimate.command import add_parser as add_estimate_parser
+
+    add_estimate_parser(sub)  # siftune estimate: will it fit, simulated without a GPU
     return parser
 
 
@@ -294,24 +331,37 @@ def _quiet_imports() -> None:
         logging.getLogger(name).addFilter(lambda record, start=start: not str(record.msg).startswith(start))
 
 
+def _says_first(exc: SiftError) -> bool:
+    """Whether this process prints ``exc``: under a launcher, an error met before the job's processes
+    joined (bad flags, a refused output folder) is every process's alike, and only rank 0 says it."""
+    import torch.distributed as dist
+
+    joined = dist.is_available() and dist.is_initialized()
+    return joined or os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
     parser = build_parser()
     ns = parser.parse_args(argv)
     _quiet_transformers()
+    # Warnings one line each, in the command's voice, as its errors are: not the Python source line.
+    # (catch_warnings does not restore formatwarning: put back by hand.)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
     try:
-        with warnings.catch_warnings():
-            # One line each, in the command's voice, as its errors are: not the Python source line.
-            warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
-            return ns.func(ns)
+        return ns.func(ns)
     except SiftError as exc:
-        print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
+        if _says_first(exc):
+            print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
         if isinstance(exc, DistributedError):
             _exit_without_teardown(2)
         return 2
     except KeyboardInterrupt:
         print(f"siftune {ns.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

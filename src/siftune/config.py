@@ -24,8 +24,9 @@ class SiftConfig:
             every targeted weight. Default ``0.01``.
         target_modules: which modules' weights get a sparse increment. A list of
             names (a module matches when its qualified name equals the entry or
-            ends with ``"." + entry``, as in peft), or one string used as a
-            regular expression that must match the whole qualified name. Only
+            ends with ``"." + entry``, as in peft), or one string: a name as in
+            the list (``"query"`` is ``["query"]``), or else a regular expression
+            that must match the whole qualified name. Only
             ``nn.Linear``-like modules with a 2-D ``weight`` (and ``nn.Embedding``,
             convolutions) are targeted; their biases are not. ``None`` or
             ``"all-linear"`` (as in peft) targets every Linear-like layer

@@ -18,10 +18,12 @@ HEAD_NAMES = ("classifier", "score")
 
 
 def _matcher(patterns):
-    """A predicate on qualified module names, peft-style: list = name or suffix, str = full regex."""
+    """A predicate on qualified module names: a list holds names (a module matches its qualified name or a
+    ``.name`` suffix, as in peft); one string is such a name too, or else a regex matching the whole name,
+    so that ``"query"`` and ``["query"]`` mean the same."""
     if isinstance(patterns, str):
         regex = re.compile(patterns)
-        return lambda name: regex.fullmatch(name) is not None
+        return lambda name: name == patterns or name.endswith("." + patterns) or regex.fullmatch(name) is not None
     patterns = tuple(patterns)
     return lambda name: any(name == p or name.endswith("." + p) for p in patterns)
 

@@ -133,6 +133,13 @@ class ShardedCheckpoints:
         _barrier()
         return final
 
+    def writers(self, step: int) -> int | None:
+        """How many processes wrote the checkpoint of ``step`` (None when its metadata cannot be read)."""
+        try:
+            return len({key.partition("/")[0] for key in _metadata(self.path(step))})
+        except CheckpointError:
+            return None
+
     def load_latest(self) -> dict | None:
         """This rank's part of the newest complete checkpoint, or ``None`` when there is none.
 
@@ -158,7 +165,7 @@ class ShardedCheckpoints:
             warnings.warn(f"skipping checkpoint: {problem or f'another rank cannot read {path}'}", stacklevel=2)
         if steps:
             raise CheckpointError(f"no valid checkpoint in {self.folder} (all {len(steps)} damaged); "
-                                  "delete the folder to start over")
+                                  "train afresh with --overwrite (without --resume)")
         return None
 
     def clear(self) -> None:

@@ -6,6 +6,7 @@ of :class:`TrainArgs`, which the CLI fills from flags or a YAML file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -34,8 +35,11 @@ CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_TO = ("none", "tensorboard")
 # Settings a resumed run may change, because they do not change what is trained.
-RESUME_MAY_CHANGE = ("output_dir", "resume", "checkpoint_every", "eval_batch_size", "gradient_checkpointing",
-                     "report_to")
+RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "checkpoint_every", "eval_batch_size",
+                     "gradient_checkpointing", "report_to")
+# Settings that name files: a resumed run compares what they hold, not how they were spelled.
+INPUTS = ("model", "dataset", "eval_dataset")
+_SAMPLE_BYTES = 1 << 20  # of each input file, hashed with its size to recognise it
 
 
 @dataclass
@@ -58,7 +62,8 @@ class TrainArgs:
         output_dir: folder for the increment, metrics.json, loss_curve.png,
             checkpoints/ and tensorboard/. Default ``"runs/train"``.
         target_modules: modules whose weights get a sparse increment: names (a
-            module matches its qualified name or a ``.name`` suffix) or one regex.
+            module matches its qualified name or a ``.name`` suffix) or one regex;
+            one name alone (``query``, in YAML or after the flag) is a name.
             Default ``None`` (or ``all-linear``): every Linear-like layer but the
             output layer and the dense modules.
         dense_modules: modules trained densely: names or one regex. Default
@@ -83,7 +88,8 @@ class TrainArgs:
             dense modules) to this; 0 turns clipping off. Default ``1.0``.
         eval_size: examples of ``dataset`` held out for evaluation: a count, or a
             fraction of the examples if below 1; 0 trains without evaluating.
-            Not used with ``eval_dataset``. Default ``2000``.
+            Not used with ``eval_dataset``. Default ``None``: a tenth of the
+            examples, at most 2,000, and at least as many as there are labels.
         eval_batch_size: examples per held-out batch. Default ``64``.
         dtype: dtype of the weights during training: ``"float32"``,
             ``"bfloat16"`` or ``"float16"``. Default ``"float32"``.
@@ -105,8 +111,13 @@ class TrainArgs:
             output_dir/checkpoints every this many optimizer steps, keeping the
             newest two; 0 never saves. Default ``0``.
         resume: continue from the newest intact checkpoint in
-            output_dir/checkpoints (a fresh start when there is none); without it,
-            a run deletes the checkpoints it finds there. Default ``False``.
+            output_dir/checkpoints (a fresh start when there is none), with the same
+            settings, the same data (compared by content, wherever it now lies) and
+            the same checkpoint layout (with or without ``fsdp``, on as many
+            processes). Default ``False``.
+        overwrite: a run without ``resume`` into an output_dir holding checkpoints
+            deletes them and trains afresh; without it, such a run stops and says
+            so, keeping them. Default ``False``.
         nonfinite: a step whose loss or gradient is NaN/Inf is ``"skip"``-ped
             (nothing updated; counted as skipped_steps in metrics.json) or
             ``"raise"``-s an error that ends the run. Default ``"skip"``.
@@ -169,7 +180,7 @@ class TrainArgs:
     warmup_steps: int = 30
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    eval_size: float = 2000
+    eval_size: float | None = None
     eval_batch_size: int = 64
     dtype: str = "float32"
     gradient_checkpointing: bool = False
@@ -180,6 +191,7 @@ class TrainArgs:
     response_column: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    overwrite: bool = False
     nonfinite: str = "skip"
     device: str = "auto"
     report_to: str = "none"
@@ -222,7 +234,7 @@ class TrainArgs:
                 fail(name, f"must be > 0, got {value!r}")
         for name in ("steps", "epochs", "warmup_steps", "max_grad_norm", "weight_decay", "eval_size",
                      "checkpoint_every"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)!r}")
         if self.steps == 0 and self.epochs == 0:
             fail("steps", "or epochs must be > 0 (both are 0)")
@@ -239,6 +251,19 @@ class TrainArgs:
             fail("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
         if self.update_in_backward is True and self.grad_accum != 1:
             fail("update_in_backward", "applies the update at every backward, so it needs grad_accum 1")
+        if self.resume and self.overwrite:
+            fail("resume", "and overwrite contradict each other: --resume continues the run in output_dir, "
+                           "--overwrite deletes its checkpoints; pass one of them")
+        processes = int(os.environ.get("WORLD_SIZE", "1") or 1)  # as torchrun sets it, before the job joins
+        if self.fsdp and self.quantize:
+            fail("fsdp", "cannot be combined with quantize: a quantized base trains its increment beside whole "
+                         "frozen weights, which FSDP2 splits; drop --fsdp or --quantize")
+        if self.fsdp and self.storage == "delta":
+            fail("fsdp", "cannot be combined with storage delta, which needs whole weights; drop --fsdp, or use "
+                         "--storage in_place")
+        if self.update_in_backward is True and processes > 1:
+            fail("update_in_backward", f"works in one process; this job has {processes}: drop "
+                                       "--update-in-backward, or start one process")
         try:
             self.sift_config()  # density, mode, ... are checked there
         except ConfigError as exc:
@@ -302,6 +327,9 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     from . import data, models
 
     args.validate()
+    out = Path(args.output_dir)
+    # Before the job's processes join: they all find the same files and stop with the same one-line error.
+    _check_checkpoint_folder(args, out / CHECKPOINT_DIR)
     distributed.init()  # joins the job when started by torchrun or accelerate launch, else does nothing
     if args.fsdp and distributed.world_size() < 2:
         raise ConfigError("fsdp shards the model across the processes of a job; start it with "
@@ -310,7 +338,6 @@ def _run(args: TrainArgs, progress: bool) -> dict:
         raise ConfigError(f"batch_size {args.batch_size} must be a multiple of the {distributed.world_size()} "
                           "processes: each takes an equal slice of every batch")
     torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
     checkpoints = (sharding.ShardedCheckpoints if args.fsdp else checkpoint.Checkpoints)(out / CHECKPOINT_DIR)
     resumed = checkpoints.load_latest() if args.resume else None  # before the slow loading: fail fast
     if resumed is not None:
@@ -320,7 +347,10 @@ def _run(args: TrainArgs, progress: bool) -> dict:
                    prompt_column=args.prompt_column, response_column=args.response_column)
     examples = data.load_examples(args.dataset, args.task, **columns)
     if args.eval_dataset is None:
-        eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction
+        if args.eval_size is None:
+            eval_size = default_eval_size(examples, args.task)
+        else:
+            eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction
         train_set, eval_set = data.split_examples(examples, eval_size, seed=args.seed)
     else:
         train_set, eval_set = examples, data.load_examples(args.eval_dataset, args.task, **columns)
@@ -338,8 +368,9 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     _print(f"siftune train: {args.model} on {args.dataset} ({len(train_set)} train / {len(eval_set)} held out)")
 
     if resumed is None:
-        if distributed.is_main_process():
-            checkpoints.clear()  # a fresh run must never later resume from an older run's checkpoints
+        if distributed.is_main_process():  # a fresh run must never later resume from an older run's checkpoints
+            checkpoint.Checkpoints(out / CHECKPOINT_DIR).clear()
+            sharding.ShardedCheckpoints(out / CHECKPOINT_DIR).clear()
         before = evaluate(model, batches.eval(eval_set), args.task) if eval_set else {}
     else:
         before = resumed["progress"]["before"]
@@ -353,6 +384,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(args.warmup_steps, steps))
     start, consumed, losses, earlier_s = 0, 0, [], 0.0
+    settings = _resume_settings(args)  # what a later --resume must find the same
     if resumed is not None:  # model values, engine, optimizer, scheduler and RNGs as they were
         done = checkpoint.restore(resumed, engine, optimizer, scheduler)
         start, consumed, losses, earlier_s = resumed["step"], done["micro_batches"], done["losses"], done["train_s"]
@@ -387,7 +419,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
                 args.fsdp or distributed.is_main_process()):
             checkpoints.save(checkpoint.capture(step + 1, engine, optimizer, scheduler, {
                 "micro_batches": (step + 1) * args.grad_accum, "losses": losses, "before": before,
-                "train_s": earlier_s + time.perf_counter() - started, "settings": _resume_settings(args)}))
+                "train_s": earlier_s + time.perf_counter() - started, "settings": settings}))
         seen = (step + 1 - start) * args.batch_size * args.grad_accum
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
                         ex_s=f"{seen / (time.perf_counter() - started):.1f}")
@@ -422,16 +454,98 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     return metrics
 
 
+def default_eval_size(examples: list, task: str) -> int:
+    """Examples held out when ``eval_size`` is not given: a tenth, at most 2,000, and for classification at
+    least one per label, so that a file of a few dozen rows trains and evaluates as a big one does."""
+    count = min(2000, round(len(examples) / 10))
+    if task == "classification":
+        count = max(count, len({example["label"] for example in examples}))
+    return min(max(count, 1), max(len(examples) - 1, 1))
+
+
+def _check_checkpoint_folder(args: TrainArgs, folder: Path) -> None:
+    """CheckpointError, before anything is loaded, when ``folder``'s checkpoints must not be used or lost:
+    a fresh run (no --resume, no --overwrite) would delete them; --resume would not see them (written
+    with or without --fsdp, the other way), or would need as many processes as wrote them."""
+    single = checkpoint.Checkpoints(folder).steps()
+    sharded_checkpoints = sharding.ShardedCheckpoints(folder)
+    sharded = sharded_checkpoints.steps()
+    if not args.resume:
+        if (single or sharded) and not args.overwrite:
+            newest = (checkpoint.Checkpoints(folder).path(single[0]) if single else
+                      sharded_checkpoints.path(sharded[0]))
+            raise CheckpointError(f"{folder} holds checkpoints of an earlier run (newest {newest.name}); continue "
+                                  "it with --resume, or pass --overwrite to delete them and train afresh")
+        return
+    restart = "or pass --overwrite (without --resume) to delete them and train afresh"
+    if not args.fsdp and sharded and not single:
+        writers = sharded_checkpoints.writers(sharded[0])
+        count = writers or "N"
+        raise CheckpointError(f"{sharded_checkpoints.path(sharded[0])} is a sharded checkpoint, written with --fsdp by "
+                              f"{writers or 'several'} processes; resume it as it was written (torchrun "
+                              f"--nproc_per_node {count} -m siftune.cli train ... --fsdp --resume), {restart}")
+    if args.fsdp and single and not sharded:
+        raise CheckpointError(f"{checkpoint.Checkpoints(folder).path(single[0])} was written by one process without "
+                              f"--fsdp; resume it without --fsdp, as it was written, {restart}")
+    if args.fsdp and sharded:
+        writers, processes = sharded_checkpoints.writers(sharded[0]), int(os.environ.get("WORLD_SIZE", "1"))
+        if writers is not None and writers != processes:
+            raise CheckpointError(f"{sharded_checkpoints.path(sharded[0])} was written by {writers} processes, this "
+                                  f"job has {processes}; resume with torchrun --nproc_per_node {writers}, {restart}")
+
+
 def _resume_settings(args: TrainArgs) -> dict:
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE}
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE}
+    for name in INPUTS:
+        settings[name] = _input_identity(settings[name])
+    return settings
+
+
+def _input_identity(name: str | None):
+    """What a run's input is, to recognise it on resume: a built-in or hub name as given; a local file or
+    folder by its resolved path and content (sizes, SHA-256 of each file's first MiB)."""
+    if name is None or not Path(name).expanduser().exists():
+        return name
+    path = Path(name).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest, size = hashlib.sha256(), 0
+    for file in files:
+        with open(file, "rb") as f:
+            head = f.read(_SAMPLE_BYTES)
+        length = file.stat().st_size
+        size += length
+        digest.update(f"{file.relative_to(path) if file != path else ''}\0{length}\0".encode("utf-8"))
+        digest.update(hashlib.sha256(head).digest())
+    return {"path": str(path), "bytes": size, "files": len(files), "sha256_first_mib": digest.hexdigest()}
+
+
+def _same_input(saved, now) -> bool:
+    """Whether an input recorded at a checkpoint is the run's now: same content (a moved file is the same
+    data), or for a checkpoint of an older siftune, which recorded the text given, the same resolved path."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return {k: v for k, v in saved.items() if k != "path"} == {k: v for k, v in now.items() if k != "path"}
+    if isinstance(saved, str) and isinstance(now, dict):
+        return Path(saved).expanduser().resolve() == Path(now["path"])
+    return saved == now
 
 
 def _check_resumable(resumed: dict, args: TrainArgs) -> None:
     saved, now = resumed["progress"].get("settings", {}), _resume_settings(args)
-    changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
+    changed = sorted(k for k in now.keys() | saved.keys() if k not in INPUTS and saved.get(k) != now.get(k))
+    changed += [k for k in INPUTS if not _same_input(saved.get(k), now.get(k))]
     if changed:
-        raise CheckpointError(f"{resumed['path']} was written with other settings ({', '.join(changed)}); resume "
-                              "with the same settings, or train afresh without --resume")
+        detail = [f"{k}: {_shown(saved.get(k))} then, {_shown(now.get(k))} now" for k in changed if k in INPUTS]
+        raise CheckpointError(f"{resumed['path']} was written with other settings ({', '.join(changed)}"
+                              + "".join(f"; {d}" for d in detail)
+                              + "); resume with the same settings and data, or pass --overwrite without --resume "
+                              "to train afresh")
+
+
+def _shown(identity) -> str:
+    """An input's identity in a message: its path, and whether its content is what was recorded."""
+    if isinstance(identity, dict):
+        return f"{identity['path']} ({identity['bytes']:,} bytes)"
+    return repr(identity)
 
 
 def _json_safe(value):
