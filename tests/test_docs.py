@@ -109,3 +109,9 @@ def _run_shell(command: str, where: str) -> None:
                 if flag in ALWAYS or flag not in args:
                     args += [flag] if value is None else [flag, value]
     assert main(args) == 0, f"{where}: siftune {' '.join(args)} failed"
+
+
+def test_the_readmes_relative_links_point_to_files_that_exist():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\((?!https?://|#)([^)#\s]+)", text)
+    assert targets and [t for t in targets if not (ROOT / t).exists()] == []
