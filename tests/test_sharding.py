@@ -148,7 +148,7 @@ def pooled_over_ranks() -> tuple[list[tuple[int, int]], int]:
 
     from siftune.core.budget import GlobalPool
 
-    store = SimpleNamespace(full_numel=WORLD * POOL_ROWS, group=None)
+    store = SimpleNamespace(full_numel=WORLD * POOL_ROWS, group=None, partial=True)  # a shard's storage
     slots = [SimpleNamespace(name=str(i), numel=POOL_ROWS, k=POOL_K, storage=store) for i in range(POOL_TENSORS)]
     pool = GlobalPool(slots, min_density=0.0)
     for slot in reversed(slots):
