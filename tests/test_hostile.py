@@ -183,6 +183,34 @@ def test_a_failing_merge_with_overwrite_keeps_the_folder_it_would_replace(run, t
     assert snapshot(tmp_path) == before
 
 
+def test_merge_with_overwrite_replaces_a_file(run, tmp_path):
+    out = tmp_path / "f"
+    out.write_text("x")
+    assert main(["merge", str(run), str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and leftovers(tmp_path) == []
+
+
+def test_a_merge_whose_swap_fails_puts_the_old_folder_back_and_leaves_nothing_behind(run, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import siftune.artifacts.io as io
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    real_replace = io.os.replace
+
+    def busy_on_the_new_folder(source, destination):
+        if Path(source).name.startswith(".d.") and Path(destination) == out:
+            raise OSError(16, "Device or resource busy")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(io.os, "replace", busy_on_the_new_folder)
+    before = snapshot(tmp_path)
+    assert main(["merge", str(run), str(out), "--overwrite"]) == 2
+    assert "Device or resource busy" in one_line_error(capsys, "merge")
+    assert snapshot(tmp_path) == before
+
+
 # -- increments are verified -----------------------------------------------------------------------------------
 
 def flip_a_float(weights: Path, key_suffix: str = "::values") -> str:

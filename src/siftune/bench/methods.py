@@ -230,10 +230,10 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
     density = resolve_density(model, run.task, run.setting)
     config = SiftConfig(
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
-        mode=SIFT_MODES.get(run.method, "fixed"), refresh_every=PERIODIC_REFRESH,
-        selection="random" if run.method == "random" else "gradient", max_grad_norm=run.max_grad_norm,
-        seed=run.seed, storage="delta" if run.method in QUANTIZED else "in_place",
-        structure=STRUCTURES.get(run.method), **run.sift,
+        mode=SIFT_MODES.get(run.method, "fixed"), max_grad_norm=run.max_grad_norm, seed=run.seed,
+        storage="delta" if run.method in QUANTIZED else "in_place", structure=STRUCTURES.get(run.method),
+        **{"refresh_every": PERIODIC_REFRESH, "selection": "random" if run.method == "random" else "gradient",
+           **run.sift},
     )
     engine = attach(model, config)
     optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)

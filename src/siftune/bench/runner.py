@@ -182,12 +182,17 @@ def parse_sift_options(values: list[str] | None) -> dict:
                 break
             except ValueError:
                 continue
-    fixed = sorted(set(options) & {"density", "target_modules", "dense_modules", "mode", "refresh_every", "selection",
-                                   "max_grad_norm", "seed", "storage"})
+    fixed = sorted(set(options) & {"density", "target_modules", "dense_modules", "mode", "max_grad_norm", "seed",
+                                   "storage"})
     if fixed:
         raise ConfigError(f"--sift {fixed[0]}=... : the method and its setting choose {fixed[0]}; --sift takes "
                           "the selection options (score, budget, min_density, selection_batches, ...)")
-    SiftConfig.from_dict({"density": 1.0, **options})  # unknown fields and bad values: one-line ConfigError
+    if options.get("selection") in ("gradient", "random"):
+        raise ConfigError(f"--sift selection={options['selection']}: the method chooses it (sift-* the gradient's, "
+                          "random the random one); --sift selection= takes mixed, balanced or grow_drop")
+    # unknown fields and bad values: one-line ConfigError (grow_drop runs with sift-periodic)
+    SiftConfig.from_dict({"density": 1.0, **options, **({"mode": "periodic"} if options.get("selection") == "grow_drop"
+                                                        else {})})
     return options
 
 
@@ -216,6 +221,9 @@ def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, s
     runs = []
     for token in methods:
         method, setting = parse_method(token)
+        if options.get("selection") == "grow_drop" and method in SIFT_MODES and method != "sift-periodic":
+            raise ConfigError(f"--sift selection=grow_drop drops and grows at each refresh: run it as "
+                              f"sift-periodic (with refresh_every=N), not {method}")
         base_rate = lr_each.get(method, lr_all or setup.lr.get(method, 0.0))
         # The same relative grid for every method: their good rates differ by 40x (full vs SIFT).
         for rate in [float(f"{base_rate * f:.6g}") for f in lr_grid] if lr_grid and method != "base" else [base_rate]:
