@@ -50,6 +50,7 @@ LAYERS = [
     "siftune.analysis.inputs",
     "siftune.analysis.gradients",
     "siftune.analysis.landscape",
+    "siftune.analysis.selection",
     "siftune.analysis",
     "siftune.cli",
     "siftune.trainer",  # the Trainer's public import path

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .select import index_dtype
+from .select import index_dtype, top_set
 
 SCORES = ("grad", "grad_squared", "grad_weight")
 BUDGETS = ("per_tensor", "global")
@@ -51,23 +51,6 @@ def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
     if kind == "grad_weight":
         return score.float() * store.current_weight().float()
     return score  # grad: the window's sum; grad_squared: the window's sum of squares
-
-
-def top_set(score: torch.Tensor, m: int, at_least: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat indices of the ``m`` largest entries of the 1-D ``score`` (ties: lower index first), unordered;
-    with ``at_least``, only those of them >= it."""
-    if m == 0:
-        return torch.zeros(0, dtype=torch.long, device=score.device)
-    if at_least is not None:  # usually few pass: rank only them
-        idx = (score >= at_least).nonzero().squeeze(1)
-        return idx if idx.numel() <= m else idx[top_set(score[idx], m)]
-    values, idx = torch.topk(score, m, sorted=False)
-    value = values.min()  # the m-th largest
-    if int((score == value).sum()) == int((values == value).sum()):
-        return idx  # no tie left out at the boundary: top-k's own choice is the one
-    above = (score > value).nonzero().squeeze(1)
-    ties = (score == value).nonzero().squeeze(1)[:m - above.numel()]  # ascending: lowest index first
-    return torch.cat([above, ties])
 
 
 class Selector:

@@ -32,10 +32,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .budget import top_set
 from ..errors import CheckpointError, ConfigError
 from ..parallel import distributed
-from .select import count_selected, index_dtype
+from .select import count_selected, index_dtype, top_set
 from .storage import Delta, InPlace, weight_shape
 
 STRUCTURES = ("rows", "columns")
