@@ -38,6 +38,10 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              "g^2 window": {"score": "grad_squared", "selection_batches": 3, "mode": "periodic", "refresh_every": 2},
              "delta, g^2, global": {"storage": "delta", "score": "grad_squared", "budget": "global",
                                     "min_density": 0.05, "selection_batches": 2},
+             # selections beyond the top-k: from the combined batch's score, the same on every rank
+             "mixed": {"selection": "mixed", "mode": "periodic", "refresh_every": 2},
+             "delta, balanced": {"storage": "delta", "selection": "balanced", "line_cap": 1.0},
+             "grow and drop": {"selection": "grow_drop", "mode": "periodic", "refresh_every": 2, "drop_share": 0.5},
              # whole rows (columns): each rank computes its slice's gradient only, the engine all-reduces it
              "rows": {"structure": "rows", "mode": "periodic", "refresh_every": 2},
              "columns, delta": {"structure": "columns", "storage": "delta", "mode": "periodic", "refresh_every": 2}}

@@ -147,3 +147,9 @@ def test_mixture_of_experts_routing_is_refused_naming_why(tmp_path, capsys):
 def test_other_architectures_are_traced(config):
     result = estimate(config, Setup("sift", density=0.1, seq_len=16))
     assert result["peak_bytes"] > 0 and 0.099 <= result["selected"] / result["targeted"] <= 0.101
+
+def test_structured_sift_adds_only_its_rows_gradient_products_to_the_frozen_floor():
+    flops = {method: estimate(small_llama(4), Setup(method, density=0.05, seq_len=64), whole=True)["roofline"]["flops"]
+             for method in ("frozen", "sift", "sift-rows")}
+    # Unstructured SIFT computes every dense weight gradient; rows at 5% compute 5% of them.
+    assert flops["sift-rows"] - flops["frozen"] < 0.1 * (flops["sift"] - flops["frozen"])

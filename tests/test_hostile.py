@@ -183,6 +183,34 @@ def test_a_failing_merge_with_overwrite_keeps_the_folder_it_would_replace(run, t
     assert snapshot(tmp_path) == before
 
 
+def test_merge_with_overwrite_replaces_a_file(run, tmp_path):
+    out = tmp_path / "f"
+    out.write_text("x")
+    assert main(["merge", str(run), str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and leftovers(tmp_path) == []
+
+
+def test_a_merge_whose_swap_fails_puts_the_old_folder_back_and_leaves_nothing_behind(run, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import siftune.artifacts.io as io
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    real_replace = io.os.replace
+
+    def busy_on_the_new_folder(source, destination):
+        if Path(source).name.startswith(".d.") and Path(destination) == out:
+            raise OSError(16, "Device or resource busy")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(io.os, "replace", busy_on_the_new_folder)
+    before = snapshot(tmp_path)
+    assert main(["merge", str(run), str(out), "--overwrite"]) == 2
+    assert "Device or resource busy" in one_line_error(capsys, "merge")
+    assert snapshot(tmp_path) == before
+
+
 # -- increments are verified -----------------------------------------------------------------------------------
 
 def flip_a_float(weights: Path, key_suffix: str = "::values") -> str:
@@ -227,17 +255,42 @@ def test_an_edited_checksum_is_an_error_naming_the_tensor(run):
 
 
 def test_an_increment_saved_before_checksums_loads_with_one_warning(run, capsys):
-    tensors = load_file(str(run / "increment.safetensors"))
-    header = json.loads((run / "increment_config.json").read_text())
-    del header["sha256"]
-    save_file(tensors, str(run / "increment.safetensors"), metadata={"format": "siftune", "header": json.dumps(header)})
-    (run / "increment_config.json").write_text(json.dumps(header))
+    strip_checksums(run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         SparseIncrement.load(run)
         SparseIncrement.load(run)
     assert len(caught) == 1 and "saved without checksums" in str(caught[0].message)
     assert main(["info", str(run)]) == 0  # still usable from the command line
+
+
+def strip_checksums(run: Path) -> None:
+    """Make ``run``'s increment look as an older siftune saved it: no SHA-256 in either header."""
+    tensors = load_file(str(run / "increment.safetensors"))
+    header = json.loads((run / "increment_config.json").read_text())
+    del header["sha256"]
+    save_file(tensors, str(run / "increment.safetensors"), metadata={"format": "siftune", "header": json.dumps(header)})
+    (run / "increment_config.json").write_text(json.dumps(header))
+
+
+def test_the_command_says_a_warning_in_one_line_of_its_own(run):
+    import subprocess
+    import sys
+
+    strip_checksums(run)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "siftune.cli", "info", str(run)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "checksums" in line]
+    assert said == [f"siftune info: warning: {run / 'increment.safetensors'} was saved without checksums (by an "
+                    "older siftune), so damage to it cannot be detected; save the increment again to add them"]
+
+
+def test_the_command_leaves_warnings_formatted_as_it_found_them(run):
+    before = warnings.formatwarning
+    assert main(["info", str(run)]) == 0
+    assert warnings.formatwarning is before
 
 
 def test_saved_checksums_are_of_the_stored_tensors(run):

@@ -353,3 +353,25 @@ def test_sft_trainer_with_checkpointing_and_accumulation_trains_the_plain_traine
         assert whole_lines(delta.indices, delta.shape, "rows"), name
         assert torch.equal(delta.indices, b.tensors[name].indices), name
         torch.testing.assert_close(delta.values, b.tensors[name].values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["in_place", "delta"])
+def test_bf16_autocast_trains_like_the_reference_under_autocast(storage):
+    base = mlp()
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    engine = siftune.attach(fast, config(structure="rows", storage=storage))
+    optimizer = engine.optimizer(lr=1e-2)
+    reference = ReferenceSift(slow, config(structure="rows"), lr=1e-2)
+    for batch in mlp_batches(6):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_loss, slow_loss = mlp_loss(fast, batch), mlp_loss(slow, batch)
+        fast_loss.backward()
+        slow_loss.backward()
+        reference.after_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.step()
+    x = mlp_batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        assert not torch.equal(fast(x), base(x))
+        torch.testing.assert_close(fast(x), slow(x), atol=2e-2, rtol=0)

@@ -237,6 +237,8 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
 
     if ns.analysis == "gradients":
         args_class, run, summary = analysis.GradientArgs, analysis.analyze_gradients, report.gradients_summary
+    elif ns.analysis == "selection":
+        args_class, run, summary = analysis.SelectionArgs, analysis.analyze_selection, analysis.selection.summary
     else:
         args_class, run, summary = analysis.LandscapeArgs, analysis.analyze_landscape, report.landscape_summary
     names = {field.name for field in dataclasses.fields(args_class)}
@@ -272,12 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "complete; never the increment's or base model's folder, nor the current one")
     merge.set_defaults(func=cmd_merge)
 
-    from .analysis import GradientArgs, LandscapeArgs
+    from .analysis import GradientArgs, LandscapeArgs, SelectionArgs
 
-    analyze = sub.add_parser("analyze", help="evidence for SIFT: gradient sparsity, loss landscapes")
+    analyze = sub.add_parser("analyze", help="evidence for SIFT: gradient sparsity, selections, loss landscapes")
     kinds = analyze.add_subparsers(dest="analysis", required=True)
     gradients = kinds.add_parser("gradients", help="how much of the gradient norm the top components hold")
     _add_analysis_flags(gradients, GradientArgs)
+    selection = kinds.add_parser("selection", help="where each selection's components sit in the weights, and "
+                                                   "the rank of what they train to")
+    _add_analysis_flags(selection, SelectionArgs)
     landscape = kinds.add_parser("landscape", help="loss along random filter-normalised directions")
     _add_analysis_flags(landscape, LandscapeArgs)
     analyze.set_defaults(func=cmd_analyze)
@@ -327,11 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     _quiet_transformers()
+    # Warnings one line each, in the command's voice, as its errors are: not the Python source line.
+    # (catch_warnings does not restore formatwarning: put back by hand.)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
     try:
-        with warnings.catch_warnings():
-            # One line each, in the command's voice, as its errors are: not the Python source line.
-            warnings.formatwarning = lambda message, *_, **__: f"siftune {ns.command}: warning: {message}\n"
-            return ns.func(ns)
+        return ns.func(ns)
     except SiftError as exc:
         if _says_first(exc):
             print(f"siftune {ns.command}: error: {exc}", file=sys.stderr)
@@ -341,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"siftune {ns.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

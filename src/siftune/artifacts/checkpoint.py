@@ -98,7 +98,7 @@ class Checkpoints:
             return state
         if steps:
             raise CheckpointError(f"no valid checkpoint in {self.folder} (all {len(steps)} damaged); "
-                                  "delete the folder to start over")
+                                  "train afresh with --overwrite (without --resume)")
         return None
 
     def clear(self) -> None:

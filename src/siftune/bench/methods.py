@@ -10,7 +10,12 @@ only here.
 Method names: ``head`` (only the new classification head), ``full`` (AdamW on
 every weight), ``lora`` and ``shira`` (peft, setting = rank), ``random``
 (SIFT's engine with uniformly random components, the paper's ablation) and
-``sift-fixed`` / ``sift-periodic`` / ``sift-per_step`` (setting = density).
+``sift-fixed`` / ``sift-periodic`` / ``sift-per_step`` (setting = density);
+``sift-rows`` / ``sift-columns``: SIFT fixed mode selecting whole rows or
+columns (``SiftConfig.structure``), whose backward computes only their
+gradient. ``dense-backward`` trains nothing: it computes the targeted
+weights' dense gradients and drops them, the step of any method that must
+form them (unstructured SIFT's limit), for step-time comparisons.
 On a base whose Linear layers are loaded in nf4 (:data:`QUANTIZED`):
 ``qlora`` (peft LoRA, setting = rank) and ``sift-nf4`` (SIFT fixed mode with
 ``storage="delta"``, setting = density). ``sift-bf16``: SIFT fixed mode on a
@@ -38,12 +43,13 @@ TARGETS = {
 HEADS = {"classification": ["classifier"], "causal_lm": []}  # trained densely where one exists
 
 SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step", "sift-nf4": "fixed",
-              "sift-bf16": "fixed"}
+              "sift-bf16": "fixed", "sift-rows": "fixed", "sift-columns": "fixed"}
+STRUCTURES = {"sift-rows": "rows", "sift-columns": "columns"}  # method -> SiftConfig.structure
 RANKED = ("lora", "shira", "qlora")
 DENSITY_METHODS = ("random", *SIFT_MODES)
 QUANTIZED = {"qlora": "nf4", "sift-nf4": "nf4"}  # method -> how its base model's Linear layers are loaded
 DTYPES = {"sift-bf16": torch.bfloat16}  # method -> the dtype its base model is loaded in (else fp32)
-METHODS = ("base", "head", "full", *RANKED, *DENSITY_METHODS)
+METHODS = ("base", "head", "full", "dense-backward", *RANKED, *DENSITY_METHODS)
 MATCHED_RANK = 8  # "matched" density = LoRA at this rank's count / targeted components
 LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 r: the usual scale alpha / r = 2
 PERIODIC_REFRESH = 100  # optimizer steps between two selections in sift-periodic
@@ -158,6 +164,27 @@ def prepare_full(model, run: MethodRun) -> Prepared:
                     sum(p.numel() for p in head), lambda: _param_bytes(params))
 
 
+class DropGradients(torch.optim.Optimizer):
+    """An optimizer that takes no step: ``zero_grad`` drops what backward computed."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None):
+        return None
+
+
+def prepare_dense_backward(model, run: MethodRun) -> Prepared:
+    """The targeted weights' (and head's) dense gradients computed and dropped; nothing is trained."""
+    targeted, _ = find_targets(model, TARGETS[run.task])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(targeted.values()) + _head_params(model, run.task)
+    for p in params:
+        p.requires_grad_(True)
+    return Prepared(model, DropGradients(params), 0, 0, lambda: 0)
+
+
 def _prepare_peft(model, run: MethodRun, config) -> Prepared:
     from peft import get_peft_model, get_peft_model_state_dict
 
@@ -203,9 +230,10 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
     density = resolve_density(model, run.task, run.setting)
     config = SiftConfig(
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
-        mode=SIFT_MODES.get(run.method, "fixed"), refresh_every=PERIODIC_REFRESH,
-        selection="random" if run.method == "random" else "gradient", max_grad_norm=run.max_grad_norm,
-        seed=run.seed, storage="delta" if run.method in QUANTIZED else "in_place", **run.sift,
+        mode=SIFT_MODES.get(run.method, "fixed"), max_grad_norm=run.max_grad_norm, seed=run.seed,
+        storage="delta" if run.method in QUANTIZED else "in_place", structure=STRUCTURES.get(run.method),
+        **{"refresh_every": PERIODIC_REFRESH, "selection": "random" if run.method == "random" else "gradient",
+           **run.sift},
     )
     engine = attach(model, config)
     optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)
@@ -219,7 +247,8 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
                     saved_bytes, density=selected / targeted)
 
 
-PREPARE = {"base": prepare_base, "head": prepare_head, "full": prepare_full, "lora": prepare_lora,
+PREPARE = {"base": prepare_base, "head": prepare_head, "full": prepare_full, "dense-backward": prepare_dense_backward,
+           "lora": prepare_lora,
            "qlora": prepare_lora, "shira": prepare_shira, **{name: prepare_sift for name in DENSITY_METHODS}}
 
 

@@ -24,7 +24,8 @@ GRID_FIGURE = "rate_grid.png"  # written into the results folder when runs hold 
 PLOTTED = {"sift-fixed": ("SIFT (fixed)", "C0", "o"), "random": ("random-sparse", "C3", "s"),
            "lora": ("LoRA", "C2", "^")}
 # Order of rows: references first, then the peers, then SIFT and its ablation.
-ORDER = ["base", "head", "full", "lora", "shira", "random", "sift-fixed", "sift-periodic", "sift-per_step"]
+ORDER = ["base", "head", "full", "dense-backward", "lora", "shira", "random", "sift-fixed", "sift-periodic", "sift-per_step",
+         "sift-rows", "sift-columns"]
 
 
 def load(path: Path) -> list[dict]:

@@ -59,15 +59,17 @@ TASKS = {
     "classification": TaskSetup(
         "minilm", "rotten_tomatoes", steps=300, batch_size=16, max_length=64, eval_size=2000, eval_batch_size=64,
         lr={"head": 2e-3, "full": 5e-5, "lora": 5e-4, "shira": 5e-4, "random": 2e-3, "sift-fixed": 2e-3,
-            "sift-periodic": 2e-3, "sift-per_step": 2e-3},
+            "sift-periodic": 2e-3, "sift-per_step": 2e-3, "sift-rows": 2e-3, "sift-columns": 2e-3},
         # SIFT's head rate is examples/demo.yaml's dense_lr; peft trains its head copy at the adapter's rate.
-        dense_lr={"head": 2e-3, "random": 2e-3, "sift-fixed": 2e-3, "sift-periodic": 2e-3, "sift-per_step": 2e-3},
+        dense_lr={"head": 2e-3, "random": 2e-3, "sift-fixed": 2e-3, "sift-periodic": 2e-3, "sift-per_step": 2e-3,
+                  "sift-rows": 2e-3, "sift-columns": 2e-3},
         val_size=1000,
     ),
     "causal_lm": TaskSetup(
         "smollm2", "chatterbot", steps=40, batch_size=8, max_length=128, eval_size=200, eval_batch_size=8,
         lr={"full": 2e-5, "lora": 2e-4, "shira": 2e-4, "random": 2e-4, "sift-fixed": 2e-4, "sift-periodic": 2e-4,
-            "sift-per_step": 2e-4, "qlora": 2e-4, "sift-nf4": 2e-4, "sift-bf16": 2e-4},
+            "sift-per_step": 2e-4, "qlora": 2e-4, "sift-nf4": 2e-4, "sift-bf16": 2e-4, "sift-rows": 2e-4,
+            "sift-columns": 2e-4},
         dense_lr={}, val_size=200,
     ),
 }
@@ -180,12 +182,17 @@ def parse_sift_options(values: list[str] | None) -> dict:
                 break
             except ValueError:
                 continue
-    fixed = sorted(set(options) & {"density", "target_modules", "dense_modules", "mode", "refresh_every", "selection",
-                                   "max_grad_norm", "seed", "storage"})
+    fixed = sorted(set(options) & {"density", "target_modules", "dense_modules", "mode", "max_grad_norm", "seed",
+                                   "storage"})
     if fixed:
         raise ConfigError(f"--sift {fixed[0]}=... : the method and its setting choose {fixed[0]}; --sift takes "
                           "the selection options (score, budget, min_density, selection_batches, ...)")
-    SiftConfig.from_dict({"density": 1.0, **options})  # unknown fields and bad values: one-line ConfigError
+    if options.get("selection") in ("gradient", "random"):
+        raise ConfigError(f"--sift selection={options['selection']}: the method chooses it (sift-* the gradient's, "
+                          "random the random one); --sift selection= takes mixed, balanced or grow_drop")
+    # unknown fields and bad values: one-line ConfigError (grow_drop runs with sift-periodic)
+    SiftConfig.from_dict({"density": 1.0, **options, **({"mode": "periodic"} if options.get("selection") == "grow_drop"
+                                                        else {})})
     return options
 
 
@@ -214,6 +221,9 @@ def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, s
     runs = []
     for token in methods:
         method, setting = parse_method(token)
+        if options.get("selection") == "grow_drop" and method in SIFT_MODES and method != "sift-periodic":
+            raise ConfigError(f"--sift selection=grow_drop drops and grows at each refresh: run it as "
+                              f"sift-periodic (with refresh_every=N), not {method}")
         base_rate = lr_each.get(method, lr_all or setup.lr.get(method, 0.0))
         # The same relative grid for every method: their good rates differ by 40x (full vs SIFT).
         for rate in [float(f"{base_rate * f:.6g}") for f in lr_grid] if lr_grid and method != "base" else [base_rate]:

@@ -28,8 +28,8 @@ from . import budget, storage, structured
 from ..parallel import distributed, sharding
 from ..config import SiftConfig
 from ..errors import CheckpointError, ConfigError
-from .select import (count_selected, find_targets, index_dtype, pack_indices, random_indices, tensor_generator,
-                     top_k_indices, unpack_indices)
+from .select import (balanced_indices, count_selected, find_targets, grow_drop_indices, index_dtype, mixed_indices,
+                     pack_indices, random_indices, tensor_generator, top_k_indices, unpack_indices)
 
 # Where the increment ledger (untrained values and indices of every component ever
 # selected) is kept: host memory, read only when an increment or checkpoint is saved.
@@ -107,6 +107,9 @@ class SiftEngine:
         for name, p in targeted.items():
             if config.storage == "in_place" and not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
+        if config.selection in ("mixed", "balanced", "grow_drop") and any(map(sharding.is_sharded, targeted.values())):
+            raise ConfigError(f"selection={config.selection!r} chooses among a whole tensor's components, which "
+                              "FSDP2 shards split over the ranks; use selection='gradient' or 'random' on shards")
         self.dense = dense
         stores = {n: self._make_storage(model, n, p) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
@@ -242,7 +245,7 @@ class SiftEngine:
         elif self.config.selection == "random":
             idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
         else:
-            idx = top_k_indices(self.selector.ranked(slot, score), slot.k)
+            idx = self._chosen(slot, self.selector.ranked(slot, score))
         if _distributed() and not sharded:
             distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
         slot.version += 1
@@ -252,6 +255,20 @@ class SiftEngine:
         # Untrained values, taken before this step's update changes them (to host memory).
         slot.pending_base = slot.storage.read(idx).to(LEDGER_DEVICE, copy=True)
         return idx
+
+    def _chosen(self, slot: _Slot, ranking: torch.Tensor) -> torch.Tensor:
+        """``slot``'s k components by ``ranking``, as ``config.selection`` chooses them (sorted flat indices)."""
+        config = self.config
+        if config.selection == "mixed":
+            return mixed_indices(ranking, slot.k, config.score_share, slot.generator)
+        if config.selection == "balanced":
+            return balanced_indices(ranking, slot.k, slot.shape, config.line_cap)
+        if config.selection == "grow_drop" and slot.idx is not None:  # a refresh: the first selection is the top-k
+            held = slot.flat()
+            where = torch.searchsorted(slot.ever_idx, held.to(LEDGER_DEVICE).to(slot.ever_idx.dtype))
+            change = slot.storage.read(held).float().cpu() - slot.base[where].float()  # since training began
+            return grow_drop_indices(held, change, ranking, round(config.drop_share * slot.k))
+        return top_k_indices(ranking, slot.k)
 
     @staticmethod
     def _record(slot: _Slot) -> None:

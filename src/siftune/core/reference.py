@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import SiftConfig
-from .select import count_selected, find_targets, random_indices, tensor_generator, top_k_indices
+from .select import count_selected, find_targets, line_caps, random_indices, tensor_generator, top_k_indices
 from .structured import random_lines, selected_count
 
 
@@ -50,6 +50,7 @@ class ReferenceSift:
         self.v = {n: torch.zeros_like(p, dtype=state_dtype if n in targeted else torch.float32) for n, p in params.items()}
         self.t = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in params.items()}
         self.master = {n: p.detach().float().clone() for n, p in params.items()}
+        self.untrained = {n: p.detach().float().clone() for n, p in targeted.items()}  # selection="grow_drop"
         self.previous_mask = {n: None for n in targeted}
         self.steps = 0
 
@@ -63,13 +64,60 @@ class ReferenceSift:
         """New mask from the score, per tensor."""
         p = self.targeted[name]
         mask = torch.zeros(p.numel(), dtype=torch.bool)
+        k, ranking = self.k[name], self._ranking(name).reshape(-1).abs()
         if self.config.structure:
             mask = self._lines_mask(name)
         elif self.config.selection == "random":
-            mask[random_indices(p.numel(), self.k[name], self.generators[name], "cpu")] = True
+            mask[random_indices(p.numel(), k, self.generators[name], "cpu")] = True
+        elif self.config.selection == "mixed":
+            top = round(self.config.score_share * k)
+            if top:
+                mask[top_k_indices(ranking, top)] = True
+            drawn = [i for i in torch.randperm(p.numel(), generator=self.generators[name]).tolist() if not mask[i]]
+            mask[drawn[:k - top]] = True
+        elif self.config.selection == "balanced":
+            for i in self._balanced(ranking.view(p.shape[0], -1), k):
+                mask[i] = True
+        elif self.config.selection == "grow_drop" and self.previous_mask[name] is not None:
+            held = self.previous_mask[name].reshape(-1).cpu()
+            change = (p.detach().float() - self.untrained[name]).abs().reshape(-1)
+            drop = round(self.config.drop_share * k)
+            dropped = sorted(held.nonzero().squeeze(1).tolist(), key=lambda i: (change[i], i))[:drop]
+            grown = sorted((~held).nonzero().squeeze(1).tolist(), key=lambda i: (-ranking[i], i))[:drop]
+            mask[held] = True
+            mask[dropped] = False
+            mask[grown] = True
         else:
-            mask[top_k_indices(self._ranking(name), self.k[name])] = True
+            mask[top_k_indices(ranking, k)] = True
         self._use(name, mask)
+
+    def _balanced(self, score, k):
+        """selection="balanced", one component at a time: rounds of row proposals and column choices
+        within the caps, then the best of the rest if the caps leave fewer than k. Flat indices."""
+        rows, columns = score.shape
+        row_cap, column_cap = line_caps((rows, columns), k, self.config.line_cap)
+        in_row, in_column, chosen = [0] * rows, [0] * columns, set()
+        best_first = lambda places: sorted(places, key=lambda rc: (-float(score[rc]), rc[0] * columns + rc[1]))
+        while len(chosen) < k:
+            open_ = [(r, c) for r in range(rows) for c in range(columns)
+                     if (r, c) not in chosen and in_row[r] < row_cap and in_column[c] < column_cap]
+            if not open_:
+                break
+            proposed = []
+            for r in range(rows):
+                mine = sorted((rc for rc in open_ if rc[0] == r), key=lambda rc: (-float(score[rc]), rc[1]))
+                proposed += mine[:row_cap - in_row[r]]
+            kept = []
+            for c in range(columns):
+                mine = sorted((rc for rc in proposed if rc[1] == c), key=lambda rc: (-float(score[rc]), rc[0]))
+                kept += mine[:column_cap - in_column[c]]
+            for r, c in best_first(kept)[:k - len(chosen)]:
+                chosen.add((r, c))
+                in_row[r] += 1
+                in_column[c] += 1
+        rest = best_first((r, c) for r in range(rows) for c in range(columns) if (r, c) not in chosen)
+        chosen.update(rest[:k - len(chosen)])
+        return [r * columns + c for r, c in chosen]
 
     def _lines_mask(self, name):
         """Flat mask of whole rows (columns): those whose |ranking| sum is largest, or random ones."""

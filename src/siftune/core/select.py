@@ -1,6 +1,7 @@
 """Which tensors SIFT targets, and which of their components it selects."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -182,3 +183,86 @@ def unpack_indices(packed: torch.Tensor, numel: int) -> torch.Tensor:
     block_of = torch.repeat_interleave(torch.arange(blocks, device=packed.device, dtype=dtype), counts,
                                        output_size=offsets.numel())  # output_size: no device sync
     return block_of * _BLOCK + (offsets.to(dtype) + _BLOCK // 2)
+
+
+# Selections beyond the top-k (SiftConfig.selection); ``ranking`` is the window's score as
+# siftune.budget ranks it, largest magnitude first. Each returns sorted flat indices.
+
+def mixed_indices(ranking: torch.Tensor, k: int, share: float, generator: torch.Generator) -> torch.Tensor:
+    """The top round(share * k) of ``ranking``, and the rest of k drawn uniformly from the others."""
+    numel = ranking.numel()
+    top = top_k_indices(ranking, round(share * k)) if round(share * k) else ranking.new_zeros(0, dtype=torch.long)
+    taken = torch.zeros(numel, dtype=torch.bool)
+    taken[top.long().cpu()] = True
+    drawn = torch.randperm(numel, generator=generator)
+    drawn = drawn[~taken[drawn]][:k - top.numel()]
+    idx = torch.cat([top.long().cpu(), drawn]).to(index_dtype(numel))
+    return torch.sort(idx).values.to(ranking.device)
+
+
+def line_caps(shape: tuple, k: int, cap: float) -> tuple[int, int]:
+    """The most components a row and a column may hold: ``cap`` times k / rows and k / columns, rounded up
+    (the weight seen as rows x the product of its other dimensions)."""
+    rows = shape[0]
+    columns = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+    return math.ceil(cap * k / rows - 1e-9), math.ceil(cap * k / columns - 1e-9)
+
+
+def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) -> torch.Tensor:
+    """The top-k of ``ranking`` with no row and no column over its cap (:func:`line_caps`).
+
+    In rounds, among the components not chosen yet whose row and column both
+    have room left: each row proposes its best (as many as it has room for),
+    each column keeps its best proposals (as many as it has room for), and the
+    best of those kept are chosen, up to k. When no row and column pair has
+    room left before k, the rest are the best of the others, caps aside. Ties:
+    the lower column, row, flat index first. Holds two dense index tensors of
+    the weight's size during the selection.
+    """
+    from .budget import top_set
+
+    device = ranking.device
+    score = ranking.detach().reshape(shape[0], -1).abs().float()
+    rows, columns = score.shape
+    row_room = torch.full((rows,), line_caps(shape, k, cap)[0], device=device)
+    column_room = torch.full((columns,), line_caps(shape, k, cap)[1], device=device)
+    chosen = torch.zeros(rows * columns, dtype=torch.bool, device=device)
+    while int(chosen.sum()) < k:
+        open_ = ~chosen.view(rows, columns) & (row_room > 0)[:, None] & (column_room > 0)[None, :]
+        if not bool(open_.any()):
+            break
+        proposed = open_ & (_rank_along(torch.where(open_, score, -1.0), 1) < row_room[:, None])
+        kept = proposed & (_rank_along(torch.where(proposed, score, -1.0), 0) < column_room[None, :])
+        flat = torch.where(kept, score, -1.0).reshape(-1)
+        take = top_set(flat, min(k - int(chosen.sum()), int(kept.sum())))
+        chosen[take] = True
+        row_room -= torch.bincount(take // columns, minlength=rows)
+        column_room -= torch.bincount(take % columns, minlength=columns)
+    missing = k - int(chosen.sum())
+    if missing:
+        chosen[top_set(torch.where(chosen, -1.0, score.reshape(-1)), missing)] = True
+    return chosen.nonzero().squeeze(1).to(index_dtype(rows * columns))
+
+
+def _rank_along(score: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each entry's place in its row (dim=1) or column (dim=0), best first, ties in index order."""
+    order = torch.argsort(score, dim=dim, descending=True, stable=True)
+    places = torch.arange(score.shape[dim], device=score.device)
+    places = places[None, :].expand_as(order) if dim == 1 else places[:, None].expand_as(order)
+    return torch.empty_like(order).scatter_(dim, order, places)
+
+
+def grow_drop_indices(held: torch.Tensor, change: torch.Tensor, ranking: torch.Tensor, drop: int) -> torch.Tensor:
+    """``held`` (sorted flat indices) without the ``drop`` whose |change| is smallest (ties: the lower
+    index dropped), with the ``drop`` best of ``ranking`` outside ``held`` grown in their place."""
+    from .budget import top_set
+
+    held = held.long()
+    dropped = top_set(-change.detach().abs().float().to(held.device), drop)
+    kept = torch.ones(held.numel(), dtype=torch.bool, device=held.device)
+    kept[dropped] = False
+    score = ranking.detach().reshape(-1).abs().float()
+    score[held.to(score.device)] = -1.0  # abs() made a copy: the ranking is left alone
+    grown = top_set(score, drop).to(held.device)
+    idx = torch.cat([held[kept], grown]).to(index_dtype(ranking.numel()))
+    return torch.sort(idx).values.to(ranking.device)

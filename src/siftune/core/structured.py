@@ -190,8 +190,13 @@ class _SliceLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, anchor, storage: SliceInPlace, callbacks):
         ctx.storage, ctx.callbacks = storage, callbacks
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # cast as autocast would, so that backward sees one dtype
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
         ctx.save_for_backward(x, weight)
-        return nn.functional.linear(x, weight, bias)
+        with torch.autocast(device, enabled=False):
+            return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -260,16 +265,16 @@ class _SliceDeltaMatmul(torch.autograd.Function):
         lines, block = storage.lines, storage.block(x.dtype)
         ctx.save_for_backward(x, values)
         ctx.lines = lines
-        if storage.structure == "rows":
-            return output.index_add(-1, lines, x @ block.t())
-        return output + x.index_select(-1, lines) @ block.t()
+        if storage.structure == "rows":  # in the output's dtype: a base under autocast computes in another
+            return output.index_add(-1, lines, (x @ block.t()).to(output.dtype))
+        return output + (x.index_select(-1, lines) @ block.t()).to(output.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         storage = ctx.storage
         wants_dense, on_gradient = ctx.callbacks
         x = ctx.saved_tensors[0]
-        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype), x.reshape(-1, x.shape[-1])
         grad_x = None
         if ctx.has_values and ctx.needs_input_grad[1]:
             block = storage.block(grad_out.dtype)

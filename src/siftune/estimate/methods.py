@@ -17,13 +17,14 @@ METHODS = {
     "sift": "SIFT with siftune's defaults: fp32 master values and moments, int32 indices",
     "sift-lean": "SIFT with every saver: bf16 moments, no masters, 16-bit packed indices, "
                  "the update inside the backward hook (one GPU)",
+    "sift-rows": "SIFT selecting whole output rows (structure='rows'): backward computes only their gradient",
     "lora": "peft LoRA of rank --rank on every Linear, fp32 adapters, AdamW",
     "qlora": "LoRA on a quantized base (--quantize, nf4 unless told)",
     "full": "every weight trained by AdamW (moments in the weights' dtype)",
     "frozen": "backward through every layer, no weight gradient: the floor under every method",
     "shira": "peft SHiRA of rank --rank: a random sparse mask of r x (in + out) entries per layer",
 }
-SIFT_METHODS = ("sift", "sift-lean")
+SIFT_METHODS = ("sift", "sift-lean", "sift-rows")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZE = ("nf4", "int8")
 # The lean set-up; under FSDP the update cannot run in backward (the clipping norm spans the ranks).
@@ -140,6 +141,8 @@ def sift_config(setup: Setup, density: float, distributed: bool = False):
             options["update_in_backward"] = False
         if setup.quantize:
             options["delta_dtype"] = "bfloat16"
+    if setup.method == "sift-rows":
+        options["structure"] = "rows"
     if setup.quantize:
         options["storage"] = "delta"
     options.update(setup.sift_options)

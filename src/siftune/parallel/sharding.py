@@ -428,7 +428,7 @@ class ShardedCheckpoints:
             warnings.warn(f"skipping checkpoint: {problem or f'another rank cannot read {path}'}", stacklevel=2)
         if steps:
             raise CheckpointError(f"no valid checkpoint in {self.folder} (all {len(steps)} damaged); "
-                                  "delete the folder to start over")
+                                  "train afresh with --overwrite (without --resume)")
         return None
 
     def clear(self) -> None:

@@ -143,7 +143,8 @@ class TrainArgs:
     The SIFT fields ``density``, ``mode``, ``selection_batches``,
     ``refresh_every``, ``state_dtype``, ``selection``, ``master_weights``,
     ``update_in_backward``, ``compact_indices``, ``storage``,
-    ``delta_dtype``, ``score``, ``budget``, ``min_density`` and ``structure`` are
+    ``delta_dtype``, ``score``, ``budget``, ``min_density``, ``score_share``,
+    ``line_cap``, ``drop_share`` and ``structure`` are
     :class:`SiftConfig`'s, documented there.
     """
 
@@ -166,6 +167,9 @@ class TrainArgs:
     score: str = "grad_weight"
     budget: str = "per_tensor"
     min_density: float = 0.0
+    score_share: float = 0.5
+    line_cap: float = 2.0
+    drop_share: float = 0.25
     structure: str | None = None
     quantize: str | None = None
     target_modules: list[str] | str | None = None
@@ -278,6 +282,7 @@ class TrainArgs:
             master_weights=self.master_weights, update_in_backward=self.update_in_backward,
             compact_indices=self.compact_indices, storage="delta" if self.quantize else self.storage,
             delta_dtype=self.delta_dtype, score=self.score, budget=self.budget, min_density=self.min_density,
+            score_share=self.score_share, line_cap=self.line_cap, drop_share=self.drop_share,
             structure=self.structure,
             target_modules=self.target_modules, dense_modules=dense_modules or self.dense_modules or (),
             max_grad_norm=self.max_grad_norm or None, seed=self.seed,

@@ -1,0 +1,138 @@
+"""The density sweep's figures and summary, from the records in bench/results/sweep/ (bench/sweep.sh).
+
+    python bench/sweep_figures.py [--results-dir bench/results/sweep]
+
+Per task, every experiment (method, setting, selection options) is taken at
+the rate with the best validation score (``siftune.bench.report``'s rule:
+the mean over the seeds every rate ran); its test score is the mean over
+the seeds run at that rate. Writes into the folder:
+
+* ``<task>_quality_vs_trainable.png``: test quality against trained
+  components outside the head (log x), one line per method, seed spread
+  as error bars (sample sd) where a rate ran on several seeds;
+* ``<task>_quality_vs_memory.png``: the same points against peak RSS;
+* ``summary.md``: the table behind the figures, with each method's test
+  score at a quarter and at four times its chosen rate where those ran.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from siftune.bench.report import chosen_on_validation, load, summarise  # noqa: E402
+
+TITLES = {"classification": "(a) MiniLM-L6 on Rotten Tomatoes, 300 steps: test accuracy (%)",
+          "causal_lm": "(b) SmolLM2-135M on chatterbot, 40 steps: test response loss"}
+
+
+def family(row: dict) -> str:
+    """The line a record belongs to: its method, and for SIFT its selection and score."""
+    sift = row.get("sift") or {}
+    if row["method"] == "full":
+        return "full fine-tuning"
+    if row["method"] == "lora":
+        return "LoRA (r = 1 ... 32)"
+    if row["method"] == "random":
+        return "random components"
+    if row["method"] == "shira":
+        return "SHiRA"
+    selection = sift.get("selection", "gradient")
+    others = {k: v for k, v in sift.items() if k not in ("selection", "score", "refresh_every")}
+    name = {"gradient": "SIFT", "balanced": "SIFT balanced", "mixed": "SIFT mixed",
+            "grow_drop": "SIFT grow and drop"}.get(selection, selection)
+    score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2"}.get(sift.get("score"), "")
+    extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
+    return f"{name}, {score}{extra}"
+
+
+def chosen_points(records: list[dict]) -> list[dict]:
+    """One point per experiment at its validation-chosen rate, with the sensitivity at 1/4x and 4x."""
+    points = []
+    for candidates, best, seeds in chosen_on_validation(summarise(records)):
+        def at(factor):
+            for r in candidates:
+                if abs(r["lr"] - best["lr"] * factor) <= 1e-6 * best["lr"] * factor:
+                    return r
+            return None
+
+        points.append({**best, "family": family(best), "val_seeds": seeds, "quarter": at(0.25), "four": at(4.0),
+                       "tried": sorted(r["lr"] for r in candidates)})
+    return points
+
+
+def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100 if task == "classification" else 1
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    for index, name in enumerate(sorted({p["family"] for p in points})):
+        mine = sorted((p for p in points if p["family"] == name), key=lambda p: p[x_key])
+        xs = [p[x_key] for p in mine]
+        ys = [p["mean"] * scale for p in mine]
+        errors = [(p["sd"] or 0) * scale for p in mine]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=4, capsize=3, color=f"C{index % 10}",
+                    label=name, linewidth=1.2)
+    if x_key == "adapted":
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)" if task == "classification" else "test response loss (lower is better)")
+    ax.set_title(TITLES.get(task, task) + "\nrate chosen on validation; bars: sd over seeds where several ran",
+                 fontsize=9)
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(points: list[dict], task: str) -> list[str]:
+    scale, digits = (100, 2) if task == "classification" else (1, 3)
+
+    def score(row):
+        if row is None:
+            return "–"
+        spread = f" ± {row['sd'] * scale:.{digits}f}" if row["sd"] is not None else ""
+        return f"{row['mean'] * scale:.{digits}f}{spread} ({','.join(map(str, row['seeds']))})"
+
+    lines = [f"## {TITLES.get(task, task)}", "",
+             "| method | setting | trained (outside head) | rates tried | chosen lr | validation (seeds) | test at chosen "
+             "(seeds) | test at lr/4 | test at 4 lr | peak MiB |", "|---|---|---:|---|---:|---|---|---|---|---:|"]
+    for p in sorted(points, key=lambda p: (p["family"], p["adapted"])):
+        setting = f"r={p['rank']}" if p["rank"] is not None else (
+            "" if p["density"] is None else f"{p['density']:.3%}" + (" (LoRA r=8's count)"
+                                                                     if p["setting"] == "matched" else ""))
+        lines.append(f"| {p['family'].replace('|', chr(92) + '|')} | {setting} | {p['adapted']:,} | {', '.join(f'{lr:g}' for lr in p['tried'])} "
+                     f"| {p['lr']:g} | {p['val_mean'] * scale:.{digits}f} ({','.join(map(str, p['val_seeds']))}) "
+                     f"| {score(p)} | {score(p['quarter'])} | {score(p['four'])} | {p['peak_mib']:.0f} |")
+    return lines + [""]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results-dir", default="bench/results/sweep", type=Path)
+    args = parser.parse_args(argv)
+    lines = ["# Density sweep: rates chosen on validation", "",
+             "Generated by `python bench/sweep_figures.py` from the records in this folder (`bash bench/sweep.sh`). "
+             "Each row: one method and setting at the rate with the best validation score; test scores in "
+             "brackets name their seeds.", ""]
+    for task in ("classification", "causal_lm"):
+        points = chosen_points(load(args.results_dir / f"{task}.json"))
+        if not points:
+            continue
+        plot(points, task, "adapted", "trained components outside the head (log scale)",
+             args.results_dir / f"{task}_quality_vs_trainable.png")
+        plot(points, task, "peak_mib", "peak RSS of the run (MiB)", args.results_dir / f"{task}_quality_vs_memory.png")
+        lines += summary(points, task)
+        lines += [f"![quality vs trainable]({task}_quality_vs_trainable.png)",
+                  f"![quality vs memory]({task}_quality_vs_memory.png)", ""]
+    (args.results_dir / "summary.md").write_text("\n".join(lines))
+    print(f"wrote {args.results_dir}/summary.md and the figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

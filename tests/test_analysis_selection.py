@@ -1,0 +1,63 @@
+"""siftune analyze selection: where each selection's components sit, and the rank of what they train to."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from siftune import ConfigError  # noqa: E402
+from siftune.analysis import SelectionArgs, analyze_selection  # noqa: E402
+from siftune.analysis.selection import chosen_indices, spread, stable_rank  # noqa: E402
+from test_analysis import reviews_csv  # noqa: E402, F401  (a fixture)
+
+
+def test_spread_counts_rows_and_columns_touched_and_the_busiest_share():
+    idx = torch.tensor([0, 1, 2, 3, 13])  # a 4 x 10 weight: row 0 holds four, row 1 one
+    stats = spread(idx, (4, 10))
+    assert stats["rows_touched"] == 0.5 and stats["columns_touched"] == pytest.approx(0.4)
+    assert stats["busiest_rows_share"] == pytest.approx(4 / 5)  # the busiest 1% of 4 rows: one row
+    assert stats["busiest_columns_share"] == pytest.approx(2 / 5)  # column 3 holds 3 and 13
+
+
+def test_stable_rank_is_one_for_a_rank_one_change_and_the_size_for_an_orthogonal_one():
+    assert stable_rank(torch.outer(torch.randn(6), torch.randn(4))) == pytest.approx(1.0)
+    assert stable_rank(torch.eye(5)) == pytest.approx(5.0)
+
+
+def test_each_selection_chooses_its_count_and_global_the_same_total():
+    torch.manual_seed(0)
+    gradients = {"a.weight": torch.randn(8, 6), "b.weight": torch.randn(4, 12)}
+    weights = {n: torch.randn_like(g) for n, g in gradients.items()}
+    for selection in ("default", "paper", "random", "mixed", "balanced"):
+        chosen = chosen_indices(selection, gradients, weights, 0.25)
+        assert [i.numel() for i in chosen.values()] == [12, 12], selection
+    chosen = chosen_indices("global", gradients, weights, 0.25)
+    assert sum(i.numel() for i in chosen.values()) == 24
+    score = torch.cat([(g * weights[n]).reshape(-1).abs() for n, g in gradients.items()])
+    picked = torch.cat([chosen["a.weight"].long(), chosen["b.weight"].long() + 48])
+    assert float(score[picked].min()) >= float(score.topk(24).values.min())
+
+
+def test_selection_analysis_writes_json_figures_and_report_and_lora_s_rank_stays_below_its_rank(
+        tiny_bert_dir, reviews_csv, tmp_path):  # noqa: F811
+    out = tmp_path / "selection"
+    result = analyze_selection(SelectionArgs(model=tiny_bert_dir, dataset=reviews_csv, batches=2, batch_size=3,
+                                             max_length=16, density=0.05, train_steps=3, lora_rank=2,
+                                             selections=["default", "random", "balanced", "grow_drop"],
+                                             output_dir=str(out)), progress=False)
+    for name in ("selection.json", "selection.md", "selection_spread.png", "selection_rank.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "selection.json").read_text())
+    assert set(saved["spread"]) == {"default", "random", "balanced"}  # grow_drop's first selection is default's
+    assert set(saved["stable_rank"]) == {"default", "random", "balanced", "grow_drop", "lora", "full"}
+    assert all(row["stable_rank"] <= 2 + 1e-4 for row in saved["stable_rank"]["lora"]["tensors"].values())
+    assert result["spread"]["default"]["whole_model"]["rows_touched"] <= 1.0
+
+
+def test_unknown_selection_is_a_config_error():
+    with pytest.raises(ConfigError, match="selections must name some of"):
+        SelectionArgs(selections=["top"]).validate()

@@ -1,0 +1,134 @@
+"""Selections beyond the top-k (mixed, balanced, grow and drop): each exact against the reference."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from siftune import ConfigError, SiftConfig  # noqa: E402
+from siftune.core.select import balanced_indices, grow_drop_indices, line_caps, mixed_indices  # noqa: E402
+from test_delta import _lockstep as delta_lockstep  # noqa: E402
+from test_engine import assert_lockstep, config, lockstep  # noqa: E402
+
+SHAPES = {"0.weight": (16, 8), "2.weight": (16, 16)}  # the MLP's targeted weights
+GROW_DROP = dict(selection="grow_drop", mode="periodic", refresh_every=2, drop_share=0.5)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(selection="mixed"),
+    dict(selection="mixed", score_share=0.25, mode="periodic", refresh_every=3),
+    dict(selection="mixed", score_share=1.0),
+    dict(selection="balanced", line_cap=1.0),
+    dict(selection="balanced", line_cap=1.5, mode="periodic", refresh_every=3, score="grad"),
+    dict(selection="balanced", score="grad_squared", selection_batches=3),
+    GROW_DROP,
+    dict(GROW_DROP, score="grad", selection_batches=2),
+    dict(GROW_DROP, compact_indices=True, state_dtype="bfloat16"),
+])
+def test_selection_matches_reference_step_for_step(overrides):
+    assert_lockstep(*lockstep(config(**overrides), steps=7))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(selection="mixed", score_share=0.25, mode="periodic", refresh_every=3),
+    dict(selection="balanced", line_cap=1.0),
+    dict(selection="grow_drop", mode="periodic", refresh_every=2, drop_share=0.5),
+])
+def test_selection_on_a_delta_matches_in_place_reference(overrides):
+    worst, base, _, slow, _, _ = delta_lockstep(overrides, steps=7)
+    assert worst < 1e-5
+    assert not torch.equal(slow[0].weight, base[0].weight)
+
+
+def test_balanced_selection_keeps_every_row_and_column_within_its_cap():
+    records, _ = lockstep(config(selection="balanced", line_cap=1.0), steps=1)
+    for name, idx in records[0]["selected"].items():
+        rows, columns = SHAPES[name]
+        k = idx.numel()
+        row_cap, column_cap = line_caps((rows, columns), k, 1.0)
+        assert int(torch.bincount(idx.long() // columns).max()) <= row_cap
+        assert int(torch.bincount(idx.long() % columns).max()) <= column_cap
+
+
+def test_balanced_selection_spreads_a_score_that_one_row_would_take():
+    score = torch.zeros(8, 8)
+    score[0] = torch.arange(8, 0, -1) + 100.0  # the whole top-8 sits in row 0
+    score[1:] = torch.rand(7, 8)
+    idx = balanced_indices(score, 8, (8, 8), cap=2.0)
+    assert idx.numel() == 8 and int((idx // 8 == 0).sum()) == 2  # row 0's cap: ceil(2 * 8 / 8)
+    assert set((idx[idx // 8 == 0]).tolist()) == {0, 1}  # its best two
+
+
+def test_balanced_selection_fills_with_the_best_others_when_the_caps_leave_fewer_than_k():
+    score = torch.tensor([[0.0959, 0.1133, 0.3090], [0.8292, 0.9408, 0.4558], [0.9288, 0.4410, 0.1845]])
+    # caps of 2 a row and 2 a column: the first round chooses 2, 3, 4, 6 and 7; then the only row
+    # and column with room left (row 0, column 2) meet at 2, chosen already: the sixth is the best
+    # of the rest, 5, and row 1 holds 3
+    idx = balanced_indices(score, 6, (3, 3), cap=1.0)
+    assert idx.tolist() == [2, 3, 4, 5, 6, 7]
+
+
+def test_each_selection_chooses_other_components_than_the_top_k():
+    top = lockstep(config(), steps=1)[0][0]["selected"]
+    for overrides in (dict(selection="mixed"), dict(selection="balanced", line_cap=1.0)):
+        chosen = lockstep(config(**overrides), steps=1)[0][0]["selected"]
+        assert any(not torch.equal(chosen[n], top[n]) for n in top), overrides
+
+
+def test_mixed_selection_takes_its_share_by_score_and_the_rest_at_random():
+    score = torch.arange(1000.0)
+    idx = mixed_indices(score, 100, 0.3, torch.Generator().manual_seed(0))
+    assert idx.numel() == 100 and idx.unique().numel() == 100
+    assert set(range(970, 1000)) <= set(idx.tolist())  # the top 30
+    drawn = idx[idx < 970]
+    assert drawn.numel() == 70 and float(drawn.float().mean()) < 700  # spread, not the next best
+    again = mixed_indices(score, 100, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)  # seeded
+
+
+def test_grow_and_drop_replaces_the_least_changed_by_the_best_unselected():
+    held = torch.tensor([1, 3, 5, 7])
+    change = torch.tensor([0.5, 0.01, 0.2, 0.0])  # 7 then 3 changed least
+    ranking = torch.zeros(10)
+    ranking[[0, 2, 9]] = torch.tensor([1.0, 3.0, 2.0])
+    ranking[5] = 10.0  # held already: not grown again
+    assert grow_drop_indices(held, change, ranking, 2).tolist() == [1, 2, 5, 9]
+
+
+def test_grow_and_drop_keeps_the_count_and_changes_the_drop_share_at_each_refresh():
+    records, _ = lockstep(config(**GROW_DROP), steps=7)
+    for before, after in ((records[1], records[2]), (records[3], records[4])):  # refreshes after steps 2 and 4
+        for name, idx in after["selected"].items():
+            old = before["selected"][name]
+            assert idx.numel() == old.numel()
+            assert idx.numel() - int(torch.isin(idx, old).sum()) == round(0.5 * old.numel())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(selection="mixed", budget="global"), "budget='per_tensor'"),
+    (dict(selection="balanced", mode="per_step"), "mode 'fixed' or 'periodic'"),
+    (dict(selection="grow_drop"), "mode='periodic'"),
+    (dict(score_share=0.3), "selection='mixed'"),
+    (dict(selection="balanced", line_cap=0.5), r"line_cap must be a number in \[1, inf\)"),
+    (dict(selection="grow_drop", mode="periodic", drop_share=0.0), r"drop_share must be a number in \(0, 1\]"),
+    (dict(selection="top"), "selection must be one of"),
+    (dict(structure="rows", selection="balanced"), "chooses whole rows or columns"),
+])
+def test_a_selection_option_out_of_place_is_a_one_line_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        SiftConfig(density=0.2, **overrides)
+    assert "\n" not in str(caught.value)
+
+
+def test_bench_runs_grow_and_drop_only_as_the_periodic_method():
+    from siftune.bench.runner import plan
+
+    runs = plan("classification", ["sift-periodic:0.01"], [0], sift=["selection=grow_drop", "refresh_every=50"])
+    assert runs[0].sift == {"selection": "grow_drop", "refresh_every": 50}
+    with pytest.raises(ConfigError, match="run it as sift-periodic"):
+        plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=grow_drop"])
+    with pytest.raises(ConfigError, match="the method chooses it"):
+        plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=random"])
