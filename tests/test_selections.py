@@ -115,8 +115,20 @@ def test_grow_and_drop_keeps_the_count_and_changes_the_drop_share_at_each_refres
     (dict(selection="balanced", line_cap=0.5), r"line_cap must be a number in \[1, inf\)"),
     (dict(selection="grow_drop", mode="periodic", drop_share=0.0), r"drop_share must be a number in \(0, 1\]"),
     (dict(selection="top"), "selection must be one of"),
+    (dict(structure="rows", selection="balanced"), "chooses whole rows or columns"),
 ])
 def test_a_selection_option_out_of_place_is_a_one_line_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message) as caught:
         SiftConfig(density=0.2, **overrides)
     assert "\n" not in str(caught.value)
+
+
+def test_bench_runs_grow_and_drop_only_as_the_periodic_method():
+    from siftune.bench.runner import plan
+
+    runs = plan("classification", ["sift-periodic:0.01"], [0], sift=["selection=grow_drop", "refresh_every=50"])
+    assert runs[0].sift == {"selection": "grow_drop", "refresh_every": 50}
+    with pytest.raises(ConfigError, match="run it as sift-periodic"):
+        plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=grow_drop"])
+    with pytest.raises(ConfigError, match="the method chooses it"):
+        plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=random"])

@@ -221,6 +221,9 @@ def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, s
     runs = []
     for token in methods:
         method, setting = parse_method(token)
+        if options.get("selection") == "grow_drop" and method in SIFT_MODES and method != "sift-periodic":
+            raise ConfigError(f"--sift selection=grow_drop drops and grows at each refresh: run it as "
+                              f"sift-periodic (with refresh_every=N), not {method}")
         base_rate = lr_each.get(method, lr_all or setup.lr.get(method, 0.0))
         # The same relative grid for every method: their good rates differ by 40x (full vs SIFT).
         for rate in [float(f"{base_rate * f:.6g}") for f in lr_grid] if lr_grid and method != "base" else [base_rate]:
