@@ -207,12 +207,15 @@ class _SliceLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, anchor, storage: SliceInPlace, callbacks):
         ctx.storage, ctx.callbacks = storage, callbacks
         device = x.device.type
-        if torch.is_autocast_enabled(device):  # cast as autocast would, so that backward sees one dtype
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # cast as autocast would, so that backward sees one dtype
             dtype = torch.get_autocast_dtype(device)
             x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+            ctx.save_for_backward(x, weight)
+            with torch.autocast(device, enabled=False):
+                return nn.functional.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
-        with torch.autocast(device, enabled=False):
-            return nn.functional.linear(x, weight, bias)
+        return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
