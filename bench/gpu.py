@@ -15,7 +15,7 @@ them side by side on the same card:
 * ``full``: torch AdamW (fused) on every weight;
 * ``lora`` / ``shira``: peft adapters of rank ``--rank`` (64);
 * ``sift-5``: SIFT fixed mode at 5% with the defaults (fp32 master values and
-  moments): issue 2's target (a), peak <= floor + 18 B per selected component;
+  moments): target (a), peak <= floor + 18 B per selected component;
 * ``sift-5-lean``: 5% with bf16 moments, no master copies, 16-bit column
   indices and the update applied inside the backward hook: target (b);
 * ``sift-lora``: SIFT at LoRA r=64's trainable count (2.47% on the 7B shape),
@@ -25,9 +25,8 @@ them side by side on the same card:
 
 Each method runs in its own process (peak memory is per process); a record
 per method goes to ``--out`` as a JSON list (rewritten after each method), with
-the device named. It has not run on a GPU yet (no session so far was lent
-one); ``--budget`` (default 280 s) stops starting new methods past it, so the
-issue's 5-minute limit holds even if a method is slow. On a CPU it runs at
+the device named. ``--budget`` (default 280 s) stops starting new methods
+past it, so a 5-minute limit holds even if a method is slow. On a CPU it runs at
 ``--size tiny`` (fp32 weights, no peak memory), which the tests exercise.
 """
 from __future__ import annotations
@@ -52,7 +51,7 @@ SIZES = {  # hidden, layers, intermediate, heads: the shapes of gpu_peers.py
 KV_HEADS = {"70b": 8}  # Llama-2-70B's grouped-query attention; the others have a key/value head per head
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["frozen", "full", "lora", "shira", "sift-5", "sift-5-lean", "sift-lora"]
-# On an nf4 base (quantize_nf4): QLoRA r=64 and SIFT with storage="delta" (issue 13, item 5).
+# On an nf4 base (quantize_nf4): QLoRA r=64 and SIFT with storage="delta" .
 # Not in METHODS: a plain run measures the bf16 methods only; name these with --methods.
 NF4_METHODS = ["qlora-64-nf4", "sift-5-nf4", "sift-5-lean-nf4", "sift-qlora-nf4", "sift-qlora-nf4-compact"]
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
@@ -142,7 +141,7 @@ def setup(method: str, model, rank: int, fused: bool | None = None):
                                               storage="delta", compact_indices=True),
                }[method]
     # The paper's score, with which every published figure was measured: score="grad_weight" (the
-    # default since issue 14) adds, at a selection only, one layer's weight in fp32 (dequantized on an
+    # default) adds, at a selection only, one layer's weight in fp32 (dequantized on an
     # nf4 base: 180 MB at 7B), which fake tensors cannot dequantize in the simulation.
     engine = siftune.attach(model, siftune.SiftConfig(target_modules=TARGETS, score="grad", **options))
     model.enable_input_require_grads()  # as peft does: checkpointed layers need a grad-requiring input
@@ -199,7 +198,7 @@ def worker(args) -> dict:
 
 
 def compare(records: list[dict]) -> list[str]:
-    """Issue 2's GPU targets, checked against the floor and LoRA of the same run."""
+    """The GPU targets (a)-(c), checked against the floor and LoRA of the same run."""
     by = {r["method"]: r for r in records}
     lines = []
     floor, lora = by.get("frozen", {}).get("peak_gib"), by.get("lora", {})

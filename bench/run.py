@@ -5,7 +5,7 @@
                                            # (parts: main300, lr300, causal40, tune, main, lr, causal,
                                            #  memory, extra, timing, timing-causal)
     python bench/run.py --quick            # the same plan at quick sizes, into runs/bench-quick/
-    python bench/run.py --report           # only regenerate tables, README section and figure
+    python bench/run.py --report           # only regenerate the tables and the figure
 
 It calls the code behind ``siftune bench`` (src/siftune/bench/runner.py); each run
 is a fresh process and its record lands in bench/results/<task>.json as soon
@@ -23,9 +23,8 @@ from siftune.bench.runner import QUICK_RESULTS_DIR, RESULTS_DIR, append_json, pa
 from siftune.bench.report import write_report
 
 MAIN = ["full", "lora", "sift-fixed:matched", "sift-fixed:0.001", "random:0.001"]
-# `siftune bench`'s defaults are 300 steps for (a) and 40 for (b); the first
-# session's results used 150 and 10 steps to fit shared cores (kept, as their
-# own rows); docs/bench.md says what that changes.
+# `siftune bench`'s defaults are 300 steps for (a) and 40 for (b); some rows run
+# 150 and 10 steps (their own rows in the tables).
 A, B = {"steps": 150}, {"steps": 10}
 # part -> runs: (task, method tokens, seeds, plan() options, results subfolder)
 PARTS = {
@@ -78,7 +77,7 @@ def main() -> None:
             for task, methods, seeds, options, folder in PARTS[part]:
                 options = {k: v for k, v in options.items() if not (args.quick and k in ("steps", "eval_size"))}
                 # The plan's runs train on the whole training pool, as its records were made: the
-                # validation split of `siftune bench` (issue 14's study, rates chosen on it) is off here.
+                # validation split of `siftune bench` (the selection study chooses rates on it) is off here.
                 options.setdefault("val_size", 0)
                 run_bench(plan(task, methods, seeds, quick=args.quick, threads=args.threads, **options),
                           results / folder)

@@ -73,7 +73,7 @@ def simulate(method: str, size: str = "7b", world: int = 8, seq: int = 2048, bat
 
 
 def table(records: list[dict]) -> list[str]:
-    """docs/distributed.md's table: per-GPU peak GiB, one row per method, one column per size."""
+    """docs/guides/distributed.md's table: per-GPU peak GiB, one row per method, one column per size."""
     sizes = sorted({r["size"] for r in records}, key=lambda s: (len(s), s))
     world = records[0]["world"] if records else 8
     lines = ["| method | " + " | ".join(f"{s.upper()} (GiB per GPU, {world} GPUs)" for s in sizes) + " |",

@@ -7,7 +7,7 @@
 #   python bench/sweep_figures.py                                     # the figures
 # Task (a): MiniLM-L6 on Rotten Tomatoes, 300 steps; task (b): SmolLM2-135M on chatterbot, 40 steps.
 # A cell whose record is already in the folder is skipped, so a part can be rerun after a stop, and the
-# earlier study's records with the same settings (copied from bench/results/issue14_study) are not rerun.
+# earlier study's records with the same settings (copied from bench/results/selection_study) are not rerun.
 # One torch thread a run (the 2-core machine is shared); about 3 minutes a run on (a) when idle.
 set -u
 R=${SWEEP_DIR:-bench/results/sweep}

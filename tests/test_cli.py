@@ -284,3 +284,32 @@ def test_a_resumed_run_continues_the_tensorboard_log_from_its_checkpoint(tmp_pat
     assert [value for _, value in logged["train/loss"]] == pytest.approx(
         json.loads((out / "metrics.json").read_text())["losses"])
     assert [step for step, _ in logged["eval/accuracy"]] == [0, 6]
+
+
+def test_the_commands_hide_the_optional_packages_import_noise_and_only_that():
+    code = ("import logging; from siftune.cli import _quiet_imports; _quiet_imports(); "
+            "import peft, transformers; transformers.Trainer; "
+            "logging.getLogger('torchao').warning('a real torchao warning')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Failed to load" not in done.stderr and "Enum subclass" not in done.stderr, done.stderr
+    assert "a real torchao warning" in done.stderr
+
+
+def test_no_help_text_states_its_default_twice():
+    import argparse
+
+    from siftune.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    def shown(action):  # the help as --help prints it
+        return action.help % {"default": action.default} if "%(default)" in action.help else action.help
+
+    twice = [(p.prog, a.dest) for p in parsers(build_parser()) for a in p._actions
+             if a.help and shown(a).count("(default") > 1]
+    assert twice == []

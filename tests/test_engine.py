@@ -128,7 +128,7 @@ def test_compact_indices_match_reference(overrides):
 
 
 def test_lean_setup_holds_6_bytes_per_selected_component_on_the_device():
-    # Issue 2's memory-saving set-up: packed indices 2 B + bf16 moments 4 B, no master
+    # The memory-saving set-up: packed indices 2 B + bf16 moments 4 B, no master
     # copies, no gradient buffers (the update is applied in backward).
     model = mlp(dtype=torch.bfloat16, sizes=(300, 400, 16, 3))  # 120k entries: two 65,536 blocks
     cfg = SiftConfig(density=0.05, target_modules=["0"], state_dtype="bfloat16", master_weights=False,
@@ -341,7 +341,7 @@ def test_optimizer_state_exists_only_for_selected_components():
 @pytest.mark.parametrize("dtype, per_component", [(torch.bfloat16, 18), (torch.float32, 16)])
 def test_device_memory_per_selected_component_is_index_gradient_and_adam_state(dtype, per_component):
     # bf16 weights: int32 index 4 + bf16 gradient buffer 2 + fp32 master 4 + fp32 moments 8 = 18 B
-    # (issue 2's GPU budget); fp32 weights need no master: 4 + 4 + 8 = 16 B.
+    # (the GPU budget); fp32 weights need no master: 4 + 4 + 8 = 16 B.
     model = mlp(dtype=dtype)
     engine = siftune.attach(model, config(dense_modules=()))
     opt = engine.optimizer(lr=1e-3)

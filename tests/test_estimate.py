@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import BertConfig, GPT2Config, LlamaConfig, MixtralConfig
+from transformers import BertConfig, GPT2Config, LlamaConfig, LlamaForCausalLM, MixtralConfig
 
 from siftune.cli import main
 from siftune.errors import ConfigError, ModelLoadError
 from siftune.estimate import Setup, estimate, fit, load_config, parse_size
+from siftune.estimate.command import fit_table
 from siftune.estimate.fit import largest
 from siftune.estimate.shapes import uniform_layers, with_layers
 
@@ -64,6 +65,13 @@ def test_trainable_count_sets_the_density_over_the_whole_model():
     assert abs(result["trainable"] - 5000) <= 7 * 2  # rounding per targeted tensor, 7 a layer
 
 
+def test_tied_embeddings_stay_one_tensor():
+    config = small_llama(2)
+    config.tie_word_embeddings = True
+    result = estimate(config, Setup("full", seq_len=16))
+    assert result["trainable"] == result["params"] == sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
 def test_fit_finds_a_density_that_fits_and_one_step_up_does_not():
     config = small_llama(2)
     setup = Setup("sift", seq_len=16)
@@ -71,7 +79,9 @@ def test_fit_finds_a_density_that_fits_and_one_step_up_does_not():
     answer = fit(config, setup, "density", budget)
     assert answer["estimate"]["peak_bytes"] <= budget < answer["first_over"]["peak_bytes"]
     assert 0.4 * 0.99 <= answer["largest"] and answer["first_over"]["value"] <= answer["largest"] * 1.011
-    assert answer["probes"] <= 6
+    assert answer["probes"] <= 8
+    table = "\n".join(fit_table([answer], "small", "a budget"))
+    assert f"| sift | {answer['largest']:.4g} (" in table
 
 
 def test_bracketing_finds_the_largest_value_within_a_budget():

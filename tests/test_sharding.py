@@ -80,14 +80,14 @@ def train_mixed_precision() -> dict:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     model = shard_mlp(mlp(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
-    before = {n: sharding.full(p) for n, p in model.named_parameters()}
+    before = {n: distributed.full(p) for n, p in model.named_parameters()}
     engine = siftune.attach(model, SiftConfig(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE))
     optimizer = engine.optimizer(lr=1e-2)
     for batch in distributed.shard(mlp_batches(STEPS, batch_size=GLOBAL_BATCH)):
         mlp_loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {"before": before, "params": {n: sharding.full(p) for n, p in model.named_parameters()},
+    return {"before": before, "params": {n: distributed.full(p) for n, p in model.named_parameters()},
             "selected": _whole_selection(engine), "k": {s.name: s.k for s in engine.slots}}
 
 
@@ -116,8 +116,8 @@ def tied_selection() -> list[int]:
     score = torch.ones(store.full_numel)
     score[[70, 100]] = 2.0
     local = score[store.offset:store.offset + store.numel].reshape(store.shape)
-    idx = sharding.select(store, local, slot.k, slot.generator, "gradient")
-    return torch.cat(sharding._all_gather_varying(idx.long() + store.offset, store)).tolist()
+    idx = store.top_k(local, slot.k)
+    return torch.cat(store.gathered(idx.long() + store.offset)).tolist()
 
 
 def tied_global_cut() -> list[int]:
@@ -130,7 +130,7 @@ def tied_global_cut() -> list[int]:
     scores = torch.ones(5)
     tensors = torch.tensor([1, 1, 0, 0, 0])
     order = torch.argsort(tensors, stable=True)  # candidates come in model order
-    return sorted(order[sharding.top_over_ranks(scores, tensors[order], 2, 4, None)].tolist())
+    return sorted(order[distributed.top_over_ranks(scores, tensors[order], 2, 4, None)].tolist())
 
 
 POOL_TENSORS, POOL_ROWS, POOL_K = 6, 100, 10  # per rank: 6 tensors of 100 entries; 10 of each 200 selected
@@ -148,7 +148,7 @@ def pooled_over_ranks() -> tuple[list[tuple[int, int]], int]:
 
     from siftune.core.budget import GlobalPool
 
-    store = SimpleNamespace(full_numel=WORLD * POOL_ROWS, group=None)
+    store = SimpleNamespace(full_numel=WORLD * POOL_ROWS, group=None, partial=True)  # a shard's storage
     slots = [SimpleNamespace(name=str(i), numel=POOL_ROWS, k=POOL_K, storage=store) for i in range(POOL_TENSORS)]
     pool = GlobalPool(slots, min_density=0.0)
     for slot in reversed(slots):
@@ -223,7 +223,7 @@ def train_mlp(scenario: str, sync_every_micro_batch: bool = True) -> dict:
         optimizer.zero_grad()
         norms.append(optimizer.last_grad_norm)
     increment = engine.increment(values=optimizer.master_values())
-    return {"params": {n: sharding.full(p) for n, p in model.named_parameters()}, "norms": norms,
+    return {"params": {n: distributed.full(p) for n, p in model.named_parameters()}, "norms": norms,
             "selected": _whole_selection(engine), "refreshes": engine.slots[0].version,
             "increment": {n: (d.indices, d.values) for n, d in increment.tensors.items()},
             "dense": increment.dense, "local_selected": sum(i.numel() for i in engine.selected.values()),
@@ -234,8 +234,8 @@ def _whole_selection(engine) -> dict[str, torch.Tensor]:
     out = {}
     for slot in engine.slots:
         idx = slot.flat().long()
-        if isinstance(slot.storage, sharding.ShardedInPlace):
-            idx = torch.cat(sharding._all_gather_varying(idx + slot.storage.offset, slot.storage))
+        if slot.storage.partial:
+            idx = torch.cat(slot.storage.gathered(idx + slot.storage.offset))
         out[slot.name] = idx
     return out
 

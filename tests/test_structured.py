@@ -318,9 +318,9 @@ def test_a_target_other_than_a_linear_is_a_config_error_and_leaves_the_model_as_
 
 
 def test_fsdp2_shards_are_refused_with_a_config_error(monkeypatch):
-    from siftune.parallel import sharding
+    from siftune.parallel import distributed
 
-    monkeypatch.setattr(sharding, "is_sharded", lambda t: isinstance(t, nn.Parameter))
+    monkeypatch.setattr(distributed, "is_sharded", lambda t: isinstance(t, nn.Parameter))
     with pytest.raises(ConfigError, match="FSDP2"):
         siftune.attach(mlp(), config(structure="rows"))
 

@@ -319,6 +319,23 @@ def _exit_without_teardown(code: int) -> None:
         os._exit(code)
 
 
+# Optional packages log these at import, about kernels siftune does not use: torchao's compiled extensions
+# built for other GPUs, torch's notice on torchao's enum registration, bitsandbytes' optional CPU kernel.
+_IMPORT_NOISE = {
+    "torchao": "Failed to load ",
+    "torch.utils._pytree": "%s is an Enum subclass and is now natively supported",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+def _quiet_imports() -> None:
+    """Drop exactly the import-time log lines of _IMPORT_NOISE; everything else those packages log stays."""
+    import logging
+
+    for name, start in _IMPORT_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, start=start: not str(record.msg).startswith(start))
+
+
 def _says_first(exc: SiftError) -> bool:
     """Whether this process prints ``exc``: under a launcher, an error met before the job's processes
     joined (bad flags, a refused output folder) is every process's alike, and only rank 0 says it."""
@@ -329,6 +346,7 @@ def _says_first(exc: SiftError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_imports()
     parser = build_parser()
     ns = parser.parse_args(argv)
     _quiet_transformers()

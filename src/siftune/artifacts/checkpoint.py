@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..parallel import sharding
+from ..parallel import distributed
 from ..errors import CheckpointError, ConfigError, WriteError
 from .io import atomic_write_bytes, remove_stale_temporaries
 
@@ -120,9 +120,9 @@ def capture(step: int, engine, optimizer, scheduler, progress: dict) -> dict:
     sparse = {}
     for slot in engine.slots:
         if slot.ever_idx is not None:
-            sparse[slot.name] = sharding.local(slot.param).reshape(-1)[slot.ledger_indices()].cpu()
-    # A sharded model's values are this rank's part (see sharding.ShardedCheckpoints).
-    dense = {name: sharding.local(p).cpu() for name, p in engine.dense.items()}
+            sparse[slot.name] = distributed.local(slot.param).reshape(-1)[slot.ledger_indices()].cpu()
+    # A sharded model's values are this rank's part (see siftune.parallel.sharding.ShardedCheckpoints).
+    dense = {name: distributed.local(p).cpu() for name, p in engine.dense.items()}
     return {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -162,7 +162,7 @@ def _restore_model(where: str, engine, model_state: dict) -> None:
             raise CheckpointError(f"{where}: trained values of {slot.name} do not match its selection")
         if values is None:
             continue
-        flat = sharding.local(slot.param).view(-1)
+        flat = distributed.local(slot.param).view(-1)
         if values.shape != slot.ever_idx.shape or values.dtype != flat.dtype:
             raise CheckpointError(f"{where}: trained values of {slot.name} have the wrong shape or dtype")
         ever_idx = slot.ledger_indices()
@@ -173,7 +173,7 @@ def _restore_model(where: str, engine, model_state: dict) -> None:
     if set(dense) != set(engine.dense):
         raise CheckpointError(f"{where}: dense modules {sorted(dense)} differ from the run's {sorted(engine.dense)}")
     for name, p in engine.dense.items():
-        p = sharding.local(p)
+        p = distributed.local(p)
         if dense[name].shape != p.shape or dense[name].dtype != p.dtype:
             raise CheckpointError(f"{where}: dense tensor {name} has the wrong shape or dtype")
         p.copy_(dense[name])

@@ -30,9 +30,8 @@ from torch import nn
 
 from ..errors import ConfigError, IncrementError
 from .io import atomic_write_bytes, atomic_write_dir, atomic_write_text
-from ..core.quantize import dequantized_weight
 from ..core.select import index_dtype
-from ..core.storage import add_to_output, quantized_kind, weight_shape
+from ..core.storage import add_increment, increment_shape, remove_increment, writable
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "increment.safetensors"
@@ -122,7 +121,7 @@ class SparseIncrement:
             if p is None:
                 raise IncrementError(f"tensor {name} of the increment is not in the model; is this the right base model "
                                      f"({self.base_model})?")
-            shape = tuple(p.shape) if quantized_kind(p) is None else weight_shape(_owner(model, name))
+            shape = increment_shape(model, name, p)
             if shape != tuple(t.shape):
                 raise IncrementError(f"tensor {name} has shape {shape} in the model but {tuple(t.shape)} in the "
                                      f"increment; load the base model it was trained on ({self.base_model})")
@@ -156,14 +155,7 @@ class SparseIncrement:
         params = _named_tensors(model)
         replaced = {}
         for name, t in self.tensors.items():
-            if quantized_kind(params[name]) is not None:
-                replaced[name] = add_to_output(_owner(model, name), name, t.indices, t.values)
-                continue
-            flat = params[name].detach().view(-1)
-            idx = t.indices.to(flat.device, torch.int64)
-            old = flat[idx].clone()
-            replaced[name] = old
-            flat.index_copy_(0, idx, (old.float() + t.values.to(flat.device)).to(flat.dtype))
+            replaced[name] = add_increment(model, name, params[name], t.indices, t.values)
         for name, value in self.dense.items():
             replaced[name] = params[name].detach().clone()
             params[name].detach().copy_(value)
@@ -194,20 +186,12 @@ class SparseIncrement:
         if replaced is None and self.dense:
             raise IncrementError("this increment has dense tensors, which can only be removed from the model object "
                                  "it was applied to; reload the base model instead")
-        quantized = [name for name in self.tensors if quantized_kind(params[name]) is not None]
-        if quantized and replaced is None:
-            raise IncrementError(f"{quantized[0]} is quantized: the increment can only be removed from the model "
+        fixed = [name for name in self.tensors if not writable(params[name])]
+        if fixed and replaced is None:
+            raise IncrementError(f"{fixed[0]} is quantized: the increment can only be removed from the model "
                                  "object it was applied to")
         for name, t in self.tensors.items():
-            if name in quantized:
-                replaced[name].remove()  # the hook that added the values
-                continue
-            flat = params[name].detach().view(-1)
-            idx = t.indices.to(flat.device, torch.int64)
-            if replaced is not None:
-                flat.index_copy_(0, idx, replaced[name])
-            else:
-                flat.index_copy_(0, idx, (flat[idx].float() - t.values.to(flat.device)).to(flat.dtype))
+            remove_increment(params[name], t.indices, t.values, None if replaced is None else replaced[name])
         for name in self.dense:
             params[name].detach().copy_(replaced[name])
         return model
@@ -262,7 +246,7 @@ class SparseIncrement:
         gets that base dequantized, in plain layers: the weights it was
         trained beside, so that base + increment is the trained model.
         """
-        from ..recipes.models import load_model
+        from ..recipes.models import copy_dequantized, load_model
 
         source = base_model or self.base_model
         if not source:
@@ -274,10 +258,7 @@ class SparseIncrement:
         quantize = self.metadata.get("quantize")
         if quantize:
             quantized, _ = load_model(source, task, quantize=quantize, **kwargs)
-            with torch.no_grad():
-                for name, module in quantized.named_modules():
-                    if quantized_kind(getattr(module, "weight", torch.empty(0))) is not None:
-                        model.get_submodule(name).weight.copy_(dequantized_weight(module))
+            copy_dequantized(quantized, model)
         return model, tokenizer
 
     # -- files -----------------------------------------------------------------
@@ -478,11 +459,6 @@ def _figure(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-
-
-def _owner(model: nn.Module, name: str) -> nn.Module:
-    """The module holding the tensor named ``name``."""
-    return model.get_submodule(name.rpartition(".")[0])
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

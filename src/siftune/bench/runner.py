@@ -3,7 +3,7 @@
     siftune bench --task classification --methods full lora sift-fixed sift-fixed:0.001 --seeds 0 1 2
     siftune bench --task causal_lm --methods base full lora:8 sift-fixed:matched --steps 40
     siftune bench --task classification --quick          # a few steps, into runs/bench-quick/
-    siftune bench --report                               # tables, README section and figure only
+    siftune bench --report                               # tables and figure only
 
 Every (method, setting, seed) runs in a fresh process, so that its peak
 memory (max RSS) is its own, on identical data, held-out split, steps, batch,
@@ -502,9 +502,10 @@ def add_parser(sub) -> None:
     for name, what in (("batch-size", "examples per training batch"), ("max-length", "tokens per example"),
                        ("eval-size", "held-out (test) examples"),
                        ("val-size", "validation examples taken from the training pool to choose rates on, 0 for "
-                        "none (default: the task's, 1000 / 200)"),
+                        "none"),
                        ("eval-batch-size", "examples per held-out batch")):
-        p.add_argument(f"--{name}", type=int, help=f"{what} (default: the task's)")
+        default = "the task's, 1000 / 200" if name == "val-size" else "the task's"
+        p.add_argument(f"--{name}", type=int, help=f"{what} (default: {default})")
     p.add_argument("--model", help="model name or folder (default: the task's)")
     p.add_argument("--dataset", help="built-in dataset or file (default: the task's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
@@ -514,8 +515,8 @@ def add_parser(sub) -> None:
     p.add_argument("--paired-steps", type=int, metavar="N", help="train nothing to the end: time N steps of "
                    "each method in turns in one process (fair step times on shared cores); appends to "
                    "<results-dir>/<task>_paired_timing.json")
-    p.add_argument("--report", action="store_true", help="run nothing; regenerate the tables, the README "
-                   "section and the figure from the results")
+    p.add_argument("--report", action="store_true", help="run nothing; regenerate the tables and the "
+                   "figure from the results")
     p.set_defaults(func=cmd_bench)
 
 

@@ -26,7 +26,7 @@ it is cut to exactly the global top-R.
 On FSDP2 shards each rank pools its own rows' candidates. After each
 tensor the ranks add up their pool sizes (one scalar all-reduce); once the
 sum passes 2R, every rank drops its entries below the R-th best of all
-ranks' (found bit by bit, :func:`siftune.parallel.sharding.cut_over_ranks`). The
+ranks' (found bit by bit, :func:`siftune.parallel.distributed.cut_over_ranks`). The
 ranks' pools so hold at most 2R entries together, plus one tensor's offers:
 a rank holds about its share of the ranking (2R/N of N ranks), not R of its
 own. The last cut over the ranks takes ties in global model order.
@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .select import index_dtype
+from .select import index_dtype, top_set
 
 SCORES = ("grad", "grad_squared", "grad_weight")
 BUDGETS = ("per_tensor", "global")
@@ -51,23 +51,6 @@ def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
     if kind == "grad_weight":
         return score.float() * store.current_weight().float()
     return score  # grad: the window's sum; grad_squared: the window's sum of squares
-
-
-def top_set(score: torch.Tensor, m: int, at_least: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat indices of the ``m`` largest entries of the 1-D ``score`` (ties: lower index first), unordered;
-    with ``at_least``, only those of them >= it."""
-    if m == 0:
-        return torch.zeros(0, dtype=torch.long, device=score.device)
-    if at_least is not None:  # usually few pass: rank only them
-        idx = (score >= at_least).nonzero().squeeze(1)
-        return idx if idx.numel() <= m else idx[top_set(score[idx], m)]
-    values, idx = torch.topk(score, m, sorted=False)
-    value = values.min()  # the m-th largest
-    if int((score == value).sum()) == int((values == value).sum()):
-        return idx  # no tie left out at the boundary: top-k's own choice is the one
-    above = (score > value).nonzero().squeeze(1)
-    ties = (score == value).nonzero().squeeze(1)[:m - above.numel()]  # ascending: lowest index first
-    return torch.cat([above, ties])
 
 
 class Selector:
@@ -141,10 +124,10 @@ class GlobalPool:
         self.position = {name: i for i, name in enumerate(self.names)}
         self.numels = [s.numel for s in slots]  # on FSDP2 shards: this rank's part
         self.counts = [s.k for s in slots]  # the per-tensor shares: their sum is the total
-        self.floors = [int(round(getattr(s.storage, "full_numel", s.numel) * min_density)) for s in slots]
+        self.floors = [int(round(s.storage.full_numel * min_density)) for s in slots]
         # On FSDP2 shards every rank pools its own rows' candidates; the floors and the final
-        # cut are then taken over the ranks (siftune.parallel.sharding).
-        self.shards = [s.storage for s in slots] if hasattr(slots[0].storage, "full_numel") else None
+        # cut are then taken over the ranks (siftune.parallel.distributed).
+        self.shards = [s.storage for s in slots] if slots[0].storage.partial else None
         self.rest = sum(self.counts) - sum(self.floors)
         self.offsets = [sum(self.numels[:i]) for i in range(len(slots))]
         self.peak = 0  # the most entries this rank's pool has held at once
@@ -171,9 +154,7 @@ class GlobalPool:
         if self.shards is None:
             floor = top_set(flat, self.floors[i])
         elif self.floors[i]:  # this rank's part of the whole tensor's top f_i
-            from ..parallel.sharding import select
-
-            floor = select(self.shards[i], flat, self.floors[i], slot.generator, "gradient").long()
+            floor = self.shards[i].top_k(flat, self.floors[i]).long()
         else:
             floor = torch.zeros(0, dtype=torch.long, device=flat.device)
         self.kept[i] = (floor, g[floor])
@@ -206,8 +187,7 @@ class GlobalPool:
     def _cut_over_ranks(self) -> None:
         """FSDP2 shards: once the ranks' pools together pass 2R entries, each rank drops what is below the
         R-th best of all of them, so that a rank holds about its share of the ranking, not R of its own."""
-        from ..parallel.distributed import sum_across_ranks
-        from ..parallel.sharding import cut_over_ranks
+        from ..parallel.distributed import cut_over_ranks, sum_across_ranks
 
         group = self.shards[0].group
         if sum_across_ranks([self.pooled], group)[0] <= 2 * self.rest:
@@ -228,7 +208,7 @@ class GlobalPool:
             scores, places, values = scores[order], places[order], values[order]
             offsets = torch.tensor(self.offsets, device=places.device)
             tensors = torch.bucketize(places, offsets, right=True) - 1
-            from ..parallel.sharding import top_over_ranks
+            from ..parallel.distributed import top_over_ranks
 
             keep = top_over_ranks(scores, tensors, len(self.numels), self.rest, self.shards[0].group)
             places, values = places[keep], values[keep]

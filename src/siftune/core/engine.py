@@ -25,11 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import budget, storage, structured
-from ..parallel import distributed, sharding
+from ..parallel import distributed
 from ..config import SiftConfig
 from ..errors import CheckpointError, ConfigError
-from .select import (balanced_indices, count_selected, find_targets, grow_drop_indices, index_dtype, mixed_indices,
-                     pack_indices, random_indices, tensor_generator, top_k_indices, unpack_indices)
+from .select import (balanced_indices, find_targets, grow_drop_indices, index_dtype, mixed_indices, pack_indices,
+                     tensor_generator, unpack_indices)
 
 # Where the increment ledger (untrained values and indices of every component ever
 # selected) is kept: host memory, read only when an increment or checkpoint is saved.
@@ -59,8 +59,6 @@ class _Slot:
         self.applied = False  # update_in_backward: this step's update is already in the weights
         self.seen = 0  # micro-batches summed since this selection began
         self.score: torch.Tensor | None = None  # gradient of earlier windows of a long selection
-        # storage="delta", inside a selection window: this step's dense gradient so far (in place, .grad holds it)
-        self.step_grad: torch.Tensor | None = None
         # Ledger of every component ever selected, with its value before training.
         # Only saving an increment or checkpoint reads it, so it lives in host
         # memory: on a GPU it costs no device memory.
@@ -82,7 +80,7 @@ class _Slot:
 def _stored_selection(slot: _Slot, idx: torch.Tensor) -> torch.Tensor:
     """``slot.idx`` for the sorted flat indices ``idx``: packed with compact_indices, and one tensor with
     a delta that holds exactly these indices (fixed mode), rather than a second copy."""
-    shared = slot.storage.kept_as(idx) if isinstance(slot.storage, storage.Delta) else None
+    shared = slot.storage.kept_as(idx)
     if shared is not None:
         return shared
     return pack_indices(idx, slot.numel) if slot.compact else idx
@@ -102,18 +100,18 @@ class SiftEngine:
         config.validate()
         self.model = model
         self.config = config
-        sharding.reshard(model)  # an FSDP2 model must show its sharded parameters, even after a forward
+        distributed.reshard(model)  # an FSDP2 model must show its sharded parameters, even after a forward
         targeted, dense = find_targets(model, config.target_modules, config.dense_modules)
         for name, p in targeted.items():
             if config.storage == "in_place" and not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
-        if config.selection in ("mixed", "balanced", "grow_drop") and any(map(sharding.is_sharded, targeted.values())):
+        if config.selection in ("mixed", "balanced", "grow_drop") and any(map(distributed.is_sharded, targeted.values())):
             raise ConfigError(f"selection={config.selection!r} chooses among a whole tensor's components, which "
                               "FSDP2 shards split over the ranks; use selection='gradient' or 'random' on shards")
         self.dense = dense
         stores = {n: self._make_storage(model, n, p) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
-        self.slots = [_Slot(n, store, self._count(store), tensor_generator(config.seed, i),
+        self.slots = [_Slot(n, store, store.count_at(config.density), tensor_generator(config.seed, i),
                             compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
         self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
@@ -121,7 +119,7 @@ class SiftEngine:
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         # A structured slice's weight stays frozen: its gradient is the slice's, computed by structured.py.
         trainable = {id(p) for p in dense.values()} | {
-            id(s.param) for s in self.slots if not getattr(s.storage, "frozen", False)}
+            id(s.param) for s in self.slots if not s.storage.frozen}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         # Under DistributedDataParallel the engine exchanges the selected gradient
@@ -133,53 +131,24 @@ class SiftEngine:
         model._ddp_params_and_buffers_to_ignore = list(self._ddp_ignore_before or []) + [s.name for s in self.slots]
         # update_in_backward: the optimizer's per-tensor update, called from the hooks.
         self.apply_in_backward = None
-        self._handles = []
-        for slot in self.slots:
-            if hasattr(slot.storage, "attach"):  # a delta or a structured slice: it hands the gradient over itself
-                slot.storage.attach(lambda slot=slot: slot.selecting, self._delta_gradient_for(slot))
-            elif config.mode != "per_step":
-                self._handles.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
+        if config.mode != "per_step":  # per_step takes each step's gradient at the step (gradients())
+            for slot in self.slots:
+                slot.storage.attach(lambda slot=slot: slot.selecting, self._gradient_for(slot))
 
     def _make_storage(self, model: nn.Module, name: str, param: nn.Parameter):
         config, module = self.config, model.get_submodule(name.rpartition(".")[0])
-        if config.structure and sharding.is_sharded(param):
-            raise ConfigError(f"structure={config.structure!r} does not work on FSDP2 shards ({name} is sharded): "
-                              "set structure=None, or train without fully_shard")
-        if sharding.is_sharded(param):
-            return sharding.make_storage(config.storage, param, name)
         if config.structure:
             return structured.make(config, module, param, name)
         return storage.make(config.storage, module, param, name, config.density, config.torch_delta_dtype,
                             config.compact_indices)
 
-    def _count(self, store) -> int:
-        """Components selected in a tensor: its density share, in whole rows/columns with a structure."""
-        if self.config.structure:
-            return structured.selected_count(store.shape, self.config.density, self.config.structure)
-        return count_selected(getattr(store, "full_numel", store.numel), self.config.density)
-
     # -- backward ----------------------------------------------------------
-    def _hook_for(self, slot: _Slot):
-        def hook(param: torch.Tensor) -> None:
-            if self._take_gradient(slot, sharding.local(param.grad)):
-                param.grad = None
-            # else: autograd sums the selection window's gradients in .grad
-
-        return hook
-
-    def _delta_gradient_for(self, slot: _Slot):
-        def on_gradient(grad: torch.Tensor | None, at_indices: torch.Tensor | None) -> None:
-            if at_indices is not None:  # the gradient at every index the delta holds
+    def _gradient_for(self, slot: _Slot):
+        def on_gradient(grad: torch.Tensor | None, at_indices: torch.Tensor | None) -> bool:
+            if at_indices is not None:  # the gradient at every index the storage holds
                 pos = slot.storage.positions(slot.flat())
-                self._take_gradient(slot, None, at_indices if pos is None else at_indices[pos])
-                return
-            if self.selector.frees_gradient:  # grad_squared: the selector sums each micro-batch itself
-                self._take_gradient(slot, grad)
-                return
-            if slot.step_grad is not None:  # this step's earlier micro-batches, as autograd sums them in .grad
-                grad, slot.step_grad = slot.step_grad.add_(grad), None
-            if not self._take_gradient(slot, grad):
-                slot.step_grad = grad
+                return self._take_gradient(slot, None, at_indices if pos is None else at_indices[pos])
+            return self._take_gradient(slot, grad)
 
         return on_gradient
 
@@ -231,23 +200,14 @@ class SiftEngine:
         p = slot.param
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version, slot.k)
-        sharded = isinstance(slot.storage, sharding.ShardedInPlace)
         if chosen is not None:  # by the global budget (siftune.core.budget)
             idx = chosen.to(p.device)
             slot.k = idx.numel()
-        elif sharded:  # the gradient is FSDP2's average already
-            idx = sharding.select(slot.storage, score, slot.k, slot.generator, self.config.selection)
-        elif self.config.structure and self.config.selection == "random":
-            idx = structured.random_lines(slot.shape, slot.k, self.config.structure, slot.generator, p.device)
-        elif self.config.structure:
-            idx = structured.top_lines(self.selector.ranked(slot, score).reshape(slot.shape), slot.k,
-                                       self.config.structure)
         elif self.config.selection == "random":
-            idx = random_indices(slot.numel, slot.k, slot.generator, p.device)
+            idx = slot.storage.random(slot.k, slot.generator)
         else:
             idx = self._chosen(slot, self.selector.ranked(slot, score))
-        if _distributed() and not sharded:
-            distributed.broadcast(idx, src=0)  # one selection on every rank, whatever the rounding
+        idx = slot.storage.agreed(idx)  # one selection on every rank, whatever the rounding
         slot.version += 1
         slot.selecting = False
         slot.storage.select(idx)
@@ -268,7 +228,7 @@ class SiftEngine:
             where = torch.searchsorted(slot.ever_idx, held.to(LEDGER_DEVICE).to(slot.ever_idx.dtype))
             change = slot.storage.read(held).float().cpu() - slot.base[where].float()  # since training began
             return grow_drop_indices(held, change, ranking, round(config.drop_share * slot.k))
-        return top_k_indices(ranking, slot.k)
+        return slot.storage.top_k(ranking, slot.k)
 
     @staticmethod
     def _record(slot: _Slot) -> None:
@@ -297,17 +257,14 @@ class SiftEngine:
         for slot in self.slots:
             p = slot.param
             if self.config.mode == "per_step":
-                if p.grad is None:
+                grad = slot.storage.take_pending()
+                if grad is None:
                     continue
-                grad = sharding.local(p.grad)
                 slot.grad = grad.reshape(-1)[self._select(slot, budget.rank_score(self.config.score, grad, slot.storage))]
-                p.grad = None
             elif slot.selecting:
-                pending = p.grad if p.grad is not None else slot.step_grad  # in place, or beside (a delta)
-                if pending is not None:  # window ended inside a multi-batch selection
-                    grad = sharding.local(pending)
+                grad = slot.storage.take_pending()  # autograd's .grad, or what the storage summed
+                if grad is not None:  # window ended inside a multi-batch selection
                     slot.score = grad.float() if slot.score is None else slot.score.add_(grad)
-                    p.grad = slot.step_grad = None
                 self.selector.end_step(slot)
                 continue
             if slot.grad is not None:
@@ -318,7 +275,7 @@ class SiftEngine:
                               "on, or use budget='per_tensor'")
         for p in self.dense.values():
             if p.grad is not None:
-                out.append((p, None, sharding.local(p.grad)))
+                out.append((p, None, distributed.local(p.grad)))
         if _distributed():
             self._average_across_ranks(out)
         return out
@@ -326,7 +283,7 @@ class SiftEngine:
     def _average_across_ranks(self, grads) -> None:
         """All-reduce the selected entries (and dense grads unless DDP did) in one flat buffer."""
         # FSDP2 has averaged sharded parameters' gradients in its reduce-scatter.
-        parts = [g for p, idx, g in grads if not sharding.is_sharded(p) and (idx is not None or self.reduce_dense)]
+        parts = [g for p, idx, g in grads if not distributed.is_sharded(p) and (idx is not None or self.reduce_dense)]
         if not parts:
             return
         flat = torch.cat([g.reshape(-1).float() for g in parts])
@@ -353,7 +310,8 @@ class SiftEngine:
             applied, slot.applied = slot.applied, False  # an update made in backward is committed
             if skipped and slot.selecting and self.config.mode != "per_step":
                 # a window folded into the score this step holds the bad gradient
-                slot.seen, slot.score, slot.step_grad = 0, None, None
+                slot.seen, slot.score = 0, None
+                slot.storage.drop_pending()
             if slot.previous is None:
                 continue
             if skipped and self.config.mode != "per_step" and not applied:
@@ -474,11 +432,9 @@ class SiftEngine:
 
         out = {"indices": sum(size(s.idx) for s in self.slots), "gradients": sum(size(s.grad) for s in self.slots),
                "values": 0, "optimizer": 0}
-        for slot in self.slots:
-            if isinstance(slot.storage, storage.Delta):
-                out["values"] += size(slot.param)
-                if slot.storage.stored is not slot.idx:  # periodic mode: the delta's own indices
-                    out["indices"] += size(slot.storage.stored)
+        for slot in self.slots:  # a delta's values, and its own indices in periodic mode
+            for kind, nbytes in slot.storage.held_bytes(slot.idx).items():
+                out[kind] += nbytes
         if optimizer is not None:
             for slot in self.slots:
                 state = optimizer.state.get(slot.param, {})
@@ -507,22 +463,15 @@ class SiftEngine:
             current = slot.storage.read(slot.ledger_indices()).float()
             if values and slot.name in values:
                 current = values[slot.name]
-            if isinstance(slot.storage, sharding.ShardedInPlace):  # every rank's part, on every rank
-                change = current.cpu() - slot.base.float()
-                tensors[slot.name] = sharding.whole_delta(slot.storage, slot.ever_idx, change)
-                continue
-            tensors[slot.name] = TensorDelta(
-                indices=slot.ever_idx, values=current.cpu() - slot.base.float(),
-                shape=slot.shape, dtype=str(slot.storage.base_dtype).replace("torch.", ""),
-            )
-        dense = {n: sharding.full(p) for n, p in self.dense.items()}
+            # On FSDP2 shards: every rank's part, on every rank.
+            indices, change = slot.storage.whole(slot.ever_idx, current.cpu() - slot.base.float())
+            tensors[slot.name] = TensorDelta(indices=indices, values=change, shape=slot.storage.full_shape,
+                                             dtype=str(slot.storage.base_dtype).replace("torch.", ""))
+        dense = {n: distributed.full(p) for n, p in self.dense.items()}
         return SparseIncrement(tensors, dense=dense, base_model=base_model, config=self.config.to_dict())
 
     def detach(self) -> None:
         """Remove the hooks and restore every ``requires_grad`` flag; trained weights stay."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         for slot in self.slots:
             slot.storage.remove()
         if self._ddp_ignore_before is None:
@@ -574,7 +523,7 @@ def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor") -> 
         raise CheckpointError(f"{where}: selecting must be true or false")
     out = dict(saved)
     # A shard holds its own part of the k selected components: any count.
-    for key, length in (("idx", None if isinstance(slot.storage, sharding.ShardedInPlace) else saved["k"]),
+    for key, length in (("idx", None if slot.storage.partial else saved["k"]),
                         ("ever_idx", None)):
         idx = saved.get(key)
         if idx is None:

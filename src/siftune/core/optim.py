@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from ..parallel import distributed, sharding
+from ..parallel import distributed
 from ..errors import CheckpointError, ConfigError, NonFiniteGradientError
 
 
@@ -124,7 +124,7 @@ class SiftAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self.engine.gradients()
-        norm = sharding.global_norm(grads)  # with update_in_backward: of the dense modules only
+        norm = distributed.global_norm(grads)  # with update_in_backward: of the dense modules only
         self.last_grad_norm = norm
         bad, self._nonfinite_in_backward = self._nonfinite_in_backward, []
         if not math.isfinite(norm) or bad:
@@ -166,7 +166,7 @@ class SiftAdamW(torch.optim.Optimizer):
         per_step = self.engine.config.mode == "per_step"
         low_precision = p.dtype != torch.float32 and self.engine.config.master_weights
         if per_step:
-            flat = sharding.local(p).view(-1)  # a sharded weight: this rank's rows
+            flat = distributed.local(p).view(-1)  # a sharded weight: this rank's rows
             self._ensure_dense_state(state, flat, low_precision)
         elif state.get("version") != slot.version:
             self._remap(state, p, slot, low_precision)
@@ -191,7 +191,7 @@ class SiftAdamW(torch.optim.Optimizer):
     def _dense_update(self, p, grad, group, scale):
         state = self.state[p]
         low_precision = p.dtype != torch.float32 and self.engine.config.master_weights
-        p = sharding.local(p)  # a sharded parameter: state and update for this rank's part only
+        p = distributed.local(p)  # a sharded parameter: state and update for this rank's part only
         if not state:
             state["steps"] = 0
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)

@@ -219,8 +219,6 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
     the lower column, row, flat index first. Holds two dense index tensors of
     the weight's size during the selection.
     """
-    from .budget import top_set
-
     device = ranking.device
     score = ranking.detach().reshape(shape[0], -1).abs().float()
     rows, columns = score.shape
@@ -255,8 +253,6 @@ def _rank_along(score: torch.Tensor, dim: int) -> torch.Tensor:
 def grow_drop_indices(held: torch.Tensor, change: torch.Tensor, ranking: torch.Tensor, drop: int) -> torch.Tensor:
     """``held`` (sorted flat indices) without the ``drop`` whose |change| is smallest (ties: the lower
     index dropped), with the ``drop`` best of ``ranking`` outside ``held`` grown in their place."""
-    from .budget import top_set
-
     held = held.long()
     dropped = top_set(-change.detach().abs().float().to(held.device), drop)
     kept = torch.ones(held.numel(), dtype=torch.bool, device=held.device)
@@ -266,3 +262,20 @@ def grow_drop_indices(held: torch.Tensor, change: torch.Tensor, ranking: torch.T
     grown = top_set(score, drop).to(held.device)
     idx = torch.cat([held[kept], grown]).to(index_dtype(ranking.numel()))
     return torch.sort(idx).values.to(ranking.device)
+
+
+def top_set(score: torch.Tensor, m: int, at_least: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat indices of the ``m`` largest entries of the 1-D ``score`` (ties: lower index first), unordered;
+    with ``at_least``, only those of them >= it."""
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long, device=score.device)
+    if at_least is not None:  # usually few pass: rank only them
+        idx = (score >= at_least).nonzero().squeeze(1)
+        return idx if idx.numel() <= m else idx[top_set(score[idx], m)]
+    values, idx = torch.topk(score, m, sorted=False)
+    value = values.min()  # the m-th largest
+    if int((score == value).sum()) == int((values == value).sum()):
+        return idx  # no tie left out at the boundary: top-k's own choice is the one
+    above = (score > value).nonzero().squeeze(1)
+    ties = (score == value).nonzero().squeeze(1)[:m - above.numel()]  # ascending: lowest index first
+    return torch.cat([above, ties])

@@ -11,11 +11,22 @@
   values are a small vector beside it, one entry per component ever
   selected. A forward hook adds ``x @ delta^T`` to the layer's output.
 
-Both offer the engine and the optimizer the same two calls, ``read(idx)``
-and ``write(idx, values)``, on the components they train: the weight's
-values in place, the increment's values (which start at 0) for a delta.
-So AdamW's weight decay acts on the weights in place and on the increment
-for a delta, as it acts on a LoRA adapter's weights.
+A weight sharded by FSDP2 is trained in place too, each rank its own rows
+(:class:`ShardedInPlace`); :mod:`siftune.core.structured` adds whole rows
+or columns of either kind.
+
+Every kind offers the engine and the optimizer one interface,
+:class:`Storage`: ``read(idx)`` and ``write(idx, values)`` on the
+components they train (the weight's values in place, the increment's
+values, which start at 0, for a delta: so AdamW's weight decay acts on the
+weights in place and on the increment for a delta, as it acts on a LoRA
+adapter's weights), how a selection is drawn (``count_at``, ``top_k``,
+``random``, ``agreed``), how the gradient reaches the engine (``attach``,
+``take_pending``) and what the increment holds (``whole``). The engine never
+asks which kind it has.
+
+The functions at the end apply a finished increment to a model: written
+into a float weight, added to the output of a quantized layer.
 
 Kernels, chosen by measurement (``python bench/delta_kernels.py``: one
 2048 x 2048 layer, 512 tokens, fp32, 2 threads on this 2-core CPU, loaded by
@@ -37,12 +48,15 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, IncrementError
+from ..parallel import distributed
 from .quantize import dequantized_weight, keep_training_layout
-from .select import count_selected, index_dtype, pack_indices, unpack_indices
+from .select import count_selected, index_dtype, pack_indices, random_indices, top_k_indices, unpack_indices
+
 
 def quantized_kind(weight: torch.Tensor) -> str | None:
     """How ``weight`` is quantized (bitsandbytes, torchao, an integer dtype), or None for a plain float weight."""
@@ -68,12 +82,89 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
     return (module.out_features, module.in_features)
 
 
-class InPlace:
+class Storage:
+    """What the engine and the optimizer call on a targeted weight, whatever holds its trained values.
+
+    ``trainable`` is the tensor the optimizer trains; ``numel`` and
+    ``shape`` are those of the weight the selection's flat indices point
+    into (on FSDP2 shards, this rank's rows), ``full_numel`` and
+    ``full_shape`` those of the whole weight; ``base_dtype`` is the dtype the
+    weight stands for.
+    """
+
+    # The gradient arrives averaged over the ranks already (FSDP2's reduce-scatter); under DDP each
+    # rank's is its own, and the engine combines them.
+    averaged_over_ranks = False
+    # This process holds part of the weight (its FSDP2 rows), and so part of the selection.
+    partial = False
+    # The weight takes no gradient of its own (requires_grad stays False): the storage hands it over.
+    frozen = False
+    # A selection window's gradient so far, where no ``.grad`` sums the micro-batches (see _summing).
+    pending: torch.Tensor | None = None
+
+    def count_at(self, density: float) -> int:
+        """Components selected in this weight at ``density`` (of the whole weight, on shards too)."""
+        return count_selected(self.full_numel, density)
+
+    def top_k(self, score: torch.Tensor, k: int) -> torch.Tensor:
+        """Sorted flat indices of the ``k`` components with the largest |``score``|."""
+        return top_k_indices(score, k)
+
+    def random(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """Sorted flat indices of ``k`` components drawn uniformly from ``generator``."""
+        return random_indices(self.numel, k, generator, self.trainable.device)
+
+    def agreed(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx`` as every process holds it: rank 0's (the ranks' rankings may differ by rounding)."""
+        if distributed.world_size() > 1:
+            distributed.broadcast(idx, src=0)
+        return idx
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        """This process's part of ``t``, a tensor shaped like the weight (its gradient), detached."""
+        return distributed.local(t)
+
+    def kept_as(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The storage's own tensor of the sorted indices ``idx`` when it holds exactly those, to share."""
+        return None
+
+    def held_bytes(self, selection: torch.Tensor | None) -> dict[str, int]:
+        """Bytes held beside the weight: trained ``values`` and ``indices`` other than ``selection``."""
+        return {"values": 0, "indices": 0}
+
+    def whole(self, indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An increment's indices and values of the whole weight, from this process's ``indices`` and
+        ``values`` (on FSDP2 shards, gathered from every rank; every rank must call this)."""
+        return indices, values
+
+    def take_pending(self) -> torch.Tensor | None:
+        """The gradient of a selection window that ended inside a step (autograd's ``.grad``, or the one
+        this storage summed), taken away; None if there is none."""
+        p = self.trainable
+        pending = p.grad if p.grad is not None else self.pending
+        p.grad = self.pending = None
+        return None if pending is None else self.part(pending)
+
+    def drop_pending(self) -> None:
+        """Forget a selection window's gradient summed so far (a skipped step)."""
+        self.pending = None
+
+    def _summing(self, on_gradient):
+        """``on_gradient`` given this step's earlier micro-batches' gradient too, as autograd sums ``.grad``:
+        a gradient the engine does not take yet (a selection window not complete) waits in ``pending``."""
+        def hand_over(dense: torch.Tensor | None, at_indices: torch.Tensor | None) -> None:
+            if dense is not None and self.pending is not None:
+                dense, self.pending = self.pending.add_(dense), None
+            if not on_gradient(dense, at_indices):
+                self.pending = dense
+
+        return hand_over
+
+
+class InPlace(Storage):
     """The trained values are the weight's own: read and written at the selected indices."""
 
-    # Whether the gradient the engine gets is averaged over the ranks already (FSDP2 shards); under
-    # DDP each rank's is its own, and the engine combines them.
-    averaged_over_ranks = False
+    _handle = None
 
     def __init__(self, param: nn.Parameter, name: str):
         kind = quantized_kind(param)
@@ -83,6 +174,7 @@ class InPlace:
                               "frozen weight)")
         self.trainable = param
         self.numel, self.shape = param.numel(), tuple(param.shape)
+        self.full_numel, self.full_shape = self.numel, self.shape
         self.base_dtype = param.dtype
 
     def select(self, idx: torch.Tensor) -> None:
@@ -98,11 +190,23 @@ class InPlace:
         """The weight's values now (score="grad_weight" ranks by them)."""
         return self.trainable.detach()
 
+    def attach(self, wants_dense, on_gradient) -> None:
+        """Hand the engine the weight's gradient once autograd has summed it into ``.grad`` (see
+        :meth:`Delta.attach` for the callbacks); ``.grad`` is freed once the engine has taken it, else
+        autograd sums the next micro-batch's into it."""
+        def hook(param: torch.Tensor) -> None:
+            if on_gradient(self.part(param.grad), None):
+                param.grad = None
+
+        self._handle = self.trainable.register_post_accumulate_grad_hook(hook)
+
     def attached_to(self, model: nn.Module, name: str) -> bool:
         return model.get_parameter(name) is self.trainable
 
     def remove(self) -> None:
-        pass
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     # The weight's values are the model's: checkpoints take them from its state dict.
     def state(self) -> dict:
@@ -115,7 +219,139 @@ class InPlace:
         pass
 
 
-class Delta:
+class ShardedInPlace(InPlace):
+    """The trained values of a weight sharded by FSDP2 along dim 0: this rank's rows, read and written in place.
+
+    FSDP2's ``fully_shard`` replaces every parameter by a ``DTensor`` whose
+    rank-local part holds a contiguous block of rows (``Shard(0)``; the last
+    ranks hold fewer rows, or none, when the rows do not divide evenly).
+    After each backward it reduce-scatters the gradient, so the weight's
+    post-accumulate-grad hook sees the local rows of the gradient **already
+    averaged** over the ranks. Each rank then works on its own rows:
+
+    * **Selection.** A tensor selects the global top-k of the averaged
+      gradient, exactly as one process would (:meth:`top_k`): every rank
+      sends its local top-k magnitudes (k floats), the k-th largest of the
+      gathered values is the threshold, each rank keeps its entries above
+      it, and the entries equal to it are taken in global index order
+      (ranks hold increasing index ranges). Ranks so hold different counts
+      that sum to k. ``selection="random"`` draws the same global indices on
+      every rank (same seed) and each keeps its own.
+    * **Indices, state, ledger** are local to the shard (flat indices into
+      the rank's rows): optimizer moments, fp32 masters and the increment
+      ledger are split across the ranks like the weights.
+    * **Updates** are written into the local rows in place; FSDP2's next
+      all-gather carries them to every rank.
+    * **Results.** :meth:`whole` gathers the per-rank parts (global indices
+      in order) for an increment.
+
+    No weight or dense gradient is gathered beyond what FSDP2 does itself.
+    ``numel`` and ``shape`` are the local part's, which the engine's
+    indices point into; ``full_numel`` and ``full_shape`` the whole
+    weight's; global flat index = ``offset`` + local flat index.
+    """
+
+    averaged_over_ranks = True  # by FSDP2's reduce-scatter
+    partial = True
+
+    def __init__(self, param: nn.Parameter, name: str):
+        from torch.distributed.tensor import Replicate, Shard
+
+        placements = tuple(param.placements)
+        if placements not in ((Shard(0),), (Replicate(), Shard(0))):
+            raise ConfigError(f"targeted weight {name} is sharded as {placements}; SIFT trains weights sharded "
+                              "along dim 0 (fully_shard's default, no shard_placement_fn), replicated or not (HSDP)")
+        if not param.is_floating_point():
+            raise ConfigError(f"targeted weight {name} is {param.dtype}; SIFT writes updates into float weights")
+        self.trainable = param
+        self.full_shape, self.full_numel = tuple(param.shape), param.numel()
+        part = param.to_local()
+        self.shape, self.numel = tuple(part.shape), part.numel()
+        self.base_dtype = param.dtype
+        # Under HSDP the replicas hold the same shards and, after FSDP2's all-reduce, the same
+        # gradients: they select alike, and only the ranks along the shard dimension split a tensor.
+        mesh = param.device_mesh
+        dim = mesh.ndim - 1
+        self.group, self.world, self.rank = mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
+        # FSDP2 cuts the rows as torch.chunk does: ceil(rows / world) per rank, the last ones short or empty.
+        rows = self.full_shape[0]
+        per_rank = -(-rows // self.world)
+        self.offset = min(self.rank * per_rank, rows) * (self.full_numel // rows if rows else 0)
+
+    def attached_to(self, model: nn.Module, name: str) -> bool:
+        distributed.reshard(model)  # a forward since attach may have left the whole tensor in the parameter's place
+        return super().attached_to(model, name)
+
+    def _flat(self) -> torch.Tensor:
+        # Looked up each time: FSDP2 may re-point the local tensor (lazy init after model.to()).
+        return self.trainable.detach().to_local().view(-1)
+
+    def read(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._flat()[idx]
+
+    def current_weight(self) -> torch.Tensor:
+        """This rank's rows of the weight, as they are now (the local part of score="grad_weight")."""
+        return self._flat().view(self.shape)
+
+    def write(self, idx: torch.Tensor, values: torch.Tensor) -> None:
+        flat = self._flat()
+        flat[idx] = values.to(flat.dtype)
+
+    def random(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """This rank's part of ``k`` components drawn from the whole weight, the same draw on every rank."""
+        drawn = random_indices(self.full_numel, k, generator, self._flat().device).long()
+        mine = drawn[(drawn >= self.offset) & (drawn < self.offset + self.numel)] - self.offset
+        return mine.to(index_dtype(self.numel))
+
+    def top_k(self, score: torch.Tensor, k: int) -> torch.Tensor:
+        """This rank's part of the whole weight's top-k by |``score``| (this rank's rows of it): sorted local
+        flat indices. Every rank of the shard group must call this for the same tensor at the same time."""
+        device = score.device
+        magnitude = score.detach().reshape(-1).abs().float()
+        own = torch.topk(magnitude, min(k, magnitude.numel())).values  # descending
+        padded = torch.full((k,), -1.0, device=device)  # -1 is below every magnitude: padding never counts
+        padded[:own.numel()] = own
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        with distributed.collective_errors():
+            dist.all_gather(gathered, padded, group=self.group)
+        every = torch.cat(gathered)
+        threshold = torch.topk(every, k).values[-1]
+        keep = magnitude > threshold
+        # Entries equal to the threshold fill the rest of k in global index order. A rank whose
+        # sent values end in ties may hold more of them than it sent, but then it alone can fill
+        # the remainder, so the counts it sent are enough for the ranks after it.
+        wanted = k - int((every > threshold).sum())
+        before = sum(int((g == threshold).sum()) for g in gathered[:self.rank])
+        take = max(0, wanted - before)
+        if take:
+            keep[(magnitude == threshold).nonzero().squeeze(1)[:take]] = True
+        return keep.nonzero().squeeze(1).to(index_dtype(self.numel))
+
+    def agreed(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx  # each rank's own rows: the ranks' parts are different by design
+
+    def whole(self, indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.trainable.device
+        global_idx = torch.cat(self.gathered((indices.long() + self.offset).to(device)))
+        all_values = torch.cat(self.gathered(values.float().to(device)))
+        return global_idx.to(index_dtype(self.full_numel)), all_values
+
+    def gathered(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's 1-D ``t`` (lengths may differ), in rank order, on the CPU."""
+        with distributed.collective_errors():
+            count = torch.tensor([t.numel()], device=t.device)
+            counts = [torch.empty_like(count) for _ in range(self.world)]
+            dist.all_gather(counts, count, group=self.group)
+            longest = max(int(c) for c in counts)
+            padded = t.new_zeros(longest)
+            padded[:t.numel()] = t
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(parts, padded, group=self.group)
+        return [part[:int(c)].cpu() for part, c in zip(parts, counts)]
+
+
+
+class Delta(Storage):
     """Trained values beside a frozen Linear-like layer, added to its output by a forward hook.
 
     ``trainable`` is a 1-D parameter of the increment's values at
@@ -129,8 +365,6 @@ class Delta:
     unpacked for each use: one layer's transient, as its dense delta is.
     """
 
-    averaged_over_ranks = False  # as InPlace's
-
     def __init__(self, module: nn.Module, name: str, k: int, dtype: torch.dtype, compact: bool = False):
         _require_linear_like(module, name)
         keep_training_layout(module)
@@ -138,6 +372,7 @@ class Delta:
         self.transposed = type(module).__name__ == "Conv1D"
         self.shape = weight_shape(module)
         self.numel = self.shape[0] * self.shape[1]
+        self.full_numel, self.full_shape = self.numel, self.shape
         device = _device_of(module)
         self.trainable = nn.Parameter(torch.zeros(k, dtype=dtype, device=device))
         self.compact = compact
@@ -163,6 +398,11 @@ class Delta:
     def kept_as(self, idx: torch.Tensor) -> torch.Tensor | None:
         """The stored form of ``idx`` (sorted) when the delta holds exactly ``idx``, to share rather than copy."""
         return self.stored if self.stored is not None and self.count == idx.numel() else None
+
+    def held_bytes(self, selection: torch.Tensor | None) -> dict[str, int]:
+        """The values, and the indices unless they are the selection's own tensor (periodic mode: its own)."""
+        return {"values": _nbytes(self.trainable),
+                "indices": 0 if self.stored is selection else _nbytes(self.stored)}
 
     # -- selection ------------------------------------------------------------
     def select(self, idx: torch.Tensor) -> None:
@@ -236,9 +476,11 @@ class Delta:
 
         ``wants_dense()`` says whether the engine needs the dense gradient
         (it is selecting); ``on_gradient(dense, values)`` takes either the
-        dense gradient or the gradient at every index of :attr:`indices`.
+        dense gradient or the gradient at every index of :attr:`indices`, and
+        returns whether it took it (a dense gradient not taken waits in
+        ``pending`` and the next micro-batch's is added to it).
         """
-        callbacks = (wants_dense, on_gradient)
+        callbacks = (wants_dense, self._summing(on_gradient))
 
         def hook(module, args, output):
             return output + _DeltaMatmul.apply(args[0], self.trainable, self, callbacks)
@@ -358,6 +600,11 @@ def _device_of(module: nn.Module) -> torch.device:
 def make(kind: str, module: nn.Module, param: nn.Parameter, name: str, density: float, delta_dtype: torch.dtype,
          compact: bool = False):
     """The storage ``SiftConfig.storage`` (``kind``) names for the targeted weight ``param`` of ``module``."""
+    if distributed.is_sharded(param):
+        if kind != "in_place":
+            raise ConfigError(f"targeted weight {name} is sharded (FSDP2); storage={kind!r} needs whole weights: "
+                              "attach with storage='in_place' (the default)")
+        return ShardedInPlace(param, name)
     if kind == "delta":
         _require_linear_like(module, name)
         rows, cols = weight_shape(module)
@@ -371,19 +618,69 @@ def _require_linear_like(module: nn.Module, name: str) -> None:
                           "leave it out of target_modules or use storage='in_place'")
 
 
-def add_to_output(module: nn.Module, name: str, indices: torch.Tensor, values: torch.Tensor) -> Delta:
-    """Add fixed increment values to a layer's output: applying an increment to a weight that cannot be written.
+# -- a finished increment on a model -------------------------------------------
+def writable(weight: torch.Tensor) -> bool:
+    """Whether values can be written into ``weight``: a plain float tensor, not a quantized one."""
+    return quantized_kind(weight) is None
 
-    For a quantized layer (:meth:`siftune.SparseIncrement.apply`); the
-    returned delta's :meth:`Delta.remove` takes it off again.
+
+def increment_shape(model: nn.Module, name: str, weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape an increment's tensor ``name`` (``weight`` of ``model``) has: the weight's own, or a quantized
+    layer's logical ``(out, in)``."""
+    return tuple(weight.shape) if writable(weight) else tuple(weight_shape(_owner(model, name)))
+
+
+@torch.no_grad()
+def add_increment(model: nn.Module, name: str, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):
+    """Add an increment's fp32 ``values`` at the flat ``indices`` of ``weight`` (the tensor ``name`` of ``model``).
+
+    A float weight takes them in place. A quantized one (bitsandbytes,
+    torchao) cannot: its layer gets them added to its output instead (a
+    forward hook), so increments swap on one quantized model without
+    reloading it. Returns what :func:`remove_increment` needs to undo it
+    exactly: the overwritten values, or the hook.
     """
-    delta = Delta(module, name, indices.numel(), torch.float32)
-    delta.indices = indices.to(delta.trainable.device, index_dtype(delta.numel))
-    delta.trainable.data = values.to(delta.trainable.device, torch.float32)
-    delta.trainable.requires_grad_(False)
-    delta.attach(lambda: False, _no_gradient)
-    return delta
+    if not writable(weight):
+        module = _owner(model, name)
+        delta = Delta(module, name, indices.numel(), torch.float32)
+        delta.indices = indices.to(delta.trainable.device, index_dtype(delta.numel))
+        delta.trainable.data = values.to(delta.trainable.device, torch.float32)
+        delta.trainable.requires_grad_(False)
+        delta.attach(lambda: False, _no_gradient)
+        return delta
+    flat = weight.detach().view(-1)
+    idx = indices.to(flat.device, torch.int64)
+    old = flat[idx].clone()
+    flat.index_copy_(0, idx, (old.float() + values.to(flat.device)).to(flat.dtype))
+    return old
 
 
-def _no_gradient(dense, values) -> None:
-    pass  # an applied increment is not trained
+@torch.no_grad()
+def remove_increment(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, applied=None) -> None:
+    """Undo :func:`add_increment`: exactly with what it returned (``applied``), else by subtraction, which
+    needs a writable weight (IncrementError otherwise)."""
+    if isinstance(applied, Delta):
+        applied.remove()  # the hook that added the values
+        return
+    if applied is None and not writable(weight):
+        raise IncrementError("a quantized weight's increment can only be removed from the model object it was "
+                             "applied to")
+    flat = weight.detach().view(-1)
+    idx = indices.to(flat.device, torch.int64)
+    if applied is not None:
+        flat.index_copy_(0, idx, applied)
+    else:
+        flat.index_copy_(0, idx, (flat[idx].float() - values.to(flat.device)).to(flat.dtype))
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    """The module holding the tensor named ``name``."""
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def _no_gradient(dense, values) -> bool:
+    return True  # an applied increment is not trained
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0

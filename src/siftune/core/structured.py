@@ -32,9 +32,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .budget import top_set
 from ..errors import CheckpointError, ConfigError
-from .select import count_selected, index_dtype
+from ..parallel import distributed
+from .select import count_selected, index_dtype, top_set
 from .storage import Delta, InPlace, weight_shape
 
 STRUCTURES = ("rows", "columns")
@@ -102,6 +102,9 @@ def check_target(module: nn.Module, name: str) -> None:
 
 def make(config, module: nn.Module, param: nn.Parameter, name: str):
     """The storage of the targeted weight ``param`` of ``module`` under ``config.structure``."""
+    if distributed.is_sharded(param):
+        raise ConfigError(f"structure={config.structure!r} does not work on FSDP2 shards ({name} is sharded): "
+                          "set structure=None, or train without fully_shard")
     check_target(module, name)
     if config.storage == "delta":
         k = selected_count(weight_shape(module), config.density, config.structure)
@@ -109,7 +112,20 @@ def make(config, module: nn.Module, param: nn.Parameter, name: str):
     return SliceInPlace(module, param, name, config.structure)
 
 
-class SliceInPlace(InPlace):
+class _Lines:
+    """What a selection of whole rows (columns) changes in the :class:`siftune.core.storage.Storage` interface."""
+
+    def count_at(self, density: float) -> int:
+        return selected_count(self.shape, density, self.structure)
+
+    def top_k(self, score: torch.Tensor, k: int) -> torch.Tensor:
+        return top_lines(score.reshape(self.shape), k, self.structure)
+
+    def random(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        return random_lines(self.shape, k, self.structure, generator, self.trainable.device)
+
+
+class SliceInPlace(_Lines, InPlace):
     """The trained values are the weight's own, as :class:`InPlace`; the weight itself stays frozen.
 
     The layer's forward runs through :class:`_SliceLinear`, which hands the
@@ -136,7 +152,7 @@ class SliceInPlace(InPlace):
 
     def attach(self, wants_dense, on_gradient) -> None:
         """Route the layer's forward through :class:`_SliceLinear` (see :meth:`Delta.attach` for the callbacks)."""
-        module, callbacks = self.module, (wants_dense, on_gradient)
+        module, callbacks = self.module, (wants_dense, self._summing(on_gradient))
 
         def forward(x):
             return _SliceLinear.apply(x, module.weight, module.bias, self.anchor, self, callbacks)
@@ -217,7 +233,7 @@ class _SliceLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None, None
 
 
-class SliceDelta(Delta):
+class SliceDelta(_Lines, Delta):
     """:class:`Delta` whose values are whole rows (columns) of the logical weight.
 
     Added in the forward as ``x @ D^T`` into the rows' outputs (rows) or as
@@ -247,7 +263,7 @@ class SliceDelta(Delta):
         return values.view(self.shape[0], -1)
 
     def attach(self, wants_dense, on_gradient) -> None:
-        callbacks = (wants_dense, on_gradient)
+        callbacks = (wants_dense, self._summing(on_gradient))
 
         def hook(module, args, output):
             return _SliceDeltaMatmul.apply(output, args[0], self.trainable, self, callbacks)

@@ -23,10 +23,10 @@ ANCHORS = {
 # The one factor from roofline seconds to H200 seconds, fitted on the 7B floor only
 # (0.193 s measured / 0.11539 s roofline); bench/estimate_calibration.py fits it again.
 STEP_SCALE = 1.6726
-# The 7B floor's roofline seconds per kernel (0.11539 s over 4,351 kernels): below half of it a
+# The 7B floor's roofline seconds per kernel (0.11539 s over 4,339 kernels): below half of it a
 # step is bound by kernel launches and Python, which a roofline does not see (at the 1B shape the
 # factor makes LoRA 69% too fast), and no step time is stated.
-FLOOR_S_PER_KERNEL = 0.11539 / 4351
+FLOOR_S_PER_KERNEL = 0.11539 / 4339
 MIN_WORK_PER_KERNEL = 0.5
 
 

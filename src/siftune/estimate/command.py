@@ -121,18 +121,20 @@ def _gib(n) -> str:
     return "" if not n or n < 0.005 * GiB else f"{n / GiB:.2f}"
 
 
-def _what(result: dict) -> str:
+def _what(result: dict, searched: str | None = None) -> str:
     s = result["setup"]
     where = f"{result['gpus']} GPUs, FSDP2, per GPU" if result["fsdp"] else "one GPU"
+    batch = "searched" if searched == "batch-size" else s["batch_size"]
+    tokens = "searched" if searched == "seq-len" else s["seq_len"]
     return (f"{result['params'] / 1e9:.2f}B parameters, {result['layers']} layers; {s['dtype']}"
             + (f" base in {s['quantize']}" if s.get("quantize") else "")
-            + f", batch {s['batch_size']} x {s['seq_len']} tokens, gradient checkpointing "
+            + f", batch {batch} x {tokens} tokens, gradient checkpointing "
             + ("on" if s["gradient_checkpointing"] else "off") + f"; {where}")
 
 
 def table(results: list[dict], model: str) -> list[str]:
     """The estimate as a Markdown table: one row per method, the parts at its peak, then notes."""
-    used = [c for c in COLUMNS if any(r["parts"].get(c) for r in results)]
+    used = [c for c in COLUMNS if any(r["parts"].get(c, 0) >= 0.005 * GiB for r in results)]
     lines = [f"{model}: {_what(results[0])}", "",
              "| method | trainable | peak GiB | " + " | ".join(c.replace("_", " ") for c in used)
              + " | step s (H200) |",
@@ -159,7 +161,7 @@ def table(results: list[dict], model: str) -> list[str]:
 def fit_table(results: list[dict], model: str, size: str) -> list[str]:
     what = results[0]["fit_for"]
     first = next((r["estimate"] for r in results if r.get("estimate")), None)
-    lines = ([f"{model}: {_what(first)}", ""] if first else []) + [
+    lines = ([f"{model}: {_what(first, what)}", ""] if first else []) + [
         f"| method | largest {what} within {size} | peak GiB there | next probe up (GiB) |", "|---|---:|---:|---|"]
     for r in results:
         if r["largest"] is None:

@@ -52,21 +52,24 @@ def largest(peak_at, low, high, budget: int, step=None, relative: float = 0.01):
     if peak(high) <= budget:
         return high, probes
     lo, hi = low, high
+    moved = []  # which end each probe moved
     while hi - lo > (step or relative * lo):
         tolerance = step or relative * lo
         crossing = lo + (budget - peak(lo)) * (hi - lo) / (peak(hi) - peak(lo))
-        if crossing - lo < tolerance:
-            x = lo + tolerance  # the line says lo is the answer: probe just above it
-        elif hi - crossing < tolerance:
-            x = hi - tolerance
-        else:  # just under the crossing, so that the next probe can close the bracket from above
-            x = min(max(crossing - tolerance / 2, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
+        if moved[-2:] in (["lo", "lo"], ["hi", "hi"]):
+            x = (lo + hi) / 2  # the line misread the curve twice on one side: halve the bracket
+        elif crossing - lo < 2 * tolerance:
+            x = lo + tolerance  # the line puts the answer at lo: probe just above it
+        else:  # just under the crossing, so that the next probe, just above, can close the bracket
+            x = min(max(crossing - tolerance / 2, lo + tolerance), hi - tolerance)
         if step:
             x = min(max(round(x / step) * step, lo + step), hi - step)
         if peak(x) <= budget:
             lo = x
+            moved.append("lo")
         else:
             hi = x
+            moved.append("hi")
     return lo, probes
 
 

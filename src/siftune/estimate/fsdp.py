@@ -116,6 +116,7 @@ def _shard_and_set_up(config, setup: Setup, model, mesh, density: float):
     fully_shard(model, mesh=mesh)
     if next(model.parameters()).device.type == "meta":
         model.to_empty(device=HOST)  # under FakeTensorMode: fake, each rank's shard only
+        model.tie_weights()  # to_empty makes a new tensor for each module's reference to a tied weight
     if setup.method == "lora":
         trainable = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(trainable, lr=1e-4, fused=True), None

@@ -132,7 +132,7 @@ def density_of(setup: Setup, entries: int) -> float:
 
 def sift_config(setup: Setup, density: float, distributed: bool = False):
     """The :class:`~siftune.SiftConfig` of a SIFT method at ``density``."""
-    from .. import SiftConfig
+    from ..config import SiftConfig
 
     options = dict(density=density, target_modules="all-linear")
     if setup.method == "sift-lean":
@@ -170,9 +170,9 @@ def set_up(setup: Setup, model, density: float, fused: bool = True, distributed:
         model = peft.get_peft_model(model, config)
         trainable = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(trainable, lr=1e-4, fused=fused), None
-    import siftune
+    from ..core.engine import attach
 
-    engine = siftune.attach(model, sift_config(setup, density, distributed))
+    engine = attach(model, sift_config(setup, density, distributed))
     model.enable_input_require_grads()  # checkpointed layers need an input that requires grad, as with peft
     return model, engine.optimizer(lr=1e-4), engine
 

@@ -20,9 +20,10 @@ LLAMA_SHAPES = {
     "llama-13b": (5120, 40, 13824, 40, 40),
     "llama-70b": (8192, 80, 28672, 64, 8),
 }
-# Architectures a training step has been traced through on fake tensors (tests/test_estimate.py
-# traces each at a tiny shape). Others are tried, and refused with the reason if the trace fails.
-TRACED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt")
+# Architectures whose training step has been traced on fake tensors at a tiny shape (docs/estimate.md);
+# others are tried, and refused with the reason if the trace fails.
+TRACED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite",
+                        "starcoder2", "gpt2", "gpt_neox", "opt", "bloom", "bert", "roberta")
 
 
 def named_config(name: str):

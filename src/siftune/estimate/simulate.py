@@ -499,6 +499,7 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
     first = last = None
     with FakeTensorMode(allow_non_fake_inputs=True), reads, cuda_kernels():
         model.to_empty(device=DEVICE)  # now fake
+        model.tie_weights()  # to_empty makes a new tensor for each module's reference to a tied weight
         if nf4:
             import bitsandbytes as bnb
 

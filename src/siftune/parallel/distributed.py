@@ -11,6 +11,12 @@ batch (:func:`shard`), so that the ranks together see exactly the batch a
 single process would see, and the averaged gradient is the single-process
 gradient. Only rank 0 prints and writes files (:func:`is_main_process`).
 
+FSDP2 splits tensors over the ranks (``DTensor``): :func:`local` is this
+rank's part of one, :func:`full` the whole gathered, :func:`reshard` puts a
+model back to its sharded parameters; :func:`cut_over_ranks` and
+:func:`top_over_ranks` rank scores spread over the ranks without gathering
+them, :func:`global_norm` is a gradient norm over shards.
+
 Every collective gives up after a timeout (``SIFTUNE_DIST_TIMEOUT`` seconds,
 default 600), so a rank that dies or stops responding ends the job with
 :class:`DistributedError` on the others instead of a hang.
@@ -205,3 +211,121 @@ def _take(batch, index):
     if isinstance(batch, dict):
         return {key: _take(value, index) for key, value in batch.items()}
     return type(batch)(_take(value, index) for value in batch)
+
+
+# -- tensors split over the ranks (FSDP2's DTensors), rankings across the ranks ----------------
+def is_sharded(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or gradient of a model sharded by ``fully_shard``)."""
+    if t is None or not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, and for a DTensor this rank's part of it (a view: writes go into the shard)."""
+    t = t.detach()
+    return t.to_local() if is_sharded(t) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole of ``t``; for a DTensor, gathered from every rank (all ranks must call)."""
+    if is_sharded(t):
+        with collective_errors():
+            return t.detach().full_tensor().cpu()
+    return t.detach().cpu().clone()
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2-sharded module of ``model`` back to its sharded parameters.
+
+    FSDP2 leaves the root's parameters gathered after a forward (it expects
+    the backward next), so after an evaluation the model holds whole
+    tensors in their place; SIFT must find the sharded parameters it trains.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def cut_over_ranks(scores: torch.Tensor, count: int, group) -> torch.Tensor:
+    """The ``count``-th largest of all ranks' ``scores`` (1-D, fp32, >= 0), as a 0-d fp32 tensor (0 when the
+    ranks hold fewer); every rank must call this at the same time.
+
+    It is found bit by bit (a non-negative float's bits order as an
+    integer), one scalar all-reduce a bit, so no rank gathers the others'
+    candidates.
+    """
+    bits = scores.contiguous().view(torch.int32)
+    threshold = 0
+    with collective_errors():
+        for bit in range(30, -1, -1):  # bit 31 is the sign, 0 for every score
+            candidate = threshold | (1 << bit)
+            n = (bits >= candidate).sum().reshape(1)
+            dist.all_reduce(n, group=group)
+            if int(n) >= count:
+                threshold = candidate
+    return torch.tensor(threshold, dtype=torch.int32).view(torch.float32).to(scores.device)
+
+
+def top_over_ranks(scores: torch.Tensor, tensors: torch.Tensor, n_tensors: int, count: int, group) -> torch.Tensor:
+    """This rank's part of the ``count`` largest ``scores`` of all ranks in ``group``: positions into ``scores``.
+
+    ``scores`` (1-D, fp32, >= 0) are this rank's candidates in ascending
+    model order (targeted tensor ``tensors[j]``, then index); every rank
+    must call this at the same time. The threshold is
+    :func:`cut_over_ranks`'s; entries equal to it are taken in global model
+    order: tensor, then rank (ranks hold increasing rows), then index.
+    """
+    device = scores.device
+    threshold = cut_over_ranks(scores, count, group)
+    with collective_errors():
+        above = scores > threshold
+        n_above = above.sum().reshape(1)
+        dist.all_reduce(n_above, group=group)
+        tied = (scores == threshold).nonzero().squeeze(1)
+        tied_per_tensor = torch.bincount(tensors[tied], minlength=n_tensors)
+        every = [torch.empty_like(tied_per_tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, tied_per_tensor, group=group)
+    wanted, rank = count - int(n_above), dist.get_rank(group)
+    take = torch.zeros(n_tensors, dtype=torch.long)
+    for i in range(n_tensors):  # tensor-major, rank-minor: global model order
+        for r, ties in enumerate(every):
+            got = min(int(ties[i]), wanted)
+            wanted -= got
+            if r == rank:
+                take[i] = got
+    keep = [above.nonzero().squeeze(1)]
+    for i in take.nonzero().squeeze(1).tolist():
+        keep.append(tied[tensors[tied] == i][:int(take[i])])  # ascending: lowest index first
+    return torch.cat(keep).to(device)
+
+
+def global_norm(grads) -> float:
+    """The norm of the gradient ``(param, idx, grad)`` triples hold together, across all shards.
+
+    Sharded parameters' parts are summed over the ranks that split them
+    (every rank must then call this; all on one mesh); whole (replicated)
+    ones count once.
+    """
+    if not grads:
+        return 0.0
+    sharded = [(p, g) for p, _, g in grads if is_sharded(p)]
+    whole = [g for p, _, g in grads if not is_sharded(p)]
+    squares = torch.zeros((), dtype=torch.float32, device=grads[0][2].device)
+    if sharded:
+        part = _sum_of_squares([g for _, g in sharded])
+        with collective_errors():
+            mesh = sharded[0][0].device_mesh
+            dist.all_reduce(part, group=mesh.get_group(mesh.ndim - 1))
+        squares = squares + part
+    if whole:
+        squares = squares + _sum_of_squares(whole)
+    return float(squares.sqrt())
+
+
+def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([g.float().pow(2).sum() for g in grads]).sum()

@@ -1,31 +1,12 @@
-"""SIFT on a model sharded by FSDP2's ``fully_shard``: each rank trains the components of its own shard.
+"""FSDP2 in a training run: sharding a model, its collectives' failures, and its checkpoints.
 
-FSDP2 replaces every parameter by a ``DTensor`` whose rank-local part holds
-a contiguous block of rows (``Shard(0)``; the last ranks hold fewer rows, or
-none, when the rows do not divide evenly). After each backward it
-reduce-scatters the gradient, so a parameter's post-accumulate-grad hook
-sees the local rows of the gradient **already averaged** over the ranks.
-The engine then works on that local part only:
-
-* **Selection.** Each tensor selects the global top-k of the averaged
-  gradient, exactly as one process would: every rank sends its local top-k
-  magnitudes (k floats), the k-th largest of the gathered values is the
-  threshold, each rank keeps its entries above it, and the entries equal to
-  it are taken in global index order (ranks hold increasing index ranges).
-  Ranks so hold different counts that sum to k. ``selection="random"``
-  draws the same global indices on every rank (same seed) and each keeps
-  its own.
-* **Indices, state, ledger** are local to the shard (flat indices into the
-  rank's rows): optimizer moments, fp32 masters and the increment ledger
-  are split across the ranks like the weights.
-* **Updates** are written into the local rows in place; FSDP2's next
-  all-gather carries them to every rank.
-* **Results.** :func:`whole_delta` and :func:`full` gather a tensor's
-  per-rank parts (global indices in order) for an increment.
-* **Checkpoints** are written with ``torch.distributed.checkpoint``, one
-  file per rank, by :class:`ShardedCheckpoints`.
-
-No weight or dense gradient is gathered beyond what FSDP2 does itself.
+:func:`shard_model` applies ``fully_shard`` to each transformer block and
+then the model, before :func:`siftune.attach`; SIFT then trains each rank's
+rows of every targeted weight (:class:`siftune.core.storage.ShardedInPlace`
+says how). :func:`fsdp_collective_errors` turns a lost peer inside FSDP2's
+own all-gathers and reduce-scatters into :class:`DistributedError`.
+:class:`ShardedCheckpoints` writes a sharded run's training state with
+``torch.distributed.checkpoint``, one file per rank.
 """
 from __future__ import annotations
 
@@ -43,251 +24,9 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
+from ..artifacts.checkpoint import FORMAT_VERSION
+from ..artifacts.io import fsync_dir
 from ..errors import CheckpointError, ConfigError, WriteError
-from ..core.select import index_dtype, random_indices
-from ..core.storage import InPlace
-
-
-def is_sharded(t: torch.Tensor | None) -> bool:
-    """Whether ``t`` is a DTensor (a parameter or gradient of a model sharded by ``fully_shard``)."""
-    if t is None or not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, and for a DTensor this rank's part of it (a view: writes go into the shard)."""
-    t = t.detach()
-    return t.to_local() if is_sharded(t) else t
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of the whole of ``t``; for a DTensor, gathered from every rank (all ranks must call)."""
-    if is_sharded(t):
-        with distributed.collective_errors():
-            return t.detach().full_tensor().cpu()
-    return t.detach().cpu().clone()
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP2-sharded module of ``model`` back to its sharded parameters.
-
-    FSDP2 leaves the root's parameters gathered after a forward (it expects
-    the backward next), so after an evaluation the model holds whole
-    tensors in their place; SIFT must find the sharded parameters it trains.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-class ShardedInPlace(InPlace):
-    """The trained values of a weight sharded along dim 0: this rank's rows, read and written in place.
-
-    ``numel`` and ``shape`` are the local part's, which the engine's
-    indices point into; ``full_numel`` and ``full_shape`` the whole
-    weight's; global flat index = ``offset`` + local flat index.
-    """
-
-    averaged_over_ranks = True  # by FSDP2's reduce-scatter
-
-    def __init__(self, param: torch.nn.Parameter, name: str):
-        from torch.distributed.tensor import Replicate, Shard
-
-        placements = tuple(param.placements)
-        if placements not in ((Shard(0),), (Replicate(), Shard(0))):
-            raise ConfigError(f"targeted weight {name} is sharded as {placements}; SIFT trains weights sharded "
-                              "along dim 0 (fully_shard's default, no shard_placement_fn), replicated or not (HSDP)")
-        if not param.is_floating_point():
-            raise ConfigError(f"targeted weight {name} is {param.dtype}; SIFT writes updates into float weights")
-        self.trainable = param
-        self.full_shape, self.full_numel = tuple(param.shape), param.numel()
-        part = param.to_local()
-        self.shape, self.numel = tuple(part.shape), part.numel()
-        self.base_dtype = param.dtype
-        # Under HSDP the replicas hold the same shards and, after FSDP2's all-reduce, the same
-        # gradients: they select alike, and only the ranks along the shard dimension split a tensor.
-        mesh = param.device_mesh
-        dim = mesh.ndim - 1
-        self.group, self.world, self.rank = mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim)
-        # FSDP2 cuts the rows as torch.chunk does: ceil(rows / world) per rank, the last ones short or empty.
-        rows = self.full_shape[0]
-        per_rank = -(-rows // self.world)
-        self.offset = min(self.rank * per_rank, rows) * (self.full_numel // rows if rows else 0)
-
-    def attached_to(self, model: torch.nn.Module, name: str) -> bool:
-        reshard(model)  # a forward since attach may have left the whole tensor in the parameter's place
-        return super().attached_to(model, name)
-
-    def _flat(self) -> torch.Tensor:
-        # Looked up each time: FSDP2 may re-point the local tensor (lazy init after model.to()).
-        return self.trainable.detach().to_local().view(-1)
-
-    def read(self, idx: torch.Tensor) -> torch.Tensor:
-        return self._flat()[idx]
-
-    def current_weight(self) -> torch.Tensor:
-        """This rank's rows of the weight, as they are now (the local part of score="grad_weight")."""
-        return self._flat().view(self.shape)
-
-    def write(self, idx: torch.Tensor, values: torch.Tensor) -> None:
-        flat = self._flat()
-        flat[idx] = values.to(flat.dtype)
-
-
-def shard_group(param: torch.Tensor):
-    """The process group of the ranks among which ``param`` (a DTensor) is split: its mesh's last dimension."""
-    mesh = param.device_mesh
-    return mesh.get_group(mesh.ndim - 1)
-
-
-def make_storage(kind: str, param: torch.nn.Parameter, name: str) -> ShardedInPlace:
-    """The storage of a sharded targeted weight (``kind`` is ``SiftConfig.storage``)."""
-    if kind != "in_place":
-        raise ConfigError(f"targeted weight {name} is sharded (FSDP2); storage={kind!r} needs whole weights: "
-                          "attach with storage='in_place' (the default)")
-    return ShardedInPlace(param, name)
-
-
-def select(store: ShardedInPlace, score: torch.Tensor, k: int, generator: torch.Generator,
-           selection: str) -> torch.Tensor:
-    """This rank's part of the global selection of k components: sorted local flat indices.
-
-    ``score`` is the local part of the (averaged) gradient. Every rank of
-    the shard group must call this for the same tensor at the same time.
-    """
-    device = score.device
-    if selection == "random":
-        drawn = random_indices(store.full_numel, k, generator, device).long()  # the same on every rank
-        mine = drawn[(drawn >= store.offset) & (drawn < store.offset + store.numel)] - store.offset
-        return mine.to(index_dtype(store.numel))
-    magnitude = score.detach().reshape(-1).abs().float()
-    own = torch.topk(magnitude, min(k, magnitude.numel())).values  # descending
-    padded = torch.full((k,), -1.0, device=device)  # -1 is below every magnitude: padding never counts
-    padded[:own.numel()] = own
-    gathered = [torch.empty_like(padded) for _ in range(store.world)]
-    with distributed.collective_errors():
-        dist.all_gather(gathered, padded, group=store.group)
-    every = torch.cat(gathered)
-    threshold = torch.topk(every, k).values[-1]
-    keep = magnitude > threshold
-    # Entries equal to the threshold fill the rest of k in global index order. A rank whose
-    # sent values end in ties may hold more of them than it sent, but then it alone can fill
-    # the remainder, so the counts it sent are enough for the ranks after it.
-    wanted = k - int((every > threshold).sum())
-    before = sum(int((g == threshold).sum()) for g in gathered[:store.rank])
-    take = max(0, wanted - before)
-    if take:
-        keep[(magnitude == threshold).nonzero().squeeze(1)[:take]] = True
-    return keep.nonzero().squeeze(1).to(index_dtype(store.numel))
-
-
-def cut_over_ranks(scores: torch.Tensor, count: int, group) -> torch.Tensor:
-    """The ``count``-th largest of all ranks' ``scores`` (1-D, fp32, >= 0), as a 0-d fp32 tensor (0 when the
-    ranks hold fewer); every rank must call this at the same time.
-
-    It is found bit by bit (a non-negative float's bits order as an
-    integer), one scalar all-reduce a bit, so no rank gathers the others'
-    candidates.
-    """
-    bits = scores.contiguous().view(torch.int32)
-    threshold = 0
-    with distributed.collective_errors():
-        for bit in range(30, -1, -1):  # bit 31 is the sign, 0 for every score
-            candidate = threshold | (1 << bit)
-            n = (bits >= candidate).sum().reshape(1)
-            dist.all_reduce(n, group=group)
-            if int(n) >= count:
-                threshold = candidate
-    return torch.tensor(threshold, dtype=torch.int32).view(torch.float32).to(scores.device)
-
-
-def top_over_ranks(scores: torch.Tensor, tensors: torch.Tensor, n_tensors: int, count: int, group) -> torch.Tensor:
-    """This rank's part of the ``count`` largest ``scores`` of all ranks in ``group``: positions into ``scores``.
-
-    ``scores`` (1-D, fp32, >= 0) are this rank's candidates in ascending
-    model order (targeted tensor ``tensors[j]``, then index); every rank
-    must call this at the same time. The threshold is
-    :func:`cut_over_ranks`'s; entries equal to it are taken in global model
-    order: tensor, then rank (ranks hold increasing rows), then index.
-    """
-    device = scores.device
-    threshold = cut_over_ranks(scores, count, group)
-    with distributed.collective_errors():
-        above = scores > threshold
-        n_above = above.sum().reshape(1)
-        dist.all_reduce(n_above, group=group)
-        tied = (scores == threshold).nonzero().squeeze(1)
-        tied_per_tensor = torch.bincount(tensors[tied], minlength=n_tensors)
-        every = [torch.empty_like(tied_per_tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(every, tied_per_tensor, group=group)
-    wanted, rank = count - int(n_above), dist.get_rank(group)
-    take = torch.zeros(n_tensors, dtype=torch.long)
-    for i in range(n_tensors):  # tensor-major, rank-minor: global model order
-        for r, ties in enumerate(every):
-            got = min(int(ties[i]), wanted)
-            wanted -= got
-            if r == rank:
-                take[i] = got
-    keep = [above.nonzero().squeeze(1)]
-    for i in take.nonzero().squeeze(1).tolist():
-        keep.append(tied[tensors[tied] == i][:int(take[i])])  # ascending: lowest index first
-    return torch.cat(keep).to(device)
-
-
-def global_norm(grads) -> float:
-    """The norm of the gradient ``(param, idx, grad)`` triples hold together, across all shards.
-
-    Sharded parameters' parts are summed over the ranks that split them
-    (every rank must then call this; all on one mesh); whole (replicated)
-    ones count once.
-    """
-    if not grads:
-        return 0.0
-    sharded = [(p, g) for p, _, g in grads if is_sharded(p)]
-    whole = [g for p, _, g in grads if not is_sharded(p)]
-    squares = torch.zeros((), dtype=torch.float32, device=grads[0][2].device)
-    if sharded:
-        part = _sum_of_squares([g for _, g in sharded])
-        with distributed.collective_errors():
-            dist.all_reduce(part, group=shard_group(sharded[0][0]))
-        squares = squares + part
-    if whole:
-        squares = squares + _sum_of_squares(whole)
-    return float(squares.sqrt())
-
-
-def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-
-
-def whole_delta(store: ShardedInPlace, indices: torch.Tensor, values: torch.Tensor):
-    """The increment's :class:`TensorDelta` of a sharded weight, from every rank's (local) ledger part."""
-    from ..artifacts.increment import TensorDelta
-
-    device = store.trainable.device
-    global_idx = torch.cat(_all_gather_varying((indices.long() + store.offset).to(device), store))
-    all_values = torch.cat(_all_gather_varying(values.float().to(device), store))
-    return TensorDelta(indices=global_idx.to(index_dtype(store.full_numel)), values=all_values,
-                       shape=store.full_shape, dtype=str(store.base_dtype).replace("torch.", ""))
-
-
-def _all_gather_varying(t: torch.Tensor, store: ShardedInPlace) -> list[torch.Tensor]:
-    """Every rank's 1-D ``t`` (lengths may differ), in rank order, on the CPU."""
-    with distributed.collective_errors():
-        count = torch.tensor([t.numel()], device=t.device)
-        counts = [torch.empty_like(count) for _ in range(store.world)]
-        dist.all_gather(counts, count, group=store.group)
-        longest = max(int(c) for c in counts)
-        padded = t.new_zeros(longest)
-        padded[:t.numel()] = t
-        parts = [torch.empty_like(padded) for _ in range(store.world)]
-        dist.all_gather(parts, padded, group=store.group)
-    return [part[:int(c)].cpu() for part, c in zip(parts, counts)]
 
 
 @contextlib.contextmanager
@@ -367,8 +106,6 @@ class ShardedCheckpoints:
     def save(self, state: dict):
         """Write this rank's ``state`` (:func:`siftune.artifacts.checkpoint.capture`) as its part of the step's checkpoint."""
         import torch.distributed.checkpoint as dcp
-
-        from ..artifacts.io import fsync_dir
 
         step = int(state["step"])
         final, temporary = self.path(step), self.folder / f".checkpoint-{step:08d}.partial"
@@ -461,8 +198,6 @@ def _metadata(path: Path) -> dict:
 def _read_part(path: Path, saved: dict) -> dict:
     """This rank's part of the checkpoint at ``path`` (every rank must call this)."""
     import torch.distributed.checkpoint as dcp
-
-    from ..artifacts.checkpoint import FORMAT_VERSION
 
     prefix = f"rank{distributed.rank()}/"
     mine = {key: torch.empty(meta.size, dtype=meta.properties.dtype)

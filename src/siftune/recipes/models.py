@@ -198,3 +198,16 @@ def load_model(name_or_path, task, num_labels=None, dtype=torch.float32, labels=
         # Sequence classification of decoder models finds the last real token by it.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@torch.no_grad()
+def copy_dequantized(quantized: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Write each quantized weight of ``quantized``, dequantized, into the same layer of the plain ``model``
+    (the base an increment trained beside a quantized base was added to)."""
+    from ..core.quantize import dequantized_weight
+    from ..core.storage import writable
+
+    for name, module in quantized.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not writable(weight):
+            model.get_submodule(name).weight.copy_(dequantized_weight(module))

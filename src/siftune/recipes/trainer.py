@@ -74,7 +74,7 @@ class SiftMixin:
             self.sift.detach()  # leave the model as it came
             raise ConfigError("under several processes accelerate wraps the model in DistributedDataParallel, which "
                               "refuses a model whose only trained weights are SIFT's (no dense_modules); train "
-                              "with `siftune train` or your own loop instead, see docs/distributed.md")
+                              "with `siftune train` or your own loop instead, see docs/guides/distributed.md")
         config = getattr(self.model, "config", None)
         self.base_model = base_model or getattr(config, "_name_or_path", None) or None
         self.increment_metadata = {**_task_of(self.model), **(increment_metadata or {})}
@@ -88,10 +88,10 @@ class SiftMixin:
             # accelerate shards the model after SIFT attached to it, replacing the weights it trains.
             raise ConfigError(f"{name} does not run under accelerate's FSDP plugin; to train a sharded model use "
                               "`torchrun ... -m siftune.cli train --fsdp` or your own loop (fully_shard, then "
-                              "siftune.attach), see docs/distributed.md")
+                              "siftune.attach), see docs/guides/distributed.md")
         if kind in _SHARDING:
             raise ConfigError(f"{name} runs under plain data parallelism (DDP) only, not {kind}; "
-                              "see docs/distributed.md")
+                              "see docs/guides/distributed.md")
         if self.model_init is not None:
             raise ConfigError(f"{name} cannot take model_init: train() would build a new model, without SIFT "
                               "attached; pass model=... instead")

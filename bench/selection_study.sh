@@ -1,12 +1,12 @@
 #!/bin/bash
-# Issue 14's selection study as run on the 2-core CPU (docs/bench.md, "Study at 300 steps"):
+# The selection study of docs/bench.md ("Rates chosen on validation"), as run on a 2-core CPU:
 # task (a) at 300 steps; each method's rate from a grid on validation (seed 0), then seeds 1 and 2
 # at the chosen rate for the finalists; the report picks rates by validation and prints test once.
-#   bash bench/issue14_study.sh        # about 5 hours on 2 idle cores (a MiniLM run: ~3 min, a SmolLM2 run ~3.5)
-# Steps 1-4 ran in the second session with the paper's |g| as the default score (its runs without --sift
-# were |g|: their records say score=grad); steps 5-7 in the third.
+#   bash bench/selection_study.sh        # about 5 hours on 2 idle cores (a MiniLM run: ~3 min, a SmolLM2 run ~3.5)
+# Steps 1-4 ran the paper's |g| as the default score (their runs without --sift record score=grad);
+# from step 5 on the default is |g w|, so the paper's selection is --sift score=grad.
 set -e
-R=bench/results/issue14_study
+R=bench/results/selection_study
 B="siftune bench --task classification --steps 300 --threads 2 --results-dir $R"
 S="--lr sift-fixed=1e-3 --dense-lr sift-fixed=2e-3"
 
@@ -42,7 +42,7 @@ $C --sift budget=global score=grad
 $B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.01 $S --sift score=grad
 $B --seeds 0 --lr-grid 1 2 --methods sift-fixed:0.01 $S --sift score=grad_weight
 
-# --- third session: the score default is |g w| since then, so the paper's selection is --sift score=grad ---
+# --- the default score is |g w| from here on ---
 # 5. task (b) on its own grid (seed 0): x2 x4 x8 (x16 where x8 was best) of 2e-4 for SIFT's variants, LoRA x1-x32,
 #    full x1-x8 of 2e-5; the window (g^2 over 4 micro-batches) at x4 x8
 C="siftune bench --task causal_lm --steps 40 --seeds 0 --threads 1 --results-dir $R"
@@ -71,7 +71,6 @@ for sift in "budget=global score=grad" "score=grad_squared selection_batches=4" 
 done
 $B --seeds 1 2 --methods sift-fixed:0.001 --lr sift-fixed=0.008 --dense-lr sift-fixed=0.002 --sift score=grad_weight
 
-# --- fourth session ---
 # 8. task (b): full above its grid's top; LoRA seeds 1, 2; SHiRA and random on the grid, then seeds 1, 2 of
 #    full, SHiRA and random at their chosen rates; task (a): SHiRA's seeds at 2e-3, 1% global/window grid,
 #    0.1% at x16
@@ -90,7 +89,7 @@ $B --seeds 0 --lr-grid 1 2 4 --methods sift-fixed:0.01 $S --sift score=grad_squa
 for sift in "score=grad_weight" "budget=global score=grad"; do
   $B --seeds 0 --methods sift-fixed:0.001 --lr sift-fixed=0.016 --dense-lr sift-fixed=0.002 --sift $sift
 done
-# The README's SIFT rows with the default score: python bench/run.py --part main300 lr300 causal40 main lr extra
-# (SIFT methods only were rerun; see docs/bench.md, "Fourth session")
+# The fixed-rate table's SIFT rows with the default score: python bench/run.py --part main300 lr300 causal40 main lr extra
+# (the SIFT methods only; docs/bench.md, "At fixed rates")
 
 siftune bench --report --results-dir $R
