@@ -81,14 +81,13 @@ class SiftConfig:
             are grown by score; grown components start with zero moments).
             The last three need ``budget="per_tensor"`` and are refused on
             FSDP2 shards. Measured on the benchmark tasks (docs/selection.md,
-            rates chosen on validation): at LoRA r=8's count (2-3% of the
-            components) random components were as good as or better than
-            the gradient's top-k on both tasks; at 0.1% the gradient's top-k
-            was ahead on the classification task (by 1.6 validation points,
-            one seed); between the two it is not measured yet. So the
-            gradient's choice pays at 0.1%, not at LoRA-sized counts, where
-            ``"balanced"`` was level with ``"random"`` on the classification
-            task (one seed). Default ``"gradient"``.
+            every rate chosen on validation, one seed): random components
+            were as good as or better than the gradient's top-k at LoRA r=8's
+            count on both tasks and at 0.1% on the classification task, where
+            they need about twice the rate (1.6e-2); at one fixed rate the
+            gradient's choice is far ahead (57.8 against 76.3 at 2e-3, 0.1%).
+            So it pays when rates are not tuned, or below the densities
+            measured. Default ``"gradient"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)
