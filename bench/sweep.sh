@@ -113,6 +113,23 @@ for part in "$@"; do
         cell classification 300 $seed random:0.001 8e-3
       done
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced)" >&2; exit 2 ;;
+    # Structured SIFT (whole rows or columns) on task (a) at LoRA's count and at 1%, rates about
+    # unstructured SIFT's chosen 1e-3; then random components' open edges (0.1% at 3.2e-2, 1%).
+    a-structured)
+      a sift-rows:matched 1e-3; a sift-columns:matched 1e-3; a sift-rows:matched 2e-3; a sift-columns:matched 2e-3
+      a sift-rows:matched 4e-3; a sift-columns:matched 4e-3
+      a sift-rows:0.01 2e-3; a sift-columns:0.01 2e-3; a sift-rows:0.01 4e-3; a sift-columns:0.01 4e-3
+      a sift-rows:0.01 8e-3; a sift-columns:0.01 8e-3
+      a random:0.001 3.2e-2; a random:0.01 2e-3; a random:0.01 4e-3; a sift-fixed:0.01 5e-4
+      a sift-fixed:matched 5e-4 selection=balanced
+      ;;
+    # Structured SIFT on task (b) at LoRA's count, about |g w|'s chosen 1.6e-3; random components above
+    # their best so far (6.4e-3, the grid's top).
+    b-structured)
+      b sift-rows:matched 3.2e-3; b sift-columns:matched 3.2e-3; b sift-rows:matched 1.6e-3
+      b sift-columns:matched 1.6e-3; b random:matched 1.28e-2
+      b sift-rows:matched 6.4e-3; b sift-columns:matched 6.4e-3
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, b-structured)" >&2; exit 2 ;;
   esac
 done
