@@ -42,6 +42,7 @@ def family(row: dict) -> str:
     others = {k: v for k, v in sift.items() if k not in ("selection", "score", "refresh_every")}
     name = {"gradient": "SIFT", "balanced": "SIFT balanced", "mixed": "SIFT mixed",
             "grow_drop": "SIFT grow and drop"}.get(selection, selection)
+    name += {"sift-rows": " rows", "sift-columns": " columns"}.get(row["method"], "")
     score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2"}.get(sift.get("score"), "")
     extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
     return f"{name}, {score}{extra}"
