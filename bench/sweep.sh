@@ -114,22 +114,37 @@ for part in "$@"; do
       done
       ;;
     # Structured SIFT (whole rows or columns) on task (a) at LoRA's count and at 1%, rates about
-    # unstructured SIFT's chosen 1e-3; then random components' open edges (0.1% at 3.2e-2, 1%).
+    # unstructured SIFT's chosen 1e-3.
     a-structured)
       a sift-rows:matched 1e-3; a sift-columns:matched 1e-3; a sift-rows:matched 2e-3; a sift-columns:matched 2e-3
       a sift-rows:matched 4e-3; a sift-columns:matched 4e-3
       a sift-rows:0.01 2e-3; a sift-columns:0.01 2e-3; a sift-rows:0.01 4e-3; a sift-columns:0.01 4e-3
-      a sift-rows:0.01 8e-3; a sift-columns:0.01 8e-3
-      a random:0.001 3.2e-2; a random:0.01 2e-3; a random:0.01 4e-3; a sift-fixed:0.01 5e-4
-      a sift-fixed:matched 5e-4 selection=balanced
+      ;;
+    # Task (a) where the gradient's choice could still pay: random components above 1.6e-2 at 0.1% (the
+    # grid's top), and 0.01% (1,061 components) for |g w| and random components.
+    a-low)
+      a random:0.001 3.2e-2
+      a sift-fixed:0.0001 8e-3; a random:0.0001 3.2e-2; a sift-fixed:0.0001 3.2e-2; a random:0.0001 1.28e-1
+      ;;
+    # Task (a): LoRA at r = 1, 2 and 32 for the LoRA line, random components at 1%, balanced's grid.
+    a-lines)
+      a lora:1 2e-3; a lora:2 2e-3; a lora:32 1e-3; a lora:1 4e-3; a lora:2 1e-3; a lora:32 5e-4
+      a random:0.01 2e-3; a random:0.01 4e-3
+      a sift-fixed:matched 2e-3 selection=balanced; a sift-fixed:matched 5e-4 selection=balanced
       ;;
     # Structured SIFT on task (b) at LoRA's count, about |g w|'s chosen 1.6e-3; random components above
-    # their best so far (6.4e-3, the grid's top).
+    # their best so far (6.4e-3, the grid's top); balanced above 1.6e-3 (random's best rates are higher).
     b-structured)
       b sift-rows:matched 3.2e-3; b sift-columns:matched 3.2e-3; b sift-rows:matched 1.6e-3
       b sift-columns:matched 1.6e-3; b random:matched 1.28e-2
       b sift-rows:matched 6.4e-3; b sift-columns:matched 6.4e-3
+      b sift-fixed:matched 3.2e-3 selection=balanced; b sift-fixed:matched 6.4e-3 selection=balanced
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, b-structured)" >&2; exit 2 ;;
+    # Task (b): rows' grid around 3.2e-3 (its first cell, 1.083 validation, ahead of |g w|'s best), random
+    # components above their grid's top, columns below.
+    b-rows)
+      b sift-rows:matched 6.4e-3; b sift-rows:matched 1.6e-3; b random:matched 1.28e-2; b sift-columns:matched 1.6e-3
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows)" >&2; exit 2 ;;
   esac
 done

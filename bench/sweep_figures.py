@@ -42,6 +42,7 @@ def family(row: dict) -> str:
     others = {k: v for k, v in sift.items() if k not in ("selection", "score", "refresh_every")}
     name = {"gradient": "SIFT", "balanced": "SIFT balanced", "mixed": "SIFT mixed",
             "grow_drop": "SIFT grow and drop"}.get(selection, selection)
+    name += {"sift-rows": " rows", "sift-columns": " columns"}.get(row["method"], "")
     score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2"}.get(sift.get("score"), "")
     extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
     return f"{name}, {score}{extra}"
@@ -77,6 +78,8 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
         errors = [(p["sd"] or 0) * scale for p in mine]
         ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=4, capsize=3, color=f"C{index % 10}",
                     label=name, linewidth=1.2)
+        if name == "full fine-tuning" and len(mine) == 1:  # a reference level for every count
+            ax.axhline(ys[0], color=f"C{index % 10}", linestyle="--", linewidth=0.8)
     if x_key == "adapted":
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from siftune import ConfigError, SiftConfig  # noqa: E402
+from siftune import ConfigError, ReferenceSift, SiftConfig  # noqa: E402
 from siftune.core.select import balanced_indices, grow_drop_indices, line_caps, mixed_indices  # noqa: E402
 from test_delta import _lockstep as delta_lockstep  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
@@ -62,13 +63,49 @@ def test_balanced_selection_spreads_a_score_that_one_row_would_take():
     assert set((idx[idx // 8 == 0]).tolist()) == {0, 1}  # its best two
 
 
-def test_balanced_selection_fills_with_the_best_others_when_the_caps_leave_fewer_than_k():
+def test_balanced_selection_keeps_the_caps_when_the_rounds_stall_before_k():
     score = torch.tensor([[0.0959, 0.1133, 0.3090], [0.8292, 0.9408, 0.4558], [0.9288, 0.4410, 0.1845]])
-    # caps of 2 a row and 2 a column: the first round chooses 2, 3, 4, 6 and 7; then the only row
-    # and column with room left (row 0, column 2) meet at 2, chosen already: the sixth is the best
-    # of the rest, 5, and row 1 holds 3
+    # caps of 2 a row and 2 a column: the rounds choose 2, 3, 4, 6 and 7; then the only row and column
+    # with room left (row 0, column 2) meet at 2, chosen already. The sixth comes by a chain of swaps:
+    # row 0 takes 1 in column 1, row 2 gives up 7 there and takes 8 in column 2 (the chain through
+    # column 0 would gain less: 0 taken, 3 given up, 5 taken)
     idx = balanced_indices(score, 6, (3, 3), cap=1.0)
-    assert idx.tolist() == [2, 3, 4, 5, 6, 7]
+    assert idx.tolist() == [1, 2, 3, 4, 6, 8]
+
+
+def _regular_cases(count: int):
+    """Scores where k fills every row to its cap of 1x the fair share: the tightest caps, where the
+    rounds stall most often (a quarter of them with ties)."""
+    g = torch.Generator().manual_seed(0)
+    for case in range(count):
+        n = int(torch.randint(3, 8, (1,), generator=g))
+        per_row = int(torch.randint(1, n, (1,), generator=g))
+        score = torch.rand(n, n + case % 3, generator=g)
+        yield (score * 4).round() if case % 4 == 0 else score, n * per_row
+
+
+def test_balanced_selection_chooses_k_with_no_row_or_column_over_its_cap():
+    for score, k in _regular_cases(60):
+        rows, columns = score.shape
+        idx = balanced_indices(score, k, (rows, columns), cap=1.0)
+        row_cap, column_cap = line_caps((rows, columns), k, 1.0)
+        assert idx.numel() == k and idx.unique().numel() == k
+        assert int(torch.bincount(idx.long() // columns).max()) <= row_cap, (score, k)
+        assert int(torch.bincount(idx.long() % columns).max()) <= column_cap, (score, k)
+
+
+def test_balanced_chains_of_swaps_equal_the_reference_s(monkeypatch):
+    from siftune.core import select
+
+    chains = []
+    add_by_swaps = select._add_by_swaps
+    monkeypatch.setattr(select, "_add_by_swaps", lambda *args: chains.append(add_by_swaps(*args)))
+    for score, k in _regular_cases(60):
+        rows, columns = score.shape
+        reference = ReferenceSift(nn.Sequential(nn.Linear(columns, rows)),
+                                  SiftConfig(selection="balanced", line_cap=1.0, target_modules=["0"]), lr=1e-3)
+        assert balanced_indices(score, k, (rows, columns), cap=1.0).tolist() == sorted(reference._balanced(score, k))
+    assert len(chains) >= 3  # the cases stall, and the chains are compared too
 
 
 def test_each_selection_chooses_other_components_than_the_top_k():

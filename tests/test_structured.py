@@ -174,6 +174,32 @@ def test_backward_never_forms_a_dense_weight_gradient_once_selected(structure, s
         assert not model.get_parameter(slot.name).requires_grad and model.get_parameter(slot.name).grad is None
 
 
+@pytest.mark.parametrize("storage", ["in_place", "delta"])
+def test_columns_keep_only_the_selected_columns_of_the_input_for_the_backward_once_selected(storage):
+    model = mlp(sizes=(8, 24, 40, 3))  # the first layer's input (6, 8) is kept by nothing else
+    engine = siftune.attach(model, config(structure="columns", storage=storage))
+    optimizer = engine.optimizer(lr=1e-2)
+    first, second = mlp_batches(2, batch_size=6)
+    kept = []
+
+    def pack(t):
+        kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = mlp_loss(model, first)
+    assert (6, 8) in kept  # selecting: the whole input, for the dense gradient
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = mlp_loss(model, second)
+    # 2 and 5 whole columns selected (see above): their inputs, not the layers' whole inputs
+    assert (6, 8) not in kept and {(6, 2), (6, 5)} <= set(kept), kept
+    loss.backward()
+
+
 # -- training setups -------------------------------------------------------------------------------
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -191,7 +217,7 @@ def _train_llama(model, steps: int = 3, **overrides):
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
-@pytest.mark.parametrize("structure, storage", [("rows", "in_place"), ("columns", "delta")])
+@pytest.mark.parametrize("structure, storage", [("rows", "in_place"), ("columns", "in_place"), ("columns", "delta")])
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_weights(structure, storage, use_reentrant):
     base = tiny_llama()

@@ -73,8 +73,8 @@ class SiftConfig:
             paper's ablation), ``"mixed"`` (the top ``score_share`` of k by
             score, the rest uniformly random among the others, from ``seed``),
             ``"balanced"`` (top-k by score with no row and no column holding
-            more than ``line_cap`` times its fair share, k/rows or k/columns;
-            the rest by score if the caps leave fewer than k) or ``"grow_drop"``
+            more than ``line_cap`` times its fair share, k/rows or k/columns,
+            always) or ``"grow_drop"``
             (``mode="periodic"``: the first selection is the top-k; at every
             refresh the ``drop_share`` of the selected components that changed
             least since training began is dropped and as many unselected ones
@@ -92,7 +92,11 @@ class SiftConfig:
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)
             may hold, as a multiple >= 1 of its fair share: a row holds at
-            most ceil(line_cap * k / rows). Default ``2.0``.
+            most ceil(line_cap * k / rows), a column ceil(line_cap * k /
+            columns), always. Such caps admit k components at any value >= 1;
+            where choosing by score stalls before k (the rows and columns with
+            room left meet only at chosen components), chains of swaps within
+            the caps add the rest (docs/selection.md). Default ``2.0``.
         drop_share: with ``selection="grow_drop"``, the share of each
             tensor's count dropped and regrown at every refresh, in (0, 1].
             Default ``0.25``.

@@ -93,7 +93,7 @@ class ReferenceSift:
 
     def _balanced(self, score, k):
         """selection="balanced", one component at a time: rounds of row proposals and column choices
-        within the caps, then the best of the rest if the caps leave fewer than k. Flat indices."""
+        within the caps, then chains of swaps within the caps while fewer than k. Flat indices."""
         rows, columns = score.shape
         row_cap, column_cap = line_caps((rows, columns), k, self.config.line_cap)
         in_row, in_column, chosen = [0] * rows, [0] * columns, set()
@@ -115,9 +115,46 @@ class ReferenceSift:
                 chosen.add((r, c))
                 in_row[r] += 1
                 in_column[c] += 1
-        rest = best_first((r, c) for r in range(rows) for c in range(columns) if (r, c) not in chosen)
-        chosen.update(rest[:k - len(chosen)])
+        while len(chosen) < k:
+            self._swap_chain(score, chosen, in_row, in_column, row_cap, column_cap)
         return [r * columns + c for r, c in chosen]
+
+    @staticmethod
+    def _swap_chain(score, chosen, in_row, in_column, row_cap, column_cap):
+        """One more component by the shortest chain of swaps within the caps (a row with room takes a
+        component in a full column, which gives up one in another row, ... until a column with room takes
+        one) whose taken less given-up scores is largest, in fp32; ties: the lower row, column."""
+        rows, columns = len(in_row), len(in_column)
+        frontier = {r: torch.tensor(0.0) for r in range(rows) if in_row[r] < row_cap}  # row -> its chain's gain
+        row_seen, column_seen, row_from, column_from = set(frontier), set(), {}, {}
+        while frontier:
+            reached = {}  # column -> (gain, row that takes it)
+            for c in range(columns):
+                if c in column_seen:
+                    continue
+                takers = [(gain + score[r, c], r) for r, gain in sorted(frontier.items()) if (r, c) not in chosen]
+                if takers:
+                    reached[c] = max(takers, key=lambda t: (float(t[0]), -t[1]))
+            column_seen |= set(reached)
+            column_from.update({c: r for c, (_, r) in reached.items()})
+            ends = [(gain, c) for c, (gain, _) in sorted(reached.items()) if in_column[c] < column_cap]
+            if ends:
+                c = max(ends, key=lambda t: (float(t[0]), -t[1]))[1]
+                in_column[c] += 1
+                while True:
+                    r = column_from[c]
+                    chosen.add((r, c))
+                    if r not in row_from:
+                        in_row[r] += 1
+                        return
+                    c = row_from[r]
+                    chosen.remove((r, c))
+            frontier = {}
+            for r in set(range(rows)) - row_seen:
+                givers = [(reached[c][0] - score[r, c], c) for c in sorted(reached) if (r, c) in chosen]
+                if givers:
+                    frontier[r], row_from[r] = max(givers, key=lambda t: (float(t[0]), -t[1]))
+            row_seen |= set(frontier)
 
     def _lines_mask(self, name):
         """Flat mask of whole rows (columns): those whose |ranking| sum is largest, or random ones."""

@@ -202,7 +202,8 @@ def mixed_indices(ranking: torch.Tensor, k: int, share: float, generator: torch.
 
 def line_caps(shape: tuple, k: int, cap: float) -> tuple[int, int]:
     """The most components a row and a column may hold: ``cap`` times k / rows and k / columns, rounded up
-    (the weight seen as rows x the product of its other dimensions)."""
+    (the weight seen as rows x the product of its other dimensions). With ``cap`` >= 1 they always admit k
+    components: rows x row cap >= k and columns x column cap >= k."""
     rows = shape[0]
     columns = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
     return math.ceil(cap * k / rows - 1e-9), math.ceil(cap * k / columns - 1e-9)
@@ -214,10 +215,12 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
     In rounds, among the components not chosen yet whose row and column both
     have room left: each row proposes its best (as many as it has room for),
     each column keeps its best proposals (as many as it has room for), and the
-    best of those kept are chosen, up to k. When no row and column pair has
-    room left before k, the rest are the best of the others, caps aside. Ties:
-    the lower column, row, flat index first. Holds two dense index tensors of
-    the weight's size during the selection.
+    best of those kept are chosen, up to k. Ties: the lower column, row, flat
+    index first. When the rounds stall before k (the rows and columns with
+    room left meet only at chosen components), each further component comes
+    from a chain of swaps that keeps every line within its cap
+    (:func:`_add_by_swaps`). Holds two dense index tensors of the weight's size
+    during the selection.
     """
     device = ranking.device
     score = ranking.detach().reshape(shape[0], -1).abs().float()
@@ -236,10 +239,60 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
         chosen[take] = True
         row_room -= torch.bincount(take // columns, minlength=rows)
         column_room -= torch.bincount(take % columns, minlength=columns)
-    missing = k - int(chosen.sum())
-    if missing:
-        chosen[top_set(torch.where(chosen, -1.0, score.reshape(-1)), missing)] = True
+    for _ in range(k - int(chosen.sum())):
+        _add_by_swaps(score, chosen.view(rows, columns), row_room, column_room)
     return chosen.nonzero().squeeze(1).to(index_dtype(rows * columns))
+
+
+def _add_by_swaps(score: torch.Tensor, chosen: torch.Tensor, row_room: torch.Tensor,
+                  column_room: torch.Tensor) -> None:
+    """One more component chosen, in place, with no row or column over its room.
+
+    A chain of swaps: a row with room takes a component in a full column,
+    that column gives up one of its components in another row, which takes
+    one in another column, and so on until a column with room takes the last:
+    the chain's first row and last column hold one more, every other line as
+    many as before. Among the shortest chains (found row by row, column by
+    column, from every row with room at once), the one whose taken scores less
+    its given-up scores is largest, in fp32; ties: the lower row, column. Such
+    a chain exists while fewer than k are chosen, since the caps admit k
+    (an augmenting path of the bipartite rows-columns graph).
+    """
+    rows, columns = chosen.shape
+    device, minus_inf = score.device, torch.tensor(float("-inf"), dtype=score.dtype, device=score.device)
+    row_seen, column_seen = row_room > 0, torch.zeros(columns, dtype=torch.bool, device=device)
+    frontier, row_gain = row_seen.clone(), torch.zeros(rows, dtype=score.dtype, device=device)
+    row_from = torch.full((rows,), -1, device=device)  # the column whose component a row gave up
+    column_from = torch.full((columns,), -1, device=device)  # the row that took a component of a column
+    column_gain = torch.zeros(columns, dtype=score.dtype, device=device)
+    while bool(frontier.any()):
+        can_take = ~chosen & frontier[:, None] & ~column_seen[None, :]
+        gain = torch.where(can_take, row_gain[:, None] + score, minus_inf)
+        best = gain.argmax(0)  # the first of equal maxima: the lower row
+        reached = can_take.any(0)
+        column_from = torch.where(reached, best, column_from)
+        column_gain = torch.where(reached, gain.gather(0, best[None, :])[0], column_gain)
+        column_seen |= reached
+        ends = reached & (column_room > 0)
+        if bool(ends.any()):
+            column = int(torch.where(ends, column_gain, minus_inf).argmax())
+            column_room[column] -= 1
+            while True:
+                row = int(column_from[column])
+                chosen[row, column] = True
+                column = int(row_from[row])
+                if column < 0:  # a row that had room
+                    row_room[row] -= 1
+                    return
+                chosen[row, column] = False
+        can_give = chosen & reached[None, :] & ~row_seen[:, None]
+        gain = torch.where(can_give, column_gain[None, :] - score, minus_inf)
+        best = gain.argmax(1)
+        frontier = can_give.any(1)
+        row_from = torch.where(frontier, best, row_from)
+        row_gain = gain.gather(1, best[:, None])[:, 0]
+        row_seen |= frontier
+    raise RuntimeError("balanced selection: no chain of swaps adds a component within the caps")
 
 
 def _rank_along(score: torch.Tensor, dim: int) -> torch.Tensor:

@@ -71,10 +71,9 @@ def lines_of(idx: torch.Tensor, shape: tuple[int, int], structure: str) -> torch
     """The sorted row (column) numbers whose entries the sorted flat indices ``idx`` are (inverse of
     :func:`line_indices`), as int64."""
     out, inp = shape
-    idx = idx.long()
-    if structure == "rows":
-        return idx[::inp] // inp
-    return idx[:idx.numel() // out] % inp
+    if structure == "rows":  # one index a line, widened: not the whole selection
+        return idx[::inp].long() // inp
+    return idx[:idx.numel() // out].long() % inp
 
 
 def top_lines(score: torch.Tensor, k: int, structure: str) -> torch.Tensor:
@@ -187,12 +186,23 @@ class SliceInPlace(_Lines, InPlace):
         self.lines = None if lines is None else lines.to(self.trainable.device, torch.long)
 
 
-def _slice_gradient(g2: torch.Tensor, x2: torch.Tensor, lines: torch.Tensor, structure: str) -> torch.Tensor:
-    """The gradient of the weight's selected rows (columns) from 2-D ``grad_out`` and input, flattened in
-    the order of their sorted flat indices: ``g[:, rows]^T @ x`` or ``g^T @ x[:, cols]``."""
+def _kept_input(x: torch.Tensor, lines: torch.Tensor | None, structure: str) -> torch.Tensor:
+    """What a backward needs of the layer's input ``x`` to compute the weight gradient: all of it for a
+    dense gradient (``lines`` None) or for rows, only the selected columns' entries for columns. The input's
+    own gradient needs ``grad_out`` and the weight alone, so the rest of ``x`` is freed when nothing else
+    holds it."""
+    if lines is None or structure == "rows":
+        return x
+    return x.index_select(-1, lines)
+
+
+def _slice_gradient(g2: torch.Tensor, kept2: torch.Tensor, lines: torch.Tensor, structure: str) -> torch.Tensor:
+    """The gradient of the weight's selected rows (columns) from 2-D ``grad_out`` and kept input
+    (:func:`_kept_input`), flattened in the order of their sorted flat indices: ``g[:, rows]^T @ x`` or
+    ``g^T @ x[:, cols]``."""
     if structure == "rows":
-        return (g2.index_select(1, lines).t() @ x2).reshape(-1)
-    return (g2.t() @ x2.index_select(1, lines)).reshape(-1)
+        return (g2.index_select(1, lines).t() @ kept2).reshape(-1)
+    return (g2.t() @ kept2).reshape(-1)
 
 
 class _SliceLinear(torch.autograd.Function):
@@ -206,30 +216,33 @@ class _SliceLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, anchor, storage: SliceInPlace, callbacks):
         ctx.storage, ctx.callbacks = storage, callbacks
+        wants_dense = callbacks[0]
+        # Whether this forward's backward computes the dense gradient (a selection needs it) or the
+        # slice's: decided now, since that decides what of the input is kept for the backward.
+        ctx.lines = None if wants_dense() or storage.lines is None else storage.lines
         device = x.device.type
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             # cast as autocast would, so that backward sees one dtype
             dtype = torch.get_autocast_dtype(device)
             x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
-            ctx.save_for_backward(x, weight)
+            ctx.save_for_backward(_kept_input(x, ctx.lines, storage.structure), weight)
             with torch.autocast(device, enabled=False):
                 return nn.functional.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(_kept_input(x, ctx.lines, storage.structure), weight)
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        storage = ctx.storage
-        wants_dense, on_gradient = ctx.callbacks
+        kept, weight = ctx.saved_tensors
+        on_gradient = ctx.callbacks[1]
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[3]:
-            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-            if wants_dense() or storage.lines is None:
+            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), kept.reshape(-1, kept.shape[-1])
+            if ctx.lines is None:
                 on_gradient(g2.t() @ x2, None)
             else:
-                on_gradient(None, _slice_gradient(g2, x2, storage.lines, storage.structure))
+                on_gradient(None, _slice_gradient(g2, x2, ctx.lines, ctx.storage.structure))
         return grad_x, None, grad_bias, None, None, None
 
 
@@ -278,12 +291,16 @@ class _SliceDeltaMatmul(torch.autograd.Function):
     def forward(ctx, output, x, values, storage: SliceDelta, callbacks):
         ctx.storage, ctx.callbacks = storage, callbacks
         ctx.has_values = storage.stored is not None
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
         if not ctx.has_values:  # nothing trained yet
             ctx.save_for_backward(x)
+            ctx.lines = None
             return output.clone()
         lines, block = storage.lines, storage.block(x.dtype)
-        ctx.save_for_backward(x, values)
         ctx.lines = lines
+        # the backward's weight gradient: dense while selecting (as _SliceLinear), else the slice's
+        ctx.slice_lines = None if callbacks[0]() else lines
+        ctx.save_for_backward(_kept_input(x, ctx.slice_lines, storage.structure), values)
         if storage.structure == "rows":  # in the output's dtype: a base under autocast computes in another
             return output.index_add(-1, lines, (x @ block.t()).to(output.dtype))
         return output + (x.index_select(-1, lines) @ block.t()).to(output.dtype)
@@ -291,19 +308,20 @@ class _SliceDeltaMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         storage = ctx.storage
-        wants_dense, on_gradient = ctx.callbacks
-        x = ctx.saved_tensors[0]
-        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype), x.reshape(-1, x.shape[-1])
+        on_gradient = ctx.callbacks[1]
+        kept = ctx.saved_tensors[0]
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(kept.dtype), kept.reshape(-1, kept.shape[-1])
         grad_x = None
         if ctx.has_values and ctx.needs_input_grad[1]:
             block = storage.block(grad_out.dtype)
             if storage.structure == "rows":
                 grad_x = grad_out.index_select(-1, ctx.lines) @ block
             else:
-                grad_x = torch.zeros_like(x).index_add_(-1, ctx.lines, grad_out @ block)
+                grad_x = grad_out.new_zeros(ctx.input_shape, dtype=ctx.input_dtype).index_add_(
+                    -1, ctx.lines, grad_out @ block)
         if ctx.needs_input_grad[2]:
-            if wants_dense() or not ctx.has_values:
+            if not ctx.has_values or ctx.slice_lines is None:
                 on_gradient(g2.t() @ x2, None)
             else:
-                on_gradient(None, _slice_gradient(g2, x2, ctx.lines, storage.structure))
+                on_gradient(None, _slice_gradient(g2, x2, ctx.slice_lines, storage.structure))
         return grad_out, grad_x, None, None, None
