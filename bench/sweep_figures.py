@@ -78,6 +78,8 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
         errors = [(p["sd"] or 0) * scale for p in mine]
         ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=4, capsize=3, color=f"C{index % 10}",
                     label=name, linewidth=1.2)
+        if name == "full fine-tuning" and len(mine) == 1:  # a reference level for every count
+            ax.axhline(ys[0], color=f"C{index % 10}", linestyle="--", linewidth=0.8)
     if x_key == "adapted":
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

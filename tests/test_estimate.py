@@ -109,8 +109,12 @@ def test_memory_sizes_parse_with_their_unit(text, expected):
     (["estimate", "llama-7b", "--density", "1.5"], "density must be in (0, 1]"),
     (["estimate", "llama-7b", "--fit", "24 gigs"], "cannot read '24 gigs' as a memory size"),
     (["estimate", "llama-7b", "--fit", "24"], "as a memory size"),
-    (["estimate", "llama-7b", "--gpus", "8"], "needs --fsdp"),
+    (["estimate", "llama-7b", "--fsdp"], "give --gpus N with N >= 2"),
     (["estimate", "llama-7b", "--methods", "full", "--quantize", "nf4"], "cannot run on a nf4 base"),
+    (["estimate", "llama-7b", "--methods", "shira", "--quantize", "int8"], "cannot run on a int8 base"),
+    (["estimate", "llama-7b", "--int8-outliers", "0.01"], "give it with --quantize int8"),
+    (["estimate", "llama-7b", "--quantize", "int8", "--int8-outliers", "1.5"], "in [0, 1]"),
+    (["estimate", "llama-7b", "--gpus", "2", "--fsdp", "--quantize", "int8"], "not simulated under FSDP"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
     assert main(argv) == 2

@@ -37,6 +37,7 @@ LAYERS = [
     "siftune.bench.runner",
     "siftune.estimate.calibration",  # siftune estimate: memory and step time by simulation
     "siftune.estimate.methods",
+    "siftune.estimate.int8",
     "siftune.estimate.shapes",
     "siftune.estimate.simulate",
     "siftune.estimate.fsdp",

@@ -30,10 +30,13 @@ FLOOR_S_PER_KERNEL = 0.11539 / 4339
 MIN_WORK_PER_KERNEL = 0.5
 
 
-def step_time(roofline: dict | None, setup, gpus: int) -> tuple[float | None, str]:
+def step_time(roofline: dict | None, setup, gpus: int, fsdp: bool = False) -> tuple[float | None, str]:
     """``(seconds on one H200, "")`` where the calibration holds, else ``(None, why not)``."""
-    if gpus > 1:
+    if fsdp:
         return None, "no step time under FSDP: the roofline has no model of communication"
+    if gpus > 1:
+        return None, ("no step time on several GPUs: the roofline has no model of communication (DDP's "
+                      "all-reduce of the gradients, overlapped with the backward; SIFT's of its selected entries)")
     if setup.dtype == "float32":
         return None, "no step time in float32: the calibration is of bf16 tensor-core steps"
     if setup.quantize:

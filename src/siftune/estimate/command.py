@@ -3,6 +3,8 @@
     siftune estimate llama-7b --methods sift lora full --gradient-checkpointing
     siftune estimate llama-7b --methods sift qlora --quantize nf4 --fit 24GiB --for seq-len
     siftune estimate llama-70b --gpus 8 --fsdp --methods sift full lora --json
+    siftune estimate llama-7b --gpus 4 --methods sift lora full --gradient-checkpointing
+    siftune estimate llama-7b --methods sift qlora --quantize int8 --int8-outliers 0.01
 """
 from __future__ import annotations
 
@@ -38,13 +40,21 @@ def add_parser(sub) -> None:
     parser.add_argument("--rank", type=int, default=64, help="LoRA/QLoRA/SHiRA rank (default 64)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="the weights' dtype (default bfloat16)")
     parser.add_argument("--quantize", choices=QUANTIZE, help="the base's Linear layers in bitsandbytes nf4 or "
-                        "int8 (qlora: nf4 unless told)")
+                        "int8 (LLM.int8(), as transformers' load_in_8bit loads them); qlora: nf4 unless told; "
+                        "SIFT trains a delta beside them")
+    parser.add_argument("--int8-outliers", type=float, metavar="FRACTION",
+                        help="with --quantize int8: the share of each layer's input columns LLM.int8() takes "
+                             "as outlier columns, which only the data can tell (default 0.01; the LLM.int8() "
+                             "paper finds about 0.0015 at 6.7B)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step per GPU (default 1)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in backward (default off)")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs; above 1 needs --fsdp (default 1)")
-    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per layer)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs (default 1); above 1 without --fsdp, data "
+                        "parallel: every GPU holds the whole model, plus DDP's gradient buckets (lora, qlora, "
+                        "full, shira) or SIFT's own exchange of its selected entries")
+    parser.add_argument("--fsdp", action="store_true", help="shard over the --gpus with FSDP2 (fully_shard per "
+                        "layer)")
     parser.add_argument("--fit", metavar="SIZE", help="find the largest --for value whose peak fits SIZE "
                         "(e.g. 24GiB, 80GiB, 40GB)")
     parser.add_argument("--for", dest="fit_for", choices=list(FIT_FOR), default="density",
@@ -78,14 +88,18 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError("--fsdp shards over several GPUs: give --gpus N with N >= 2")
     budget = parse_size(ns.fit) if ns.fit else None
     setups = [Setup(method, density=ns.density, trainable=ns.trainable, rank=ns.rank, dtype=ns.dtype,
-                    quantize=ns.quantize,
+                    quantize=ns.quantize, int8_outliers=ns.int8_outliers,
                     batch_size=ns.batch_size, seq_len=ns.seq_len, gradient_checkpointing=ns.gradient_checkpointing)
               for method in dict.fromkeys(ns.methods)]
     for setup in setups:
         if setup.quantize and setup.method in ("full", "shira"):
             raise ConfigError(f"{setup.method} trains the weights themselves: it cannot run on a {setup.quantize} "
                               "base; leave it out or drop --quantize")
-    per_estimate = len(SHORT_FSDP if ns.gpus > 1 else SHORT)
+        if ns.fsdp:
+            from .fsdp import check
+
+            check(setup)  # before the progress bar: a refusal is one line
+    per_estimate = len(SHORT_FSDP if ns.fsdp else SHORT)
     bar = tqdm(total=per_estimate * len(setups), unit="simulation", disable=ns.quiet or None, file=sys.stderr,
                desc="estimate")
     results = []
@@ -123,7 +137,9 @@ def _gib(n) -> str:
 
 def _what(result: dict, searched: str | None = None) -> str:
     s = result["setup"]
-    where = f"{result['gpus']} GPUs, FSDP2, per GPU" if result["fsdp"] else "one GPU"
+    where = "one GPU"
+    if result["gpus"] > 1:
+        where = f"{result['gpus']} GPUs, " + ("FSDP2" if result["fsdp"] else "data parallel") + ", per GPU"
     batch = "searched" if searched == "batch-size" else s["batch_size"]
     tokens = "searched" if searched == "seq-len" else s["seq_len"]
     return (f"{result['params'] / 1e9:.2f}B parameters, {result['layers']} layers; {s['dtype']}"
@@ -149,6 +165,7 @@ def table(results: list[dict], model: str) -> list[str]:
         f"{r['method']}: {r['peak_at']['step']} step, {r['peak_at']['phase']}" for r in results) + ").")
     lines.append(f"Simulated on fake tensors ({results[0]['simulated']}); the CUDA allocator's rounding, "
                  "cuBLAS workspaces and the CUDA context are not counted: leave ~1 GiB of headroom.")
+    lines += _notes(results)
     left_out = {r["step_s_left_out"] for r in results if r["step_s_left_out"]}
     for why in sorted(left_out):
         lines.append(f"Step time: {why}.")
@@ -156,6 +173,16 @@ def table(results: list[dict], model: str) -> list[str]:
         lines.append("Step time: roofline x 1.67, fitted on the 7B floor measured on an H200 "
                      "(full fine-tuning -5%, LoRA -20% there).")
     return lines
+
+
+def _notes(results: list[dict]) -> list[str]:
+    """Each note once, naming its methods when not every method has it."""
+    methods: dict[str, list[str]] = {}
+    for r in results:
+        for note in r.get("notes", ()):
+            methods.setdefault(note, []).append(r["method"])
+    return [(note[0].upper() + note[1:] if len(names) == len(results) else f"{', '.join(names)}: {note}") + "."
+            for note, names in methods.items()]
 
 
 def fit_table(results: list[dict], model: str, size: str) -> list[str]:
@@ -176,6 +203,7 @@ def fit_table(results: list[dict], model: str, size: str) -> list[str]:
     lines.append("")
     lines.append(f"Found by bracketing on the simulation ({sum(r.get('probes', 0) for r in results)} probes); "
                  "not counted: the CUDA allocator's rounding, workspaces and context (~1 GiB).")
+    lines += _notes([dict(r["estimate"], method=r["method"]) for r in results if r.get("estimate")])
     return lines
 
 

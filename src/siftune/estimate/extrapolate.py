@@ -28,17 +28,15 @@ SHORT_FSDP = (3, 4)
 
 
 def trace_once(config, setup: Setup, gpus: int, fsdp: bool, warmup: int) -> dict:
-    """The simulation of ``config`` as it is (all its layers): one GPU, or rank 0 of ``gpus`` under FSDP2."""
-    if gpus > 1:
-        if not fsdp:
-            raise ConfigError("--gpus above 1 needs --fsdp: without sharding every GPU holds what one GPU "
-                              "holds (estimate with --gpus 1; DDP's gradient buckets are not counted)")
+    """The simulation of ``config`` as it is (all its layers): one GPU, or rank 0 of ``gpus`` under FSDP2
+    or plain data parallelism."""
+    if fsdp:
         from .fsdp import trace as trace_fsdp
 
         return trace_fsdp(config, setup, gpus, warmup=warmup)
     from .simulate import trace
 
-    return trace(config, setup, warmup=warmup, roofline=calibration.ROOFLINE)
+    return trace(config, setup, warmup=warmup, roofline=calibration.ROOFLINE, world=gpus)
 
 
 def counts(config) -> tuple[int, int]:
@@ -72,7 +70,7 @@ def simulate_record(config, setup: Setup, gpus: int = 1, fsdp: bool = False, who
     params, entries = counts(config)
     if setup.trainable is not None:  # a count of the whole model's entries, whatever is simulated
         setup = setup.replace(density=density_of(setup, entries), trainable=None)
-    short = SHORT_FSDP if gpus > 1 else SHORT
+    short = SHORT_FSDP if fsdp else SHORT
     if whole or uneven or layers <= short[-1]:
         record = trace_once(config, setup, gpus, fsdp, warmup)
         _advance(progress, len(short))
@@ -127,7 +125,7 @@ def _summary(record: dict, config, setup: Setup, gpus: int, fsdp: bool, how: str
         for phase, snap in step["phases"].items():
             if snap["total"] >= peak["total"]:
                 peak_step, peak_phase, peak = i, phase, snap
-    step_s, why = calibration.step_time(record.get("roofline"), setup, gpus)
+    step_s, why = calibration.step_time(record.get("roofline"), setup, gpus, fsdp)
     steps = record["steps"]
     return dict(
         method=setup.method, model=getattr(config, "name_or_path", "") or config.model_type,
@@ -139,7 +137,25 @@ def _summary(record: dict, config, setup: Setup, gpus: int, fsdp: bool, how: str
         first_step_peak_bytes=max(s["total"] for s in steps[0]["phases"].values()),
         steady_step_peak_bytes=max(s["total"] for s in steps[-1]["phases"].values()),
         held_bytes=steps[-1]["held"], step_s=step_s, step_s_left_out=why or None,
-        roofline=record.get("roofline"))
+        roofline=record.get("roofline"), notes=_notes(record, setup, gpus, fsdp))
+
+
+def _notes(record: dict, setup: Setup, gpus: int, fsdp: bool) -> list[str]:
+    """What the answer assumed or added, in words, for the table."""
+    notes = []
+    if setup.quantize == "int8":
+        notes.append(f"int8 base: {setup.int8_outliers:.2%} of each layer's input columns taken as outlier "
+                     "columns (--int8-outliers: the data decides; the LLM.int8() paper finds about 0.15% at 6.7B)")
+    if gpus > 1 and not fsdp:
+        if record.get("ddp_bucket_bytes"):
+            notes.append("DDP with torch's defaults (25 MiB buckets, gradient_as_bucket_view off): its buckets "
+                         "hold one more copy of the trainable gradients, as communication")
+        elif setup.method.startswith("sift"):
+            notes.append("no DDP: siftune all-reduces the selected gradient entries (an fp32 buffer at the step) "
+                         "and, at a selection, an fp32 copy of each dense gradient, counted where they happen")
+        else:
+            notes.append("nothing to exchange: the same as one GPU")
+    return notes
 
 
 def _step_name(index: int, count: int, setup: Setup) -> str:

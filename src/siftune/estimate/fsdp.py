@@ -43,7 +43,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..errors import ConfigError
 from .methods import Setup, density_of, logical_params, set_up, targeted_entries
 from .shapes import layer_count
-from .simulate import HostReads, build_model, cuda_kernels, device_peak_only, held_bytes, inputs, phase_peak
+from .simulate import (HostReads, build_model, cuda_kernels, device_peak_only, fake_process_group, held_bytes, inputs,
+                       phase_peak)
 
 HOST = torch.device("cpu")  # the fake device: see the module's docstring
 FSDP_METHODS = ("frozen", "full", "lora", "sift", "sift-lean")
@@ -53,20 +54,6 @@ PARTS = {"Sharded Param": "parameters", "Unsharded Param": "parameters", "Buffer
          "Sharded Grad": "gradients", "Unsharded Grad": "gradients", "Activation": "activations",
          "Temp": "temporaries", "All Gather": "communication", "Reduce Scatter": "communication",
          "OptState": "optimizer_state", "Inputs": "activations"}
-
-
-@contextlib.contextmanager
-def fake_process_group(world: int):
-    """Rank 0 of ``world`` on torch's fake backend (no peers, no data moved), for the block only."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise ConfigError("a process group is already set up in this process; estimate FSDP in a fresh one")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def layers_of(model, count: int) -> torch.nn.ModuleList:

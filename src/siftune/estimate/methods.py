@@ -27,6 +27,8 @@ METHODS = {
 SIFT_METHODS = ("sift", "sift-lean", "sift-rows")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZE = ("nf4", "int8")
+# The share of an int8 layer's input columns taken as outlier columns unless told (siftune.estimate.int8).
+INT8_OUTLIERS = 0.01
 # The lean set-up; under FSDP the update cannot run in backward (the clipping norm spans the ranks).
 LEAN = dict(state_dtype="bfloat16", master_weights=False, compact_indices=True, update_in_backward=True)
 
@@ -44,6 +46,10 @@ class Setup:
         dtype: the weights' dtype, ``"bfloat16"``, ``"float16"`` or ``"float32"``. Default ``"bfloat16"``.
         quantize: the base's Linear layers in bitsandbytes ``"nf4"`` or ``"int8"``; SIFT
             then trains a delta beside them. ``qlora`` takes nf4 when unset. Default ``None``.
+        int8_outliers: on an int8 base, the fraction of each layer's input columns
+            bitsandbytes' LLM.int8() matmul takes as outlier columns (a count only the
+            data can tell: an assumption, :mod:`.int8`). Default ``0.01`` with
+            ``quantize="int8"``, else ``None``.
         batch_size: sequences per step (per GPU). Default ``1``.
         seq_len: tokens per sequence. Default ``2048``.
         gradient_checkpointing: recompute each layer's activations in backward
@@ -58,6 +64,7 @@ class Setup:
     rank: int = 64
     dtype: str = "bfloat16"
     quantize: str | None = None
+    int8_outliers: float | None = None
     batch_size: int = 1
     seq_len: int = 2048
     gradient_checkpointing: bool = False
@@ -78,6 +85,12 @@ class Setup:
             self.quantize = "nf4"
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.int8_outliers is not None and self.quantize != "int8":
+            raise ConfigError("--int8-outliers is the outlier share of an int8 base: give it with --quantize int8")
+        if self.quantize == "int8" and self.int8_outliers is None:
+            self.int8_outliers = INT8_OUTLIERS
+        if self.int8_outliers is not None and not (0 <= self.int8_outliers <= 1):
+            raise ConfigError(f"int8-outliers is a fraction of the input columns, in [0, 1]; got {self.int8_outliers}")
         for name in ("rank", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

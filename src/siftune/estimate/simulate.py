@@ -31,6 +31,11 @@ the 4-bit matmul runs as ``dequantize_4bit`` then ``F.linear``, what
 bitsandbytes' CUDA ``gemm_4bit`` does past 1536 rows, so the dequantized
 transient is counted.
 
+int8 bases: the targeted Linears become bitsandbytes ``Linear8bitLt`` layers as
+transformers loads them, and their matmul runs as bitsandbytes' CUDA
+``MatMul8bitLt`` runs it, op by op, with an assumed share of outlier columns
+(:mod:`.int8`).
+
 Not simulated: the CUDA allocator's rounding (512 B a block) and caching, the
 cuBLAS workspaces, and memory kernels allocate inside themselves (flash
 attention backward's fp32 dq accumulator). :func:`measure_cpu` runs the same
@@ -51,6 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from ..errors import ConfigError, SiftError
+from . import int8
 from .methods import Setup, density_of, logical_params, set_up, shira_entries, targeted, targeted_entries
 
 DEVICE = torch.device("meta")
@@ -239,7 +245,8 @@ def cuda_kernels(device: torch.device = DEVICE):
     no dropout; it takes grouped-query key/value heads as they are); with a
     mask, memory-efficient attention. torch AdamW's fused path accepts the
     device. bitsandbytes' 4-bit matmul dequantizes and calls ``F.linear``, as
-    its CUDA kernel does for this many rows.
+    its CUDA kernel does for this many rows; its int8 matmul runs the CUDA
+    path op by op (:func:`.int8.matmul_forward`).
     """
     plain_sdpa = F.scaled_dot_product_attention
     adam = sys.modules["torch.optim.adam"]  # AdamW's fused path lives there
@@ -281,10 +288,13 @@ def cuda_kernels(device: torch.device = DEVICE):
     plain_dequantized = storage.dequantized_weight
 
     def dequantized_weight(module):
-        # siftune dequantizes a 4-bit base (score="grad_weight") by the weight's type, which a fake
-        # Parameter does not have: the same op bitsandbytes runs, on its fake packed weight.
+        # siftune dequantizes a quantized base (score="grad_weight") by the weight's type, which a fake
+        # Parameter does not have: the same ops, on the fake packed weight, or int8 weight and scales.
         weight = module.weight
         state = getattr(weight, "quant_state", None)
+        scales = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(weight, FakeTensor) and state is None and scales is not None:
+            return int8.dequantized(weight, scales)
         if state is None or not isinstance(weight, FakeTensor):
             return plain_dequantized(module)
         return torch.ops.bitsandbytes.dequantize_4bit.default(
@@ -292,10 +302,12 @@ def cuda_kernels(device: torch.device = DEVICE):
 
     kernels = torch.library.Library("aten", "IMPL")
     kernels.impl("sparse_mask", sparse_mask, "SparseMeta")
-    matmul4 = _bnb_matmul4bit()
+    matmul4, matmul8 = _bnb_matmuls()
     plain_forward = matmul4.forward if matmul4 else None
+    plain_forward8 = matmul8.forward if matmul8 else None
     if matmul4:
         matmul4.forward = staticmethod(_dequantize_then_linear)
+        matmul8.forward = staticmethod(int8.matmul_forward)
     F.scaled_dot_product_attention = sdpa
     adam._device_dtype_check_for_fused = fused_check
     masking.is_tracing = tracing_but_not_fake
@@ -310,14 +322,15 @@ def cuda_kernels(device: torch.device = DEVICE):
         kernels._destroy()
         if matmul4:
             matmul4.forward = staticmethod(plain_forward)
+            matmul8.forward = staticmethod(plain_forward8)
 
 
-def _bnb_matmul4bit():
+def _bnb_matmuls():
     try:
-        from bitsandbytes.autograd._functions import MatMul4Bit
+        from bitsandbytes.autograd._functions import MatMul4Bit, MatMul8bitLt
     except ImportError:
-        return None
-    return MatMul4Bit
+        return None, None
+    return MatMul4Bit, MatMul8bitLt
 
 
 def _dequantize_then_linear(ctx, A, B, out=None, bias=None, quant_state=None):
@@ -394,12 +407,15 @@ def quantize_nf4(model, compute_dtype: torch.dtype):
 def outside_modules(model) -> list[torch.Tensor]:
     """Device tensors a model keeps in plain attributes, out of MemTracker's sight:
     peft SHiRA's indices (2 x int32 per trained entry), held in a dict per layer, and a
-    4-bit weight's quantization state (absmax, code)."""
+    4-bit weight's quantization state (absmax, code), an int8 layer's row scales and last outlier columns."""
     outside = [t for m in model.modules() for t in getattr(m, "shira_indices", {}).values()]
     for m in model.modules():
         state = getattr(getattr(m, "weight", None), "quant_state", None)
         if state is not None:
             outside += [t for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
+        state = getattr(m, "state", None)
+        if type(state).__name__ == "MatmulLtState":
+            outside += [t for t in (state.SCB, state.idx) if isinstance(t, torch.Tensor)]
     return outside
 
 
@@ -432,7 +448,7 @@ def task_of(config) -> str:
 
 
 def build_model(config, setup: Setup, device: str | torch.device = "meta"):
-    """The model of ``config`` on ``device`` in the set-up's dtype (nf4 layers when asked).
+    """The model of ``config`` on ``device`` in the set-up's dtype (nf4 or int8 layers when asked).
 
     Attention is SDPA's where transformers has it for the architecture (what it picks on a
     GPU), else its eager implementation.
@@ -460,8 +476,7 @@ def build_model(config, setup: Setup, device: str | torch.device = "meta"):
     if setup.quantize == "nf4":
         quantize_nf4(model, dtype)
     elif setup.quantize == "int8":
-        raise Untraceable("int8 bases cannot be simulated: bitsandbytes' int8 matmul splits out outlier "
-                          "columns, a count only the data can tell; estimate nf4 instead")
+        int8.quantize_int8(model, setup.int8_outliers)
     return model
 
 
@@ -482,12 +497,16 @@ def check_length(config, setup: Setup) -> None:
                           "model has")
 
 
-def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] | None = None) -> dict:
+def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] | None = None,
+          world: int = 1) -> dict:
     """``warmup`` steps plus one of ``setup`` on a fake ``config`` model, counted.
 
     Returns the peak of every phase of every step, by part (bytes), what each
     step leaves held, the parameter, trainable and selected counts, and (with
     ``roofline = (FLOP/s, bytes/s)``) the roofline of the first and last steps.
+    With ``world`` > 1, one GPU of a data-parallel job of that many
+    (:func:`data_parallel_bytes`): SIFT runs on a fake process group and
+    exchanges what it exchanges; the other methods add DDP's buckets.
     """
     check_length(config, setup)
     model = build_model(config, setup)  # real meta tensors: no init kernels to run
@@ -497,7 +516,8 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
     reads = HostReads(shira_entries(setup.rank) if setup.method == "shira" else None)
     nf4 = setup.quantize == "nf4"
     first = last = None
-    with FakeTensorMode(allow_non_fake_inputs=True), reads, cuda_kernels():
+    group = fake_process_group(world) if world > 1 else contextlib.nullcontext()
+    with group, FakeTensorMode(allow_non_fake_inputs=True), reads, cuda_kernels():
         model.to_empty(device=DEVICE)  # now fake
         model.tie_weights()  # to_empty makes a new tensor for each module's reference to a tied weight
         if nf4:
@@ -506,11 +526,18 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
             for layer in model.modules():
                 if isinstance(layer, bnb.nn.Linear4bit):
                     layer.weight = fake_nf4_weight(layer, setup.torch_dtype)
+        if setup.quantize == "int8":
+            import bitsandbytes as bnb
+
+            for layer in model.modules():
+                if isinstance(layer, bnb.nn.Linear8bitLt):
+                    layer.weight = int8.fake_int8_weight(layer, DEVICE)
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         with torch.device(DEVICE):  # peft makes its adapters on the default device, then moves them
-            model, opt, engine = set_up(setup, model, density)
+            model, opt, engine = set_up(setup, model, density, distributed=world > 1)
+        buckets = data_parallel_bytes(model, engine) if world > 1 else 0
         params = sum(p.numel() for p in model.parameters())
         if engine is not None:
             trainable = engine.num_trainable
@@ -531,20 +558,21 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
             with tracker, timer:
                 try:
                     loss = model(**batch).loss
-                    phases["forward"] = phase_peak(tracker, DEVICE, PARTS)
+                    phases["forward"] = with_buckets(phase_peak(tracker, DEVICE, PARTS), buckets)
                     loss.backward()
-                    phases["backward"] = phase_peak(tracker, DEVICE, PARTS)
+                    phases["backward"] = with_buckets(phase_peak(tracker, DEVICE, PARTS), buckets)
                     del loss
+                    int8.release_graph()
                     if opt is not None:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
-                    phases["optimizer"] = phase_peak(tracker, DEVICE, PARTS)
+                    phases["optimizer"] = with_buckets(phase_peak(tracker, DEVICE, PARTS), buckets)
                 except SiftError:
                     raise
                 except Exception as exc:  # noqa: BLE001  (a model whose step fake tensors cannot run)
                     raise Untraceable(f"a {config.model_type} training step does not run on fake tensors: "
                                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-            steps.append(dict(phases=phases, held=held_bytes(tracker, DEVICE)))
+            steps.append(dict(phases=phases, held=held_bytes(tracker, DEVICE) + buckets))
             if roofline and step == 0:
                 first = timer.totals()
             if roofline and step == warmup:
@@ -553,7 +581,52 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
         selected = engine.num_selected if engine is not None else None
     return dict(base_params=base, params=params, trainable=trainable, selected=selected, targeted=entries,
                 density=density if engine is not None else None, steps=steps,
-                roofline=last, first_step_roofline=first, host_reads=reads.reads)
+                roofline=last, first_step_roofline=first, host_reads=reads.reads, ddp_bucket_bytes=buckets)
+
+
+@contextlib.contextmanager
+def fake_process_group(world: int):
+    """Rank 0 of ``world`` on torch's fake backend (no peers, no data moved), for the block only."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise ConfigError("a process group is already set up in this process; estimate several GPUs in a "
+                          "fresh one")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def data_parallel_bytes(model, engine) -> int:
+    """What data parallelism adds to one GPU beyond what the step allocates, held from wrapping to the end.
+
+    SIFT (``engine``) is not wrapped in DDP: siftune all-reduces the selected
+    gradient entries itself, in a flat fp32 buffer at ``optimizer.step()``, and
+    at a selection an fp32 copy of each dense gradient; the trace runs those on
+    the fake process group, so they are counted where they happen and nothing
+    is added here. Every other method trains under torch's
+    ``DistributedDataParallel`` with its defaults (``bucket_cap_mb=25``,
+    ``gradient_as_bucket_view=False``): its reducer allocates, when it wraps
+    the model, flat buckets that hold every trainable parameter's gradient
+    once, in the parameter's dtype (the gradients are copied in, all-reduced
+    in place and copied back to ``.grad``); the cap only sets how the buckets
+    split them. A model with nothing to train is not wrapped.
+    """
+    if engine is not None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def with_buckets(snap: dict, buckets: int) -> dict:
+    """A phase's peak with DDP's buckets (held throughout) added as communication."""
+    if buckets:
+        snap = dict(snap)
+        snap["communication"] = snap.get("communication", 0) + buckets
+        snap["total"] += buckets
+    return snap
 
 
 def allocations(prof) -> list[tuple[int, int, int]]:
@@ -570,12 +643,15 @@ def allocations(prof) -> list[tuple[int, int, int]]:
     return sorted(events)
 
 
-def measure_cpu(config, setup: Setup, warmup: int = 1) -> list[int]:
+def measure_cpu(config, setup: Setup, warmup: int = 1, held: list | None = None, ddp: bool = False) -> list[int]:
     """The same steps really run on this CPU in fp32: each step's peak bytes as torch's CPU
-    allocator counts them (the profiler's allocation events, ``total_allocated``).
+    allocator counts them (the profiler's allocation events, ``total_allocated``); each step's
+    bytes still held at its end are appended to ``held`` when given. With ``ddp`` the model is
+    wrapped in torch's ``DistributedDataParallel`` (defaults) on the process group already set up.
 
-    The simulation's twin is ``trace(config, setup.replace(dtype="float32"))``. nf4 layers
-    are quantized by bitsandbytes' CPU kernels.
+    The simulation's twin is ``trace(config, setup.replace(dtype="float32"))``. nf4 and int8
+    layers are quantized by bitsandbytes' CPU kernels; int8 layers run the GPU's matmul
+    function (:func:`.int8.as_on_a_gpu`) on bitsandbytes' default CPU kernels.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -584,10 +660,16 @@ def measure_cpu(config, setup: Setup, warmup: int = 1) -> list[int]:
         model = build_model(config, Setup("full", dtype="float32"), "cpu")  # quantized below, for real
         if setup.quantize == "nf4":
             _quantize_nf4_for_real(model)
+        elif setup.quantize == "int8":
+            int8.quantize_int8_for_real(model)
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model, opt, _ = set_up(setup, model, density_of(setup, targeted_entries(model)))
+        if setup.quantize == "int8":
+            int8.as_on_a_gpu(model)
+        if ddp:
+            model = torch.nn.parallel.DistributedDataParallel(model)
         batch = inputs(config, setup, "cpu")
     # The count also holds what earlier sessions allocated and freed with no session on
     # (an earlier run in this process): what it held before this run's first allocation.
@@ -602,7 +684,10 @@ def measure_cpu(config, setup: Setup, warmup: int = 1) -> list[int]:
             if opt is not None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        peaks.append(max(total for _, _, total in allocations(prof)) - before)
+        events = allocations(prof)
+        peaks.append(max(total for _, _, total in events) - before)
+        if held is not None:
+            held.append(events[-1][2] - before)
     return peaks
 
 
