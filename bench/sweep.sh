@@ -147,6 +147,24 @@ for part in "$@"; do
     b-rows)
       b sift-rows:matched 6.4e-3; b sift-rows:matched 1.6e-3; b random:matched 1.28e-2; b sift-columns:matched 1.6e-3
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows)" >&2; exit 2 ;;
+    # The finalists' seeds and the cells still deciding a ranking, in order of what they decide.
+    # Task (a): rows at LoRA's count (seed 0 level with random components), random components above
+    # 3.2e-2 at 0.1% (the grid's top, ahead of |g w|), balanced at random's rates, 0.01%, 1%.
+    a-final)
+      a random:0.0001 3.2e-2
+      cell classification 300 1 sift-rows:matched 1e-3
+      cell classification 300 2 sift-rows:matched 1e-3
+      a random:0.001 6.4e-2; a sift-fixed:0.001 1.6e-2 selection=balanced
+      a sift-rows:0.01 1e-3; a sift-columns:0.01 1e-3; a sift-fixed:0.0001 3.2e-2; a random:0.0001 1.28e-1
+      a sift-rows:matched 5e-4
+      ;;
+    # Task (b): rows at 3.2e-3 (their grid closed: 1.6e-3 1.128, 3.2e-3 1.083, 6.4e-3 1.145 validation).
+    b-final)
+      b random:matched 1.28e-2
+      cell causal_lm 40 1 sift-rows:matched 3.2e-3
+      cell causal_lm 40 2 sift-rows:matched 3.2e-3
+      b sift-fixed:matched 3.2e-3 selection=balanced; b sift-columns:matched 1.6e-3
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final)" >&2; exit 2 ;;
   esac
 done
