@@ -313,3 +313,55 @@ def test_no_help_text_states_its_default_twice():
     twice = [(p.prog, a.dest) for p in parsers(build_parser()) for a in p._actions
              if a.help and shown(a).count("(default") > 1]
     assert twice == []
+
+
+def test_default_lr_is_1e3_at_1_percent_and_above_and_rises_below_to_a_cap_of_1e2():
+    from siftune.recipes.train import default_lr
+
+    assert default_lr(0.1) == pytest.approx(1e-3)
+    assert default_lr(0.01) == pytest.approx(1e-3)
+    assert default_lr(0.001) == pytest.approx(1e-3 * 10 ** 0.9)  # 7.94e-3, where the sweep chose 8e-3
+    assert default_lr(0.0001) == pytest.approx(1e-2)
+
+
+def run_without_lr(tmp_path, model_dir, dataset, *extra):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out),
+                 "--steps", "2", "--batch-size", "8", "--max-length", "16", "--eval-size", "16",
+                 "--warmup-steps", "1", "--density", "0.002", *extra]) == 0
+    return out
+
+
+def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_came_from(
+        tmp_path, tiny_bert_dir, sentiment_csv, capsys):
+    from siftune.recipes.train import default_lr
+
+    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
+    rate = default_lr(0.002)
+    assert rate == pytest.approx(1e-3 * 5 ** 0.9)
+    assert f"learning rate {rate:.3g} (by density 0.002: default_lr(density))" in capsys.readouterr().out
+    assert scalars(out / "tensorboard")["train/learning_rate"][0] == (1, pytest.approx(rate))  # the warm-up's peak
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["lr"] == pytest.approx(rate) and metrics["lr_from"] == "default_lr(density)"
+    increment = SparseIncrement.load(out)
+    assert increment.metadata["lr"] == pytest.approx(rate) and increment.metadata["lr_from"] == "default_lr(density)"
+    assert increment.metadata["dense_lr"] == pytest.approx(rate)  # dense_lr unset: the same as lr
+
+
+def test_an_lr_flag_wins_over_the_density_rule(tmp_path, tiny_bert_dir, sentiment_csv, capsys):
+    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--lr", "0.0005")
+    assert "learning rate 0.0005\n" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["lr"] == 0.0005 and metrics["lr_from"] == "given"
+    assert SparseIncrement.load(out).metadata["lr_from"] == "given"
+
+
+def test_an_lr_in_the_yaml_wins_over_the_density_rule_and_a_flag_over_both(tmp_path, tiny_bert_dir, sentiment_csv):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.0005\n")
+    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--config", str(config), "--quiet")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["lr"] == 0.0005 and metrics["lr_from"] == "given"
+    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--config", str(config), "--lr", "0.003",
+                         "--quiet")
+    assert json.loads((out / "metrics.json").read_text())["args"]["lr"] == 0.003

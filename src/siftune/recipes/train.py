@@ -68,7 +68,10 @@ class TrainArgs:
             output layer and the dense modules.
         dense_modules: modules trained densely: names or one regex. Default
             ``None``: the classification head (``classifier`` or ``score``), if any.
-        lr: peak AdamW learning rate of the selected components. Default ``1e-3``.
+        lr: peak AdamW learning rate of the selected components. Default ``None``:
+            by density, 1e-3 x (0.01 / density)^0.9 kept within [1e-3, 1e-2]
+            (1e-3 at 1% and above, 7.9e-3 at 0.1%, 1e-2 from 0.077% down), the
+            rule fitted to the density sweep (docs/selection.md, "Defaults").
         dense_lr: peak learning rate of the densely trained modules. Default
             ``None``: the same as ``lr``.
         steps: optimizer steps to train; 0 trains for ``epochs`` instead.
@@ -174,7 +177,7 @@ class TrainArgs:
     quantize: str | None = None
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
-    lr: float = 1e-3
+    lr: float | None = None
     dense_lr: float | None = None
     steps: int = 300
     epochs: float = 0.0
@@ -321,6 +324,30 @@ def _describe(hint) -> str:
     return names.get(hint, "a list of names" if typing.get_origin(hint) is list else str(hint))
 
 
+# The density rule's constants: below REFERENCE_DENSITY the rate rises as (REFERENCE_DENSITY / density)**LR_EXPONENT.
+BASE_LR, REFERENCE_DENSITY, LR_EXPONENT, MAX_LR = 1e-3, 0.01, 0.9, 1e-2
+LR_RULE = "default_lr(density)"
+
+
+def default_lr(density: float) -> float:
+    """SIFT's peak learning rate for ``density`` when none is given.
+
+    ``1e-3 * (0.01 / density) ** 0.9``, kept within [1e-3, 1e-2]: 1e-3 at 1% and
+    above, about 7.9e-3 at 0.1%, 1e-2 at 0.077% and below. Fitted to the rates
+    chosen on validation in the density sweep (docs/selection.md, "Defaults").
+    """
+    if not 0 < density <= 1:
+        raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    return min(MAX_LR, BASE_LR * max(1.0, (REFERENCE_DENSITY / density) ** LR_EXPONENT))
+
+
+def lr_used(args: TrainArgs) -> tuple[float, str]:
+    """The peak rate a run trains at and where it came from: ``"given"`` or the density rule."""
+    if args.lr is not None:
+        return args.lr, "given"
+    return default_lr(args.density), LR_RULE
+
+
 def run(args: TrainArgs, progress: bool = True) -> dict:
     """Train a SIFT increment as ``args`` says; returns the metrics it also writes."""
     # A process lost inside FSDP2's collectives (in a forward or backward) ends the run as DistributedError.
@@ -384,7 +411,10 @@ def _run(args: TrainArgs, progress: bool) -> dict:
 
     dense = args.dense_modules or _default_head(model, args.task)
     engine = attach(model, args.sift_config(dense_modules=dense))
-    optimizer = engine.optimizer(lr=args.lr, dense_lr=args.dense_lr, weight_decay=args.weight_decay,
+    lr, lr_from = lr_used(args)
+    _print(f"learning rate {lr:.3g}" + (f" (by density {args.density:g}: {LR_RULE})" if lr_from != "given" else "")
+           + (f", dense modules {args.dense_lr:.3g}" if args.dense_lr is not None else ""))
+    optimizer = engine.optimizer(lr=lr, dense_lr=args.dense_lr, weight_decay=args.weight_decay,
                                  nonfinite=args.nonfinite)
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(args.warmup_steps, steps))
@@ -442,13 +472,14 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     increment = engine.increment(base_model=args.model, values=optimizer.master_values())
     increment.metadata.update(task=args.task, labels=labels, dataset=args.dataset,
                               metrics=_json_safe({"before": before, "after": after}))  # for the model card
+    increment.metadata.update(lr=lr, lr_from=lr_from, dense_lr=lr if args.dense_lr is None else args.dense_lr)
     if args.quantize:
         increment.metadata["quantize"] = args.quantize  # merge quantizes the base the same way
     metrics = {
         "before": before, "after": after, "steps": steps, "train_s": round(train_s, 2),
         "step_s": round(train_s / steps, 4), "trainable": engine.num_trainable,
         "increment_bytes": increment.nbytes, "skipped_steps": optimizer.skipped_steps,
-        "losses": losses, "args": dataclasses.asdict(args),
+        "losses": losses, "args": {**dataclasses.asdict(args), "lr": lr}, "lr_from": lr_from,
     }
     if distributed.is_main_process():  # one writer, whatever the number of processes
         increment.save(out)
@@ -501,6 +532,7 @@ def _check_checkpoint_folder(args: TrainArgs, folder: Path) -> None:
 
 def _resume_settings(args: TrainArgs) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE}
+    settings["lr"] = lr_used(args)[0]  # the rate trained at, given or by density
     for name in INPUTS:
         settings[name] = _input_identity(settings[name])
     return settings
