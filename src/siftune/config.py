@@ -81,13 +81,15 @@ class SiftConfig:
             are grown by score; grown components start with zero moments).
             The last three need ``budget="per_tensor"`` and are refused on
             FSDP2 shards. Measured on the benchmark tasks (docs/selection.md,
-            every rate chosen on validation, one seed): random components
-            were as good as or better than the gradient's top-k at LoRA r=8's
-            count on both tasks and at 0.1% on the classification task, where
-            they need about twice the rate (1.6e-2); at one fixed rate the
-            gradient's choice is far ahead (57.8 against 76.3 at 2e-3, 0.1%).
-            So it pays when rates are not tuned, or below the densities
-            measured. Default ``"gradient"``.
+            every rate chosen on validation): random components are as good
+            as or better than the gradient's top-k at LoRA r=8's count on both
+            tasks and at 0.1% on the classification task, at 2 to 4 times the
+            rate (0.1%: 3.2e-2 against 8e-3); the gradient's choice is ahead
+            at 0.01% (62.8 against 56.4 on validation) and at one rate for
+            both (0.1% at 2e-3: 76.3 against 57.8). So: below about 0.1%, or
+            when rates are not tuned, keep ``"gradient"``; at LoRA-like counts
+            with a tuned rate, ``"random"`` does as well or better.
+            Default ``"gradient"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)
