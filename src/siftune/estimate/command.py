@@ -93,8 +93,8 @@ def run(ns: argparse.Namespace) -> int:
               for method in dict.fromkeys(ns.methods)]
     for setup in setups:
         if setup.quantize and setup.method in ("full", "shira"):
-            raise ConfigError(f"{setup.method} trains the weights themselves: it cannot run on a {setup.quantize} "
-                              "base; leave it out or drop --quantize")
+            raise ConfigError(f"{setup.method} trains the weights themselves: it cannot run on a base quantized "
+                              f"to {setup.quantize}; leave it out or drop --quantize")
         if ns.fsdp:
             from .fsdp import check
 
