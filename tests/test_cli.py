@@ -315,13 +315,14 @@ def test_no_help_text_states_its_default_twice():
     assert twice == []
 
 
-def test_default_lr_is_1e3_at_1_percent_and_above_and_rises_below_to_a_cap_of_1e2():
+def test_default_lr_is_1e3_at_1_percent_and_above_and_rises_below_to_a_cap_of_3_2e2():
     from siftune.recipes.train import default_lr
 
     assert default_lr(0.1) == pytest.approx(1e-3)
     assert default_lr(0.01) == pytest.approx(1e-3)
     assert default_lr(0.001) == pytest.approx(1e-3 * 10 ** 0.9)  # 7.94e-3, where the sweep chose 8e-3
-    assert default_lr(0.0001) == pytest.approx(1e-2)
+    assert default_lr(0.0001) == pytest.approx(3.2e-2)  # the cap, where the sweep chose 3.2e-2 over 8e-3
+    assert default_lr(0.0003) == pytest.approx(1e-3 * (0.01 / 0.0003) ** 0.9)
 
 
 def run_without_lr(tmp_path, model_dir, dataset, *extra):

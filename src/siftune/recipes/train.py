@@ -69,8 +69,8 @@ class TrainArgs:
         dense_modules: modules trained densely: names or one regex. Default
             ``None``: the classification head (``classifier`` or ``score``), if any.
         lr: peak AdamW learning rate of the selected components. Default ``None``:
-            by density, 1e-3 x (0.01 / density)^0.9 kept within [1e-3, 1e-2]
-            (1e-3 at 1% and above, 7.9e-3 at 0.1%, 1e-2 from 0.077% down), the
+            by density, 1e-3 x (0.01 / density)^0.9 kept within [1e-3, 3.2e-2]
+            (1e-3 at 1% and above, 7.9e-3 at 0.1%, 3.2e-2 from 0.021% down), the
             rule fitted to the density sweep (docs/selection.md, "Defaults").
         dense_lr: peak learning rate of the densely trained modules. Default
             ``None``: the same as ``lr``.
@@ -325,15 +325,15 @@ def _describe(hint) -> str:
 
 
 # The density rule's constants: below REFERENCE_DENSITY the rate rises as (REFERENCE_DENSITY / density)**LR_EXPONENT.
-BASE_LR, REFERENCE_DENSITY, LR_EXPONENT, MAX_LR = 1e-3, 0.01, 0.9, 1e-2
+BASE_LR, REFERENCE_DENSITY, LR_EXPONENT, MAX_LR = 1e-3, 0.01, 0.9, 3.2e-2
 LR_RULE = "default_lr(density)"
 
 
 def default_lr(density: float) -> float:
     """SIFT's peak learning rate for ``density`` when none is given.
 
-    ``1e-3 * (0.01 / density) ** 0.9``, kept within [1e-3, 1e-2]: 1e-3 at 1% and
-    above, about 7.9e-3 at 0.1%, 1e-2 at 0.077% and below. Fitted to the rates
+    ``1e-3 * (0.01 / density) ** 0.9``, kept within [1e-3, 3.2e-2]: 1e-3 at 1% and
+    above, about 7.9e-3 at 0.1%, 3.2e-2 at 0.021% and below. Fitted to the rates
     chosen on validation in the density sweep (docs/selection.md, "Defaults").
     """
     if not 0 < density <= 1:
