@@ -114,7 +114,7 @@ for part in "$@"; do
       done
       ;;
     # Task (a), interleaved: where the gradient's choice could still pay (random components above 1.6e-2
-    # at 0.1%, the grid's top; 0.01%, 1,061 components) and structured SIFT (rows' seeds at LoRA's count,
+    # at 0.1%, the grid's top; 0.01%, 1,068 components) and structured SIFT (rows' seeds at LoRA's count,
     # where seed 0 was level with random components; rows and columns at 1%; rows below 1e-3).
     a-low)
       a random:0.001 3.2e-2; a sift-fixed:0.0001 8e-3; a random:0.0001 3.2e-2

@@ -86,7 +86,7 @@ class SiftConfig:
             tasks and at 0.1% on the classification task, at 2 to 4 times the
             rate (0.1%: 3.2e-2 against 8e-3); the gradient's choice is ahead
             at 0.01% (71.1 against 56.4 on validation) and at one rate for
-            both (0.1% at 2e-3: 76.3 against 57.8); ``"balanced"`` at 2 to 4
+            both (0.1% at 2e-3: 76.3 against 57.8); ``"balanced"`` at up to 4
             times the gradient's rate led both at 0.1% (78.7) and was level
             with random at LoRA's count on the classification task (one
             seed). So: below about 0.1%, or when rates are not tuned, keep
