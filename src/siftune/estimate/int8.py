@@ -93,21 +93,15 @@ def fake_int8_weight(layer, device: torch.device) -> torch.nn.Parameter:
     return weight
 
 
-def quantize_int8_for_real(model) -> None:
-    """Quantize each targeted Linear with bitsandbytes on this CPU, as transformers' ``load_in_8bit`` does."""
+def real_int8_layer(module: torch.nn.Linear):
+    """``module`` quantized with bitsandbytes on this CPU, as transformers' ``load_in_8bit`` does."""
     import bitsandbytes as bnb
 
-    for name, module in targeted(model):
-        if type(module) is not torch.nn.Linear:
-            continue
-        layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
-                                    has_fp16_weights=False, threshold=THRESHOLD, device="meta")
-        # Int8Params quantizes as it moves to a device; a module's .to skips what is already there.
-        layer.weight = bnb.nn.Int8Params(module.weight.data, requires_grad=False,
-                                         has_fp16_weights=False).to("cpu")
-        if module.bias is not None:
-            layer.bias = module.bias
-        model.set_submodule(name, layer)
+    layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                has_fp16_weights=False, threshold=THRESHOLD, device="meta")
+    # Int8Params quantizes as it moves to a device; a module's .to skips what is already there.
+    layer.weight = bnb.nn.Int8Params(module.weight.data, requires_grad=False, has_fp16_weights=False).to("cpu")
+    return layer
 
 
 def as_on_a_gpu(model) -> None:

@@ -658,10 +658,8 @@ def measure_cpu(config, setup: Setup, warmup: int = 1, held: list | None = None,
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = build_model(config, Setup("full", dtype="float32"), "cpu")  # quantized below, for real
-        if setup.quantize == "nf4":
-            _quantize_nf4_for_real(model)
-        elif setup.quantize == "int8":
-            int8.quantize_int8_for_real(model)
+        if setup.quantize:
+            _quantize_for_real(model, _real_nf4_layer if setup.quantize == "nf4" else int8.real_int8_layer)
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -691,18 +689,25 @@ def measure_cpu(config, setup: Setup, warmup: int = 1, held: list | None = None,
     return peaks
 
 
-def _quantize_nf4_for_real(model) -> None:
-    import bitsandbytes as bnb
-
+def _quantize_for_real(model, quantized) -> None:
+    """Replace each targeted Linear of ``model`` by ``quantized(linear)``, keeping its bias."""
     for name, module in targeted(model):
         if type(module) is not torch.nn.Linear:
             continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4",
-                                  device="meta")
-        # Params4bit quantizes as it moves to a device; a module's .to skips what is already there.
-        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=64,
-                                         compress_statistics=False, quant_type="nf4", module=layer).to("cpu")
+        layer = quantized(module)
         if module.bias is not None:
             layer.bias = module.bias
         model.set_submodule(name, layer)
+
+
+def _real_nf4_layer(module: torch.nn.Linear):
+    """``module`` quantized to nf4 with bitsandbytes on this CPU (blocksize 64, fp32 compute)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4",
+                              device="meta")
+    # Params4bit quantizes as it moves to a device; a module's .to skips what is already there.
+    layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=64,
+                                     compress_statistics=False, quant_type="nf4", module=layer).to("cpu")
+    return layer
