@@ -177,6 +177,22 @@ for part in "$@"; do
     # Seeds 1 and 2 of balanced at 0.1% on (a), its chosen 3.2e-2 (two parts: they run side by side).
     a-balanced-s1) cell classification 300 1 sift-fixed:0.001 3.2e-2 selection=balanced ;;
     a-balanced-s2) cell classification 300 2 sift-fixed:0.001 3.2e-2 selection=balanced ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2)" >&2; exit 2 ;;
+    # Structured SIFT at 1% beside |g w|, random components and balanced (task (a)'s grids below and above
+    # 1e-3, where rows and columns ran; balanced at 0.01% and 1%, where it has not run), then task (b) at 1%
+    # (0.43 of LoRA r=8's count there) about each method's chosen rate at LoRA's count and twice it.
+    a-1pct)
+      a sift-fixed:0.0001 3.2e-2 selection=balanced; a sift-rows:0.01 2e-3
+      a sift-fixed:0.01 1e-3 selection=balanced; a sift-rows:0.01 5e-4; a random:0.01 2e-3
+      a sift-columns:0.01 5e-4; a random:0.01 4e-3; a sift-rows:matched 5e-4
+      a sift-fixed:0.01 2e-3 selection=balanced
+      ;;
+    b-1pct)
+      b sift-rows:0.01 3.2e-3; b sift-fixed:0.01 1.6e-3; b random:0.01 6.4e-3; b sift-columns:0.01 1.6e-3
+      b sift-rows:0.01 6.4e-3; b sift-fixed:0.01 3.2e-3
+      ;;
+    b-1pct-more)
+      b random:0.01 1.28e-2; b sift-columns:0.01 3.2e-3; b sift-rows:0.01 1.6e-3
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-more)" >&2; exit 2 ;;
   esac
 done
