@@ -15,6 +15,7 @@ LAYERS = [
     "siftune.errors",
     "siftune.artifacts.io",  # atomic files
     "siftune.parallel.distributed",  # processes, collectives, parts of sharded tensors
+    "siftune.core.heap",  # the host heap's free pages, handed back
     "siftune.core.select",  # which weights are targeted; index helpers
     "siftune.core.quantize",
     "siftune.core.storage",  # where trained values live: in place, sharded, delta

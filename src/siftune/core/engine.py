@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import budget, storage, structured
+from . import budget, heap, storage, structured
 from ..parallel import distributed
 from ..config import SiftConfig
 from ..errors import CheckpointError, ConfigError
@@ -134,6 +134,12 @@ class SiftEngine:
         if config.mode != "per_step":  # per_step takes each step's gradient at the step (gradients())
             for slot in self.slots:
                 slot.storage.attach(lambda slot=slot: slot.selecting, self._gradient_for(slot))
+        # A step's memory peaks at the start of its backward; the heap's free pages go back to the system
+        # just before, once a training forward has passed the last targeted layer (siftune.core.heap).
+        self._heap_hook = None
+        if self.slots:
+            last = model.get_submodule(self.slots[-1].name.rpartition(".")[0])
+            self._heap_hook = last.register_forward_hook(_release_heap)
 
     def _make_storage(self, model: nn.Module, name: str, param: nn.Parameter):
         config, module = self.config, model.get_submodule(name.rpartition(".")[0])
@@ -474,12 +480,21 @@ class SiftEngine:
         """Remove the hooks and restore every ``requires_grad`` flag; trained weights stay."""
         for slot in self.slots:
             slot.storage.remove()
+        if self._heap_hook is not None:
+            self._heap_hook.remove()
+            self._heap_hook = None
         if self._ddp_ignore_before is None:
             del self.model._ddp_params_and_buffers_to_ignore
         else:
             self.model._ddp_params_and_buffers_to_ignore = self._ddp_ignore_before
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._saved_flags.get(name, p.requires_grad))
+
+
+def _release_heap(module: nn.Module, args, output) -> None:
+    """Forward hook of the last targeted layer: trim the host heap in a training forward on the host."""
+    if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.device.type == "cpu":
+        heap.release()
 
 
 def _summed_over_ranks(score: torch.Tensor) -> torch.Tensor:
