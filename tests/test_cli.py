@@ -374,3 +374,15 @@ def test_an_lr_in_the_yaml_wins_over_the_density_rule_and_a_flag_over_both(tmp_p
     out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--config", str(config), "--lr", "0.003",
                          "--quiet")
     assert json.loads((out / "metrics.json").read_text())["args"]["lr"] == 0.003
+
+
+def test_train_args_sift_fields_are_sift_configs_with_its_defaults():
+    from siftune.recipes.train import SIFT_FIELDS, TrainArgs
+
+    config, args = SiftConfig(), TrainArgs()
+    for name in (*SIFT_FIELDS, "storage"):
+        assert getattr(args, name) == getattr(config, name), name
+    shared = {f.name for f in dataclasses.fields(TrainArgs)} & {f.name for f in dataclasses.fields(SiftConfig)}
+    # the fields sift_config() sets from elsewhere: quantize, the default head, 0 meaning no clipping
+    assert shared - {"storage", "target_modules", "dense_modules", "max_grad_norm", "seed"} == set(SIFT_FIELDS)
+    assert TrainArgs(structure="rows", selection="random").sift_config().structure == "rows"

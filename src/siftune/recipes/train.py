@@ -39,6 +39,10 @@ RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "checkpoint_every", "e
                      "gradient_checkpointing", "report_to")
 # Settings that name files: a resumed run compares what they hold, not how they were spelled.
 INPUTS = ("model", "dataset", "eval_dataset")
+# TrainArgs' fields that are SiftConfig's, with SiftConfig's defaults (tests/test_cli.py holds them equal).
+SIFT_FIELDS = ("density", "mode", "selection_batches", "refresh_every", "state_dtype", "selection", "master_weights",
+               "update_in_backward", "compact_indices", "delta_dtype", "score", "budget", "min_density",
+               "score_share", "line_cap", "drop_share", "structure")
 _SAMPLE_BYTES = 1 << 20  # of each input file, hashed with its size to recognise it
 
 
@@ -145,12 +149,9 @@ class TrainArgs:
             train the increment beside them (``storage`` becomes ``"delta"``);
             they compute in ``dtype``. Default ``None``: not quantized.
 
-    The SIFT fields ``density``, ``mode``, ``selection_batches``,
-    ``refresh_every``, ``state_dtype``, ``selection``, ``master_weights``,
-    ``update_in_backward``, ``compact_indices``, ``storage``,
-    ``delta_dtype``, ``score``, ``budget``, ``min_density``, ``score_share``,
-    ``line_cap``, ``drop_share`` and ``structure`` are
-    :class:`SiftConfig`'s, documented there.
+    The SIFT fields (``SIFT_FIELDS`` and ``storage``: ``density``, ``mode``,
+    ``selection``, ``score``, ``structure``, ...) are :class:`SiftConfig`'s,
+    with its defaults, documented there.
     """
 
     model: str = "minilm"
@@ -281,14 +282,9 @@ class TrainArgs:
             fail(name, problem)
 
     def sift_config(self, dense_modules=None) -> SiftConfig:
+        values = {name: getattr(self, name) for name in SIFT_FIELDS}
         return SiftConfig(
-            density=self.density, mode=self.mode, selection_batches=self.selection_batches,
-            refresh_every=self.refresh_every, state_dtype=self.state_dtype, selection=self.selection,
-            master_weights=self.master_weights, update_in_backward=self.update_in_backward,
-            compact_indices=self.compact_indices, storage="delta" if self.quantize else self.storage,
-            delta_dtype=self.delta_dtype, score=self.score, budget=self.budget, min_density=self.min_density,
-            score_share=self.score_share, line_cap=self.line_cap, drop_share=self.drop_share,
-            structure=self.structure,
+            **values, storage="delta" if self.quantize else self.storage,
             target_modules=self.target_modules, dense_modules=dense_modules or self.dense_modules or (),
             max_grad_norm=self.max_grad_norm or None, seed=self.seed,
         )
