@@ -187,7 +187,7 @@ for part in "$@"; do
       cell classification 300 1 sift-rows:0.01 2e-3
       cell classification 300 2 sift-rows:0.01 2e-3
       a random:0.01 4e-3; a sift-rows:matched 5e-4
-      a sift-fixed:0.01 2e-3 selection=balanced; a sift-columns:0.01 2e-3
+      a sift-fixed:0.01 2e-3 selection=balanced; a sift-columns:0.01 2.5e-4
       ;;
     b-1pct)
       b sift-rows:0.01 3.2e-3; b sift-fixed:0.01 1.6e-3; b random:0.01 6.4e-3; b sift-columns:0.01 1.6e-3
