@@ -182,9 +182,12 @@ for part in "$@"; do
     # (0.43 of LoRA r=8's count there) about each method's chosen rate at LoRA's count and twice it.
     a-1pct)
       a sift-fixed:0.0001 3.2e-2 selection=balanced; a sift-rows:0.01 2e-3
-      a sift-fixed:0.01 1e-3 selection=balanced; a sift-rows:0.01 5e-4; a random:0.01 2e-3
-      a sift-columns:0.01 5e-4; a random:0.01 4e-3; a sift-rows:matched 5e-4
-      a sift-fixed:0.01 2e-3 selection=balanced
+      a sift-fixed:0.01 1e-3 selection=balanced; a sift-rows:0.01 4e-3; a random:0.01 2e-3
+      a sift-columns:0.01 5e-4
+      cell classification 300 1 sift-rows:0.01 2e-3
+      cell classification 300 2 sift-rows:0.01 2e-3
+      a random:0.01 4e-3; a sift-rows:matched 5e-4
+      a sift-fixed:0.01 2e-3 selection=balanced; a sift-columns:0.01 2.5e-4
       ;;
     b-1pct)
       b sift-rows:0.01 3.2e-3; b sift-fixed:0.01 1.6e-3; b random:0.01 6.4e-3; b sift-columns:0.01 1.6e-3

@@ -340,13 +340,21 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
     out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
     rate = default_lr(0.002)
     assert rate == pytest.approx(1e-3 * 5 ** 0.9)
-    assert f"learning rate {rate:.3g} (by density 0.002: default_lr(density))" in capsys.readouterr().out
+    assert (f"learning rate {rate:.3g} (by density 0.002: default_lr(density)), dense modules 0.002"
+            in capsys.readouterr().out)
     assert scalars(out / "tensorboard")["train/learning_rate"][0] == (1, pytest.approx(rate))  # the warm-up's peak
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["lr"] == pytest.approx(rate) and metrics["lr_from"] == "default_lr(density)"
     increment = SparseIncrement.load(out)
     assert increment.metadata["lr"] == pytest.approx(rate) and increment.metadata["lr_from"] == "default_lr(density)"
-    assert increment.metadata["dense_lr"] == pytest.approx(rate)  # dense_lr unset: the same as lr
+    assert increment.metadata["dense_lr"] == pytest.approx(2e-3)  # the head at the sweep's head rate, not the rule's
+
+
+def test_a_given_lr_is_the_dense_modules_rate_unless_dense_lr_is_given(tmp_path, tiny_bert_dir, sentiment_csv):
+    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--lr", "0.0005")
+    assert SparseIncrement.load(out).metadata["dense_lr"] == 0.0005
+    out = run_without_lr(tmp_path / "b", tiny_bert_dir, sentiment_csv, "--dense-lr", "0.0003")
+    assert SparseIncrement.load(out).metadata["dense_lr"] == 0.0003
 
 
 def test_an_lr_flag_wins_over_the_density_rule(tmp_path, tiny_bert_dir, sentiment_csv, capsys):
@@ -366,3 +374,15 @@ def test_an_lr_in_the_yaml_wins_over_the_density_rule_and_a_flag_over_both(tmp_p
     out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--config", str(config), "--lr", "0.003",
                          "--quiet")
     assert json.loads((out / "metrics.json").read_text())["args"]["lr"] == 0.003
+
+
+def test_train_args_sift_fields_are_sift_configs_with_its_defaults():
+    from siftune.recipes.train import SIFT_FIELDS, TrainArgs
+
+    config, args = SiftConfig(), TrainArgs()
+    for name in (*SIFT_FIELDS, "storage"):
+        assert getattr(args, name) == getattr(config, name), name
+    shared = {f.name for f in dataclasses.fields(TrainArgs)} & {f.name for f in dataclasses.fields(SiftConfig)}
+    # the fields sift_config() sets from elsewhere: quantize, the default head, 0 meaning no clipping
+    assert shared - {"storage", "target_modules", "dense_modules", "max_grad_norm", "seed"} == set(SIFT_FIELDS)
+    assert TrainArgs(structure="rows", selection="random").sift_config().structure == "rows"

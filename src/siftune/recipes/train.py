@@ -39,6 +39,10 @@ RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "checkpoint_every", "e
                      "gradient_checkpointing", "report_to")
 # Settings that name files: a resumed run compares what they hold, not how they were spelled.
 INPUTS = ("model", "dataset", "eval_dataset")
+# TrainArgs' fields that are SiftConfig's, with SiftConfig's defaults (tests/test_cli.py holds them equal).
+SIFT_FIELDS = ("density", "mode", "selection_batches", "refresh_every", "state_dtype", "selection", "master_weights",
+               "update_in_backward", "compact_indices", "delta_dtype", "score", "budget", "min_density",
+               "score_share", "line_cap", "drop_share", "structure")
 _SAMPLE_BYTES = 1 << 20  # of each input file, hashed with its size to recognise it
 
 
@@ -73,7 +77,9 @@ class TrainArgs:
             (1e-3 at 1% and above, 7.9e-3 at 0.1%, 3.2e-2 from 0.021% down), the
             rule fitted to the density sweep (docs/selection.md, "Defaults").
         dense_lr: peak learning rate of the densely trained modules. Default
-            ``None``: the same as ``lr``.
+            ``None``: the same as ``lr`` when ``lr`` is given, else 2e-3 (the
+            head's rate in every run of the density sweep: the density rule
+            scales the rate of sparse components, not of a dense head).
         steps: optimizer steps to train; 0 trains for ``epochs`` instead.
             Default ``300``.
         epochs: passes over the training examples (fractions allowed), used when
@@ -143,12 +149,9 @@ class TrainArgs:
             train the increment beside them (``storage`` becomes ``"delta"``);
             they compute in ``dtype``. Default ``None``: not quantized.
 
-    The SIFT fields ``density``, ``mode``, ``selection_batches``,
-    ``refresh_every``, ``state_dtype``, ``selection``, ``master_weights``,
-    ``update_in_backward``, ``compact_indices``, ``storage``,
-    ``delta_dtype``, ``score``, ``budget``, ``min_density``, ``score_share``,
-    ``line_cap``, ``drop_share`` and ``structure`` are
-    :class:`SiftConfig`'s, documented there.
+    The SIFT fields (``SIFT_FIELDS`` and ``storage``: ``density``, ``mode``,
+    ``selection``, ``score``, ``structure``, ...) are :class:`SiftConfig`'s,
+    with its defaults, documented there.
     """
 
     model: str = "minilm"
@@ -279,14 +282,9 @@ class TrainArgs:
             fail(name, problem)
 
     def sift_config(self, dense_modules=None) -> SiftConfig:
+        values = {name: getattr(self, name) for name in SIFT_FIELDS}
         return SiftConfig(
-            density=self.density, mode=self.mode, selection_batches=self.selection_batches,
-            refresh_every=self.refresh_every, state_dtype=self.state_dtype, selection=self.selection,
-            master_weights=self.master_weights, update_in_backward=self.update_in_backward,
-            compact_indices=self.compact_indices, storage="delta" if self.quantize else self.storage,
-            delta_dtype=self.delta_dtype, score=self.score, budget=self.budget, min_density=self.min_density,
-            score_share=self.score_share, line_cap=self.line_cap, drop_share=self.drop_share,
-            structure=self.structure,
+            **values, storage="delta" if self.quantize else self.storage,
             target_modules=self.target_modules, dense_modules=dense_modules or self.dense_modules or (),
             max_grad_norm=self.max_grad_norm or None, seed=self.seed,
         )
@@ -346,6 +344,17 @@ def lr_used(args: TrainArgs) -> tuple[float, str]:
     if args.lr is not None:
         return args.lr, "given"
     return default_lr(args.density), LR_RULE
+
+
+# The dense modules' rate when neither lr nor dense_lr is given: the head's rate in the density sweep.
+DEFAULT_DENSE_LR = 2e-3
+
+
+def dense_lr_used(args: TrainArgs, lr: float) -> float:
+    """The dense modules' peak rate: ``dense_lr``, else ``lr`` when given, else ``DEFAULT_DENSE_LR``."""
+    if args.dense_lr is not None:
+        return args.dense_lr
+    return lr if args.lr is not None else DEFAULT_DENSE_LR
 
 
 def run(args: TrainArgs, progress: bool = True) -> dict:
@@ -412,9 +421,10 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     dense = args.dense_modules or _default_head(model, args.task)
     engine = attach(model, args.sift_config(dense_modules=dense))
     lr, lr_from = lr_used(args)
+    dense_lr = dense_lr_used(args, lr)
     _print(f"learning rate {lr:.3g}" + (f" (by density {args.density:g}: {LR_RULE})" if lr_from != "given" else "")
-           + (f", dense modules {args.dense_lr:.3g}" if args.dense_lr is not None else ""))
-    optimizer = engine.optimizer(lr=lr, dense_lr=args.dense_lr, weight_decay=args.weight_decay,
+           + (f", dense modules {dense_lr:.3g}" if dense and dense_lr != lr else ""))
+    optimizer = engine.optimizer(lr=lr, dense_lr=dense_lr, weight_decay=args.weight_decay,
                                  nonfinite=args.nonfinite)
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(args.warmup_steps, steps))
@@ -472,7 +482,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     increment = engine.increment(base_model=args.model, values=optimizer.master_values())
     increment.metadata.update(task=args.task, labels=labels, dataset=args.dataset,
                               metrics=_json_safe({"before": before, "after": after}))  # for the model card
-    increment.metadata.update(lr=lr, lr_from=lr_from, dense_lr=lr if args.dense_lr is None else args.dense_lr)
+    increment.metadata.update(lr=lr, lr_from=lr_from, dense_lr=dense_lr)
     if args.quantize:
         increment.metadata["quantize"] = args.quantize  # merge quantizes the base the same way
     metrics = {
