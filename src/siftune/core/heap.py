@@ -1,9 +1,9 @@
 """Giving the host heap's free pages back to the system before a step's memory peaks.
 
 glibc's malloc keeps freed chunks of its heap resident: a tensor below its
-mmap threshold (which rises to 32 MiB once such tensors are freed) comes
-from the heap, and when it is freed its pages stay in the process's
-resident memory until a later allocation reuses them. Activations change
+mmap threshold (which rises, up to 32 MiB, to the largest mapped block
+freed so far) comes from the heap, and when it is freed its pages stay in
+the process's resident memory until a later allocation reuses them. Activations change
 size with every batch's length, so a longer batch after a shorter one
 cannot reuse all of the shorter one's chunks, and what stays resident
 depends on the order and sizes of every allocation: two methods with the
@@ -16,10 +16,11 @@ tensors alone.
 does nothing elsewhere. A step's memory peaks at the start of its
 backward, when every saved activation is alive; the engine calls
 :func:`release` just before, once in each training forward on the host,
-when the forward has passed the last targeted layer, so the forward's
-freed temporaries are not resident at the peak (a few to tens of ms; the
-backward faults in again the pages it reuses). ``SIFTUNE_TRIM_HEAP=0``
-turns it off.
+when the forward has passed the last targeted layer (again when gradient
+checkpointing recomputes that layer), so the forward's freed temporaries
+are not resident at the peak (tens of ms; the backward faults in again the
+pages it reuses: ``python bench/heap_trim.py`` measures both).
+``SIFTUNE_TRIM_HEAP=0`` turns it off.
 """
 from __future__ import annotations
 
