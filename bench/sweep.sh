@@ -207,7 +207,7 @@ for part in "$@"; do
       a sift-columns:0.01 5e-4
       cell classification 300 1 sift-rows:0.01 2e-3
       cell classification 300 2 sift-rows:0.01 2e-3
-      a random:0.01 4e-3; a sift-rows:matched 5e-4
+      a random:0.01 4e-3; a sift-rows:matched 5e-4; a random:0.01 8e-3
       a sift-fixed:0.01 2e-3 selection=balanced; a sift-columns:0.01 2.5e-4
       ;;
     b-1pct)
@@ -220,8 +220,11 @@ for part in "$@"; do
       seeds_at_best causal_lm 40 sift-rows:0.01
       ;;
     b-1pct-more)
-      b random:0.01 1.28e-2; b sift-columns:0.01 3.2e-3; b sift-rows:0.01 1.6e-3
+      b random:0.01 1.28e-2; b sift-columns:0.01 3.2e-3
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more)" >&2; exit 2 ;;
+    b-1pct-gw)
+      b sift-fixed:0.01 6.4e-3
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw)" >&2; exit 2 ;;
   esac
 done
