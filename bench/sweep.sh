@@ -10,6 +10,9 @@
 # earlier study's records with the same settings (copied from bench/results/selection_study) are not rerun.
 # One torch thread a run (the 2-core machine is shared); about 3 minutes a run on (a) when idle.
 set -u
+# Peak memory compares across the sweep's records only with the same allocator behaviour: they were
+# measured without the engine's heap trim (siftune.core.heap), so the sweep keeps it off.
+export SIFTUNE_TRIM_HEAP=${SIFTUNE_TRIM_HEAP:-0}
 R=${SWEEP_DIR:-bench/results/sweep}
 PY=${PYTHON:-python}
 
