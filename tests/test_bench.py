@@ -13,6 +13,7 @@ from siftune.bench.runner import merge_records, parse_method, plan, run_bench
 from siftune.bench.methods import lora_count, resolve_density
 from siftune.bench.report import README_END, README_START, markdown_table, summarise, validation_table, write_report
 from siftune.cli import main
+from siftune.core import heap
 from siftune.errors import ConfigError
 
 REQUIRED = ("method", "trainable", "metric", "value", "step_s", "peak_mib", "load_mib", "increment_bytes", "steps",
@@ -51,6 +52,7 @@ def test_quick_cli_run_writes_one_complete_record_per_method(tmp_path, tiny_bert
         assert 0.0 <= r["value"] <= 1.0 and r["metric"] == "accuracy"
         assert r["peak_mib"] >= r["load_mib"] > 0  # each run's own process
         assert "--quick" in r["command"] and f"--methods {r['method']}" in r["command"]
+        assert r["heap_trim"] is heap.enabled()  # peaks compare only at the same setting
     lora, sift = by_method["lora"], by_method["sift-fixed"]
     assert lora["rank"] == 8 and lora["density"] is None
     # The "matched" density gives LoRA r=8's count, up to per-tensor rounding.

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .methods import DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SIFT_MODES, MethodRun, prepare
+from ..core import heap
 from ..errors import ConfigError
 
 RESULTS_DIR = Path("bench/results")
@@ -328,7 +329,7 @@ def run_one(spec: RunSpec) -> dict:
         "step_s": statistics.median(seconds[1:] or seconds) if seconds else None,  # step 1 selects: not typical
         "first_step_s": seconds[0] if seconds else None,  # SIFT selects in it
         "train_s": round(sum(seconds), 2), "peak_mib": round(peak_mib, 1), "load_mib": round(load_mib, 1),
-        "increment_bytes": prepared.increment_bytes(),
+        "heap_trim": heap.enabled(), "increment_bytes": prepared.increment_bytes(),
         "steps": spec.steps, "seed": spec.seed, "lr": spec.lr, "dense_lr": spec.dense_lr,
         "batch_size": spec.batch_size, "max_length": spec.max_length, "warmup_steps": warmup_steps(spec.steps),
         "eval_examples": len(eval_set), "model": spec.model, "dataset": spec.dataset, "quick": spec.quick,
