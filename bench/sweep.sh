@@ -228,6 +228,16 @@ for part in "$@"; do
     b-1pct-gw)
       b sift-fixed:0.01 6.4e-3
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw)" >&2; exit 2 ;;
+    # The comparators' seeds at 1% (random components lead |g w| on (a)'s validation there), balanced
+    # above 2e-3 at 1% on (a) (its grid's top, 80.2 validation).
+    a-1pct-seeds)
+      a sift-fixed:0.01 4e-3 selection=balanced
+      seeds_at_best classification 300 random:0.01
+      ;;
+    b-1pct-seeds)
+      seeds_at_best causal_lm 40 random:0.01
+      seeds_at_best causal_lm 40 sift-fixed:0.01
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds)" >&2; exit 2 ;;
   esac
 done
