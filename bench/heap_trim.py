@@ -6,8 +6,8 @@
 Each method runs ``siftune bench``'s causal_lm run (SmolLM2-135M, LoRA r=8's
 count, the task's batches: 8 examples padded to the batch's longest, at
 most 128 tokens) for 6 optimizer steps on one thread, twice, each in a
-fresh process: with ``SIFTUNE_TRIM_HEAP`` unset (the engine trims) and
-set to 0. A trim hands the heap's free pages back, so the pages a later
+fresh process: with ``SIFTUNE_TRIM_HEAP=1`` (the engine trims) and
+set to 0 (the default). A trim hands the heap's free pages back, so the pages a later
 allocation reuses are faulted in again: the extra minor page faults and
 system seconds are its cost beside the trim calls' own seconds. Step
 seconds are recorded too, but on shared cores they vary by more than that.

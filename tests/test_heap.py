@@ -20,7 +20,7 @@ def trims(monkeypatch):
     """Counts malloc_trim calls instead of making them."""
     calls = []
     monkeypatch.setattr(heap, "_malloc_trim", lambda pad: calls.append(pad) or 1)
-    monkeypatch.delenv(heap.TRIM_ENV, raising=False)
+    monkeypatch.setenv(heap.TRIM_ENV, "1")
     return calls
 
 
@@ -53,8 +53,12 @@ def test_no_trim_in_evaluation_or_without_gradients(trims):
     assert trims == []
 
 
-def test_trim_is_off_with_the_environment_variable(trims, monkeypatch):
-    monkeypatch.setenv(heap.TRIM_ENV, "0")
+@pytest.mark.parametrize("value", [None, "0"])
+def test_trim_is_off_unless_the_environment_variable_is_1(trims, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv(heap.TRIM_ENV)
+    else:
+        monkeypatch.setenv(heap.TRIM_ENV, value)
     train(steps=2)
     assert trims == [] and not heap.enabled()
 
@@ -79,7 +83,7 @@ def _rss_mib() -> float:
 
 @pytest.mark.skipif(heap._malloc_trim is None, reason="needs glibc's malloc_trim")
 def test_release_hands_the_heaps_free_pages_back(monkeypatch):
-    monkeypatch.delenv(heap.TRIM_ENV, raising=False)
+    monkeypatch.setenv(heap.TRIM_ENV, "1")
     # 64 KiB tensors come from the heap (below glibc's smallest mmap threshold); freeing every other one
     # leaves holes that no later allocation fills and that malloc's own trimming of the heap's top misses.
     chunks = [torch.ones(16 * 1024) for _ in range(2048)]  # 128 MiB, every page written

@@ -82,17 +82,16 @@ class SiftConfig:
             The last three need ``budget="per_tensor"`` and are refused on
             FSDP2 shards. Measured on the benchmark tasks (docs/selection.md,
             every rate chosen on validation): random components are as good
-            as or better than the gradient's top-k at LoRA r=8's count on both
-            tasks and at 0.1% on the classification task, at 2 to 4 times the
-            rate (0.1%: 3.2e-2 against 8e-3); the gradient's choice is ahead
-            at 0.01% (71.1 against 56.4 on validation) and at one rate for
-            both (0.1% at 2e-3: 76.3 against 57.8); ``"balanced"`` at up to 4
-            times the gradient's rate led both at 0.1% (78.7) and was level
-            with random at LoRA's count on the classification task (one
-            seed). So: below about 0.1%, or when rates are not tuned, keep
-            ``"gradient"`` or try ``"balanced"``; at LoRA-like counts with a
-            tuned rate, ``"random"`` does as well or better.
-            Default ``"gradient"``.
+            as or better than the gradient's top-k from 0.1% up, where measured,
+            at 2 to 4 times the rate (0.1%: 3.2e-2 against 8e-3); the
+            gradient's choice is ahead at 0.01% (71.1 against 56.4 on
+            validation) and at one rate for both (0.1% at 2e-3: 76.3 against
+            57.8); ``"balanced"`` at 1 to 4 times the gradient's rate led every
+            selection at 0.1% and 1% on the classification task (78.7, 80.3)
+            and was level with random at LoRA's count there, but not at 0.01%
+            (68.1 against 71.1). So: below about 0.1%, or when rates are not
+            tuned, keep ``"gradient"``; from 0.1% up with a tuned rate, try
+            ``"balanced"`` or ``"random"``. Default ``"gradient"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)

@@ -20,7 +20,9 @@ when the forward has passed the last targeted layer (again when gradient
 checkpointing recomputes that layer), so the forward's freed temporaries
 are not resident at the peak (tens of ms; the backward faults in again the
 pages it reuses: ``python bench/heap_trim.py`` measures both).
-``SIFTUNE_TRIM_HEAP=0`` turns it off.
+It is off unless ``SIFTUNE_TRIM_HEAP=1``: it lowers the peak to the live
+tensors, but the page faults it causes cost 15 to 20% of a SmolLM2-135M
+step on two threads (docs/structured.md, "Peak memory").
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ _malloc_trim = _find_malloc_trim()
 
 
 def enabled() -> bool:
-    """Whether :func:`release` trims: the C library has ``malloc_trim`` and ``SIFTUNE_TRIM_HEAP`` is not ``0``."""
-    return _malloc_trim is not None and os.environ.get(TRIM_ENV, "1").strip() != "0"
+    """Whether :func:`release` trims: the C library has ``malloc_trim`` and ``SIFTUNE_TRIM_HEAP`` is ``1``."""
+    return _malloc_trim is not None and os.environ.get(TRIM_ENV, "0").strip() == "1"
 
 
 def release() -> bool:
