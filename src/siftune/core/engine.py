@@ -134,10 +134,11 @@ class SiftEngine:
         if config.mode != "per_step":  # per_step takes each step's gradient at the step (gradients())
             for slot in self.slots:
                 slot.storage.attach(lambda slot=slot: slot.selecting, self._gradient_for(slot))
-        # A step's memory peaks at the start of its backward; the heap's free pages go back to the system
-        # just before, once a training forward has passed the last targeted layer (siftune.core.heap).
+        # A step's memory peaks at the start of its backward; with SIFTUNE_TRIM_HEAP=1 (read here, at attach)
+        # the heap's free pages go back to the system just before, once a training forward has passed the
+        # last targeted layer (siftune.core.heap). Off, no hook runs in the forward.
         self._heap_hook = None
-        if self.slots:
+        if self.slots and heap.enabled():
             last = model.get_submodule(self.slots[-1].name.rpartition(".")[0])
             self._heap_hook = last.register_forward_hook(_release_heap)
 

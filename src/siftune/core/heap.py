@@ -20,7 +20,7 @@ when the forward has passed the last targeted layer (again when gradient
 checkpointing recomputes that layer), so the forward's freed temporaries
 are not resident at the peak (tens of ms; the backward faults in again the
 pages it reuses: ``python bench/heap_trim.py`` measures both).
-It is off unless ``SIFTUNE_TRIM_HEAP=1``: it lowers the peak to the live
+It is off unless ``SIFTUNE_TRIM_HEAP=1`` when the engine attaches: it lowers the peak to the live
 tensors, but the page faults it causes cost 15 to 20% of a SmolLM2-135M
 step on two threads (docs/structured.md, "Peak memory").
 """
