@@ -238,6 +238,32 @@ for part in "$@"; do
       seeds_at_best causal_lm 40 random:0.01
       seeds_at_best causal_lm 40 sift-fixed:0.01
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds)" >&2; exit 2 ;;
+    # Where a ranking is still open. Task (b): balanced above its grid's top at LoRA's count (6.4e-3, 1.081
+    # validation) and its grid at 1%, |g w|'s seed 2 at 1%, random components above their top at 1%
+    # (1.28e-2), columns below theirs (1.6e-3), then the finalists' seeds and a 160-step check of the ranking
+    # at LoRA's count, each method at its 40-step rate.
+    b-open)
+      b sift-fixed:matched 1.28e-2 selection=balanced
+      seeds_at_best causal_lm 40 sift-fixed:0.01
+      b sift-fixed:0.01 6.4e-3 selection=balanced; b sift-fixed:0.01 1.28e-2 selection=balanced
+      b random:0.01 2.56e-2; b sift-columns:0.01 8e-4
+      seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced
+      seeds_at_best causal_lm 40 sift-fixed:0.01 selection=balanced
+      cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 random:matched 6.4e-3
+      cell causal_lm 160 0 sift-fixed:matched 1.6e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
+      ;;
+    # Task (a): balanced's seeds at LoRA's count (seed 0 level with random components), the open grid tops
+    # at 0.01%, the LoRA line (r = 1, 2, 32), balanced above 4e-3 at 1%, random's seeds at 0.1%, then
+    # mixed and grow and drop at LoRA's count.
+    a-open2)
+      seeds_at_best classification 300 sift-fixed:matched selection=balanced
+      a random:0.0001 1.28e-1; a sift-fixed:0.0001 1.28e-1
+      a lora:1 2e-3; a lora:2 2e-3; a lora:32 1e-3; a lora:1 4e-3; a lora:2 4e-3; a lora:32 5e-4
+      a sift-fixed:0.01 8e-3 selection=balanced
+      seeds_at_best classification 300 random:0.001
+      a sift-fixed:matched 1e-3 selection=mixed; a sift-periodic:matched 1e-3 selection=grow_drop refresh_every=50
+      a sift-fixed:matched 2e-3 selection=mixed
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2)" >&2; exit 2 ;;
   esac
 done
