@@ -240,7 +240,8 @@ for part in "$@"; do
       ;;
     # Where a ranking is still open. Task (b): balanced above its grid's top at LoRA's count (6.4e-3, 1.081
     # validation) and its grid at 1%, |g w|'s seed 2 at 1%, random components above their top at 1%
-    # (1.28e-2), columns below theirs (1.6e-3), then the finalists' seeds and a 160-step check of the ranking
+    # (1.28e-2), columns below theirs (1.6e-3), |g w| selecting from 4 micro-batches' gradient instead of 1 (32
+    # examples: a choice less tied to one batch), then the finalists' seeds and a 160-step check of the ranking
     # at LoRA's count, each method at its 40-step rate.
     b-open)
       b sift-fixed:matched 1.28e-2 selection=balanced
@@ -248,6 +249,7 @@ for part in "$@"; do
       b sift-fixed:0.01 6.4e-3 selection=balanced; b sift-fixed:0.01 1.28e-2 selection=balanced
       b random:0.01 2.56e-2; b sift-columns:0.01 8e-4
       seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced
+      b sift-fixed:matched 1.6e-3 selection_batches=4; b sift-fixed:matched 3.2e-3 selection_batches=4
       seeds_at_best causal_lm 40 sift-fixed:0.01 selection=balanced
       cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 random:matched 6.4e-3
       cell causal_lm 160 0 sift-fixed:matched 1.6e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
