@@ -17,27 +17,7 @@ R=${SWEEP_DIR:-bench/results/sweep}
 PY=${PYTHON:-python}
 
 have() {  # TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]: is the record there?
-  "$PY" - "$R" "$@" <<'EOF'
-import json, pathlib, sys
-folder, task, steps, seed, token, lr, *fields = sys.argv[1:]
-path = pathlib.Path(folder) / f"{task}.json"
-method, _, setting = token.partition(":")
-if method in ("lora", "shira") and not setting:
-    setting = "8"
-if method not in ("full", "base", "head", "lora", "shira", "qlora") and not setting:
-    setting = "matched"
-want = dict(field.split("=", 1) for field in fields)
-if method.startswith("sift-"):
-    want = {"score": "grad_weight", **want}
-for r in json.loads(path.read_text()) if path.is_file() else []:
-    if (r["method"], str(r["setting"]), r["seed"], r["steps"]) != (method, setting, int(seed), int(steps)):
-        continue
-    if abs(r["lr"] - float(lr)) > 1e-12 * float(lr) or not r.get("val_examples"):
-        continue
-    if {k: str(v) for k, v in (r.get("sift") or {}).items()} == want:
-        sys.exit(0)
-sys.exit(1)
-EOF
+  "$PY" "$(dirname "$0")/sweep_records.py" have "$R" "$@"
 }
 
 cell() {  # TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]: run it unless its record is there
@@ -58,17 +38,7 @@ merge_records(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))" "$R
 }
 
 best_lr() {  # TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]: seed 0's rate with the best validation score
-  "$PY" - "$R" "$@" <<'EOF'
-import json, pathlib, sys
-folder, task, steps, token, *fields = sys.argv[1:]
-method, _, setting = token.partition(":")
-want = {"score": "grad_weight", **dict(field.split("=", 1) for field in fields)} if method.startswith("sift-") else {}
-runs = [r for r in json.loads((pathlib.Path(folder) / f"{task}.json").read_text())
-        if (r["method"], str(r["setting"]), r["seed"], r["steps"]) == (method, setting, 0, int(steps))
-        and r.get("val_examples") and {k: str(v) for k, v in (r.get("sift") or {}).items()} == want]
-sign = -1 if runs and runs[0]["metric"] == "loss" else 1
-print(max(runs, key=lambda r: sign * r["val_value"])["lr"] if runs else "")
-EOF
+  "$PY" "$(dirname "$0")/sweep_records.py" best "$R" "$@"
 }
 
 seeds_at_best() {  # TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]: seeds 1 and 2 at seed 0's best rate

@@ -1,0 +1,46 @@
+"""The sweep's questions about its records (bench/sweep.sh): is a cell's record there, and which rate won.
+
+    python bench/sweep_records.py have FOLDER TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]
+        exit status 0 when the record is there (with validation), 1 when not
+    python bench/sweep_records.py best FOLDER TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]
+        prints seed 0's rate with the best validation score ("" when none ran)
+"""
+import json
+import pathlib
+import sys
+
+
+def matching(folder: str, task: str, steps: str, token: str, fields: list[str]) -> list[dict]:
+    """The records of ``token`` (``method[:setting]``) at ``steps`` with validation and exactly ``fields``
+    as their SIFT options (a sift-* method's score defaults to ``grad_weight``, as the sweep ran it)."""
+    method, _, setting = token.partition(":")
+    if method in ("lora", "shira") and not setting:
+        setting = "8"
+    if method not in ("full", "base", "head", "lora", "shira", "qlora") and not setting:
+        setting = "matched"
+    want = dict(field.split("=", 1) for field in fields)
+    if method.startswith("sift-"):
+        want = {"score": "grad_weight", **want}
+    path = pathlib.Path(folder) / f"{task}.json"
+    return [r for r in (json.loads(path.read_text()) if path.is_file() else [])
+            if (r["method"], str(r["setting"]), r["steps"]) == (method, setting, int(steps))
+            and r.get("val_examples") and {k: str(v) for k, v in (r.get("sift") or {}).items()} == want]
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["have"]:
+        folder, task, steps, seed, token, lr, *fields = argv[1:]
+        return 0 if any(r["seed"] == int(seed) and abs(r["lr"] - float(lr)) <= 1e-12 * float(lr)
+                        for r in matching(folder, task, steps, token, fields)) else 1
+    if argv[:1] == ["best"]:
+        folder, task, steps, token, *fields = argv[1:]
+        runs = [r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0]
+        sign = -1 if runs and runs[0]["metric"] == "loss" else 1
+        print(max(runs, key=lambda r: sign * r["val_value"])["lr"] if runs else "")
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
