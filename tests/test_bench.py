@@ -241,3 +241,29 @@ def test_report_draws_each_rate_grid_beside_its_tables(tmp_path):
     (tmp_path / "rate_grid.png").unlink()
     assert tmp_path / "rate_grid.png" not in write_report(tmp_path)
     assert not (tmp_path / "rate_grid.png").exists() and "rate_grid" not in (tmp_path / "README.md").read_text()
+
+
+def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
+    """bench/sweep.sh skips a cell whose record is there and runs seeds at seed 0's best validation rate."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "sweep_records.py"
+    base = {"method": "sift-fixed", "setting": "matched", "steps": 40, "metric": "loss", "val_examples": 200}
+    records = [{**base, "seed": 0, "lr": 1.6e-3, "val_value": 1.11, "sift": {"score": "grad_weight"}},
+               {**base, "seed": 0, "lr": 3.2e-3, "val_value": 1.13, "sift": {"score": "grad_weight"}},
+               {**base, "seed": 0, "lr": 6.4e-3, "val_value": 1.08,
+                "sift": {"score": "grad_weight", "selection": "balanced"}},
+               {**base, "seed": 1, "lr": 6.4e-3, "val_value": 1.00, "sift": {"score": "grad_weight"},
+                "val_examples": 0}]  # no validation: not a sweep record
+    (tmp_path / "causal_lm.json").write_text(json.dumps(records))
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+    folder = str(tmp_path)
+    assert run("have", folder, "causal_lm", "40", "0", "sift-fixed", "0.0016").returncode == 0
+    assert run("have", folder, "causal_lm", "40", "0", "sift-fixed", "0.0064").returncode == 1  # other options
+    assert run("have", folder, "causal_lm", "40", "0", "sift-fixed", "0.0064", "selection=balanced").returncode == 0
+    assert run("have", folder, "causal_lm", "40", "1", "sift-fixed", "0.0064").returncode == 1
+    assert run("have", folder, "causal_lm", "160", "0", "sift-fixed", "0.0016").returncode == 1
+    assert run("best", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0016"  # lowest loss
+    assert run("best", folder, "causal_lm", "40", "sift-fixed", "selection=balanced").stdout.strip() == "0.0064"
+    assert run("best", folder, "causal_lm", "40", "random").stdout.strip() == ""
