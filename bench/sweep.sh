@@ -236,6 +236,18 @@ for part in "$@"; do
       a sift-fixed:matched 1e-3 selection=mixed; a sift-periodic:matched 1e-3 selection=grow_drop refresh_every=50
       a sift-fixed:matched 2e-3 selection=mixed
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2)" >&2; exit 2 ;;
+    # Task (b) reordered by what decides a ranking: columns below their grid's bottom at 1%, mixed (half by
+    # |g w|, half random: random components lead the top-k there) at LoRA's count, |g w| from 4 micro-batches,
+    # then the 1% grids' open ends and balanced's seeds.
+    b-open2)
+      seeds_at_best causal_lm 40 sift-fixed:0.01
+      b sift-columns:0.01 8e-4
+      b sift-fixed:matched 3.2e-3 selection=mixed; b sift-fixed:matched 6.4e-3 selection=mixed
+      b sift-fixed:matched 1.6e-3 selection_batches=4; b sift-fixed:matched 3.2e-3 selection_batches=4
+      b sift-fixed:0.01 6.4e-3 selection=balanced; b random:0.01 2.56e-2
+      seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced
+      b sift-fixed:0.01 1.28e-2 selection=balanced
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2)" >&2; exit 2 ;;
   esac
 done
