@@ -248,6 +248,12 @@ for part in "$@"; do
       seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced
       b sift-fixed:0.01 1.28e-2 selection=balanced
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2)" >&2; exit 2 ;;
+    # Task (a) at 10%: |g w| and random components about their 1% rates and below (rates fall with density
+    # above 1%), balanced at |g w|'s.
+    a-10pct)
+      a sift-fixed:0.1 5e-4; a random:0.1 1e-3; a sift-fixed:0.1 1e-3; a random:0.1 2e-3
+      a sift-fixed:0.1 5e-4 selection=balanced; a sift-fixed:0.1 2.5e-4; a random:0.1 5e-4
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2, a-10pct)" >&2; exit 2 ;;
   esac
 done
