@@ -259,6 +259,17 @@ for part in "$@"; do
     a-low2)
       a random:0.0001 2.56e-1; a sift-fixed:0.0001 6.4e-2; a random:0.0001 6.4e-2
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2, a-10pct, a-low2)" >&2; exit 2 ;;
+    # Task (a), the open cells in the order they decide something: random components at 0.01% above their
+    # grid's top, grow and drop and mixed (not run on (a) yet), |g w| at 0.01% between its two rates, the
+    # LoRA line, random components' seeds at 0.1%, balanced above its grid's top at 1%.
+    a-open3)
+      a random:0.0001 2.56e-1
+      a sift-periodic:matched 1e-3 selection=grow_drop refresh_every=50; a sift-fixed:matched 1e-3 selection=mixed
+      a sift-fixed:0.0001 6.4e-2
+      a lora:2 2e-3; a lora:32 1e-3; a lora:1 4e-3; a lora:32 5e-4
+      seeds_at_best classification 300 random:0.001
+      a sift-fixed:0.01 8e-3 selection=balanced; a lora:2 4e-3; a random:0.0001 6.4e-2
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2, a-10pct, a-low2, a-open3)" >&2; exit 2 ;;
   esac
 done
