@@ -270,6 +270,18 @@ for part in "$@"; do
       seeds_at_best classification 300 random:0.001
       a sift-fixed:0.01 8e-3 selection=balanced; a lora:2 4e-3; a random:0.0001 6.4e-2
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2, a-10pct, a-low2, a-open3)" >&2; exit 2 ;;
+    # grow and drop, at LoRA's count: on (a) its first cell (1e-3, refreshing every 50 steps) led |g w| and
+    # matched random components on seed 0's validation (80.6) and test (81.75): its grid and seeds; on (b)
+    # refreshing every 10 of the 40 steps, at |g w|'s chosen rate and twice it.
+    a-grow)
+      a sift-periodic:matched 2e-3 selection=grow_drop refresh_every=50
+      a sift-periodic:matched 5e-4 selection=grow_drop refresh_every=50
+      seeds_at_best classification 300 sift-periodic:matched selection=grow_drop refresh_every=50
+      ;;
+    b-grow)
+      b sift-periodic:matched 1.6e-3 selection=grow_drop refresh_every=10
+      b sift-periodic:matched 3.2e-3 selection=grow_drop refresh_every=10
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2, a-10pct, a-low2, a-open3, a-grow, b-grow)" >&2; exit 2 ;;
   esac
 done
