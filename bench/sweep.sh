@@ -208,37 +208,10 @@ for part in "$@"; do
       seeds_at_best causal_lm 40 random:0.01
       seeds_at_best causal_lm 40 sift-fixed:0.01
       ;;
-    # Where a ranking is still open. Task (b): balanced above its grid's top at LoRA's count (6.4e-3, 1.081
-    # validation) and its grid at 1%, |g w|'s seed 2 at 1%, random components above their top at 1%
-    # (1.28e-2), columns below theirs (1.6e-3), |g w| selecting from 4 micro-batches' gradient instead of 1 (32
-    # examples: a choice less tied to one batch), then the finalists' seeds and a 160-step check of the ranking
-    # at LoRA's count, each method at its 40-step rate.
-    b-open)
-      b sift-fixed:matched 1.28e-2 selection=balanced
-      seeds_at_best causal_lm 40 sift-fixed:0.01
-      b sift-fixed:0.01 6.4e-3 selection=balanced; b sift-fixed:0.01 1.28e-2 selection=balanced
-      b random:0.01 2.56e-2; b sift-columns:0.01 8e-4
-      seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced
-      b sift-fixed:matched 1.6e-3 selection_batches=4; b sift-fixed:matched 3.2e-3 selection_batches=4
-      seeds_at_best causal_lm 40 sift-fixed:0.01 selection=balanced
-      cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 random:matched 6.4e-3
-      cell causal_lm 160 0 sift-fixed:matched 1.6e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
-      ;;
-    # Task (a): balanced's seeds at LoRA's count (seed 0 level with random components), the open grid tops
-    # at 0.01%, the LoRA line (r = 1, 2, 32), balanced above 4e-3 at 1%, random's seeds at 0.1%, then
-    # mixed and grow and drop at LoRA's count.
-    a-open2)
-      seeds_at_best classification 300 sift-fixed:matched selection=balanced
-      a random:0.0001 1.28e-1; a sift-fixed:0.0001 1.28e-1
-      a lora:1 2e-3; a lora:2 2e-3; a lora:32 1e-3; a lora:1 4e-3; a lora:2 4e-3; a lora:32 5e-4
-      a sift-fixed:0.01 8e-3 selection=balanced
-      seeds_at_best classification 300 random:0.001
-      a sift-fixed:matched 1e-3 selection=mixed; a sift-periodic:matched 1e-3 selection=grow_drop refresh_every=50
-      a sift-fixed:matched 2e-3 selection=mixed
-      ;;
-    # Task (b) reordered by what decides a ranking: columns below their grid's bottom at 1%, mixed (half by
+    # Task (b), in the order its cells decide a ranking: columns below their grid's bottom at 1%, mixed (half by
     # |g w|, half random: random components lead the top-k there) at LoRA's count, |g w| from 4 micro-batches,
-    # then the 1% grids' open ends and balanced's seeds.
+    # then the 1% grids' open ends, balanced's seeds, and a 160-step check of the ranking at LoRA's count,
+    # each method at its 40-step rate.
     b-open2)
       seeds_at_best causal_lm 40 sift-fixed:0.01
       b sift-columns:0.01 8e-4
@@ -247,17 +220,15 @@ for part in "$@"; do
       b sift-fixed:0.01 6.4e-3 selection=balanced; b random:0.01 2.56e-2
       seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced
       b sift-fixed:0.01 1.28e-2 selection=balanced
+      seeds_at_best causal_lm 40 sift-fixed:0.01 selection=balanced
+      cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 random:matched 6.4e-3
+      cell causal_lm 160 0 sift-fixed:matched 1.6e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
       ;;
     # Task (a) at 10%: |g w| and random components about their 1% rates and below (rates fall with density
     # above 1%), balanced at |g w|'s.
     a-10pct)
       a sift-fixed:0.1 5e-4; a random:0.1 1e-3; a sift-fixed:0.1 1e-3; a random:0.1 2e-3
       a sift-fixed:0.1 5e-4 selection=balanced; a sift-fixed:0.1 2.5e-4; a random:0.1 5e-4
-      ;;
-    # Task (a) at 0.01%: random components above 1.28e-1 (69.1 there, the grid's top, against 56.4 at
-    # 3.2e-2), |g w| between its 3.2e-2 (71.1) and 1.28e-1 (56.0).
-    a-low2)
-      a random:0.0001 2.56e-1; a sift-fixed:0.0001 6.4e-2; a random:0.0001 6.4e-2
       ;;
     # Task (a), the open cells in the order they decide something: random components at 0.01% above their
     # grid's top, grow and drop and mixed (not run on (a) yet), |g w| at 0.01% between its two rates, the
@@ -269,6 +240,7 @@ for part in "$@"; do
       a lora:2 2e-3; a lora:32 1e-3; a lora:1 4e-3; a lora:32 5e-4
       seeds_at_best classification 300 random:0.001
       a sift-fixed:0.01 8e-3 selection=balanced; a lora:2 4e-3; a random:0.0001 6.4e-2
+      a sift-fixed:matched 2e-3 selection=mixed
       ;;
     # grow and drop, at LoRA's count: on (a) its first cell (1e-3, refreshing every 50 steps) led |g w| and
     # matched random components on seed 0's validation (80.6) and test (81.75): its grid and seeds; on (b)
@@ -282,6 +254,6 @@ for part in "$@"; do
       b sift-periodic:matched 1.6e-3 selection=grow_drop refresh_every=10
       b sift-periodic:matched 3.2e-3 selection=grow_drop refresh_every=10
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open, a-open2, b-open2, a-10pct, a-low2, a-open3, a-grow, b-grow)" >&2; exit 2 ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open2, a-10pct, a-open3, a-grow, b-grow)" >&2; exit 2 ;;
   esac
 done
