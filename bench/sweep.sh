@@ -254,6 +254,26 @@ for part in "$@"; do
       b sift-periodic:matched 1.6e-3 selection=grow_drop refresh_every=10
       b sift-periodic:matched 3.2e-3 selection=grow_drop refresh_every=10
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open2, a-10pct, a-open3, a-grow, b-grow)" >&2; exit 2 ;;
+    # Balanced at its tightest cap (line_cap=1: no row or column above its fair share, the spread of random
+    # components with the choice by score) where balanced at the default cap came closest: LoRA's count on
+    # both tasks and 0.1% on (a); on (b) first balanced's seeds at LoRA's count.
+    a-cap)
+      a sift-fixed:matched 1e-3 selection=balanced line_cap=1; a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1
+      ;;
+    b-cap)
+      seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1; b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1
+      ;;
+    # LoRA r=32 on (a), about r=8's rate and below (LoRA's rate falls as its rank grows).
+    a-lora32)
+      a lora:32 1e-3; a lora:32 5e-4; a lora:32 2e-3
+      ;;
+    # Task (b) at 160 steps, each method at its 40-step rate: does the ranking at LoRA's count hold on a longer run?
+    b-160)
+      cell causal_lm 160 0 random:matched 6.4e-3; cell causal_lm 160 0 sift-fixed:matched 1.6e-3
+      cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
+      ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open2, a-10pct, a-open3, a-grow, b-grow, a-cap, b-cap, a-lora32, b-160)" >&2; exit 2 ;;
   esac
 done
