@@ -12,7 +12,9 @@ the seeds run at that rate. Writes into the folder:
   as error bars (sample sd) where a rate ran on several seeds;
 * ``<task>_quality_vs_memory.png``: the same points against peak RSS;
 * ``summary.md``: the table behind the figures, with each method's test
-  score at a quarter and at four times its chosen rate where those ran.
+  score at a quarter and at four times its chosen rate where those ran,
+  and a table of its own for runs of another length than the task's
+  (the 160-step check on (b)).
 """
 from __future__ import annotations
 
@@ -93,7 +95,8 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
     plt.close(fig)
 
 
-def summary(points: list[dict], task: str) -> list[str]:
+def summary(points: list[dict], task: str, steps: int | None = None) -> list[str]:
+    """The table of ``points``; ``steps`` titles it as a run of that length (else the task's own title)."""
     scale, digits = (100, 2) if task == "classification" else (1, 3)
 
     def score(row):
@@ -102,7 +105,10 @@ def summary(points: list[dict], task: str) -> list[str]:
         spread = f" ± {row['sd'] * scale:.{digits}f}" if row["sd"] is not None else ""
         return f"{row['mean'] * scale:.{digits}f}{spread} ({','.join(map(str, row['seeds']))})"
 
-    lines = [f"## {TITLES.get(task, task)}", "",
+    title = TITLES.get(task, task)
+    if steps is not None:
+        title = f"{title.split(',')[0]}, {steps} steps: {title.split(': ')[-1]}"
+    lines = [f"## {title}", "",
              "| method | setting | trained (outside head) | rates tried | chosen lr | validation (seeds) | test at chosen "
              "(seeds) | test at lr/4 | test at 4 lr | peak MiB |", "|---|---|---:|---|---:|---|---|---|---|---:|"]
     for p in sorted(points, key=lambda p: (p["family"], p["adapted"])):
@@ -129,12 +135,19 @@ def main(argv=None) -> int:
         points = chosen_points(load(args.results_dir / f"{task}.json"))
         if not points:
             continue
+        # The task's own run length (the most common) gets the figures; a longer or shorter run, a check of
+        # whether the ranking holds, gets a table of its own.
+        steps = max({p["steps"] for p in points}, key=lambda n: sum(p["steps"] == n for p in points))
+        others = [p for p in points if p["steps"] != steps]
+        points = [p for p in points if p["steps"] == steps]
         plot(points, task, "adapted", "trained components outside the head (log scale)",
              args.results_dir / f"{task}_quality_vs_trainable.png")
         plot(points, task, "peak_mib", "peak RSS of the run (MiB)", args.results_dir / f"{task}_quality_vs_memory.png")
         lines += summary(points, task)
         lines += [f"![quality vs trainable]({task}_quality_vs_trainable.png)",
                   f"![quality vs memory]({task}_quality_vs_memory.png)", ""]
+        for n in sorted({p["steps"] for p in others}):
+            lines += summary([p for p in others if p["steps"] == n], task, n)
     (args.results_dir / "summary.md").write_text("\n".join(lines))
     if args.docs_figures:
         for figure in sorted(args.results_dir.glob("*_quality_vs_*.png")):

@@ -267,3 +267,21 @@ def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
     assert run("best", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0016"  # lowest loss
     assert run("best", folder, "causal_lm", "40", "sift-fixed", "selection=balanced").stdout.strip() == "0.0064"
     assert run("best", folder, "causal_lm", "40", "random").stdout.strip() == ""
+
+
+def test_sweep_figures_keep_a_longer_run_apart(tmp_path):
+    """A 160-step check of (b) gets its own table in summary.md, not a place among the 40-step rates."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "sweep_figures.py"
+    records = json.loads((Path(__file__).resolve().parents[1] / "bench/results/sweep/causal_lm.json").read_text())
+    lora = [r for r in records if r["method"] == "lora" and r["steps"] == 40 and r["seed"] == 0]
+    best = min(lora, key=lambda r: r["val_value"])
+    longer = {**best, "steps": 160, "lr": 1e-4, "val_value": best["val_value"] - 0.5, "value": 0.321}
+    (tmp_path / "causal_lm.json").write_text(json.dumps(lora + [longer]))
+    out = subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "summary.md").read_text()
+    main_table, _, longer_table = text.partition("160 steps")
+    assert f"| {best['lr']:g} |" in main_table and "0.321" not in main_table  # the 40-step choice stands
+    assert "| 0.0001 | " in longer_table and "0.321 (0)" in longer_table
+    assert (tmp_path / "causal_lm_quality_vs_trainable.png").is_file()
