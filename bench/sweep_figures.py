@@ -31,7 +31,8 @@ TITLES = {"classification": "(a) MiniLM-L6 on Rotten Tomatoes, 300 steps: test a
 
 
 def family(row: dict) -> str:
-    """The line a record belongs to: its method, and for SIFT its selection and score."""
+    """The line a record belongs to: its method, and for SIFT its selection (with how often it is
+    refreshed), score and other options."""
     sift = row.get("sift") or {}
     if row["method"] == "full":
         return "full fine-tuning"
@@ -46,6 +47,8 @@ def family(row: dict) -> str:
     name = {"gradient": "SIFT", "balanced": "SIFT balanced", "mixed": "SIFT mixed",
             "grow_drop": "SIFT grow and drop"}.get(selection, selection)
     name += {"sift-rows": " rows", "sift-columns": " columns"}.get(row["method"], "")
+    if "refresh_every" in sift:
+        name += f" every {sift['refresh_every']} steps"
     score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2"}.get(sift.get("score"), "")
     extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
     return f"{name}, {score}{extra}"
