@@ -86,7 +86,7 @@ class SiftConfig:
             at 2 to 4 times the rate (0.1%: 3.2e-2 against 8e-3); the
             gradient's choice is ahead at 0.01% (71.1 against 69.1 on
             validation, each at its own rate; 56.4 at the top-k's) and at
-            one rate for both (0.1% at 2e-3: 76.3 against 57.8);
+            one rate for both (0.1% at 2e-3: 75.6 against 57.8);
             ``"balanced"`` at 1 to 4 times the gradient's rate led every
             selection at 0.1% and 1% on the classification task (78.7, 80.3)
             and was level with random at LoRA's count there, but not at 0.01%
