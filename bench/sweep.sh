@@ -274,11 +274,15 @@ for part in "$@"; do
     a-lora32)
       a lora:32 1e-3; a lora:32 5e-4; a lora:32 2e-3
       ;;
+    # LoRA r=32 below 5e-4 (1e-3 collapses to the majority class).
+    a-lora32-low)
+      a lora:32 2.5e-4; a lora:32 1.25e-4
+      ;;
     # Task (b) at 160 steps, each method at its 40-step rate: does the ranking at LoRA's count hold on a longer run?
     b-160)
       cell causal_lm 160 0 random:matched 6.4e-3; cell causal_lm 160 0 sift-fixed:matched 1.6e-3
       cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open2, a-10pct, a-open3, a-grow, b-grow, a-cap, b-cap, a-10pct2, a-lora32, b-160)" >&2; exit 2 ;;
+    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open2, a-10pct, a-open3, a-grow, b-grow, a-cap, b-cap, a-10pct2, a-lora32, a-lora32-low, b-160)" >&2; exit 2 ;;
   esac
 done
