@@ -283,6 +283,6 @@ for part in "$@"; do
       cell causal_lm 160 0 random:matched 6.4e-3; cell causal_lm 160 0 sift-fixed:matched 1.6e-3
       cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
       ;;
-    *) echo "unknown part $part (a-open, a-rest, a-cross, a-new-matched, a-new-low, b-new, b-balanced, a-balanced, a-structured, a-low, a-lines, b-structured, b-rows, a-final, b-final, a-balanced-up, b-balanced-up, a-balanced-s1, a-balanced-s2, a-1pct, b-1pct, b-1pct-rows, b-1pct-more, b-1pct-gw, a-1pct-seeds, b-1pct-seeds, b-open2, a-10pct, a-open3, a-grow, b-grow, a-cap, b-cap, a-10pct2, a-lora32, a-lora32-low, b-160)" >&2; exit 2 ;;
+    *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done

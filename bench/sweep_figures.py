@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections import Counter
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from siftune.bench.report import chosen_on_validation, load, summarise  # noqa: E402
 
-TITLES = {"classification": "(a) MiniLM-L6 on Rotten Tomatoes, 300 steps: test accuracy (%)",
-          "causal_lm": "(b) SmolLM2-135M on chatterbot, 40 steps: test response loss"}
+TITLES = {"classification": ("(a) MiniLM-L6 on Rotten Tomatoes", "test accuracy (%)"),
+          "causal_lm": ("(b) SmolLM2-135M on chatterbot", "test response loss")}
+
+
+def title(task: str, steps: int) -> str:
+    name, metric = TITLES.get(task, (task, "test score"))
+    return f"{name}, {steps} steps: {metric}"
 
 
 def family(row: dict) -> str:
@@ -90,7 +96,7 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)" if task == "classification" else "test response loss (lower is better)")
-    ax.set_title(TITLES.get(task, task) + "\nrate chosen on validation; bars: sd over seeds where several ran",
+    ax.set_title(title(task, points[0]["steps"]) + "\nrate chosen on validation; bars: sd over seeds where several ran",
                  fontsize=9)
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(fontsize=7)
@@ -98,8 +104,8 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
     plt.close(fig)
 
 
-def summary(points: list[dict], task: str, steps: int | None = None) -> list[str]:
-    """The table of ``points``; ``steps`` titles it as a run of that length (else the task's own title)."""
+def summary(points: list[dict], task: str, steps: int) -> list[str]:
+    """The table of ``points``, runs of ``steps`` steps."""
     scale, digits = (100, 2) if task == "classification" else (1, 3)
 
     def score(row):
@@ -108,10 +114,7 @@ def summary(points: list[dict], task: str, steps: int | None = None) -> list[str
         spread = f" ± {row['sd'] * scale:.{digits}f}" if row["sd"] is not None else ""
         return f"{row['mean'] * scale:.{digits}f}{spread} ({','.join(map(str, row['seeds']))})"
 
-    title = TITLES.get(task, task)
-    if steps is not None:
-        title = f"{title.split(',')[0]}, {steps} steps: {title.split(': ')[-1]}"
-    lines = [f"## {title}", "",
+    lines = [f"## {title(task, steps)}", "",
              "| method | setting | trained (outside head) | rates tried | chosen lr | validation (seeds) | test at chosen "
              "(seeds) | test at lr/4 | test at 4 lr | peak MiB |", "|---|---|---:|---|---:|---|---|---|---|---:|"]
     for p in sorted(points, key=lambda p: (p["family"], p["adapted"])):
@@ -140,13 +143,13 @@ def main(argv=None) -> int:
             continue
         # The task's own run length (the most common) gets the figures; a longer or shorter run, a check of
         # whether the ranking holds, gets a table of its own.
-        steps = max({p["steps"] for p in points}, key=lambda n: sum(p["steps"] == n for p in points))
+        steps = Counter(p["steps"] for p in points).most_common(1)[0][0]
         others = [p for p in points if p["steps"] != steps]
         points = [p for p in points if p["steps"] == steps]
         plot(points, task, "adapted", "trained components outside the head (log scale)",
              args.results_dir / f"{task}_quality_vs_trainable.png")
         plot(points, task, "peak_mib", "peak RSS of the run (MiB)", args.results_dir / f"{task}_quality_vs_memory.png")
-        lines += summary(points, task)
+        lines += summary(points, task, steps)
         lines += [f"![quality vs trainable]({task}_quality_vs_trainable.png)",
                   f"![quality vs memory]({task}_quality_vs_memory.png)", ""]
         for n in sorted({p["steps"] for p in others}):
