@@ -283,6 +283,23 @@ for part in "$@"; do
       cell causal_lm 160 0 random:matched 6.4e-3; cell causal_lm 160 0 sift-fixed:matched 1.6e-3
       cell causal_lm 160 0 lora:8 3.2e-3; cell causal_lm 160 0 sift-rows:matched 3.2e-3
       ;;
+    # Task (b) at 0.1%, where on (a) the gradient's choice stopped losing to random components: |g w|, random
+    # components and balanced, each about (a)'s chosen rate at 0.1% scaled as (b)'s rates were at 1%.
+    b-0.1pct)
+      b sift-fixed:0.001 1.6e-2; b random:0.001 3.2e-2; b sift-fixed:0.001 3.2e-2 selection=balanced
+      b sift-fixed:0.001 8e-3; b random:0.001 6.4e-2; b sift-fixed:0.001 1.6e-2 selection=balanced
+      b sift-fixed:0.001 3.2e-2
+      ;;
+    # mixed on (a) at LoRA's count (1e-3: 80.8 validation, 81.45 test on seed 0, near random components'
+    # 81.53 over three seeds): its grid and seeds; balanced at line_cap=1 above its grid's top and its seeds;
+    # then line_cap=1 on (b).
+    a-mixed-cap)
+      a sift-fixed:matched 2e-3 selection=mixed
+      seeds_at_best classification 300 sift-fixed:matched selection=mixed
+      a sift-fixed:matched 4e-3 selection=balanced line_cap=1
+      seeds_at_best classification 300 sift-fixed:matched selection=balanced line_cap=1
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1; b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
