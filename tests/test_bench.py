@@ -285,3 +285,16 @@ def test_sweep_figures_keep_a_longer_run_apart(tmp_path):
     assert f"| {best['lr']:g} |" in main_table and "0.321" not in main_table  # the 40-step choice stands
     assert "| 0.0001 | " in longer_table and "0.321 (0)" in longer_table
     assert (tmp_path / "causal_lm_quality_vs_trainable.png").is_file()
+
+
+def test_rows_timing_quick_times_every_method_and_writes_nothing(tmp_path):
+    """bench/rows_timing.py --quick steps each method on a tiny Llama and prints its phases against LoRA's."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "rows_timing.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--output", str(tmp_path / "t.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert [line[0] for line in lines] == ["lora:8", "sift-rows:matched", "sift-rows:0.0001", "sift-fixed:matched",
+                                           "dense-backward"]
+    assert lines[0][4] == "(1.000x):" and all(float(line[2]) > 0 for line in lines)
+    assert not (tmp_path / "t.json").exists()
