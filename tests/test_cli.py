@@ -325,6 +325,19 @@ def test_default_lr_is_1e3_at_1_percent_and_above_and_rises_below_to_a_cap_of_3_
     assert default_lr(0.0003) == pytest.approx(1e-3 * (0.01 / 0.0003) ** 0.9)
 
 
+def test_default_lr_is_4x_for_random_components_and_2x_for_balanced_and_rows_bounds_included():
+    from siftune.recipes.train import default_lr
+
+    for density in (0.1, 0.01, 0.001, 0.0001):
+        top_k = default_lr(density)
+        assert default_lr(density, "random") == pytest.approx(4 * top_k)  # 0.01%: 1.28e-1, as the sweep chose
+        assert default_lr(density, "balanced") == pytest.approx(2 * top_k)
+        assert default_lr(density, "gradient", "rows") == pytest.approx(2 * top_k)
+        assert default_lr(density, "random", "rows") == pytest.approx(4 * top_k)  # the selection's factor
+        assert default_lr(density, "mixed") == default_lr(density, "grow_drop") == top_k
+        assert default_lr(density, "gradient", "columns") == top_k
+
+
 def run_without_lr(tmp_path, model_dir, dataset, *extra):
     out = tmp_path / "run"
     assert main(["train", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out),
@@ -340,14 +353,26 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
     out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
     rate = default_lr(0.002)
     assert rate == pytest.approx(1e-3 * 5 ** 0.9)
-    assert (f"learning rate {rate:.3g} (by density 0.002: default_lr(density)), dense modules 0.002"
-            in capsys.readouterr().out)
+    assert (f"learning rate {rate:.3g} (by density 0.002 and selection gradient: "
+            "default_lr(density, selection, structure)), dense modules 0.002" in capsys.readouterr().out)
     assert scalars(out / "tensorboard")["train/learning_rate"][0] == (1, pytest.approx(rate))  # the warm-up's peak
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["args"]["lr"] == pytest.approx(rate) and metrics["lr_from"] == "default_lr(density)"
+    assert metrics["args"]["lr"] == pytest.approx(rate)
+    assert metrics["lr_from"] == "default_lr(density, selection, structure)"
     increment = SparseIncrement.load(out)
-    assert increment.metadata["lr"] == pytest.approx(rate) and increment.metadata["lr_from"] == "default_lr(density)"
+    assert increment.metadata["lr"] == pytest.approx(rate) and increment.metadata["lr_from"] == (
+        "default_lr(density, selection, structure)")
     assert increment.metadata["dense_lr"] == pytest.approx(2e-3)  # the head at the sweep's head rate, not the rule's
+
+
+def test_train_without_lr_trains_random_components_at_4x_the_top_ks_rate(tmp_path, tiny_bert_dir, sentiment_csv,
+                                                                          capsys):
+    from siftune.recipes.train import default_lr
+
+    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--selection", "random")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["lr"] == pytest.approx(4 * default_lr(0.002))
+    assert "(by density 0.002 and selection random: " in capsys.readouterr().out
 
 
 def test_a_given_lr_is_the_dense_modules_rate_unless_dense_lr_is_given(tmp_path, tiny_bert_dir, sentiment_csv):

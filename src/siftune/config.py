@@ -91,8 +91,10 @@ class SiftConfig:
             selection at 0.1% and 1% on the classification task (78.7, 80.3)
             and was level with random at LoRA's count there, but not at 0.01%
             (68.1 against 71.1). So: below about 0.1%, or when rates are not
-            tuned, keep ``"gradient"``; from 0.1% up with a tuned rate, try
-            ``"balanced"`` or ``"random"``. Default ``"gradient"``.
+            tuned, keep ``"gradient"``; from 0.1% up with a tuned rate (or
+            ``siftune train``'s default rate, 4 times the top-k's for
+            ``"random"`` and twice for ``"balanced"``), try ``"balanced"`` or
+            ``"random"``. Default ``"gradient"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)

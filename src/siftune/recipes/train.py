@@ -74,8 +74,10 @@ class TrainArgs:
             ``None``: the classification head (``classifier`` or ``score``), if any.
         lr: peak AdamW learning rate of the selected components. Default ``None``:
             by density, 1e-3 x (0.01 / density)^0.9 kept within [1e-3, 3.2e-2]
-            (1e-3 at 1% and above, 7.9e-3 at 0.1%, 3.2e-2 from 0.021% down), the
-            rule fitted to the density sweep (docs/selection.md, "Defaults").
+            (1e-3 at 1% and above, 7.9e-3 at 0.1%, 3.2e-2 from 0.021% down) for
+            the top-k, 4 times that for ``selection="random"``, twice for
+            ``"balanced"`` and for ``structure="rows"``: the rule fitted to the
+            density sweep (:func:`default_lr`; docs/selection.md, "Defaults").
         dense_lr: peak learning rate of the densely trained modules. Default
             ``None``: the same as ``lr`` when ``lr`` is given, else 2e-3 (the
             head's rate in every run of the density sweep: the density rule
@@ -324,26 +326,36 @@ def _describe(hint) -> str:
 
 # The density rule's constants: below REFERENCE_DENSITY the rate rises as (REFERENCE_DENSITY / density)**LR_EXPONENT.
 BASE_LR, REFERENCE_DENSITY, LR_EXPONENT, MAX_LR = 1e-3, 0.01, 0.9, 3.2e-2
-LR_RULE = "default_lr(density)"
+# The rule's rate times these for the selections (and the structure) whose chosen rates in the density sweep
+# stood that far above the top-k's at the same density (docs/selection.md, "Defaults"); the cap scales too.
+SELECTION_LR_FACTOR = {"random": 4.0, "balanced": 2.0}
+ROWS_LR_FACTOR = 2.0
+LR_RULE = "default_lr(density, selection, structure)"
 
 
-def default_lr(density: float) -> float:
+def default_lr(density: float, selection: str = "gradient", structure: str | None = None) -> float:
     """SIFT's peak learning rate for ``density`` when none is given.
 
-    ``1e-3 * (0.01 / density) ** 0.9``, kept within [1e-3, 3.2e-2]: 1e-3 at 1% and
-    above, about 7.9e-3 at 0.1%, 3.2e-2 at 0.021% and below. Fitted to the rates
-    chosen on validation in the density sweep (docs/selection.md, "Defaults").
+    For the top-k (``selection="gradient"``) ``1e-3 * (0.01 / density) ** 0.9``,
+    kept within [1e-3, 3.2e-2]: 1e-3 at 1% and above, about 7.9e-3 at 0.1%,
+    3.2e-2 at 0.021% and below. Random components train at 4 times that and
+    ``balanced`` at twice it (bounds included), as do whole rows chosen by
+    the score (``structure="rows"``). Fitted to the rates chosen on
+    validation in the density sweep (docs/selection.md, "Defaults").
     """
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
-    return min(MAX_LR, BASE_LR * max(1.0, (REFERENCE_DENSITY / density) ** LR_EXPONENT))
+    factor = SELECTION_LR_FACTOR.get(selection, 1.0)
+    if structure == "rows" and selection == "gradient":
+        factor = ROWS_LR_FACTOR
+    return factor * min(MAX_LR, BASE_LR * max(1.0, (REFERENCE_DENSITY / density) ** LR_EXPONENT))
 
 
 def lr_used(args: TrainArgs) -> tuple[float, str]:
     """The peak rate a run trains at and where it came from: ``"given"`` or the density rule."""
     if args.lr is not None:
         return args.lr, "given"
-    return default_lr(args.density), LR_RULE
+    return default_lr(args.density, args.selection, args.structure), LR_RULE
 
 
 # The dense modules' rate when neither lr nor dense_lr is given: the head's rate in the density sweep.
@@ -422,7 +434,8 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     engine = attach(model, args.sift_config(dense_modules=dense))
     lr, lr_from = lr_used(args)
     dense_lr = dense_lr_used(args, lr)
-    _print(f"learning rate {lr:.3g}" + (f" (by density {args.density:g}: {LR_RULE})" if lr_from != "given" else "")
+    _print(f"learning rate {lr:.3g}" + (f" (by density {args.density:g} and selection {args.selection}: {LR_RULE})"
+                                        if lr_from != "given" else "")
            + (f", dense modules {dense_lr:.3g}" if dense and dense_lr != lr else ""))
     optimizer = engine.optimizer(lr=lr, dense_lr=dense_lr, weight_decay=args.weight_decay,
                                  nonfinite=args.nonfinite)
