@@ -300,6 +300,19 @@ for part in "$@"; do
       seeds_at_best classification 300 sift-fixed:matched selection=balanced line_cap=1
       b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1; b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1
       ;;
+    # Rows' and columns' grids at LoRA's count below their best rates, the grids' bottoms (rows (a) 1e-3: 81.0,
+    # columns (a) 1e-3: 79.2, (b) 1.6e-3: 1.134).
+    a-lines-low)
+      a sift-rows:matched 5e-4; a sift-columns:matched 5e-4
+      ;;
+    b-columns-low)
+      b sift-columns:matched 8e-4
+      ;;
+    # LoRA's line on (b): r=1, 2 and 32 about r=8's 3.2e-3, scaled as on (a) (r=1 and 2 at twice r=8's rate, r=32
+    # at a quarter).
+    b-lora-ranks)
+      b lora:32 1.6e-3; b lora:2 6.4e-3; b lora:1 6.4e-3; b lora:32 8e-4
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
