@@ -305,13 +305,24 @@ for part in "$@"; do
     a-lines-low)
       a sift-rows:matched 5e-4; a sift-columns:matched 5e-4
       ;;
-    b-columns-low)  # and LoRA r=1 on (b), to run beside b-lora-ranks
-      b sift-columns:matched 8e-4; b lora:1 6.4e-3
+    b-columns-low)
+      b sift-columns:matched 8e-4
       ;;
     # LoRA's line on (b): r=1, 2 and 32 about r=8's 3.2e-3, scaled as on (a) (r=1 and 2 at twice r=8's rate, r=32
     # at a quarter).
     b-lora-ranks)
-      b lora:32 1.6e-3; b lora:2 6.4e-3; b lora:32 8e-4
+      b lora:32 1.6e-3; b lora:2 6.4e-3; b lora:1 6.4e-3; b lora:32 8e-4
+      ;;
+    # Task (b) at 0.1% after its first cells (balanced 3.2e-2: 1.262 against |g w|'s 1.349 and random components'
+    # 1.355): balanced above that, its seeds and random components', and balanced at 1% (not run on (b) yet).
+    b-0.1pct-more)
+      b sift-fixed:0.001 6.4e-2 selection=balanced
+      seeds_at_best causal_lm 40 sift-fixed:0.001 selection=balanced
+      b sift-fixed:0.01 6.4e-3 selection=balanced
+      ;;
+    b-0.1pct-seeds)
+      seeds_at_best causal_lm 40 random:0.001
+      b sift-fixed:0.01 1.28e-2 selection=balanced
       ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
