@@ -324,6 +324,13 @@ for part in "$@"; do
       seeds_at_best causal_lm 40 random:0.001
       b sift-fixed:0.01 1.28e-2 selection=balanced
       ;;
+    # Task (a) at 0.1%, the target's density (within a point of LoRA r=8's 80.50 on test): balanced at line_cap=1
+    # (3.2e-2: 78.8, test 79.45) and at the default cap (3.2e-2: 78.7, the grid's top) on both sides, then seeds.
+    a-cap-0.1)
+      a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1; a sift-fixed:0.001 1.6e-2 selection=balanced line_cap=1
+      a sift-fixed:0.001 6.4e-2 selection=balanced
+      seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
