@@ -331,6 +331,11 @@ for part in "$@"; do
       a sift-fixed:0.001 6.4e-2 selection=balanced
       seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1
       ;;
+    # Task (b) at 0.1%, the grids' open ends after the first cells: random components above 6.4e-2 (1.175; 3.2e-2:
+    # 1.355), |g w| below 8e-3 (1.320; 1.6e-2: 1.349).
+    b-0.1pct-ends)
+      b random:0.001 1.28e-1; b sift-fixed:0.001 4e-3
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
