@@ -336,6 +336,11 @@ for part in "$@"; do
     b-0.1pct-ends)
       b random:0.001 1.28e-1; b sift-fixed:0.001 4e-3
       ;;
+    # balanced at line_cap=1 on (b) at LoRA's count (6.4e-3: 1.063, ahead of random components' 1.070 on validation):
+    # its seeds.
+    b-cap-seeds)
+      seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced line_cap=1
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
