@@ -433,7 +433,8 @@ def test_resume_with_other_training_settings_is_a_one_line_error_naming_them(rec
     shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
     assert cli.main(flags + ["--output-dir", str(tmp_path), "--resume", "--lr", "0.02"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "(lr)" in error and "checkpoint-00000006.pt" in error and "\n" not in error
+    assert "(lr; lr: " in error and "then, 0.02 now)" in error and "checkpoint-00000006.pt" in error
+    assert "\n" not in error
 
 
 def test_a_fresh_run_with_overwrite_deletes_checkpoints_of_an_earlier_run(recipe, tmp_path):

@@ -594,7 +594,8 @@ def _check_resumable(resumed: dict, args: TrainArgs) -> None:
     changed = sorted(k for k in now.keys() | saved.keys() if k not in INPUTS and saved.get(k) != now.get(k))
     changed += [k for k in INPUTS if not _same_input(saved.get(k), now.get(k))]
     if changed:
-        detail = [f"{k}: {_shown(saved.get(k))} then, {_shown(now.get(k))} now" for k in changed if k in INPUTS]
+        # every value, then and now: a rate set by the default rule is in no flag the user could compare
+        detail = [f"{k}: {_shown(saved.get(k))} then, {_shown(now.get(k))} now" for k in changed]
         raise CheckpointError(f"{resumed['path']} was written with other settings ({', '.join(changed)}"
                               + "".join(f"; {d}" for d in detail)
                               + "); resume with the same settings and data, or pass --overwrite without --resume "
