@@ -109,8 +109,9 @@ def main(argv=None) -> int:
     for kind, table in results.items():
         print(kind)
         for name, row in table.items():
-            print(f"  {name:20s} step {row['step']:.3f} s ({row['x_' + METHODS[0]]:.3f}x): forward {row['forward']:.3f}, "
-                  f"backward {row['backward']:.3f}, optimizer {row['optimizer']:.3f}, {row['kfaults']:.1f}k page faults")
+            print(f"  {name:20s} step {row['step']:.3f} s ({row['x_' + METHODS[0]]:.3f}x): "
+                  f"forward {row['forward']:.3f}, backward {row['backward']:.3f}, optimizer {row['optimizer']:.3f}, "
+                  f"{row['kfaults']:.1f}k page faults")
     if ns.quick:
         return 0
     record = {"model": "smollm2", "batch_size": batch_size, "max_length": length, "rounds": rounds,
