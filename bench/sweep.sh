@@ -341,6 +341,32 @@ for part in "$@"; do
     b-cap-seeds)
       seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced line_cap=1
       ;;
+    # balanced at line_cap=1 on (b) at LoRA's count above its grid's top (6.4e-3: 1.063), seeds at the best rate,
+    # then the 160-step check of the ranking for it and for rows, each at its 40-step rate.
+    b-cap-top)
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1
+      seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced line_cap=1
+      ;;
+    b-160-cap)
+      cell causal_lm 160 0 sift-fixed:matched "$(best_lr causal_lm 40 sift-fixed:matched selection=balanced line_cap=1)" \
+        selection=balanced line_cap=1
+      cell causal_lm 160 0 sift-rows:matched 3.2e-3
+      ;;
+    # Task (b) at the sweep's end densities: 0.01% (|g w| at the rule's cap and twice it, random components at
+    # four times those, balanced at line_cap=1 at twice the cap) and 10% (rates at and below 2.3%'s).
+    b-0.01pct)
+      b sift-fixed:0.0001 3.2e-2; b random:0.0001 1.28e-1; b sift-fixed:0.0001 6.4e-2 selection=balanced line_cap=1
+      b sift-fixed:0.0001 6.4e-2; b random:0.0001 2.56e-1
+      ;;
+    b-10pct)
+      b sift-fixed:0.1 1.6e-3; b random:0.1 6.4e-3; b sift-fixed:0.1 3.2e-3 selection=balanced line_cap=1
+      b sift-fixed:0.1 8e-4; b random:0.1 3.2e-3
+      ;;
+    # The grids' open ends that can move a chosen rate: columns on (a) below 5e-4, random components on (b) above
+    # 1.28e-1 at 0.1% and above 1.28e-2 at 1%, LoRA r=32 on (b) above 1.6e-3.
+    open-ends)
+      a sift-columns:matched 2.5e-4; b random:0.001 2.56e-1; b random:0.01 2.56e-2; b lora:32 3.2e-3
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
