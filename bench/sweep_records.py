@@ -3,7 +3,8 @@
     python bench/sweep_records.py have FOLDER TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]
         exit status 0 when the record is there (with validation), 1 when not
     python bench/sweep_records.py best FOLDER TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]
-        prints seed 0's rate with the best validation score ("" when none ran)
+        prints seed 0's rate with the best validation score ("" when none ran); a tie goes to the
+        lower rate, as in the report (siftune.bench.report.chosen_on_validation)
 """
 import json
 import pathlib
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
         folder, task, steps, token, *fields = argv[1:]
         runs = [r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0]
         sign = -1 if runs and runs[0]["metric"] == "loss" else 1
-        print(max(runs, key=lambda r: sign * r["val_value"])["lr"] if runs else "")
+        print(max(runs, key=lambda r: (sign * r["val_value"], -r["lr"]))["lr"] if runs else "")
         return 0
     print(__doc__, file=sys.stderr)
     return 2

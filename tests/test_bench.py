@@ -226,6 +226,9 @@ def test_report_chooses_each_rate_on_validation_and_shows_test_for_the_chosen_ra
     # Seed 1 ran only at 2e-3: the choice compares seed 0, where 1e-3 is better.
     assert "| 0.001 | 0 | 70.00 |" in table
     assert "95.00" not in table and "92.50" not in table
+    # A tie goes to the lower rate, whichever ran first (bench/sweep_records.py's rule too).
+    tied = [_record(lr=4e-3, value=0.60, val_value=0.81, val_examples=1000), records[0]]
+    assert "| 0.001 | 0 | 70.00 |" in validation_table("classification", summarise(tied))
 
 
 def test_report_draws_each_rate_grid_beside_its_tables(tmp_path):
@@ -267,6 +270,10 @@ def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
     assert run("best", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0016"  # lowest loss
     assert run("best", folder, "causal_lm", "40", "sift-fixed", "selection=balanced").stdout.strip() == "0.0064"
     assert run("best", folder, "causal_lm", "40", "random").stdout.strip() == ""
+    # A tie goes to the lower rate, whichever ran first, as in the report.
+    tied = {**base, "seed": 0, "val_value": 1.05, "sift": {"score": "grad_weight", "line_cap": 1}}
+    (tmp_path / "causal_lm.json").write_text(json.dumps([{**tied, "lr": 3.2e-2}, {**tied, "lr": 1.6e-2}]))
+    assert run("best", folder, "causal_lm", "40", "sift-fixed", "line_cap=1").stdout.strip() == "0.016"
 
 
 def test_sweep_figures_keep_a_longer_run_apart(tmp_path):

@@ -116,7 +116,8 @@ def chosen_on_validation(rows: list[dict]) -> list[tuple[list[dict], dict, list[
     """Per experiment run at several rates with a validation split: ``(candidates, chosen, seeds)``.
 
     The chosen rate has the best mean validation score over the seeds every
-    candidate ran (``seeds``), so a rate run with more seeds has no edge.
+    candidate ran (``seeds``), so a rate run with more seeds has no edge; a
+    tie goes to the lower rate.
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -130,7 +131,7 @@ def chosen_on_validation(rows: list[dict]) -> list[tuple[list[dict], dict, list[
         sign = 1 if candidates[0]["metric"] == "accuracy" else -1
         for r in candidates:
             r["val_mean"] = statistics.fmean(r["val"][s] for s in seeds)
-        out.append((candidates, max(candidates, key=lambda r: sign * r["val_mean"]), seeds))
+        out.append((candidates, max(candidates, key=lambda r: (sign * r["val_mean"], -r["lr"])), seeds))
     return out
 
 
