@@ -433,7 +433,7 @@ def test_resume_with_other_training_settings_is_a_one_line_error_naming_them(rec
     shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
     assert cli.main(flags + ["--output-dir", str(tmp_path), "--resume", "--lr", "0.02"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "(lr; lr: " in error and "then, 0.02 now)" in error and "checkpoint-00000006.pt" in error
+    assert "other settings (lr: " in error and "then, 0.02 now)" in error and "checkpoint-00000006.pt" in error
     assert "\n" not in error
 
 

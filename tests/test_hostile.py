@@ -481,7 +481,7 @@ def test_resume_with_a_dataset_whose_content_changed_is_an_error_naming_it(input
     flags[flags.index("--overwrite")] = "--resume"
     assert main(flags + ["--checkpoint-every", "1"]) == 2
     error = one_line_error(capsys, "train")
-    assert "other settings (dataset; dataset:" in error and str(data) in error
+    assert "other settings (dataset:" in error and str(data) in error
     assert snapshot(tmp_path) == before
 
 

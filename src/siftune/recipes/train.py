@@ -596,10 +596,8 @@ def _check_resumable(resumed: dict, args: TrainArgs) -> None:
     if changed:
         # every value, then and now: a rate set by the default rule is in no flag the user could compare
         detail = [f"{k}: {_shown(saved.get(k))} then, {_shown(now.get(k))} now" for k in changed]
-        raise CheckpointError(f"{resumed['path']} was written with other settings ({', '.join(changed)}"
-                              + "".join(f"; {d}" for d in detail)
-                              + "); resume with the same settings and data, or pass --overwrite without --resume "
-                              "to train afresh")
+        raise CheckpointError(f"{resumed['path']} was written with other settings ({'; '.join(detail)}); resume "
+                              "with the same settings and data, or pass --overwrite without --resume to train afresh")
 
 
 def _shown(identity) -> str:
