@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from siftune.bench.methods import MethodRun, prepare
-from siftune.bench.runner import _load, _machine, _versions, parse_method, plan
+from siftune.bench.runner import _load, _machine, _versions, in_turns, parse_method, plan
 
 METHODS = ["lora:8", "sift-rows:matched", "sift-rows:0.0001", "sift-fixed:matched", "dense-backward"]
 OUT = Path(__file__).parent / "results" / "structured" / "rows_timing.json"
@@ -50,15 +50,10 @@ def _timed_step(model, optimizer, batch) -> dict:
 def time_methods(prepared: dict, batches, rounds: int) -> dict:
     """Median seconds (and thousands of page faults) of each phase of each method's step, stepped in turns."""
     names = list(prepared)
-    seen: dict = {name: [] for name in names}
-    for round_ in range(rounds + 1):
-        batch = next(batches)
-        for name in names[::1 if round_ % 2 == 0 else -1]:
-            took = _timed_step(prepared[name].model, prepared[name].optimizer, batch)
-            if round_:
-                seen[name].append(took)
+    seen = in_turns([lambda batch, p=p: _timed_step(p.model, p.optimizer, batch) for p in prepared.values()],
+                    batches, rounds)
     result = {}
-    for name, steps in seen.items():
+    for name, steps in zip(names, seen):
         result[name] = {key: round(statistics.median(s[key] for s in steps), 4) for key in steps[0]}
         result[name]["steps"] = [round(s["step"], 4) for s in steps]
     reference = result[names[0]]["step"]

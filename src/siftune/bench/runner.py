@@ -367,6 +367,20 @@ def _versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
+def in_turns(steppers: list, batches, rounds: int) -> list[list]:
+    """Each of ``steppers`` called on the same batch in turn, ``rounds`` + 1 times (the order reversed
+    every other round, so that none always follows another); what each returned, round 0 left out
+    (SIFT selects there)."""
+    seen: list[list] = [[] for _ in steppers]
+    for round_ in range(rounds + 1):
+        batch = next(batches)
+        for i in list(range(len(steppers)))[::1 if round_ % 2 == 0 else -1]:
+            took = steppers[i](batch)
+            if round_:
+                seen[i].append(took)
+    return seen
+
+
 def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
     """Median step seconds of several methods timed in turns, in one process, on the same batches.
 
@@ -384,14 +398,7 @@ def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
                                                  spec.seed, sift=spec.sift)))
         prepared[-1].model.train()
         stream = stream or batches.train_forever(train_set)
-    seconds: list[list[float]] = [[] for _ in runs]
-    for round_ in range(steps + 1):  # round 0 (SIFT selects there) is not counted
-        batch = next(stream)
-        order = list(range(len(runs)))[::1 if round_ % 2 == 0 else -1]
-        for i in order:
-            took = _step(prepared[i].model, prepared[i].optimizer, batch)[1]
-            if round_:
-                seconds[i].append(took)
+    seconds = in_turns([lambda batch, p=p: _step(p.model, p.optimizer, batch)[1] for p in prepared], stream, steps)
     first = runs[0]
     return {"task": first.task, "steps": steps, "batch_size": first.batch_size, "max_length": first.max_length,
             "step_s": {spec.token: statistics.median(s) for spec, s in zip(runs, seconds)},
