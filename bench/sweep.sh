@@ -372,6 +372,17 @@ for part in "$@"; do
     a-cap-0.1-seeds)
       seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1
       ;;
+    # LoRA r=1 and r=2 on (b) at a second rate each, above 6.4e-3 (small ranks took twice r=8's rate on (a)).
+    b-lora-open)
+      b lora:1 1.28e-2; b lora:2 1.28e-2
+      ;;
+    # balanced at line_cap=1, the best SIFT option at LoRA's count, with other scores and windows: the paper's |g|,
+    # and |g w| summed over 4 micro-batches (on (b) 32 examples instead of 8), each at its line_cap=1 rate.
+    cap-variants)
+      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 score=grad
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 score=grad
+      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 selection_batches=4
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
