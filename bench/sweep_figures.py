@@ -82,16 +82,24 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     scale = 100 if task == "classification" else 1
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    # The comparators keep their colours in every figure; SIFT's options take the others, each with its own
+    # marker (more methods than a colour cycle holds).
+    fixed = {"LoRA": "black", "random components": "tab:blue", "full fine-tuning": "tab:gray"}
+    others = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+              "gold", "navy", "lime", "teal"]
+    markers = "osD^vP*Xhp<>"
+    sift = iter(others * 2)
     for index, name in enumerate(sorted({p["family"] for p in points})):
+        colour = fixed.get(name) or next(sift)
         mine = sorted((p for p in points if p["family"] == name), key=lambda p: p[x_key])
         xs = [p[x_key] for p in mine]
         ys = [p["mean"] * scale for p in mine]
         errors = [(p["sd"] or 0) * scale for p in mine]
-        ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=4, capsize=3, color=f"C{index % 10}",
-                    label=name, linewidth=1.2)
+        ax.errorbar(xs, ys, yerr=errors, marker=markers[index % len(markers)], markersize=5, capsize=3,
+                    color=colour, label=name, linewidth=1.2)
         if name == "full fine-tuning" and len(mine) == 1:  # a reference level for every count
-            ax.axhline(ys[0], color=f"C{index % 10}", linestyle="--", linewidth=0.8)
+            ax.axhline(ys[0], color=colour, linestyle="--", linewidth=0.8)
     if x_key == "adapted":
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -99,7 +107,7 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
     ax.set_title(title(task, points[0]["steps"]) + "\nrate chosen on validation; bars: sd over seeds where several ran",
                  fontsize=9)
     ax.grid(True, which="both", linewidth=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
