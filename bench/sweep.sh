@@ -383,6 +383,16 @@ for part in "$@"; do
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 score=grad
       b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 selection_batches=4
       ;;
+    # Task (b) at 0.01% after its first cells (random components 2.56e-1: 1.515, the grid's top, ahead of |g w|'s
+    # 1.637 at 3.2e-2 with 6.4e-2 worse, balanced at line_cap=1 1.655 at 6.4e-2): each grid's open end.
+    b-0.01pct-ends)
+      b random:0.0001 5.12e-1; b sift-fixed:0.0001 1.6e-2
+      b sift-fixed:0.0001 1.28e-1 selection=balanced line_cap=1; b sift-fixed:0.0001 3.2e-2 selection=balanced line_cap=1
+      ;;
+    # LoRA r=1 and r=2 on (a) at a second and third rate each (2e-3 only so far: r=1 81.0, r=2 79.3).
+    a-lora-small)
+      a lora:1 4e-3; a lora:2 4e-3; a lora:1 1e-3; a lora:2 1e-3
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
