@@ -393,6 +393,11 @@ for part in "$@"; do
     a-lora-small)
       a lora:1 4e-3; a lora:2 4e-3; a lora:1 1e-3; a lora:2 1e-3
       ;;
+    # Task (b) at 10% after its first cells, each best at its grid's bottom (|g w| 8e-4: 1.075, random components
+    # 3.2e-3: 1.058, balanced at line_cap=1 3.2e-3: 1.090): a rate below each.
+    b-10pct-ends)
+      b random:0.1 1.6e-3; b sift-fixed:0.1 4e-4; b sift-fixed:0.1 1.6e-3 selection=balanced line_cap=1
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
