@@ -398,6 +398,12 @@ for part in "$@"; do
     b-10pct-ends)
       b random:0.1 1.6e-3; b sift-fixed:0.1 4e-4; b sift-fixed:0.1 1.6e-3 selection=balanced line_cap=1
       ;;
+    # Grids open at an end that bears on a ranking or on the rate rule: |g w| on (a) at 0.01% above 3.2e-2 (the
+    # rule's cap), balanced above its grids' tops at 1% on (a) and at 1% and 0.1% on (b).
+    open-tops2)
+      a sift-fixed:0.0001 6.4e-2; a sift-fixed:0.01 8e-3 selection=balanced
+      b sift-fixed:0.01 2.56e-2 selection=balanced; b sift-fixed:0.001 1.28e-1 selection=balanced
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
