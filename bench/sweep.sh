@@ -404,6 +404,10 @@ for part in "$@"; do
       a sift-fixed:0.0001 6.4e-2; a sift-fixed:0.01 8e-3 selection=balanced
       b sift-fixed:0.01 2.56e-2 selection=balanced; b sift-fixed:0.001 1.28e-1 selection=balanced
       ;;
+    # Random components on (b) at 0.01% above 5.12e-1 (1.353; 2.56e-1: 1.515).
+    b-0.01pct-random)
+      b random:0.0001 1.024
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
