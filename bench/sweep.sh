@@ -408,6 +408,22 @@ for part in "$@"; do
     b-0.01pct-random)
       b random:0.0001 1.024
       ;;
+    # Task (b) at 10%, random components and balanced at line_cap=1 tied near their grids' bottom (1.052 and 1.049 at
+    # 1.6e-3): a rate below each, then seeds 1 and 2 at each one's best.
+    b-10pct-random)
+      b random:0.1 8e-4
+      seeds_at_best causal_lm 40 random:0.1
+      ;;
+    b-10pct-cap)
+      b sift-fixed:0.1 8e-4 selection=balanced line_cap=1
+      seeds_at_best causal_lm 40 sift-fixed:0.1 selection=balanced line_cap=1
+      ;;
+    # balanced at line_cap=1 on (b) at 0.1% (the default cap's best 6.4e-2: 1.202, random components' 1.28e-1:
+    # 1.147) and at 0.01% above its grid's top (1.28e-1: 1.578).
+    b-cap-low)
+      b sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1; b sift-fixed:0.001 1.28e-1 selection=balanced line_cap=1
+      b sift-fixed:0.0001 2.56e-1 selection=balanced line_cap=1
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
