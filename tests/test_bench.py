@@ -276,6 +276,30 @@ def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
     assert run("best", folder, "causal_lm", "40", "sift-fixed", "line_cap=1").stdout.strip() == "0.016"
 
 
+def test_rate_rule_scores_the_default_rate_at_the_nearest_rate_run(tmp_path):
+    """bench/rate_rule.py takes siftune train's default rate to the nearest rate that ran and reports how far its
+    validation falls short of the grid's best."""
+    from siftune.recipes.train import default_lr
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "rate_rule.py"
+    rule = default_lr(0.01)  # the top-k's rate at 1%
+    base = {"method": "sift-fixed", "setting": "0.01", "density": 0.01, "steps": 40, "metric": "loss",
+            "val_examples": 200, "seed": 0, "sift": {"score": "grad_weight"}}
+    records = [{**base, "lr": rule * 1.1, "val_value": 1.20}, {**base, "lr": rule * 4, "val_value": 1.10},
+               {**base, "lr": rule * 4, "val_value": 0.5, "seed": 1},  # another seed: not the grid's
+               {**base, "method": "random", "lr": default_lr(0.01, "random") / 3, "val_value": 1.0},
+               {**base, "method": "random", "lr": default_lr(0.01, "random"), "val_value": 1.05}]
+    (tmp_path / "causal_lm.json").write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert "|g w|: mean shortfall 10.00, worst 10.0 over 1 grids" in out.stdout  # (1.20 - 1.10) x 100
+    assert "random components: mean shortfall 5.00, worst 5.0 over 1 grids" in out.stdout
+    empty = subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path / "none")],
+                           capture_output=True, text=True)
+    assert empty.returncode == 1 and "no sweep records" in empty.stderr
+
+
 def test_sweep_figures_keep_a_longer_run_apart(tmp_path):
     """A 160-step check of (b) gets its own table in summary.md, not a place among the 40-step rates."""
     script = Path(__file__).resolve().parents[1] / "bench" / "sweep_figures.py"

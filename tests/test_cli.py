@@ -315,27 +315,31 @@ def test_no_help_text_states_its_default_twice():
     assert twice == []
 
 
-def test_default_lr_is_1e3_at_1_percent_and_above_and_rises_below_to_a_cap_of_3_2e2():
+def test_default_lr_for_the_top_k_falls_as_density_to_the_0_6_from_2_5e3_at_1_percent_under_a_cap():
     from siftune.recipes.train import default_lr
 
-    assert default_lr(0.1) == pytest.approx(1e-3)
-    assert default_lr(0.01) == pytest.approx(1e-3)
-    assert default_lr(0.001) == pytest.approx(1e-3 * 10 ** 0.9)  # 7.94e-3, where the sweep chose 8e-3
-    assert default_lr(0.0001) == pytest.approx(3.2e-2)  # the cap, where the sweep chose 3.2e-2 over 8e-3
-    assert default_lr(0.0003) == pytest.approx(1e-3 * (0.01 / 0.0003) ** 0.9)
+    assert default_lr(0.01) == pytest.approx(2.5e-3)
+    assert default_lr(0.1) == pytest.approx(2.5e-3 * 0.1 ** 0.6)  # 6.3e-4, where the sweep chose 8e-4 on (b)
+    assert default_lr(0.001) == pytest.approx(2.5e-3 * 10 ** 0.6)  # 1e-2, where the sweep chose 8e-3 on both tasks
+    assert default_lr(0.0001) == pytest.approx(3.2e-2)  # the cap: (a) falls to the majority class at 6.4e-2
+    assert default_lr(1e-6) == pytest.approx(3.2e-2)
+    assert default_lr(1.0) < default_lr(0.5) < default_lr(0.1)  # no floor: denser trains slower
 
 
-def test_default_lr_is_4x_for_random_components_and_2x_for_balanced_and_rows_bounds_included():
+def test_default_lr_for_random_components_and_balanced_rises_faster_and_is_held_below_0_01_percent():
     from siftune.recipes.train import default_lr
 
     for density in (0.1, 0.01, 0.001, 0.0001):
-        top_k = default_lr(density)
-        assert default_lr(density, "random") == pytest.approx(4 * top_k)  # 0.01%: 1.28e-1, as the sweep chose
-        assert default_lr(density, "balanced") == pytest.approx(2 * top_k)
-        assert default_lr(density, "gradient", "rows") == pytest.approx(2 * top_k)
-        assert default_lr(density, "random", "rows") == pytest.approx(4 * top_k)  # the selection's factor
-        assert default_lr(density, "mixed") == default_lr(density, "grow_drop") == top_k
-        assert default_lr(density, "gradient", "columns") == top_k
+        random = default_lr(density, "random")
+        assert random == pytest.approx(1e-2 * (0.01 / density) ** 0.8)  # 0.01%: 0.4, where (b) chose 0.512
+        assert default_lr(density, "balanced") == pytest.approx(random / 2)
+        assert default_lr(density, "gradient", "rows") == pytest.approx(2 * default_lr(density))
+        assert default_lr(density, "random", "rows") == pytest.approx(random)  # the selection's rule
+        assert default_lr(density, "mixed") == default_lr(density, "grow_drop") == default_lr(density)
+        assert default_lr(density, "gradient", "columns") == default_lr(density)
+    assert default_lr(1e-6, "random") == default_lr(1e-4, "random")  # below the sweep's lowest density: held
+    with pytest.raises(siftune.ConfigError, match="density must be in"):
+        default_lr(0.0)
 
 
 def run_without_lr(tmp_path, model_dir, dataset, *extra):
@@ -352,7 +356,7 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
 
     out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
     rate = default_lr(0.002)
-    assert rate == pytest.approx(1e-3 * 5 ** 0.9)
+    assert rate == pytest.approx(2.5e-3 * 5 ** 0.6)
     assert (f"learning rate {rate:.3g} (by density 0.002 and selection gradient: "
             "default_lr(density, selection, structure)), dense modules 0.002" in capsys.readouterr().out)
     assert scalars(out / "tensorboard")["train/learning_rate"][0] == (1, pytest.approx(rate))  # the warm-up's peak
@@ -365,13 +369,13 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
     assert increment.metadata["dense_lr"] == pytest.approx(2e-3)  # the head at the sweep's head rate, not the rule's
 
 
-def test_train_without_lr_trains_random_components_at_4x_the_top_ks_rate(tmp_path, tiny_bert_dir, sentiment_csv,
-                                                                          capsys):
+def test_train_without_lr_trains_random_components_at_their_own_rules_rate(tmp_path, tiny_bert_dir, sentiment_csv,
+                                                                            capsys):
     from siftune.recipes.train import default_lr
 
     out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--selection", "random")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["args"]["lr"] == pytest.approx(4 * default_lr(0.002))
+    assert metrics["args"]["lr"] == pytest.approx(default_lr(0.002, "random")) == pytest.approx(1e-2 * 5 ** 0.8)
     assert "(by density 0.002 and selection random: " in capsys.readouterr().out
 
 

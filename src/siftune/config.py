@@ -81,20 +81,21 @@ class SiftConfig:
             are grown by score; grown components start with zero moments).
             The last three need ``budget="per_tensor"`` and are refused on
             FSDP2 shards. Measured on the benchmark tasks (docs/selection.md,
-            every rate chosen on validation): random components are as good
-            as or better than the gradient's top-k from 0.1% up, where measured,
-            at 2 to 4 times the rate (0.1%: 3.2e-2 against 8e-3); the
-            gradient's choice is ahead at 0.01% (71.1 against 69.1 on
-            validation, each at its own rate; 56.4 at the top-k's) and at
-            one rate for both (0.1% at 2e-3: 75.6 against 57.8);
-            ``"balanced"`` at 1 to 4 times the gradient's rate led every
-            selection at 0.1% and 1% on the classification task (78.7, 80.3)
-            and was level with random at LoRA's count there, but not at 0.01%
-            (68.1 against 71.1). So: below about 0.1%, or when rates are not
-            tuned, keep ``"gradient"``; from 0.1% up with a tuned rate (or
-            ``siftune train``'s default rate, 4 times the top-k's for
-            ``"random"`` and twice for ``"balanced"``), try ``"balanced"`` or
-            ``"random"``. Default ``"gradient"``.
+            every rate chosen on validation): at LoRA r=8's count no choice by
+            the gradient beats random components on test over three seeds, on
+            either task; on the instruction-style task random components lead
+            the top-k at every density measured (0.01% to 10%), on the
+            classification task from 0.1% up. The gradient's choice pays only
+            at 0.01% on the classification task (71.1 against 69.1 on
+            validation, each at its own rate) and when one rate serves every
+            selection (0.1% at 2e-3: 75.6 against 57.8), since random
+            components want a higher rate, 2 to 16 times the top-k's, the more
+            the sparser. ``"balanced"`` at ``line_cap=1`` comes closest to
+            random components among the gradient's choices. So: with a rate
+            tuned per selection, or ``siftune train``'s default rate (a rule
+            fitted per selection), use ``"random"``; keep ``"gradient"`` at
+            about 0.01% and below, or when the rate is set once for any
+            selection. Default ``"gradient"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)

@@ -73,11 +73,12 @@ class TrainArgs:
         dense_modules: modules trained densely: names or one regex. Default
             ``None``: the classification head (``classifier`` or ``score``), if any.
         lr: peak AdamW learning rate of the selected components. Default ``None``:
-            by density, 1e-3 x (0.01 / density)^0.9 kept within [1e-3, 3.2e-2]
-            (1e-3 at 1% and above, 7.9e-3 at 0.1%, 3.2e-2 from 0.021% down) for
-            the top-k, 4 times that for ``selection="random"``, twice for
-            ``"balanced"`` and for ``structure="rows"``: the rule fitted to the
-            density sweep (:func:`default_lr`; docs/selection.md, "Defaults").
+            by density and selection, fitted to the density sweep
+            (:func:`default_lr`; docs/selection.md, "Defaults"): for the top-k
+            2.5e-3 x (0.01 / density)^0.6 up to 3.2e-2 (1e-2 at 0.1%, 6.3e-4
+            at 10%), twice that for ``structure="rows"``; for random components
+            1e-2 x (0.01 / density)^0.8 (6.3e-2 at 0.1%, 1.6e-3 at 10%), half
+            that for ``"balanced"``; held below 0.01% at 0.01%'s rate.
         dense_lr: peak learning rate of the densely trained modules. Default
             ``None``: the same as ``lr`` when ``lr`` is given, else 2e-3 (the
             head's rate in every run of the density sweep: the density rule
@@ -324,11 +325,14 @@ def _describe(hint) -> str:
     return names.get(hint, "a list of names" if typing.get_origin(hint) is list else str(hint))
 
 
-# The density rule's constants: below REFERENCE_DENSITY the rate rises as (REFERENCE_DENSITY / density)**LR_EXPONENT.
-BASE_LR, REFERENCE_DENSITY, LR_EXPONENT, MAX_LR = 1e-3, 0.01, 0.9, 3.2e-2
-# The rule's rate times these for the selections (and the structure) whose chosen rates in the density sweep
-# stood that far above the top-k's at the same density (docs/selection.md, "Defaults"); the cap scales too.
-SELECTION_LR_FACTOR = {"random": 4.0, "balanced": 2.0}
+# The density rule: a selection's rate at 1% density, the exponent it rises with below (and falls with above),
+# and a cap, each fitted to the rates chosen on validation in the density sweep (docs/selection.md, "Defaults";
+# `python bench/rate_rule.py` scores the rule against the sweep's records). Below the sweep's lowest density the
+# rate is held at that density's.
+RATE_RULES = {"gradient": (2.5e-3, 0.6, 3.2e-2), "random": (1e-2, 0.8, None), "balanced": (5e-3, 0.8, None)}
+REFERENCE_DENSITY, LOWEST_DENSITY = 0.01, 1e-4
+# Whole rows chosen by the score train at this multiple of the top-k's rate; the selections without a rule of
+# their own (mixed, grow and drop) and columns at the top-k's.
 ROWS_LR_FACTOR = 2.0
 LR_RULE = "default_lr(density, selection, structure)"
 
@@ -336,19 +340,25 @@ LR_RULE = "default_lr(density, selection, structure)"
 def default_lr(density: float, selection: str = "gradient", structure: str | None = None) -> float:
     """SIFT's peak learning rate for ``density`` when none is given.
 
-    For the top-k (``selection="gradient"``) ``1e-3 * (0.01 / density) ** 0.9``,
-    kept within [1e-3, 3.2e-2]: 1e-3 at 1% and above, about 7.9e-3 at 0.1%,
-    3.2e-2 at 0.021% and below. Random components train at 4 times that and
-    ``balanced`` at twice it (bounds included), as do whole rows chosen by
-    the score (``structure="rows"``). Fitted to the rates chosen on
-    validation in the density sweep (docs/selection.md, "Defaults").
+    ``rate * (0.01 / density) ** exponent``, fitted per selection to the rates
+    chosen on validation in the density sweep: for the top-k
+    (``selection="gradient"``) 2.5e-3 at 1% with exponent 0.6 and a cap of
+    3.2e-2 (1e-2 at 0.1%, 6.3e-4 at 10%); for random components 1e-2 at 1%
+    with exponent 0.8 (6.3e-2 at 0.1%, 1.6e-3 at 10%); ``balanced`` half the
+    random components' rate. Below 0.01%, the sweep's lowest density, the
+    rate is held at 0.01%'s. Whole rows chosen by the score
+    (``structure="rows"``) train at twice the top-k's rate; ``mixed``,
+    ``grow_drop`` and columns at the top-k's (docs/selection.md, "Defaults").
     """
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
-    factor = SELECTION_LR_FACTOR.get(selection, 1.0)
+    rate, exponent, cap = RATE_RULES.get(selection, RATE_RULES["gradient"])
+    lr = rate * (REFERENCE_DENSITY / max(density, LOWEST_DENSITY)) ** exponent
+    if cap is not None:
+        lr = min(cap, lr)
     if structure == "rows" and selection == "gradient":
-        factor = ROWS_LR_FACTOR
-    return factor * min(MAX_LR, BASE_LR * max(1.0, (REFERENCE_DENSITY / density) ** LR_EXPONENT))
+        lr *= ROWS_LR_FACTOR
+    return lr
 
 
 def lr_used(args: TrainArgs) -> tuple[float, str]:
