@@ -48,7 +48,7 @@ def family(record: dict) -> tuple[str, str | None, str] | None:
 
 
 def grids(folder: Path) -> dict[tuple, dict[float, float]]:
-    """(task, selection, structure, label, density) -> {rate: validation, higher is better}."""
+    """(task, selection, structure, label, density, density's name) -> {rate: validation, higher is better}."""
     out: dict[tuple, dict[float, float]] = defaultdict(dict)
     for task, steps in STEPS.items():
         path = folder / f"{task}.json"
@@ -57,7 +57,8 @@ def grids(folder: Path) -> dict[tuple, dict[float, float]]:
             if kind is None or record["seed"] != 0 or record["steps"] != steps or not record.get("val_examples"):
                 continue
             value = record["val_value"] * (100 if record["metric"] != "loss" else -100)
-            out[(task, *kind, round(record["density"], 6))][record["lr"]] = value
+            where = "LoRA's count" if record["setting"] == "matched" else f"{float(record['setting']) * 100:g}%"
+            out[(task, *kind, round(record["density"], 6), where)][record["lr"]] = value
     return {key: grid for key, grid in out.items() if len(grid) >= 2}
 
 
@@ -102,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| task, density | method | rule's rate | nearest run | chosen | shortfall |")
     print("|---|---|---:|---:|---:|---:|")
     for key, lr, near, short, _ in rows:
-        task, label, density, grid = key[0], key[3], key[4], cells[key]
+        task, label, where, grid = key[0], key[3], key[5], cells[key]
         chosen = min(r for r in grid if grid[r] == max(grid.values()))
-        print(f"| {TASK[task]} {density * 100:.3g}% | {label} | {lr:.2g} | {near:.2g} | {chosen:.2g} | {short:.1f} |")
+        name = label.replace("|", "\\|")  # a markdown table's cell
+        print(f"| {TASK[task]} {where} | {name} | {lr:.2g} | {near:.2g} | {chosen:.2g} | {short:.1f} |")
     by_label: dict[str, list[float]] = defaultdict(list)
     for key, _, _, short, _ in rows:
         by_label[key[3]].append(short)

@@ -424,6 +424,19 @@ for part in "$@"; do
       b sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1; b sift-fixed:0.001 1.28e-1 selection=balanced line_cap=1
       b sift-fixed:0.0001 2.56e-1 selection=balanced line_cap=1
       ;;
+    # How forgiving each method is off its rate: at LoRA's count, every finalist at a quarter and at four times its
+    # chosen rate (summary.md's "test at lr/4" and "test at 4 lr").
+    forgive-a)
+      a random:matched 5e-4; a random:matched 8e-3; a sift-fixed:matched 2.5e-4; a sift-fixed:matched 4e-3
+      a sift-fixed:matched 5e-4 selection=balanced line_cap=1; a sift-fixed:matched 8e-3 selection=balanced line_cap=1
+      a lora:8 2.5e-4; a lora:8 4e-3; a full 1.25e-5; a full 2e-4
+      a sift-rows:matched 2.5e-4; a sift-rows:matched 4e-3; a sift-fixed:matched 2.5e-4 selection=balanced
+      ;;
+    forgive-b)
+      b random:matched 2.56e-2; b sift-fixed:matched 6.4e-3; b lora:8 1.28e-2; b full 6.4e-4
+      b sift-fixed:matched 1.6e-3 selection=balanced line_cap=1; b sift-fixed:matched 2.56e-2 selection=balanced line_cap=1
+      b sift-rows:matched 8e-4; b sift-rows:matched 1.28e-2
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
