@@ -11,6 +11,9 @@ the seeds run at that rate. Writes into the folder:
   components outside the head (log x), one line per method, seed spread
   as error bars (sample sd) where a rate ran on several seeds;
 * ``<task>_quality_vs_memory.png``: the same points against peak RSS;
+* ``<task>_rate_forgiveness.png``: at LoRA r=8's count, each method's seed-0 test
+  quality at every rate that ran, against the rate as a multiple of its
+  chosen one;
 * ``summary.md``: the table behind the figures, with each method's test
   score at a quarter and at four times its chosen rate where those ran,
   and a table of its own for runs of another length than the task's
@@ -71,7 +74,8 @@ def chosen_points(records: list[dict]) -> list[dict]:
             return None
 
         points.append({**best, "family": family(best), "val_seeds": seeds, "quarter": at(0.25), "four": at(4.0),
-                       "tried": sorted(r["lr"] for r in candidates)})
+                       "tried": sorted(r["lr"] for r in candidates),
+                       "curve": sorted((r["lr"] / best["lr"], r["test"][0]) for r in candidates if 0 in r["test"])})
     return points
 
 
@@ -110,6 +114,50 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def at_loras_count(point: dict) -> bool:
+    """LoRA r=8, full fine-tuning, and every sparse method at LoRA r=8's count."""
+    return point["setting"] == "matched" or point["family"] == "full fine-tuning" or (
+        point["family"] == "LoRA" and point["rank"] == 8)
+
+
+def plot_forgiveness(points: list[dict], task: str, path: Path) -> bool:
+    """Test quality against the rate as a multiple of each method's chosen rate, at LoRA's count: how much a
+    method loses off its best rate (every rate that ran; the chosen one is 1). False when no method ran off it."""
+    mine = sorted((p for p in points if at_loras_count(p) and len(p["curve"]) > 1), key=lambda p: p["family"])
+    if not mine:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100 if task == "classification" else 1
+    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    fixed = {"LoRA": "black", "random components": "tab:blue", "full fine-tuning": "tab:gray"}
+    others = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+                   "tab:cyan", "gold", "navy"] * 2)
+    markers = "osD^vP*Xhp<>"
+    for index, p in enumerate(mine):
+        xs, ys = zip(*p["curve"])
+        ax.plot(xs, [y * scale for y in ys], marker=markers[index % len(markers)], markersize=5, linewidth=1.2,
+                color=fixed.get(p["family"]) or next(others), label=f"{p['family']} (chosen {p['lr']:g})")
+    for x in (0.25, 4.0):
+        ax.axvline(x, color="0.6", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("learning rate / the method's rate chosen on validation (log scale)")
+    ax.set_ylabel("test accuracy (%)" if task == "classification" else "test response loss (lower is better)")
+    if task != "classification":  # a rate far off can diverge: keep the scale on the methods' working range
+        best = min(min(y for _, y in p["curve"]) for p in mine)
+        ax.set_ylim(best - 0.05, best + 0.6)
+    ax.set_title(title(task, mine[0]["steps"]) + "\nat LoRA r=8's count, seed 0; "
+                 "dotted: a quarter and four times the chosen rate", fontsize=9)
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def summary(points: list[dict], task: str, steps: int) -> list[str]:
@@ -160,11 +208,13 @@ def main(argv=None) -> int:
         lines += summary(points, task, steps)
         lines += [f"![quality vs trainable]({task}_quality_vs_trainable.png)",
                   f"![quality vs memory]({task}_quality_vs_memory.png)", ""]
+        if plot_forgiveness(points, task, args.results_dir / f"{task}_rate_forgiveness.png"):
+            lines += [f"![quality off the chosen rate]({task}_rate_forgiveness.png)", ""]
         for n in sorted({p["steps"] for p in others}):
             lines += summary([p for p in others if p["steps"] == n], task, n)
     (args.results_dir / "summary.md").write_text("\n".join(lines))
     if args.docs_figures:
-        for figure in sorted(args.results_dir.glob("*_quality_vs_*.png")):
+        for figure in sorted([*args.results_dir.glob("*_quality_vs_*.png"), *args.results_dir.glob("*_rate_forgiveness.png")]):
             shutil.copyfile(figure, args.docs_figures / f"sweep_{figure.name}")
     print(f"wrote {args.results_dir}/summary.md and the figures")
     return 0

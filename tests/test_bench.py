@@ -316,6 +316,8 @@ def test_sweep_figures_keep_a_longer_run_apart(tmp_path):
     assert f"| {best['lr']:g} |" in main_table and "0.321" not in main_table  # the 40-step choice stands
     assert "| 0.0001 | " in longer_table and "0.321 (0)" in longer_table
     assert (tmp_path / "causal_lm_quality_vs_trainable.png").is_file()
+    # LoRA r=8 ran at several rates: its test quality off the chosen rate gets a figure of its own.
+    assert (tmp_path / "causal_lm_rate_forgiveness.png").is_file() and "causal_lm_rate_forgiveness.png" in text
 
 
 def test_rows_timing_quick_times_every_method_and_writes_nothing(tmp_path):

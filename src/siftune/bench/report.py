@@ -57,6 +57,7 @@ def summarise(records: list[dict]) -> list[dict]:
             "dense_lr": first["dense_lr"], "perplexity": _mean_of(runs, "perplexity"),
             "majority": first.get("majority_accuracy"), "sift": first.get("sift") or {},
             "val": {r["seed"]: r["val_value"] for r in runs if r.get("val_value") is not None},
+            "test": {r["seed"]: r["value"] for r in runs},
             "val_examples": first.get("val_examples", 0),
             "experiment": key[:3] + key[5:],  # what a rate grid varies over: everything but lr and head lr
         })
