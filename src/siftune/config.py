@@ -83,19 +83,17 @@ class SiftConfig:
             FSDP2 shards. Measured on the benchmark tasks (docs/selection.md,
             every rate chosen on validation): at LoRA r=8's count no choice by
             the gradient beats random components on test over three seeds, on
-            either task; on the instruction-style task random components lead
-            the top-k at every density measured (0.01% to 10%), on the
-            classification task from 0.1% up. The gradient's choice pays only
-            at 0.01% on the classification task (71.1 against 69.1 on
-            validation, each at its own rate) and when one rate serves every
-            selection (0.1% at 2e-3: 75.6 against 57.8), since random
-            components want a higher rate, 2 to 16 times the top-k's, the more
-            the sparser. ``"balanced"`` at ``line_cap=1`` comes closest to
-            random components among the gradient's choices. So: with a rate
-            tuned per selection, or ``siftune train``'s default rate (a rule
-            fitted per selection), use ``"random"``; keep ``"gradient"`` at
-            about 0.01% and below, or when the rate is set once for any
-            selection. Default ``"gradient"``.
+            either task, and random components lead the top-k at every
+            density measured (0.01% to 10%) on both: there is no density below
+            which the gradient's choice pays once each selection has its own
+            rate. It pays when one rate serves every selection (0.1% at 2e-3:
+            75.6 against 57.8), since random components want a higher rate, 2
+            to 16 times the top-k's, the more the sparser. ``"balanced"`` at
+            ``line_cap=1`` comes closest to random components among the
+            gradient's choices. So: with a rate tuned per selection, or
+            ``siftune train``'s default rate (a rule fitted per selection),
+            use ``"random"``; keep ``"gradient"`` when the rate is set once
+            for any selection. Default ``"gradient"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)
