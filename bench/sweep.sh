@@ -448,6 +448,16 @@ for part in "$@"; do
     a-0.1pct-random-seeds)
       seeds_at_best classification 300 random:0.001
       ;;
+    # Task (a) at 10% (random components 80.7, |g w| and balanced 80.3 on seed 0's validation) and LoRA r=32: seeds
+    # 1 and 2 at each one's chosen rate.
+    a-10pct-seeds)
+      seeds_at_best classification 300 random:0.1
+      seeds_at_best classification 300 sift-fixed:0.1
+      ;;
+    a-10pct-seeds2)
+      seeds_at_best classification 300 sift-fixed:0.1 selection=balanced
+      seeds_at_best classification 300 lora:32
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
