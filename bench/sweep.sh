@@ -458,6 +458,14 @@ for part in "$@"; do
       seeds_at_best classification 300 sift-fixed:0.1 selection=balanced
       seeds_at_best classification 300 lora:32
       ;;
+    # Task (a) at 10%, the cell where balanced and the top-k lead random components over three seeds: a rate below
+    # each one's grid's bottom (balanced 5e-4, the top-k 2.5e-4).
+    a-10pct-low)
+      a sift-fixed:0.1 2.5e-4 selection=balanced
+      ;;
+    a-10pct-low2)
+      a sift-fixed:0.1 1.25e-4
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
