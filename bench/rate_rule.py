@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from siftune.recipes.train import default_lr  # noqa: E402
+from siftune.recipes.train import LOWEST_DENSITY, REFERENCE_DENSITY, default_lr  # noqa: E402
 
 STEPS = {"classification": 300, "causal_lm": 40}
 TASK = {"classification": "(a)", "causal_lm": "(b)"}
@@ -80,7 +80,7 @@ def fit(cells: dict[tuple, dict[float, float]]) -> None:
             rate = 5e-4 * (40 ** (i / 40))  # 5e-4 to 2e-2
             for exponent in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
                 def rule(key, rate=rate, exponent=exponent):
-                    lr = rate * (0.01 / max(key[4], 1e-4)) ** exponent
+                    lr = rate * (REFERENCE_DENSITY / max(key[4], LOWEST_DENSITY)) ** exponent
                     return min(cap, lr) if cap else lr
                 rows = shortfalls(rule, own)
                 if rows and max(r[4] for r in rows) <= 1.0001:

@@ -79,6 +79,16 @@ def chosen_points(records: list[dict]) -> list[dict]:
     return points
 
 
+def styles(names: list[str]) -> list[tuple[str, str]]:
+    """A colour and a marker for each line: the comparators keep their colours in every figure; SIFT's options
+    take the others, each with its own marker (more methods than a colour cycle holds)."""
+    fixed = {"LoRA": "black", "random components": "tab:blue", "full fine-tuning": "tab:gray"}
+    others = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+                   "tab:cyan", "gold", "navy", "lime", "teal"] * 2)
+    markers = "osD^vP*Xhp<>"
+    return [(fixed.get(name) or next(others), markers[index % len(markers)]) for index, name in enumerate(names)]
+
+
 def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> None:
     import matplotlib
 
@@ -87,20 +97,13 @@ def plot(points: list[dict], task: str, x_key: str, xlabel: str, path: Path) -> 
 
     scale = 100 if task == "classification" else 1
     fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
-    # The comparators keep their colours in every figure; SIFT's options take the others, each with its own
-    # marker (more methods than a colour cycle holds).
-    fixed = {"LoRA": "black", "random components": "tab:blue", "full fine-tuning": "tab:gray"}
-    others = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
-              "gold", "navy", "lime", "teal"]
-    markers = "osD^vP*Xhp<>"
-    sift = iter(others * 2)
-    for index, name in enumerate(sorted({p["family"] for p in points})):
-        colour = fixed.get(name) or next(sift)
+    names = sorted({p["family"] for p in points})
+    for name, (colour, marker) in zip(names, styles(names)):
         mine = sorted((p for p in points if p["family"] == name), key=lambda p: p[x_key])
         xs = [p[x_key] for p in mine]
         ys = [p["mean"] * scale for p in mine]
         errors = [(p["sd"] or 0) * scale for p in mine]
-        ax.errorbar(xs, ys, yerr=errors, marker=markers[index % len(markers)], markersize=5, capsize=3,
+        ax.errorbar(xs, ys, yerr=errors, marker=marker, markersize=5, capsize=3,
                     color=colour, label=name, linewidth=1.2)
         if name == "full fine-tuning" and len(mine) == 1:  # a reference level for every count
             ax.axhline(ys[0], color=colour, linestyle="--", linewidth=0.8)
@@ -135,14 +138,10 @@ def plot_forgiveness(points: list[dict], task: str, path: Path) -> bool:
 
     scale = 100 if task == "classification" else 1
     fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
-    fixed = {"LoRA": "black", "random components": "tab:blue", "full fine-tuning": "tab:gray"}
-    others = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
-                   "tab:cyan", "gold", "navy"] * 2)
-    markers = "osD^vP*Xhp<>"
-    for index, p in enumerate(mine):
+    for p, (colour, marker) in zip(mine, styles([p["family"] for p in mine])):
         xs, ys = zip(*p["curve"])
-        ax.plot(xs, [y * scale for y in ys], marker=markers[index % len(markers)], markersize=5, linewidth=1.2,
-                color=fixed.get(p["family"]) or next(others), label=f"{p['family']} (chosen {p['lr']:g})")
+        ax.plot(xs, [y * scale for y in ys], marker=marker, markersize=5, linewidth=1.2, color=colour,
+                label=f"{p['family']} (chosen {p['lr']:g})")
     for x in (0.25, 4.0):
         ax.axvline(x, color="0.6", linestyle=":", linewidth=0.8)
     ax.set_xscale("log", base=2)
