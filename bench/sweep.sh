@@ -473,6 +473,26 @@ for part in "$@"; do
     a-10pct-bal-s2)
       cell classification 300 2 sift-fixed:0.1 2.5e-4 selection=balanced
       ;;
+    # The choice from more data, made before training (select_first=1: SiftEngine.select on 16 micro-batches of
+    # its own, then the usual steps): the squared gradient summed per micro-batch (an empirical Fisher diagonal,
+    # the FISH mask's score) or |g w| of the summed gradient, for balanced at line_cap=1 and the top-k, at LoRA's
+    # count, each at its one-batch chosen rate first.
+    b-window-cap)
+      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
+      ;;
+    b-window-topk)
+      b sift-fixed:matched 1.6e-3 score=grad_squared selection_batches=16 select_first=1
+      b sift-fixed:matched 1.6e-3 selection_batches=16 select_first=1
+      ;;
+    a-window-cap)
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
+      ;;
+    a-window-topk)
+      a sift-fixed:matched 1e-3 score=grad_squared selection_batches=16 select_first=1
+      a sift-fixed:matched 1e-3 selection_batches=16 select_first=1
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done

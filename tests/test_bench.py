@@ -83,6 +83,20 @@ def test_causal_quick_runs_report_response_loss_and_untrained_base(tmp_path, tin
     assert json.loads((tmp_path / "causal_lm.json").read_text()) == records
 
 
+def test_select_first_selects_on_batches_of_its_own_and_then_trains_every_step(tmp_path, tiny_llama_dir,
+                                                                             chats_jsonl):
+    runs = plan("causal_lm", ["sift-fixed:0.05"], [0], quick=True, model=tiny_llama_dir, dataset=chats_jsonl,
+                eval_size=8, sift=["score=grad_squared", "selection_batches=3", "select_first=1"])
+    later = plan("causal_lm", ["sift-fixed:0.05"], [0], quick=True, model=tiny_llama_dir, dataset=chats_jsonl,
+                 eval_size=8, sift=["score=grad_squared", "selection_batches=3"])
+    first, within = run_bench(runs + later, tmp_path, isolate=False, log=lambda _: None)
+    assert first["sift"]["select_first"] == 1 and "select_first" not in within["sift"]
+    assert first["steps"] == within["steps"] == 3
+    # Selected within the first steps, the window's two first steps train nothing targeted: the losses part.
+    assert first["value"] != within["value"]
+    assert len(json.loads((tmp_path / "causal_lm.json").read_text())) == 2  # two experiments, two records
+
+
 def test_paired_timing_steps_every_method_in_turns(tmp_path, tiny_bert_dir, reviews_csv):
     code = main(["bench", "--task", "classification", "--quick", "--methods", "full", "sift-fixed:0.1",
                  "--model", tiny_bert_dir, "--dataset", reviews_csv, "--paired-steps", "2",
@@ -212,7 +226,8 @@ def test_sift_options_reach_the_sift_methods_only_and_repeat_in_the_command():
 
 
 @pytest.mark.parametrize("option, message", [("density=0.1", "the method and its setting choose density"),
-                                             ("budget=layer", "budget must be one of"), ("budget", "field=value")])
+                                             ("budget=layer", "budget must be one of"), ("budget", "field=value"),
+                                             ("select_first=2", "select_first=1 completes")])
 def test_bad_sift_options_are_config_errors(option, message):
     with pytest.raises(ConfigError, match=message):
         plan("classification", ["sift-fixed"], [0], sift=[option])

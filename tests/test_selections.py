@@ -169,3 +169,101 @@ def test_bench_runs_grow_and_drop_only_as_the_periodic_method():
         plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=grow_drop"])
     with pytest.raises(ConfigError, match="the method chooses it"):
         plan("classification", ["sift-fixed:0.01"], [0], sift=["selection=random"])
+
+
+# -- a selection made before training (SiftEngine.select) -----------------------
+
+def _select_then_train(cfg: SiftConfig, window: int, steps: int = 4):
+    """Both the engine and the reference select on ``window`` batches, then train ``steps`` on others."""
+    import copy
+
+    import siftune
+    from _models import mlp, mlp_batches, mlp_loss
+
+    base = mlp()
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    engine = siftune.attach(fast, cfg)
+    opt = engine.optimizer(lr=1e-2)
+    ref = ReferenceSift(slow, cfg, lr=1e-2)
+    chosen = mlp_batches(window + steps)
+    assert engine.select(iter(chosen[:window]), mlp_loss) == window
+    assert ref.select(iter(chosen[:window]), mlp_loss) == window
+    untouched = all(torch.equal(a, b) for a, b in zip(fast.parameters(), base.parameters()))
+    no_grads = all(p.grad is None for p in fast.parameters())
+    selected = {n: i.clone() for n, i in engine.selected.items()}
+    for batch in chosen[window:]:
+        mlp_loss(fast, batch).backward()
+        mlp_loss(slow, batch).backward()
+        ref.after_backward()
+        opt.step()
+        opt.zero_grad()
+        ref.step()
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(fast.parameters(), slow.parameters()))
+    return engine, base, fast, selected, diff, untouched, no_grads
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(score="grad_squared", selection_batches=3),
+    dict(selection_batches=2),
+    dict(selection="balanced", line_cap=1.0, score="grad_squared", selection_batches=4),
+    dict(mode="periodic", refresh_every=2, selection_batches=2, score="grad"),
+])
+def test_select_before_training_matches_the_reference_and_trains_nothing(overrides):
+    window = overrides["selection_batches"]
+    engine, base, fast, selected, diff, untouched, no_grads = _select_then_train(config(**overrides), window)
+    assert untouched and no_grads and engine.steps == 4
+    assert diff <= 1e-6
+    # every training step trained the selection made beforehand (fixed mode: only those components)
+    if overrides.get("mode") != "periodic":
+        for name, idx in selected.items():
+            before = dict(base.named_parameters())[name].detach().reshape(-1)
+            after = dict(fast.named_parameters())[name].detach().reshape(-1)
+            changed = torch.nonzero(before != after).squeeze(1)
+            assert changed.numel() and set(changed.tolist()) <= set(idx.tolist())
+    # the increment's untrained values are those from before select()
+    inc = engine.increment()
+    for name, delta in inc.tensors.items():
+        before = dict(base.named_parameters())[name].detach().reshape(-1)
+        after = dict(fast.named_parameters())[name].detach().reshape(-1)
+        assert torch.allclose(delta.values, (after - before)[delta.indices.long()], atol=1e-7)
+
+
+def test_select_on_a_grad_squared_window_ranks_by_the_summed_squares():
+    import copy
+
+    import siftune
+    from _models import mlp, mlp_batches, mlp_loss
+
+    model = mlp()
+    dense = copy.deepcopy(model)
+    batches = mlp_batches(3)
+    engine = siftune.attach(model, config(score="grad_squared", selection_batches=3))
+    engine.select(iter(batches), mlp_loss)
+    squares = None
+    for batch in batches:
+        dense.zero_grad()
+        mlp_loss(dense, batch).backward()
+        g2 = dense[2].weight.grad ** 2
+        squares = g2 if squares is None else squares + g2
+    k = engine.slots[1].k
+    want = torch.sort(torch.topk(squares.reshape(-1), k).indices).values
+    assert torch.equal(engine.selected["2.weight"].long(), want)
+
+
+def test_select_refuses_per_step_mode_a_started_engine_and_too_few_batches():
+    import siftune
+    from _models import mlp, mlp_batches, mlp_loss
+
+    with pytest.raises(ConfigError, match="per_step"):
+        siftune.attach(mlp(), config(mode="per_step")).select(iter(mlp_batches(1)), mlp_loss)
+    engine = siftune.attach(mlp(), config())
+    mlp_loss(engine.model, mlp_batches(1)[0]).backward()
+    with pytest.raises(ConfigError, match="before the first backward"):
+        engine.select(iter(mlp_batches(1)), mlp_loss)
+    model = mlp()
+    engine = siftune.attach(model, config(selection_batches=3))
+    with pytest.raises(ConfigError, match="ran out after 2"):
+        engine.select(iter(mlp_batches(2)), mlp_loss)
+    assert all(p.grad is None for p in model.parameters()) and not engine.selected
+    assert engine.select(iter(mlp_batches(3)), mlp_loss) == 3  # a full window then selects
+    assert len(engine.selected) == len(engine.slots)

@@ -40,6 +40,9 @@ TARGETS = {
     "classification": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "causal_lm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+# A --sift option of the bench, not a SiftConfig field: with 1 the selection window runs on batches of
+# its own before training (SiftEngine.select), so every method trains for the same steps on the same batches.
+SELECT_FIRST = "select_first"
 HEADS = {"classification": ["classifier"], "causal_lm": []}  # trained densely where one exists
 
 SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step", "sift-nf4": "fixed",
@@ -84,6 +87,7 @@ class Prepared:
     increment_bytes: Callable[[], int]  # bytes of the trained result as it would be saved
     density: float | None = None  # trained fraction of the targeted components
     rank: int | None = None
+    select: Callable | None = None  # given the training batches, makes the selection before training
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -233,9 +237,14 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         mode=SIFT_MODES.get(run.method, "fixed"), max_grad_norm=run.max_grad_norm, seed=run.seed,
         storage="delta" if run.method in QUANTIZED else "in_place", structure=STRUCTURES.get(run.method),
         **{"refresh_every": PERIODIC_REFRESH, "selection": "random" if run.method == "random" else "gradient",
-           **run.sift},
+           **{k: v for k, v in run.sift.items() if k != SELECT_FIRST}},
     )
     engine = attach(model, config)
+    select = None
+    if run.sift.get(SELECT_FIRST):
+        def select(batches) -> None:
+            model.train()
+            engine.select(batches)
     optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)
     selected = sum(s.k for s in engine.slots)
     targeted = sum(s.numel for s in engine.slots)
@@ -244,7 +253,7 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         return engine.increment(values=optimizer.master_values()).nbytes
 
     return Prepared(model, optimizer, engine.num_trainable, sum(p.numel() for p in engine.dense.values()),
-                    saved_bytes, density=selected / targeted)
+                    saved_bytes, density=selected / targeted, select=select)
 
 
 PREPARE = {"base": prepare_base, "head": prepare_head, "full": prepare_full, "dense-backward": prepare_dense_backward,

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .methods import DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SIFT_MODES, MethodRun, prepare
+from .methods import (DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SELECT_FIRST, SIFT_MODES,
+                      MethodRun, prepare)
 from ..core import heap
 from ..errors import ConfigError
 
@@ -191,9 +192,13 @@ def parse_sift_options(values: list[str] | None) -> dict:
     if options.get("selection") in ("gradient", "random"):
         raise ConfigError(f"--sift selection={options['selection']}: the method chooses it (sift-* the gradient's, "
                           "random the random one); --sift selection= takes mixed, balanced or grow_drop")
+    if options.get(SELECT_FIRST, 1) not in (0, 1):
+        raise ConfigError(f"--sift {SELECT_FIRST}=1 completes the selection window on batches of its own before "
+                          f"training (0: within the first steps, the default); got {options[SELECT_FIRST]!r}")
     # unknown fields and bad values: one-line ConfigError (grow_drop runs with sift-periodic)
-    SiftConfig.from_dict({"density": 1.0, **options, **({"mode": "periodic"} if options.get("selection") == "grow_drop"
-                                                        else {})})
+    config = {k: v for k, v in options.items() if k != SELECT_FIRST}
+    SiftConfig.from_dict({"density": 1.0, **config, **({"mode": "periodic"} if options.get("selection") == "grow_drop"
+                                                       else {})})
     return options
 
 
@@ -312,6 +317,8 @@ def run_one(spec: RunSpec) -> dict:
     prepared = prepare(model, MethodRun(spec.method, spec.task, spec.setting, spec.lr, spec.dense_lr, spec.seed,
                                         sift=spec.sift))
     losses, seconds = [], []
+    if spec.steps and prepared.select is not None:  # --sift select_first=1: the window on batches of its own
+        prepared.select(batches.train_forever(train_set))
     if spec.steps:
         losses, seconds = train_steps(prepared.model, prepared.optimizer, batches.train_forever(train_set),
                                       spec.steps)
@@ -506,7 +513,8 @@ def add_parser(sub) -> None:
                    "picks each method's rate by its validation score")
     p.add_argument("--sift", nargs="+", metavar="FIELD=VALUE",
                    help="SiftConfig fields for the sift-* methods, e.g. budget=global score=grad_squared "
-                   "selection_batches=4 min_density=0.0001")
+                   "selection_batches=4 min_density=0.0001; and the bench's select_first=1: the selection window "
+                   "runs on batches of its own before training (SiftEngine.select), not within the first steps")
     for name, what in (("batch-size", "examples per training batch"), ("max-length", "tokens per example"),
                        ("eval-size", "held-out (test) examples"),
                        ("val-size", "validation examples taken from the training pool to choose rates on, 0 for "

@@ -341,6 +341,57 @@ class SiftEngine:
             slot.selecting, slot.seen, slot.score = True, 0, None
             slot.previous = slot.pending_base = None
 
+    def select(self, batches, loss_of=None) -> int:
+        """Complete the selection window on ``batches`` before training; returns the micro-batches used.
+
+        Each batch goes through ``loss_of(model, batch)`` (default
+        ``model(**batch).loss``) and a backward, until every targeted tensor
+        has selected (``selection_batches`` micro-batches). Nothing is
+        trained: the window's gradients, dense modules' included, are dropped
+        and no optimizer step is counted, so training then starts with the
+        selection made, on as many steps as it is given. With
+        ``selection_batches=N`` and ``score="grad_squared"`` the ranking is
+        the squared gradient summed over N micro-batches (an empirical Fisher
+        diagonal, one term a micro-batch). Modes ``"fixed"`` and
+        ``"periodic"`` (its later refreshes select during training, as
+        before); call it before the first step.
+        """
+        if self.config.mode == "per_step":
+            raise ConfigError("select() completes a selection window before training; mode='per_step' selects "
+                              "at every step: use mode 'fixed' or 'periodic'")
+        if self.steps or any(not s.selecting or s.seen for s in self.slots):
+            raise ConfigError("select() makes the first selection before training: call it on a freshly attached "
+                              "engine, before the first backward")
+        loss_of = loss_of or (lambda model, batch: model(**batch).loss)
+        in_backward, self.apply_in_backward = self.apply_in_backward, None  # nothing is trained here
+        used = 0
+        try:
+            for batch in batches:
+                loss_of(self.model, batch).backward()
+                used += 1
+                if not any(s.selecting for s in self.slots):
+                    break
+        finally:
+            self.apply_in_backward = in_backward
+            for slot in self.slots:
+                slot.grad = None
+                slot.storage.drop_pending()
+            self.selector.sums.clear()
+            for p in self.model.parameters():
+                p.grad = None
+        waiting = [s.name for s in self.slots if s.selecting]
+        if waiting:
+            for slot in self.slots:  # start again from nothing: no half window is kept
+                self.undo_selection(slot)
+                slot.selecting, slot.seen, slot.score = True, 0, None
+            raise ConfigError(f"select(): the batches ran out after {used} before {waiting[0]} (and "
+                              f"{len(waiting) - 1} more) had selected; give at least selection_batches="
+                              f"{self.config.selection_batches} batches whose loss depends on every targeted weight")
+        for slot in self.slots:  # commit: the untrained values go to the ledger
+            self._record(slot)
+            slot.previous = slot.pending_base = None
+        return used
+
     def zero_grad(self) -> None:
         """Forget accumulated sparse gradients (the dense ones are the optimizer's ``zero_grad``)."""
         for slot in self.slots:

@@ -28,6 +28,7 @@ class ReferenceSift:
     def __init__(self, model: nn.Module, config: SiftConfig, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, dense_lr=None):
         self.config = config
+        self.model = model
         self.lr, self.dense_lr = lr, lr if dense_lr is None else dense_lr
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         targeted, self.dense = find_targets(model, config.target_modules, config.dense_modules)
@@ -232,6 +233,22 @@ class ReferenceSift:
         elif len(self.complete) == len(self.targeted):
             self._select_globally()
             self.complete = []
+
+    def select(self, batches, loss_of=None) -> int:
+        """:meth:`SiftEngine.select`: backward on ``batches`` until every tensor has selected; nothing is
+        trained and no step counted."""
+        loss_of = loss_of or (lambda model, batch: model(**batch).loss)
+        used = 0
+        for batch in batches:
+            loss_of(self.model, batch).backward()
+            self.after_backward()
+            used += 1
+            if all(mask is not None for mask in self.mask.values()):
+                break
+        for p in {**self.targeted, **self.dense}.values():
+            p.grad = None
+        self.window_grad = {n: None for n in self.targeted}
+        return used
 
     @torch.no_grad()
     def step(self, max_grad_norm=None) -> None:
