@@ -493,6 +493,17 @@ for part in "$@"; do
       a sift-fixed:matched 1e-3 score=grad_squared selection_batches=16 select_first=1
       a sift-fixed:matched 1e-3 selection_batches=16 select_first=1
       ;;
+    # Grids left open: balanced at 0.01% on (a) ran at the top-k's rate only (68.1 at 3.2e-2), where balanced wants
+    # up to 4 times the top-k's rate elsewhere; line_cap=1 on (b) at 1% (not run) and below 6.4e-2 at 0.1% (its best,
+    # the grid's bottom).
+    a-0.01pct-bal)
+      a sift-fixed:0.0001 6.4e-2 selection=balanced; a sift-fixed:0.0001 6.4e-2 selection=balanced line_cap=1
+      a sift-fixed:0.0001 1.28e-1 selection=balanced
+      ;;
+    b-cap-open)
+      b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
+      b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
+      ;;
     *) echo "unknown part $part ($(grep -oE '^    [a-z0-9-]+\)' "$0" | tr -d ' )' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
