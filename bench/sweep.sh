@@ -489,6 +489,9 @@ for part in "$@"; do
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
       ;;
+    b-window-topk-rates)
+      b sift-fixed:matched 3.2e-3 selection_batches=16 select_first=1; b sift-fixed:matched 8e-4 selection_batches=16 select_first=1
+      ;;
     a-window-topk)
       a sift-fixed:matched 1e-3 score=grad_squared selection_batches=16 select_first=1
       a sift-fixed:matched 1e-3 selection_batches=16 select_first=1
