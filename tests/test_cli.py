@@ -415,3 +415,21 @@ def test_train_args_sift_fields_are_sift_configs_with_its_defaults():
     # the fields sift_config() sets from elsewhere: quantize, the default head, 0 meaning no clipping
     assert shared - {"storage", "target_modules", "dense_modules", "max_grad_norm", "seed"} == set(SIFT_FIELDS)
     assert TrainArgs(structure="rows", selection="random").sift_config().structure == "rows"
+
+
+def test_select_first_makes_the_window_before_training_so_the_first_step_trains_the_selection(
+        tmp_path, tiny_bert_dir, sentiment_csv, capsys):
+    within = train(tmp_path / "within", tiny_bert_dir, sentiment_csv, "--selection-batches", "3", "--steps", "1")
+    # A window of three micro-batches is not complete after one step: no targeted tensor trained yet.
+    assert not SparseIncrement.load(within).tensors
+    first = train(tmp_path / "first", tiny_bert_dir, sentiment_csv, "--selection-batches", "3", "--steps", "1",
+                  "--select-first")
+    assert "selected from 3 micro-batches of 8 before training" in capsys.readouterr().out
+    tensors = SparseIncrement.load(first).tensors
+    assert tensors and all(float(delta.values.abs().max()) > 0 for delta in tensors.values())
+
+
+def test_select_first_refuses_per_step_mode_before_loading_anything(tmp_path, capsys):
+    assert main(["train", "--mode", "per_step", "--select-first", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "select_first makes one selection before training; mode per_step" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

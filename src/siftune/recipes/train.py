@@ -79,6 +79,12 @@ class TrainArgs:
             at 10%), twice that for ``structure="rows"``; for random components
             1e-2 x (0.01 / density)^0.8 (6.3e-2 at 0.1%, 1.6e-3 at 10%), half
             that for ``"balanced"``; held below 0.01% at 0.01%'s rate.
+        select_first: make the selection before training, from
+            ``selection_batches`` micro-batches of its own (forward and backward,
+            nothing trained: :meth:`SiftEngine.select`), so that every one of
+            ``steps`` trains the selection; without it a window longer than one
+            micro-batch trains the targeted weights only once it is complete.
+            Modes ``"fixed"`` and ``"periodic"``. Default ``False``.
         dense_lr: peak learning rate of the densely trained modules. Default
             ``None``: the same as ``lr`` when ``lr`` is given, else 2e-3 (the
             head's rate in every run of the density sweep: the density rule
@@ -165,6 +171,7 @@ class TrainArgs:
     density: float = 0.01
     mode: str = "fixed"
     selection_batches: int = 1
+    select_first: bool = False
     refresh_every: int = 100
     state_dtype: str = "float32"
     selection: str = "gradient"
@@ -264,6 +271,9 @@ class TrainArgs:
             fail("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
         if self.update_in_backward is True and self.grad_accum != 1:
             fail("update_in_backward", "applies the update at every backward, so it needs grad_accum 1")
+        if self.select_first is True and self.mode == "per_step":
+            fail("select_first", "makes one selection before training; mode per_step selects at every step: use "
+                                 "--mode fixed or periodic, or drop --select-first")
         if self.resume and self.overwrite:
             fail("resume", "and overwrite contradict each other: --resume continues the run in output_dir, "
                            "--overwrite deletes its checkpoints; pass one of them")
@@ -464,6 +474,9 @@ def _run(args: TrainArgs, progress: bool) -> dict:
 
     model.train()
     started = time.perf_counter()
+    if args.select_first and resumed is None:  # a resumed run restores the selection it made
+        used = engine.select(distributed.shard(batches.train_forever(train_set)))
+        _print(f"selected from {used} micro-batches of {args.batch_size} before training")
     # From the data position the checkpoint recorded; each process takes its slice of every batch.
     stream = distributed.shard(batches.train_forever(train_set, skip=consumed))
     bar = _progress(steps, progress and distributed.is_main_process(), initial=start)
