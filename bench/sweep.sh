@@ -489,6 +489,10 @@ for part in "$@"; do
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
       ;;
+    # The one seed-0-only entry of the README's table at LoRA's count: grow and drop on (b), seeds 1 and 2.
+    b-grow-seeds)
+      seeds_at_best causal_lm 40 sift-periodic:matched selection=grow_drop refresh_every=10
+      ;;
     b-window-topk-rates)
       b sift-fixed:matched 3.2e-3 selection_batches=16 select_first=1; b sift-fixed:matched 8e-4 selection_batches=16 select_first=1
       ;;
