@@ -44,7 +44,10 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              "grow and drop": {"selection": "grow_drop", "mode": "periodic", "refresh_every": 2, "drop_share": 0.5},
              # whole rows (columns): each rank computes its slice's gradient only, the engine all-reduces it
              "rows": {"structure": "rows", "mode": "periodic", "refresh_every": 2},
-             "columns, delta": {"structure": "columns", "storage": "delta", "mode": "periodic", "refresh_every": 2}}
+             "columns, delta": {"structure": "columns", "storage": "delta", "mode": "periodic", "refresh_every": 2},
+             # the window before training (SiftEngine.select), on batches of its own
+             "g^2, selected first": {"score": "grad_squared", "selection_batches": 3}}
+SELECTED_FIRST = {"g^2, selected first"}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
 ENDS_WITHIN_S = 30  # after a rank fails, the others must have ended by then
@@ -68,6 +71,8 @@ def train_mlp(mode: str, ddp: bool = False) -> dict:
         forward = torch.nn.parallel.DistributedDataParallel(model)  # after attach: leaves targeted weights alone
         engine.reduce_dense = False
     optimizer = engine.optimizer(lr=1e-2)
+    if mode in SELECTED_FIRST:
+        engine.select(distributed.shard(mlp_batches(3, batch_size=GLOBAL_BATCH, seed=7)), mlp_loss)
     batches = distributed.shard(mlp_batches(STEPS * ACCUM, batch_size=GLOBAL_BATCH))
     norms = []
     for _ in range(STEPS):
