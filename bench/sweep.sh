@@ -507,6 +507,9 @@ for part in "$@"; do
       a sift-fixed:0.0001 6.4e-2 selection=balanced; a sift-fixed:0.0001 6.4e-2 selection=balanced line_cap=1
       a sift-fixed:0.0001 1.28e-1 selection=balanced
       ;;
+    a-0.01pct-bal-seeds)
+      seeds_at_best classification 300 sift-fixed:0.0001 selection=balanced
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
