@@ -507,6 +507,18 @@ for part in "$@"; do
       a sift-fixed:0.0001 6.4e-2 selection=balanced; a sift-fixed:0.0001 6.4e-2 selection=balanced line_cap=1
       a sift-fixed:0.0001 1.28e-1 selection=balanced
       ;;
+    # Grids whose best rate was still at an edge: one rate beyond it each.
+    a-edges)
+      a sift-fixed:0.01 5e-4; a sift-fixed:matched 5e-4 selection=mixed; a lora:2 5e-4
+      a sift-fixed:0.001 8e-3 selection=balanced line_cap=1; a sift-fixed:0.1 1.25e-4 selection=balanced
+      ;;
+    b-edges-1)
+      b lora:2 3.2e-3; b lora:1 3.2e-3; b sift-fixed:0.01 2.56e-2 selection=balanced line_cap=1
+      b sift-fixed:matched 1.6e-3 selection=mixed
+      ;;
+    b-edges-2)
+      b sift-periodic:matched 8e-4 selection=grow_drop refresh_every=10; b sift-fixed:matched 8e-4 selection_batches=4
+      ;;
     a-0.01pct-bal-seeds)
       seeds_at_best classification 300 sift-fixed:0.0001 selection=balanced
       ;;
