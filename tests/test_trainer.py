@@ -205,3 +205,30 @@ def test_saved_model_card_shows_the_first_and_the_last_evaluation(tmp_path):
     card = (tmp_path / "inc" / "README.md").read_text()
     assert "| metric | eval at step 0 | eval at step 2 |" in card
     assert f"| loss | {before:.4g} | {after:.4g} |" in card and "runtime" not in card
+
+
+def test_a_selection_made_before_trainer_train_trains_from_the_first_step(tmp_path):
+    import itertools
+
+    from transformers import TrainingArguments, default_data_collator
+
+    from siftune.trainer import Trainer
+
+    def one_step(select: bool):
+        base = tiny_bert_classifier()
+        model = copy.deepcopy(base)
+        args = TrainingArguments(output_dir=str(tmp_path / str(select)), per_device_train_batch_size=4, max_steps=1,
+                                 learning_rate=5e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                 logging_strategy="no", seed=0, dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=args, train_dataset=contains_token_dataset(16),
+                          data_collator=default_data_collator,
+                          sift_config=SiftConfig(density=0.05, target_modules=TARGETS, dense_modules=["classifier"],
+                                                 selection_batches=3))
+        if select:
+            assert trainer.sift.select(itertools.islice(trainer.get_train_dataloader(), 3)) == 3
+        trainer.train()
+        return [n for n, p in params(model).items() if any(t in n for t in TARGETS) and n.endswith("weight")
+                and not torch.equal(p, params(base)[n])]
+
+    assert one_step(select=False) == []  # a 3-batch window is not complete after one step
+    assert len(one_step(select=True)) == 2 * len(TARGETS)  # the tiny model's two layers
