@@ -519,6 +519,14 @@ for part in "$@"; do
     b-edges-2)
       b sift-periodic:matched 8e-4 selection=grow_drop refresh_every=10; b sift-fixed:matched 8e-4 selection_batches=4
       ;;
+    # Whole rows drawn at random (S2FT's choice; the step of structured rows), at LoRA's count, about the rates of
+    # rows by score and of random components.
+    a-random-rows)
+      a random-rows:matched 1e-3; a random-rows:matched 2e-3; a random-rows:matched 4e-3
+      ;;
+    b-random-rows)
+      b random-rows:matched 3.2e-3; b random-rows:matched 6.4e-3; b random-rows:matched 1.28e-2
+      ;;
     a-0.01pct-bal-seeds)
       seeds_at_best classification 300 sift-fixed:0.0001 selection=balanced
       ;;

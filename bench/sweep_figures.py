@@ -47,8 +47,8 @@ def family(row: dict) -> str:
         return "full fine-tuning"
     if row["method"] == "lora":
         return "LoRA"
-    if row["method"] == "random":
-        return "random components"
+    if row["method"].startswith("random"):
+        return "random " + {"random-rows": "rows", "random-columns": "columns"}.get(row["method"], "components")
     if row["method"] == "shira":
         return "SHiRA"
     selection = sift.get("selection", "gradient")

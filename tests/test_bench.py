@@ -184,6 +184,32 @@ def test_no_method_trains_what_it_should_not(tiny_bert):
     assert prepared.trainable == prepared.head == 32 * 2 + 2
 
 
+@pytest.mark.parametrize("method", ["random-rows", "sift-rows"])
+def test_random_rows_train_whole_rows_drawn_at_random_and_the_top_rows_by_score(method):
+    import copy
+
+    from siftune.bench.methods import MethodRun, prepare
+    from _models import tiny_bert_classifier
+
+    def changed_rows(seed):
+        model = tiny_bert_classifier()
+        before = copy.deepcopy(model)
+        prepared = prepare(model, MethodRun(method, "classification", "0.25", 1e-2, 1e-2, seed))
+        model(input_ids=torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0)),
+              labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        prepared.optimizer.step()
+        name = "bert.encoder.layer.0.attention.self.query.weight"
+        moved = dict(model.named_parameters())[name] != dict(before.named_parameters())[name]
+        rows = moved.any(dim=1)
+        assert torch.equal(moved[rows], torch.ones_like(moved[rows]))  # whole rows, nothing outside them
+        return rows.nonzero().squeeze(1).tolist()
+
+    first, other_seed = changed_rows(0), changed_rows(1)
+    assert len(first) == len(other_seed) > 0
+    # the gradient's rows do not depend on the seed; random rows are drawn from it
+    assert (first != other_seed) == (method == "random-rows")
+
+
 def test_gpu_bench_script_runs_peers_and_siftune_on_a_cpu_and_writes_records(tmp_path):
     # The GPU benchmark's plumbing, at the tiny shape on this CPU (each method is a process).
     out = tmp_path / "gpu.json"

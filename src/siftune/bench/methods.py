@@ -13,7 +13,8 @@ every weight), ``lora`` and ``shira`` (peft, setting = rank), ``random``
 ``sift-fixed`` / ``sift-periodic`` / ``sift-per_step`` (setting = density);
 ``sift-rows`` / ``sift-columns``: SIFT fixed mode selecting whole rows or
 columns (``SiftConfig.structure``), whose backward computes only their
-gradient. ``dense-backward`` trains nothing: it computes the targeted
+gradient; ``random-rows`` / ``random-columns``: the same with rows (columns)
+drawn uniformly at random (as S2FT chooses them). ``dense-backward`` trains nothing: it computes the targeted
 weights' dense gradients and drops them, the step of any method that must
 form them (unstructured SIFT's limit), for step-time comparisons.
 On a base whose Linear layers are loaded in nf4 (:data:`QUANTIZED`):
@@ -47,9 +48,11 @@ HEADS = {"classification": ["classifier"], "causal_lm": []}  # trained densely w
 
 SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step": "per_step", "sift-nf4": "fixed",
               "sift-bf16": "fixed", "sift-rows": "fixed", "sift-columns": "fixed"}
-STRUCTURES = {"sift-rows": "rows", "sift-columns": "columns"}  # method -> SiftConfig.structure
+STRUCTURES = {"sift-rows": "rows", "sift-columns": "columns", "random-rows": "rows",
+              "random-columns": "columns"}  # method -> SiftConfig.structure
+RANDOM = ("random", "random-rows", "random-columns")  # SIFT's engine with selection="random"
 RANKED = ("lora", "shira", "qlora")
-DENSITY_METHODS = ("random", *SIFT_MODES)
+DENSITY_METHODS = (*RANDOM, *SIFT_MODES)
 QUANTIZED = {"qlora": "nf4", "sift-nf4": "nf4"}  # method -> how its base model's Linear layers are loaded
 DTYPES = {"sift-bf16": torch.bfloat16}  # method -> the dtype its base model is loaded in (else fp32)
 METHODS = ("base", "head", "full", "dense-backward", *RANKED, *DENSITY_METHODS)
@@ -236,7 +239,7 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
         mode=SIFT_MODES.get(run.method, "fixed"), max_grad_norm=run.max_grad_norm, seed=run.seed,
         storage="delta" if run.method in QUANTIZED else "in_place", structure=STRUCTURES.get(run.method),
-        **{"refresh_every": PERIODIC_REFRESH, "selection": "random" if run.method == "random" else "gradient",
+        **{"refresh_every": PERIODIC_REFRESH, "selection": "random" if run.method in RANDOM else "gradient",
            **{k: v for k, v in run.sift.items() if k != SELECT_FIRST}},
     )
     engine = attach(model, config)

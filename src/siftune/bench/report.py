@@ -25,7 +25,7 @@ PLOTTED = {"sift-fixed": ("SIFT (fixed)", "C0", "o"), "random": ("random-sparse"
            "lora": ("LoRA", "C2", "^")}
 # Order of rows: references first, then the peers, then SIFT and its ablation.
 ORDER = ["base", "head", "full", "dense-backward", "lora", "shira", "random", "sift-fixed", "sift-periodic", "sift-per_step",
-         "sift-rows", "sift-columns"]
+         "sift-rows", "sift-columns", "random-rows", "random-columns"]
 
 
 def load(path: Path) -> list[dict]:
@@ -237,7 +237,7 @@ def _save(fig, path: Path, dpi: int) -> Path:
 def _grid_panel(row: dict) -> str:
     """The panel of the rate-grid figure a row belongs to: its density for sparse methods, the peers' panel
     (LoRA's count) for the others."""
-    if row["method"].startswith("sift-") or row["method"] == "random":
+    if row["method"].startswith("sift-") or row["method"].startswith("random"):
         return str(row["setting"])
     return "matched"
 

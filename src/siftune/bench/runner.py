@@ -61,17 +61,18 @@ TASKS = {
     "classification": TaskSetup(
         "minilm", "rotten_tomatoes", steps=300, batch_size=16, max_length=64, eval_size=2000, eval_batch_size=64,
         lr={"head": 2e-3, "full": 5e-5, "lora": 5e-4, "shira": 5e-4, "random": 2e-3, "sift-fixed": 2e-3,
-            "sift-periodic": 2e-3, "sift-per_step": 2e-3, "sift-rows": 2e-3, "sift-columns": 2e-3},
+            "sift-periodic": 2e-3, "sift-per_step": 2e-3, "sift-rows": 2e-3, "sift-columns": 2e-3, "random-rows": 2e-3,
+            "random-columns": 2e-3},
         # SIFT's head rate is examples/demo.yaml's dense_lr; peft trains its head copy at the adapter's rate.
         dense_lr={"head": 2e-3, "random": 2e-3, "sift-fixed": 2e-3, "sift-periodic": 2e-3, "sift-per_step": 2e-3,
-                  "sift-rows": 2e-3, "sift-columns": 2e-3},
+                  "sift-rows": 2e-3, "sift-columns": 2e-3, "random-rows": 2e-3, "random-columns": 2e-3},
         val_size=1000,
     ),
     "causal_lm": TaskSetup(
         "smollm2", "chatterbot", steps=40, batch_size=8, max_length=128, eval_size=200, eval_batch_size=8,
         lr={"full": 2e-5, "lora": 2e-4, "shira": 2e-4, "random": 2e-4, "sift-fixed": 2e-4, "sift-periodic": 2e-4,
             "sift-per_step": 2e-4, "qlora": 2e-4, "sift-nf4": 2e-4, "sift-bf16": 2e-4, "sift-rows": 2e-4,
-            "sift-columns": 2e-4},
+            "sift-columns": 2e-4, "random-rows": 2e-4, "random-columns": 2e-4},
         dense_lr={}, val_size=200,
     ),
 }
