@@ -84,10 +84,11 @@ class SiftConfig:
             every rate chosen on validation): at LoRA r=8's count no choice by
             the gradient beats random components on test over three seeds, on
             either task, and random components lead the top-k at every
-            density from 0.01% to 1% on both: there is no low density at
-            which the gradient's choice pays once each selection has its own
-            rate (at 10% on the classification task balanced and the top-k
-            lead random components). It pays when one rate serves every
+            density from 0.01% to 1% on both: there is no density at which
+            the gradient's choice pays on both tasks once each selection has
+            its own rate (on the classification task balanced and the top-k
+            lead random components at 10%, and balanced within the seeds'
+            spread at 0.01%). It pays when one rate serves every
             selection (0.1% at 2e-3:
             75.6 against 57.8), since random components want a higher rate, 2
             to 16 times the top-k's, the more the sparser. ``"balanced"`` at
