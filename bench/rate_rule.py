@@ -34,6 +34,8 @@ def family(record: dict) -> tuple[str, str | None, str] | None:
     method = record["method"]
     if method == "random":
         return "random", None, "random components"
+    if method in ("random-rows", "random-columns") and not sift:
+        return "random", method[7:], f"random {method[7:]}"
     if method in ("sift-rows", "sift-columns") and not sift:
         return "gradient", method[5:], method[5:]
     selection = sift.pop("selection", "gradient")
