@@ -527,6 +527,12 @@ for part in "$@"; do
     b-random-rows)
       b random-rows:matched 3.2e-3; b random-rows:matched 6.4e-3; b random-rows:matched 1.28e-2
       ;;
+    a-random-rows-seeds)
+      seeds_at_best classification 300 random-rows:matched
+      ;;
+    b-random-rows-seeds)
+      seeds_at_best causal_lm 40 random-rows:matched
+      ;;
     a-0.01pct-bal-seeds)
       seeds_at_best classification 300 sift-fixed:0.0001 selection=balanced
       ;;
