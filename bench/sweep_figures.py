@@ -82,9 +82,11 @@ def chosen_points(records: list[dict]) -> list[dict]:
 def styles(names: list[str]) -> list[tuple[str, str]]:
     """A colour and a marker for each line: the comparators keep their colours in every figure; SIFT's options
     take the others, each with its own marker (more methods than a colour cycle holds)."""
-    fixed = {"LoRA": "black", "random components": "tab:blue", "full fine-tuning": "tab:gray"}
+    fixed = {"LoRA": "black", "random components": "tab:blue", "random rows": "deepskyblue",
+             "full fine-tuning": "tab:gray"}
     others = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
-                   "tab:cyan", "gold", "navy", "lime", "teal"] * 2)
+                   "tab:cyan", "gold", "navy", "lime", "teal", "maroon", "magenta", "darkgreen", "sienna",
+                   "slateblue", "darkorange"] * 2)
     markers = "osD^vP*Xhp<>"
     return [(fixed.get(name) or next(others), markers[index % len(markers)]) for index, name in enumerate(names)]
 
