@@ -332,7 +332,7 @@ def test_default_lr_for_random_components_and_balanced_rises_faster_and_is_held_
     for density in (0.1, 0.01, 0.001, 0.0001):
         random = default_lr(density, "random")
         assert random == pytest.approx(1e-2 * (0.01 / density) ** 0.8)  # 0.01%: 0.4, where (b) chose 0.512
-        assert default_lr(density, "balanced") == pytest.approx(random / 2)
+        assert default_lr(density, "balanced") == pytest.approx(random)  # its fit over 15 grids
         assert default_lr(density, "gradient", "rows") == pytest.approx(2 * default_lr(density))
         assert default_lr(density, "random", "rows") == pytest.approx(random)  # the selection's rule
         assert default_lr(density, "mixed") == default_lr(density, "grow_drop") == default_lr(density)

@@ -77,8 +77,8 @@ class TrainArgs:
             (:func:`default_lr`; docs/selection.md, "Defaults"): for the top-k
             2.5e-3 x (0.01 / density)^0.6 up to 3.2e-2 (1e-2 at 0.1%, 6.3e-4
             at 10%), twice that for ``structure="rows"``; for random components
-            1e-2 x (0.01 / density)^0.8 (6.3e-2 at 0.1%, 1.6e-3 at 10%), half
-            that for ``"balanced"``; held below 0.01% at 0.01%'s rate.
+            and ``"balanced"`` 1e-2 x (0.01 / density)^0.8 (6.3e-2 at 0.1%,
+            1.6e-3 at 10%); held below 0.01% at 0.01%'s rate.
         select_first: make the selection before training, from
             ``selection_batches`` micro-batches of its own (forward and backward,
             nothing trained: :meth:`SiftEngine.select`), so that every one of
@@ -339,7 +339,7 @@ def _describe(hint) -> str:
 # and a cap, each fitted to the rates chosen on validation in the density sweep (docs/selection.md, "Defaults";
 # `python bench/rate_rule.py` scores the rule against the sweep's records). Below the sweep's lowest density the
 # rate is held at that density's.
-RATE_RULES = {"gradient": (2.5e-3, 0.6, 3.2e-2), "random": (1e-2, 0.8, None), "balanced": (5e-3, 0.8, None)}
+RATE_RULES = {"gradient": (2.5e-3, 0.6, 3.2e-2), "random": (1e-2, 0.8, None), "balanced": (1e-2, 0.8, None)}
 REFERENCE_DENSITY, LOWEST_DENSITY = 0.01, 1e-4
 # Whole rows chosen by the score train at this multiple of the top-k's rate; the selections without a rule of
 # their own (mixed, grow and drop) and columns at the top-k's.
@@ -354,8 +354,8 @@ def default_lr(density: float, selection: str = "gradient", structure: str | Non
     chosen on validation in the density sweep: for the top-k
     (``selection="gradient"``) 2.5e-3 at 1% with exponent 0.6 and a cap of
     3.2e-2 (1e-2 at 0.1%, 6.3e-4 at 10%); for random components 1e-2 at 1%
-    with exponent 0.8 (6.3e-2 at 0.1%, 1.6e-3 at 10%); ``balanced`` half the
-    random components' rate. Below 0.01%, the sweep's lowest density, the
+    with exponent 0.8 (6.3e-2 at 0.1%, 1.6e-3 at 10%), and the same for
+    ``balanced``. Below 0.01%, the sweep's lowest density, the
     rate is held at 0.01%'s. Whole rows chosen by the score
     (``structure="rows"``) train at twice the top-k's rate; ``mixed``,
     ``grow_drop`` and columns at the top-k's (docs/selection.md, "Defaults").
