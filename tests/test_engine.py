@@ -36,19 +36,24 @@ def lockstep(cfg: SiftConfig, steps: int = 8, accum: int = 2, lr: float = 1e-2, 
     batches = iter(mlp_batches(steps * accum))
     records = []
     for _ in range(steps):
-        for _ in range(accum):
-            batch = next(batches)
-            mlp_loss(fast, batch).backward()
-            mlp_loss(slow, batch).backward()
-            ref.after_backward()
-        opt.step()
-        opt.zero_grad()
-        ref.step()
-        diff = max(float((a - b).detach().abs().max()) for a, b in zip(fast.parameters(), slow.parameters()))
+        diff = step_both(fast, slow, opt, ref, [next(batches) for _ in range(accum)])
         records.append({"diff": diff, "selected": {n: i.clone() for n, i in engine.selected.items()},
                         "norm": opt.last_grad_norm})
     moved = {n: not torch.equal(p, params(base)[n]) for n, p in params(fast).items()}
     return records, moved
+
+
+def step_both(fast, slow, opt, ref, micro_batches) -> float:
+    """One optimizer step of the engine's model and the reference's on the same micro-batches; the largest
+    parameter difference between the two models after it."""
+    for batch in micro_batches:
+        mlp_loss(fast, batch).backward()
+        mlp_loss(slow, batch).backward()
+        ref.after_backward()
+    opt.step()
+    opt.zero_grad()
+    ref.step()
+    return max(float((a - b).detach().abs().max()) for a, b in zip(fast.parameters(), slow.parameters()))
 
 
 def assert_lockstep(records, moved):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from siftune import ConfigError, ReferenceSift, SiftConfig  # noqa: E402
 from siftune.core.select import balanced_indices, grow_drop_indices, line_caps, mixed_indices  # noqa: E402
 from test_delta import _lockstep as delta_lockstep  # noqa: E402
-from test_engine import assert_lockstep, config, lockstep  # noqa: E402
+from test_engine import assert_lockstep, config, lockstep, step_both  # noqa: E402
 
 SHAPES = {"0.weight": (16, 8), "2.weight": (16, 16)}  # the MLP's targeted weights
 GROW_DROP = dict(selection="grow_drop", mode="periodic", refresh_every=2, drop_share=0.5)
@@ -191,14 +191,7 @@ def _select_then_train(cfg: SiftConfig, window: int, steps: int = 4):
     untouched = all(torch.equal(a, b) for a, b in zip(fast.parameters(), base.parameters()))
     no_grads = all(p.grad is None for p in fast.parameters())
     selected = {n: i.clone() for n, i in engine.selected.items()}
-    for batch in chosen[window:]:
-        mlp_loss(fast, batch).backward()
-        mlp_loss(slow, batch).backward()
-        ref.after_backward()
-        opt.step()
-        opt.zero_grad()
-        ref.step()
-    diff = max(float((a - b).detach().abs().max()) for a, b in zip(fast.parameters(), slow.parameters()))
+    diff = max(step_both(fast, slow, opt, ref, [batch]) for batch in chosen[window:])
     return engine, base, fast, selected, diff, untouched, no_grads
 
 
