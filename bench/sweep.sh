@@ -536,6 +536,19 @@ for part in "$@"; do
     a-0.01pct-bal-seeds)
       seeds_at_best classification 300 sift-fixed:0.0001 selection=balanced
       ;;
+    # The gradient's signal-to-noise ratio, |sum g| / sqrt(sum g^2) over 16 micro-batches chosen before training
+    # (score=grad_snr): scale-free, so it does not pile onto the columns of large input features. At LoRA's count,
+    # about random components' rates (it spreads as they do), the middle rate first.
+    a-snr)
+      a sift-fixed:matched 2e-3 score=grad_snr selection_batches=16 select_first=1
+      a sift-fixed:matched 1e-3 score=grad_snr selection_batches=16 select_first=1
+      a sift-fixed:matched 4e-3 score=grad_snr selection_batches=16 select_first=1
+      ;;
+    b-snr)
+      b sift-fixed:matched 6.4e-3 score=grad_snr selection_batches=16 select_first=1
+      b sift-fixed:matched 3.2e-3 score=grad_snr selection_batches=16 select_first=1
+      b sift-fixed:matched 1.28e-2 score=grad_snr selection_batches=16 select_first=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1

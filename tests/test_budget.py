@@ -31,6 +31,16 @@ def test_squared_gradient_score_over_a_window_of_three_micro_batches_matches_ref
     assert_lockstep(*lockstep(config(score="grad_squared", selection_batches=3), accum=2))
 
 
+def test_signal_to_noise_score_over_a_window_spanning_two_steps_matches_reference():
+    assert_lockstep(*lockstep(config(score="grad_snr", selection_batches=3), accum=2))
+
+
+def test_signal_to_noise_score_matches_reference_across_periodic_refreshes_and_a_global_budget():
+    assert_lockstep(*lockstep(config(score="grad_snr", selection_batches=2, mode="periodic", refresh_every=3),
+                              steps=8))
+    assert_lockstep(*lockstep(config(**GLOBAL, score="grad_snr", selection_batches=2)))
+
+
 def test_gradient_times_weight_score_matches_reference():
     assert_lockstep(*lockstep(config(score="grad_weight")))
 
@@ -111,6 +121,22 @@ def test_squared_score_sums_each_micro_batch_square_not_the_square_of_the_sum():
     for batch in batches:
         mlp_loss(model, batch).backward()
     assert torch.equal(engine.selected["0.weight"].long(), expected)
+
+
+def test_signal_to_noise_score_ranks_by_the_summed_gradient_over_the_root_of_the_summed_squares():
+    batches = mlp_batches(3)
+    grads = [_first_gradients([batch])[0]["2.weight"].reshape(-1) for batch in batches]
+    ratio = sum(grads).abs() / sum(g ** 2 for g in grads).sqrt()
+    k = SHARES["2.weight"]
+    expected = torch.sort(torch.topk(ratio, k).indices).values
+    model = mlp()
+    engine = siftune.attach(model, config(score="grad_snr", selection_batches=3))
+    for batch in batches:
+        mlp_loss(model, batch).backward()
+    assert torch.equal(engine.selected["2.weight"].long(), expected)
+    # scale-free: not the components with the largest gradients (the summed-|g| choice differs)
+    by_size = torch.sort(torch.topk(sum(grads).abs(), k).indices).values
+    assert not torch.equal(by_size, expected)
 
 
 def test_gradient_times_weight_score_ranks_by_the_product():
@@ -225,6 +251,8 @@ def test_global_budget_with_a_targeted_weight_the_loss_does_not_use_is_a_config_
     (dict(budget="global", selection="random"), "selection='random'"),
     (dict(budget="global", mode="per_step"), "mode='per_step'"),
     (dict(score="grad_squared", mode="per_step"), "mode='per_step'"),
+    (dict(score="grad_snr"), "selection_batches to 2 or more"),
+    (dict(score="grad_snr", selection_batches=2, mode="per_step"), "mode='per_step'"),
     (dict(budget="global", update_in_backward=True), "update_in_backward"),
 ])
 def test_unsupported_selection_options_are_one_line_config_errors(overrides, message):
@@ -233,7 +261,8 @@ def test_unsupported_selection_options_are_one_line_config_errors(overrides, mes
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight"), dict(score="grad_squared")])
+@pytest.mark.parametrize("overrides", [GLOBAL, dict(score="grad_weight"), dict(score="grad_squared"),
+                                       dict(score="grad_snr", selection_batches=2)])
 def test_every_selection_option_attaches_under_torch_distributed(overrides, monkeypatch):
     import siftune.core.engine
 

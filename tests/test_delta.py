@@ -62,6 +62,7 @@ def _lockstep(overrides: dict, steps: int = 8, accum: int = 1, dtype=torch.float
     # The selection options (siftune.core.budget): the delta's weight is base plus delta, its counts uneven.
     ({"score": "grad_weight", "mode": "periodic", "refresh_every": 3}, 2),
     ({"score": "grad_squared", "selection_batches": 3}, 2),
+    ({"score": "grad_snr", "selection_batches": 3}, 2),
     ({"budget": "global", "min_density": 0.02, "mode": "periodic", "refresh_every": 3}, 1),
     ({"budget": "global", "compact_indices": True}, 2),
 ])

@@ -46,8 +46,9 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              "rows": {"structure": "rows", "mode": "periodic", "refresh_every": 2},
              "columns, delta": {"structure": "columns", "storage": "delta", "mode": "periodic", "refresh_every": 2},
              # the window before training (SiftEngine.select), on batches of its own
-             "g^2, selected first": {"score": "grad_squared", "selection_batches": 3}}
-SELECTED_FIRST = {"g^2, selected first"}
+             # the signal-to-noise score: the combined micro-batches' sum and squares
+             "snr, selected first": {"score": "grad_snr", "selection_batches": 3}}
+SELECTED_FIRST = {"snr, selected first"}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
 ENDS_WITHIN_S = 30  # after a rank fails, the others must have ended by then

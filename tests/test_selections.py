@@ -25,6 +25,7 @@ GROW_DROP = dict(selection="grow_drop", mode="periodic", refresh_every=2, drop_s
     dict(selection="balanced", line_cap=1.0),
     dict(selection="balanced", line_cap=1.5, mode="periodic", refresh_every=3, score="grad"),
     dict(selection="balanced", score="grad_squared", selection_batches=3),
+    dict(selection="balanced", line_cap=1.0, score="grad_snr", selection_batches=2),
     GROW_DROP,
     dict(GROW_DROP, score="grad", selection_batches=2),
     dict(GROW_DROP, compact_indices=True, state_dtype="bfloat16"),
@@ -200,6 +201,7 @@ def _select_then_train(cfg: SiftConfig, window: int, steps: int = 4):
     dict(selection_batches=2),
     dict(selection="balanced", line_cap=1.0, score="grad_squared", selection_batches=4),
     dict(mode="periodic", refresh_every=2, selection_batches=2, score="grad"),
+    dict(score="grad_snr", selection_batches=3),
 ])
 def test_select_before_training_matches_the_reference_and_trains_nothing(overrides):
     window = overrides["selection_batches"]

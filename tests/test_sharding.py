@@ -54,6 +54,7 @@ SCENARIOS = {
     "g^2 window": ({"score": "grad_squared", "selection_batches": 3}, 2, torch.float32, UNEVEN),
     "g^2, global budget": ({"score": "grad_squared", "budget": "global", "min_density": 0.05,
                             "selection_batches": 2}, 2, torch.float32, (8, 16, 1, 3)),
+    "snr window": ({"score": "grad_snr", "selection_batches": 3}, 2, torch.float32, UNEVEN),
     "compact indices": ({"compact_indices": True, "state_dtype": "bfloat16"}, 1, torch.float32, None),
     # HSDP on two processes: two replicas of one shard each, or one replica in two shards.
     "hsdp, 2 replicas": ({"max_grad_norm": 0.05}, 1, torch.float32, None, (2, 1)),

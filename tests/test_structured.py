@@ -75,6 +75,7 @@ def whole_lines(idx: torch.Tensor, shape, structure: str) -> bool:
     ({"selection": "random", "seed": 7}, 2),
     ({"score": "grad"}, 2),
     ({"score": "grad_squared", "selection_batches": 3}, 2),
+    ({"score": "grad_snr", "selection_batches": 3}, 2),
     ({"max_grad_norm": 0.05}, 2),
     ({"update_in_backward": True}, 1),
     ({"compact_indices": True, "mode": "periodic", "refresh_every": 3}, 2),

@@ -141,8 +141,13 @@ class SiftConfig:
             summed over the window; frees autograd's gradient every micro-batch
             and keeps the step's sum instead) or ``"grad_weight"`` (|g * w|,
             with the weight's value at selection: for ``storage="delta"`` the
-            dequantized base plus the delta). Under torch.distributed
-            ``"grad_squared"`` squares the combined batch's gradient (DDP:
+            dequantized base plus the delta) or ``"grad_snr"`` (|sum g| /
+            sqrt(sum g^2) over the window's micro-batches, the gradient's
+            signal-to-noise ratio: the loss drop of a Newton step with the
+            empirical Fisher as curvature, which does not grow with a
+            component's scale; needs ``selection_batches >= 2``, best with
+            ``engine.select``). Under torch.distributed
+            ``"grad_squared"`` and ``"grad_snr"`` square the combined batch's gradient (DDP:
             one all-reduce per micro-batch of the window); ``selection="random"`` ranks
             nothing and ignores it. Default ``"grad_weight"``: chosen on
             validation over the paper's ``"grad"`` on both benchmark tasks
@@ -271,7 +276,10 @@ class SiftConfig:
         if self.selection == "random" and self.budget != "per_tensor":
             raise ConfigError("budget ranks gradients; selection='random' draws each tensor's share uniformly: "
                               "leave budget='per_tensor'")
-        if self.mode == "per_step" and (self.score == "grad_squared" or self.budget != "per_tensor"):
+        if self.score == "grad_snr" and self.selection_batches < 2 and self.selection != "random":
+            raise ConfigError("score='grad_snr' compares the gradients of a window's micro-batches: set "
+                              "selection_batches to 2 or more (e.g. 16, with engine.select / --select-first)")
+        if self.mode == "per_step" and (self.score in ("grad_squared", "grad_snr") or self.budget != "per_tensor"):
             raise ConfigError("mode='per_step' selects each tensor from its step's gradient: score 'grad' or "
                               "'grad_weight', budget='per_tensor'")
         for name, selection, low, high, low_included in SELECTION_FIELDS:

@@ -7,7 +7,15 @@
   g^2 of each micro-batch's gradient, summed over the window (a component
   whose gradient changes sign between batches ranks high too); ``"grad_weight"``:
   |g * w|, the window's gradient times the weight's value at selection (a
-  first-order estimate of the loss change from zeroing the weight).
+  first-order estimate of the loss change from zeroing the weight); ``"grad_snr"``:
+  |sum g| / sqrt(sum g^2) over the window's micro-batches, the gradient's
+  signal-to-noise ratio. With the empirical Fisher diagonal sum g^2 / N as
+  the curvature, a Newton step on one component lowers the loss by
+  (sum g / N)^2 / (2 sum g^2 / N), a function of this ratio alone: it does
+  not grow with the component's scale (an input feature with large
+  activations scales a whole column's gradients, and |g| piles the
+  selection onto those columns). It needs a window of two micro-batches or
+  more.
 * ``budget``: ``"per_tensor"`` takes the top-k_i of each tensor (k_i its
   density share, the paper's); ``"global"`` ranks all targeted tensors
   together for the same total count, sum k_i, so that the tensors whose
@@ -41,7 +49,8 @@ import torch
 from ..errors import ConfigError
 from .select import index_dtype, top_set
 
-SCORES = ("grad", "grad_squared", "grad_weight")
+SCORES = ("grad", "grad_squared", "grad_weight", "grad_snr")
+PER_BATCH = ("grad_squared", "grad_snr")  # scores that need each micro-batch's gradient on its own
 BUDGETS = ("per_tensor", "global")
 
 
@@ -50,7 +59,12 @@ def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
     weight's storage (``siftune.core.storage``: its values now, for grad_weight)."""
     if kind == "grad_weight":
         return score.float() * store.current_weight().float()
-    return score  # grad: the window's sum; grad_squared: the window's sum of squares
+    return score  # grad: the window's sum; grad_squared: the window's sum of squares; grad_snr: the ratio
+
+
+def signal_to_noise(total: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+    """|sum g| / sqrt(sum g^2) in fp32, 0 where every micro-batch's gradient was 0."""
+    return total.float().abs() / squares.sqrt().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class Selector:
@@ -67,15 +81,15 @@ class Selector:
         self.kind = config.score
         self.window = config.selection_batches
         self.over_ranks = over_ranks
-        # grad_squared needs each micro-batch's gradient, so autograd's .grad is
-        # freed every micro-batch and this step's sum is kept here instead.
+        # grad_squared and grad_snr need each micro-batch's gradient, so autograd's
+        # .grad is freed every micro-batch and this step's sum is kept here instead.
         self.sums: dict[str, torch.Tensor] = {}
         self.pool = GlobalPool(slots, config.min_density) if config.budget == "global" else None
 
     @property
     def frees_gradient(self) -> bool:
         """Whether a tensor's dense gradient may be freed in a window that is not complete yet."""
-        return self.kind == "grad_squared"
+        return self.kind in PER_BATCH
 
     def fold(self, slot, grad: torch.Tensor):
         """Fold one micro-batch's ``grad`` into ``slot``'s window.
@@ -83,13 +97,15 @@ class Selector:
         Returns ``(gradient of this step, score)`` when the window is
         complete (``slot.seen`` counts it), else None.
         """
-        if self.kind == "grad_squared":
+        if self.kind in PER_BATCH:
             step = self.sums.pop(slot.name, None)
             step = grad if step is None else step + grad
             # The combined micro-batch's gradient is squared, not each rank's own (summed over
-            # the ranks, not averaged: the same ranking).
-            square = self._combined(slot, grad).float() ** 2
-            slot.score = square if slot.score is None else slot.score.add_(square)
+            # the ranks, not averaged: the same ranking). grad_snr keeps the window's sum beside
+            # the squares (one tensor, so that every reset of the score resets both).
+            combined = self._combined(slot, grad).float()
+            term = combined ** 2 if self.kind == "grad_squared" else torch.stack([combined, combined ** 2])
+            slot.score = term if slot.score is None else slot.score.add_(term)
             if slot.seen < self.window:
                 self.sums[slot.name] = step
                 return None
@@ -99,12 +115,14 @@ class Selector:
             step = grad
             slot.score = grad if slot.score is None else slot.score + grad
         score, slot.score = slot.score, None
+        if self.kind == "grad_snr":
+            score = signal_to_noise(score[0], score[1])
         return step, rank_score(self.kind, score, slot.storage)
 
     def ranked(self, slot, score: torch.Tensor) -> torch.Tensor:
         """``slot``'s window ``score`` as every rank ranks it: a rank's own summed over the ranks (a
-        grad_squared score is summed over them per micro-batch already)."""
-        return score if self.kind == "grad_squared" else self._combined(slot, score)
+        grad_squared or grad_snr score is taken over them per micro-batch already)."""
+        return score if self.kind in PER_BATCH else self._combined(slot, score)
 
     def _combined(self, slot, t: torch.Tensor) -> torch.Tensor:
         if self.over_ranks is None or slot.storage.averaged_over_ranks:

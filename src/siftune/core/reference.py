@@ -45,6 +45,7 @@ class ReferenceSift:
         self.score = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in targeted.items()}
         self.seen = {n: 0 for n in targeted}
         self.window_grad = {n: None for n in targeted}  # score="grad_squared": this step's gradient in the window
+        self.window_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in targeted.items()}  # grad_snr: the window's
         self.complete = []  # tensors whose window is complete, waiting for a global selection
         params = {**targeted, **self.dense}
         self.m = {n: torch.zeros_like(p, dtype=state_dtype if n in targeted else torch.float32) for n, p in params.items()}
@@ -59,6 +60,9 @@ class ReferenceSift:
         """The score components are ranked by, by magnitude."""
         if self.config.score == "grad_weight":
             return self.score[name] * self.targeted[name].detach().float()
+        if self.config.score == "grad_snr":  # |sum g| / sqrt(sum g^2), 0 where every gradient was 0
+            squares = self.score[name]
+            return torch.where(squares > 0, self.window_sum[name].abs() / squares.sqrt(), torch.zeros_like(squares))
         return self.score[name]
 
     def _select(self, name):
@@ -216,10 +220,11 @@ class ReferenceSift:
             if self.mask[name] is None and p.grad is not None and name not in self.complete:
                 self.seen[name] += 1
                 done = self.seen[name] == self.config.selection_batches
-                if self.config.score == "grad_squared":  # each micro-batch's gradient on its own
+                if self.config.score in ("grad_squared", "grad_snr"):  # each micro-batch's gradient on its own
                     g, p.grad = p.grad, None
                     self.window_grad[name] = g if self.window_grad[name] is None else self.window_grad[name] + g
                     self.score[name] += g.float() ** 2
+                    self.window_sum[name] += g.float()
                     if done:
                         p.grad, self.window_grad[name] = self.window_grad[name], None
                 elif done:
@@ -303,3 +308,4 @@ class ReferenceSift:
             self.mask[name] = None
             self.seen[name] = 0
             self.score[name].zero_()
+            self.window_sum[name].zero_()
