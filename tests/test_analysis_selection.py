@@ -47,17 +47,29 @@ def test_selection_analysis_writes_json_figures_and_report_and_lora_s_rank_stays
     out = tmp_path / "selection"
     result = analyze_selection(SelectionArgs(model=tiny_bert_dir, dataset=reviews_csv, batches=2, batch_size=3,
                                              max_length=16, density=0.05, train_steps=3, lora_rank=2,
-                                             selections=["default", "random", "balanced", "grow_drop"],
+                                             selections=["default", "random", "balanced", "snr", "grow_drop"],
                                              output_dir=str(out)), progress=False)
     for name in ("selection.json", "selection.md", "selection_spread.png", "selection_rank.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "selection.json").read_text())
-    assert set(saved["spread"]) == {"default", "random", "balanced"}  # grow_drop's first selection is default's
-    assert set(saved["stable_rank"]) == {"default", "random", "balanced", "grow_drop", "lora", "full"}
+    assert set(saved["spread"]) == {"default", "random", "balanced", "snr"}  # grow_drop's is default's
+    assert set(saved["stable_rank"]) == {"default", "random", "balanced", "snr", "grow_drop", "lora", "full"}
     assert all(row["stable_rank"] <= 2 + 1e-4 for row in saved["stable_rank"]["lora"]["tensors"].values())
     assert result["spread"]["default"]["whole_model"]["rows_touched"] <= 1.0
+
+
+def test_snr_ranks_by_the_summed_gradient_over_the_root_of_the_summed_squares():
+    batches = [torch.tensor([[4.0, 1.0], [1.0, 0.1]]), torch.tensor([[-4.0, 1.0], [1.0, 0.1]])]
+    gradients = {"a.weight": sum(batches)}
+    squares = {"a.weight": sum(b ** 2 for b in batches)}
+    weights = {"a.weight": torch.ones(2, 2)}
+    # the largest gradient (4, then -4) cancels: ratio 0; the small steady ones rank first
+    chosen = chosen_indices("snr", gradients, weights, 0.75, squares=squares)["a.weight"]
+    assert sorted(chosen.tolist()) == [1, 2, 3]
 
 
 def test_unknown_selection_is_a_config_error():
     with pytest.raises(ConfigError, match="selections must name some of"):
         SelectionArgs(selections=["top"]).validate()
+    with pytest.raises(ConfigError, match="--batches 2 or more"):
+        SelectionArgs(selections=["snr"], batches=1).validate()

@@ -56,18 +56,21 @@ def targeted_weights(model, task: str, target_modules=None) -> dict[str, torch.n
 
 
 def accumulated_gradient(model, batches, params: dict, progress: bool = False,
-                         desc: str = "gradient") -> tuple[dict[str, torch.Tensor], float]:
+                         desc: str = "gradient", squares: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """``(gradients, mean loss)``: the loss's gradient summed over ``batches``, for ``params`` only.
 
     The model's ``.grad`` fields are left alone (``torch.autograd.grad``
     returns the gradient instead), and a parameter the loss does not reach
-    gets zeros.
+    gets zeros. ``squares``, a dict, receives each batch's gradient squared
+    and summed over the batches (fp32), by parameter name.
     """
     from tqdm.auto import tqdm
 
     names, tensors = list(params), list(params.values())
     flags = [p.requires_grad for p in tensors]
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+    if squares is not None:
+        squares.update((n, torch.zeros_like(p, dtype=torch.float32)) for n, p in params.items())
     loss_sum = 0.0
     try:
         for p in tensors:
@@ -75,8 +78,10 @@ def accumulated_gradient(model, batches, params: dict, progress: bool = False,
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
             loss = model(**batch).loss
             pieces = torch.autograd.grad(loss, tensors, allow_unused=True, materialize_grads=True)
-            for total, piece in zip(sums, pieces):
+            for name, total, piece in zip(names, sums, pieces):
                 total.add_(piece.float())
+                if squares is not None:
+                    squares[name].add_(piece.float() ** 2)
             loss_sum += float(loss.detach())
     finally:
         for p, flag in zip(tensors, flags):

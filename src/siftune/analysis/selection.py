@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..core.budget import signal_to_noise
 from ..core.select import (balanced_indices, count_selected, mixed_indices, random_indices, tensor_generator,
                       top_k_indices)
 from . import inputs, plots, report
@@ -38,6 +39,8 @@ SELECTIONS = {
     "random": ({"selection": "random"}, "k uniformly random components per tensor"),
     "mixed": ({"selection": "mixed"}, "half of k by |g w|, half uniformly random"),
     "balanced": ({"selection": "balanced"}, "top-k of |g w|, no row or column over twice its fair share"),
+    "snr": ({"score": "grad_snr"}, "top-k of |sum g| / sqrt(sum g^2) over the batches (the gradient's "
+                                   "signal-to-noise ratio; two batches or more)"),
     "grow_drop": ({"selection": "grow_drop", "mode": "periodic"},
                   "top-k of |g w|, a quarter dropped and regrown at each refresh (trained only)"),
 }
@@ -52,7 +55,7 @@ class SelectionArgs(inputs.AnalysisArgs):
         density: fraction of each targeted weight's components selected (LoRA r=8 holds
             r(m+n)/mn of an m x n weight: 3.1% on MiniLM-L6, 2.3% on SmolLM2-135M).
         selections: which to compare: default, paper, global, random, mixed, balanced,
-            grow_drop (the last only trained: its first selection is default's).
+            snr, grow_drop (the last only trained: its first selection is default's).
         train_steps: optimizer steps each selection, LoRA and full fine-tuning train
             after the spread is measured, to compare their trained changes' stable
             ranks; 0 for none.
@@ -76,6 +79,8 @@ class SelectionArgs(inputs.AnalysisArgs):
         unknown = [s for s in self.selections if s not in SELECTIONS]
         if unknown or not self.selections:
             raise ConfigError(f"selections must name some of {', '.join(SELECTIONS)}, got {list(self.selections)}")
+        if "snr" in self.selections and self.batches < 2:
+            raise ConfigError("selection snr compares the batches' gradients: give --batches 2 or more")
         for name in ("train_steps", "lora_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "train_steps" else 1):
@@ -85,12 +90,16 @@ class SelectionArgs(inputs.AnalysisArgs):
             raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
 
 
-def chosen_indices(selection: str, gradients: dict, weights: dict, density: float, seed: int = 0) -> dict:
+def chosen_indices(selection: str, gradients: dict, weights: dict, density: float, seed: int = 0,
+                   squares: dict | None = None) -> dict:
     """Each weight's chosen flat indices under ``selection`` (a key of :data:`SELECTIONS`), as the engine
-    would choose them from these window gradients."""
+    would choose them from these window gradients (and, for ``snr``, the window's summed squares)."""
     options, _ = SELECTIONS[selection]
-    ranked = {n: (g * weights[n].detach().float()) if options.get("score", "grad_weight") == "grad_weight" else g
-              for n, g in gradients.items()}
+    score = options.get("score", "grad_weight")
+    if score == "grad_snr":
+        ranked = {n: signal_to_noise(g, squares[n]) for n, g in gradients.items()}
+    else:
+        ranked = {n: (g * weights[n].detach().float()) if score == "grad_weight" else g for n, g in gradients.items()}
     counts = {n: count_selected(g.numel(), density) for n, g in gradients.items()}
     if options.get("budget") == "global":
         scores = torch.cat([r.reshape(-1).abs() for r in ranked.values()])
@@ -161,8 +170,10 @@ def spread_report(chosen: dict, shapes: dict) -> dict:
             "tensors": tensors}
 
 
-def _train(model, batches, args: SelectionArgs, method: str, head: list[str], names: list[str]) -> dict:
-    """Train a copy of ``model`` by ``method``; each targeted weight's trained change (fp32, host)."""
+def _train(model, batches, args: SelectionArgs, method: str, head: list[str], names: list[str],
+           window=()) -> dict:
+    """Train a copy of ``model`` by ``method``; each targeted weight's trained change (fp32, host).
+    ``snr`` selects from the analysis' batches (``window``) before training."""
     from ..core.engine import attach
 
     model = copy.deepcopy(model)
@@ -181,8 +192,12 @@ def _train(model, batches, args: SelectionArgs, method: str, head: list[str], na
         options = dict(SELECTIONS[method][0])
         if options.get("mode") == "periodic":
             options["refresh_every"] = max(1, args.train_steps // 4)
+        if options.get("score") == "grad_snr":
+            options["selection_batches"] = len(window)
         engine = attach(model, density=args.density, target_modules=modules, dense_modules=head, seed=args.seed,
                         **options)
+        if options.get("score") == "grad_snr":
+            engine.select(window)
         optimizer = engine.optimizer(lr=args.lr)
     for batch in batches:
         model(**batch).loss.backward()
@@ -208,12 +223,13 @@ def analyze_selection(args: SelectionArgs, progress: bool = True) -> dict:
                                                                                         args.train_steps)))
     batches = stream[:args.batches]
     weights = targeted_weights(model, args.task, args.target_modules)
-    gradients, loss = accumulated_gradient(model, batches, weights, progress)
+    squares = {} if "snr" in args.selections else None
+    gradients, loss = accumulated_gradient(model, batches, weights, progress, squares=squares)
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     static = [s for s in args.selections if s != "grow_drop"]
-    spreads = {s: spread_report(chosen_indices(s, gradients, weights, args.density, args.seed), shapes)
+    spreads = {s: spread_report(chosen_indices(s, gradients, weights, args.density, args.seed, squares), shapes)
                for s in tqdm(static, desc="selections", disable=not progress, dynamic_ncols=True)}
-    del gradients
+    del gradients, squares
     result = {
         "setup": {**args.setup(), "batches": len(batches), "density": args.density, "train_steps": args.train_steps,
                   "lr": args.lr, "lora_rank": args.lora_rank},
@@ -228,7 +244,7 @@ def analyze_selection(args: SelectionArgs, progress: bool = True) -> dict:
         methods = [*args.selections, "lora", "full"]
         ranks = {}
         for method in tqdm(methods, desc="training", disable=not progress, dynamic_ncols=True):
-            changes = _train(model, stream, args, method, head, list(weights))
+            changes = _train(model, stream, args, method, head, list(weights), batches)
             ranks[method] = {n: {"stable_rank": stable_rank(c), "layer": layer_and_type(n)[0],
                                  "module_type": layer_and_type(n)[1]} for n, c in changes.items()}
         result["stable_rank"] = {m: _rank_summary(r) for m, r in ranks.items()}
