@@ -549,6 +549,15 @@ for part in "$@"; do
       b sift-fixed:matched 3.2e-3 score=grad_snr selection_batches=16 select_first=1
       b sift-fixed:matched 1.28e-2 score=grad_snr selection_batches=16 select_first=1
       ;;
+    # The signal-to-noise ratio under balanced's tightest cap (no row or column over its fair share), the closest
+    # gradient option to random components, at random components' rate first.
+    a-snr-cap)
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
+      a sift-fixed:matched 1e-3 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
+      ;;
+    b-snr-cap)
+      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
