@@ -558,6 +558,19 @@ for part in "$@"; do
     b-snr-cap)
       b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
       ;;
+    # The signal-to-noise grids' best was at their lower edge: one rate below each.
+    a-snr-edge)
+      a sift-fixed:matched 5e-4 score=grad_snr selection_batches=16 select_first=1
+      ;;
+    b-snr-edge)
+      b sift-fixed:matched 1.6e-3 score=grad_snr selection_batches=16 select_first=1
+      ;;
+    b-snr-seeds)
+      seeds_at_best causal_lm 40 sift-fixed:matched score=grad_snr selection_batches=16 select_first=1
+      ;;
+    a-snr-seeds)
+      seeds_at_best classification 300 sift-fixed:matched score=grad_snr selection_batches=16 select_first=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
