@@ -571,6 +571,13 @@ for part in "$@"; do
     a-snr-seeds)
       seeds_at_best classification 300 sift-fixed:matched score=grad_snr selection_batches=16 select_first=1
       ;;
+    # The choices from 16 micro-batches before training on (a), at rates beyond their one-batch option's.
+    a-window-rates)
+      a sift-fixed:matched 2e-3 selection_batches=16 select_first=1
+      a sift-fixed:matched 1e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
+      a sift-fixed:matched 5e-4 selection_batches=16 select_first=1
+      a sift-fixed:matched 4e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
