@@ -578,6 +578,23 @@ for part in "$@"; do
       a sift-fixed:matched 5e-4 selection_batches=16 select_first=1
       a sift-fixed:matched 4e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
       ;;
+    # The rest of the 16-micro-batch choices' grids: balanced at line_cap=1 below its best on (a), the Fisher ranking
+    # on (a), and on (b) each choice about its one-batch option's rate.
+    a-window-rates-2)
+      a sift-fixed:matched 5e-4 selection=balanced line_cap=1 selection_batches=16 select_first=1
+      a sift-fixed:matched 5e-4 score=grad_squared selection_batches=16 select_first=1
+      a sift-fixed:matched 2e-3 score=grad_squared selection_batches=16 select_first=1
+      a sift-fixed:matched 1e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      a sift-fixed:matched 4e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      ;;
+    b-window-rates-2)
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 selection_batches=16 select_first=1
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 selection_batches=16 select_first=1
+      b sift-fixed:matched 8e-4 score=grad_squared selection_batches=16 select_first=1
+      b sift-fixed:matched 3.2e-3 score=grad_squared selection_batches=16 select_first=1
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1

@@ -58,7 +58,8 @@ def family(row: dict) -> str:
     name += {"sift-rows": " rows", "sift-columns": " columns"}.get(row["method"], "")
     if "refresh_every" in sift:
         name += f" every {sift['refresh_every']} steps"
-    score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2"}.get(sift.get("score"), "")
+    score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2", "grad_snr": "signal-to-noise"}.get(
+        sift.get("score"), "")
     extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
     return f"{name}, {score}{extra}"
 
