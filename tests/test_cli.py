@@ -423,10 +423,16 @@ def test_select_first_makes_the_window_before_training_so_the_first_step_trains_
     # A window of three micro-batches is not complete after one step: no targeted tensor trained yet.
     assert not SparseIncrement.load(within).tensors
     first = train(tmp_path / "first", tiny_bert_dir, sentiment_csv, "--selection-batches", "3", "--steps", "1",
-                  "--select-first")
+                  "--select-first", "--score", "grad_snr")
     assert "selected from 3 micro-batches of 8 before training" in capsys.readouterr().out
     tensors = SparseIncrement.load(first).tensors
     assert tensors and all(float(delta.values.abs().max()) > 0 for delta in tensors.values())
+
+
+def test_signal_to_noise_score_without_a_window_is_refused_before_loading_anything(tmp_path, capsys):
+    assert main(["train", "--score", "grad_snr", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "selection_batches to 2 or more" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_select_first_refuses_per_step_mode_before_loading_anything(tmp_path, capsys):
