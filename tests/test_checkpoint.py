@@ -57,6 +57,8 @@ SETTINGS = {
         {"mode": "periodic", "refresh_every": 3}, torch.bfloat16, 1),
     "per_step": ({"mode": "per_step"}, torch.float32, 1),
     "selection window still open at the checkpoint": ({"selection_batches": 5}, torch.float32, 2),
+    "signal-to-noise window still open at the checkpoint": ({"selection_batches": 5, "score": "grad_snr"},
+                                                             torch.float32, 2),
     "random selection": ({"selection": "random", "mode": "periodic", "refresh_every": 2}, torch.float32, 1),
     "lean: packed indices, update in backward, bf16 moments, periodic": (
         {"compact_indices": True, "update_in_backward": True, "state_dtype": "bfloat16", "mode": "periodic",

@@ -448,7 +448,8 @@ class SiftEngine:
         steps = state.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise CheckpointError(f"engine state: steps {steps!r} must be an integer >= 0")
-        loaded = {s.name: _checked_slot_state(s, state["slots"][s.name], self.config.budget) for s in self.slots}
+        loaded = {s.name: _checked_slot_state(s, state["slots"][s.name], self.config.budget, self.config.score)
+                  for s in self.slots}
         for slot in self.slots:
             saved = loaded[slot.name]
             slot.version, slot.selecting, slot.seen, slot.k = (saved[k] for k in ("version", "selecting", "seen", "k"))
@@ -574,7 +575,7 @@ def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> S
     return SiftEngine(model, config)
 
 
-def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor") -> dict:
+def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor", score_kind: str = "grad") -> dict:
     """``saved`` with its tensors on the slot's device, after checking it fits the slot."""
     where = f"engine state of {slot.name}"
     p, numel = slot.param, slot.numel
@@ -619,8 +620,10 @@ def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor") -> 
         out["base"] = base.to(LEDGER_DEVICE)
     score = saved.get("score")
     if score is not None:
-        if not isinstance(score, torch.Tensor) or tuple(score.shape) != slot.shape or not score.is_floating_point():
-            raise CheckpointError(f"{where}: selection score must be a float tensor of shape {slot.shape}")
+        # grad_snr keeps the window's sum and its sum of squares, stacked (siftune.core.budget)
+        shape = (2, *slot.shape) if score_kind == "grad_snr" else slot.shape
+        if not isinstance(score, torch.Tensor) or tuple(score.shape) != shape or not score.is_floating_point():
+            raise CheckpointError(f"{where}: selection score must be a float tensor of shape {shape}")
         out["score"] = score.to(p.device)
     generator = saved.get("generator")
     if (not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8
