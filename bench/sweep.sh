@@ -595,6 +595,11 @@ for part in "$@"; do
       b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
       b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
       ;;
+    # (b) at 0.01%: seeds 1 and 2 for random components and balanced at line_cap=1 at their seed-0 rates.
+    b-0.01pct-seeds)
+      seeds_at_best causal_lm 40 random:0.0001
+      seeds_at_best causal_lm 40 sift-fixed:0.0001 selection=balanced line_cap=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
