@@ -600,6 +600,13 @@ for part in "$@"; do
       seeds_at_best causal_lm 40 random:0.0001
       seeds_at_best causal_lm 40 sift-fixed:0.0001 selection=balanced line_cap=1
       ;;
+    # Balanced at line_cap=1 by the Fisher ranking from 16 micro-batches on (a): best at its grid's low edge (1e-3,
+    # level with random components on validation), one rate below it, then seeds 1 and 2 at the best.
+    a-cap-fisher)
+      a sift-fixed:matched 5e-4 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      seeds_at_best classification 300 sift-fixed:matched selection=balanced line_cap=1 score=grad_squared \
+        selection_batches=16 select_first=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
