@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from siftune.bench.methods import MethodRun, prepare
+from siftune.recipes.loss import batch_loss
 from siftune.bench.runner import _load, _machine, _versions, in_turns, parse_method, plan
 
 METHODS = ["lora:8", "sift-rows:matched", "sift-rows:0.0001", "sift-fixed:matched", "dense-backward"]
@@ -36,7 +37,7 @@ OUT = Path(__file__).parent / "results" / "structured" / "rows_timing.json"
 def _timed_step(model, optimizer, batch) -> dict:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
-    loss = model(**batch).loss
+    loss = batch_loss(model, batch)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()

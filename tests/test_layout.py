@@ -25,6 +25,7 @@ LAYERS = [
     "siftune.core.optim",
     "siftune.recipes.data",  # built-in datasets
     "siftune.recipes.models",  # built-in models, loading
+    "siftune.recipes.loss",  # a batch's loss, the output layer at labelled positions only
     "siftune.artifacts.increment",
     "siftune.core.engine",
     "siftune.core.reference",

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..core.select import HEAD_NAMES, find_targets
+from ..recipes.loss import batch_loss
 from . import inputs, plots, report
 from .stats import TOP_FRACTIONS, Concentration, density_for_share, selection_share
 
@@ -76,7 +77,7 @@ def accumulated_gradient(model, batches, params: dict, progress: bool = False,
         for p in tensors:
             p.requires_grad_(True)
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
-            loss = model(**batch).loss
+            loss = batch_loss(model, batch)
             pieces = torch.autograd.grad(loss, tensors, allow_unused=True, materialize_grads=True)
             for name, total, piece in zip(names, sums, pieces):
                 total.add_(piece.float())

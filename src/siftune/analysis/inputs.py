@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..recipes import data, models
+from ..recipes.loss import batch_loss
 from ..errors import ConfigError, DataError
 
 # Characters that make a single --target-modules value a regex rather than a module name.
@@ -138,4 +139,4 @@ def task_examples(args: AnalysisArgs) -> list[dict]:
 @torch.no_grad()
 def mean_loss(model, batches) -> float:
     """Mean over ``batches`` of the model's own loss on each batch (cross-entropy / response tokens)."""
-    return sum(float(model(**batch).loss) for batch in batches) / len(batches)
+    return sum(float(batch_loss(model, batch)) for batch in batches) / len(batches)

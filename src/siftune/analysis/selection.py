@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ConfigError
 from ..core.budget import signal_to_noise
+from ..recipes.loss import batch_loss
 from ..core.select import (balanced_indices, count_selected, mixed_indices, random_indices, tensor_generator,
                       top_k_indices)
 from . import inputs, plots, report
@@ -197,10 +198,10 @@ def _train(model, batches, args: SelectionArgs, method: str, head: list[str], na
         engine = attach(model, density=args.density, target_modules=modules, dense_modules=head, seed=args.seed,
                         **options)
         if options.get("score") == "grad_snr":
-            engine.select(window)
+            engine.select(window, loss_of=batch_loss)
         optimizer = engine.optimizer(lr=args.lr)
     for batch in batches:
-        model(**batch).loss.backward()
+        batch_loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad()
     if method == "lora":

@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..core.select import find_targets
 from ..core.storage import weight_shape
+from ..recipes.loss import batch_loss
 
 # The weights every sparse and low-rank method adapts, per task: all encoder
 # Linear layers of BERT-style classifiers, all attention and MLP projections
@@ -247,7 +248,7 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
     if run.sift.get(SELECT_FIRST):
         def select(batches) -> None:
             model.train()
-            engine.select(batches)
+            engine.select(batches, loss_of=batch_loss)
     optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)
     selected = sum(s.k for s in engine.slots)
     targeted = sum(s.numel for s in engine.slots)

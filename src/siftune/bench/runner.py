@@ -33,6 +33,7 @@ import torch
 from .methods import (DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SELECT_FIRST, SIFT_MODES,
                       MethodRun, prepare)
 from ..core import heap
+from ..recipes.loss import batch_loss
 from ..errors import ConfigError
 
 RESULTS_DIR = Path("bench/results")
@@ -275,7 +276,7 @@ def train_steps(model, optimizer, stream, steps: int) -> tuple[list[float], list
 def _step(model, optimizer, batch) -> tuple[float, float]:
     """One optimizer step on ``batch``: its training loss and seconds."""
     started = time.perf_counter()
-    loss = model(**batch).loss
+    loss = batch_loss(model, batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()

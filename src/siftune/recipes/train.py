@@ -23,6 +23,7 @@ import torch
 from ..artifacts import checkpoint
 from ..parallel import distributed, sharding
 from . import tracking
+from .loss import batch_loss, labelled_logits
 from ..config import SiftConfig
 from ..core.engine import attach
 from ..errors import CheckpointError, ConfigError
@@ -475,7 +476,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     model.train()
     started = time.perf_counter()
     if args.select_first and resumed is None:  # a resumed run restores the selection it made
-        used = engine.select(distributed.shard(batches.train_forever(train_set)))
+        used = engine.select(distributed.shard(batches.train_forever(train_set)), loss_of=batch_loss)
         _print(f"selected from {used} micro-batches of {args.batch_size} before training")
     # From the data position the checkpoint recorded; each process takes its slice of every batch.
     stream = distributed.shard(batches.train_forever(train_set, skip=consumed))
@@ -483,7 +484,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     for step in range(start, steps):
         step_loss = 0.0
         for _ in range(args.grad_accum):
-            loss = model(**next(stream)).loss / args.grad_accum
+            loss = batch_loss(model, next(stream)) / args.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
         optimizer.step()  # skips (or raises on) a non-finite gradient, as args.nonfinite says
@@ -708,17 +709,21 @@ def evaluate(model, batches, task: str, split: bool = True) -> dict:
     loss_sum = tokens = 0.0
     for batch in batches:
         counted = not batch.get(NOT_COUNTED, False)
-        output = model(**{k: v for k, v in batch.items() if k != NOT_COUNTED})
+        inputs = {k: v for k, v in batch.items() if k != NOT_COUNTED}
+        gathered = labelled_logits(model, inputs) if task != "classification" else None
+        if gathered is None:
+            output = model(**inputs)
         if not counted:
             continue
         if task == "classification":
             correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
             total += batch["labels"].numel()
         else:
-            logits = output.logits[:, :-1].float()
-            target = batch["labels"][:, 1:]
-            loss_sum += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"))
+            if gathered is None:  # every position's logits; the unlabelled ones are ignored
+                logits, target = output.logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten()
+            else:
+                logits, target = gathered
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
             tokens += int((target != -100).sum())
     model.train(was_training)
     if split:
