@@ -607,6 +607,15 @@ for part in "$@"; do
       seeds_at_best classification 300 sift-fixed:matched selection=balanced line_cap=1 score=grad_squared \
         selection_batches=16 select_first=1
       ;;
+    # Below the low edge of two 16-micro-batch grids on (b): the top-k and balanced at line_cap=1, both by the Fisher
+    # ranking; then seeds 1 and 2 at 0.01% for the top-k.
+    b-fisher-edge)
+      b sift-fixed:matched 4e-4 score=grad_squared selection_batches=16 select_first=1
+      b sift-fixed:matched 1.6e-3 selection=balanced line_cap=1 score=grad_squared selection_batches=16 select_first=1
+      ;;
+    b-0.01pct-topk-seeds)
+      seeds_at_best causal_lm 40 sift-fixed:0.0001
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
