@@ -18,8 +18,8 @@ bench --task TASK --methods sift-fixed:matched --sift selection_batches=16
 select_first=1`` (16 micro-batches before training, LoRA r=8's count), with
 the window's per-column sum of x^2 and per-row sum of d^2 gathered by
 forward hooks on every nn.Linear and the engine's ranking of the window's
-summed gradient (``siftune.core.budget.rank_score``, score="grad")
-replaced by the correlation. Not a SiftConfig option: the sweep
+summed gradient (``siftune.core.budget.rank_score``, where the default
+score multiplies it by the weight) replaced by the correlation. Not a SiftConfig option: the sweep
 (docs/selection.md) measured it, and it does not beat random components.
 Records merge into bench/results/correlation_score/<task>.json.
 """
@@ -68,8 +68,9 @@ class WindowStats:
 
     def rank(self, kind: str, score: torch.Tensor, store) -> torch.Tensor:
         """|sum_t d_i x_j| / sqrt(sum_t d_i^2 sum_t x_j^2) for the window's summed gradient ``score``."""
-        if kind != "grad":
-            raise SystemExit(f"the correlation ranks the window's summed gradient (score='grad'), not {kind}")
+        # With score="grad" or "grad_weight" the engine hands over the window's summed gradient.
+        if kind not in ("grad", "grad_weight"):
+            raise SystemExit(f"the correlation ranks the window's summed gradient, not a {kind} score")
         columns, rows = self.sums[self.name_of[id(store.trainable)]]
         self.gathering = False  # every micro-batch of the window has been through its backward
         return score.float().abs() / (rows[:, None] * columns[None, :]).sqrt().clamp_min(1e-30)
