@@ -35,18 +35,24 @@ MIB = 2**20
 
 
 class LiveTensors(TorchDispatchMode):
-    """Bytes of the tensor storages made under this mode and not freed yet; the highest per phase."""
+    """Bytes of the tensor storages made under this mode and not freed yet; the highest per phase.
 
-    def __init__(self):
+    ``model``'s parameters and buffers are not counted: a view of one (the
+    transposed weight of a linear layer) or an in-place update of one (the
+    optimizer's) returns its storage, which was made before the mode."""
+
+    def __init__(self, model: torch.nn.Module | None = None):
         super().__init__()
         self.live: dict[int, int] = {}
         self.now, self.phase, self.peaks = 0, None, {}
+        tensors = [*model.parameters(), *model.buffers()] if model is not None else []
+        self.model_storages = {t.untyped_storage().data_ptr() for t in tensors}
 
     def _count(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key == 0 or key in self.live:  # empty, or a view or in-place result of a counted one
-            return
+        if key == 0 or key in self.live or key in self.model_storages:  # empty, a view or in-place result of a
+            return                                                      # counted one, or the model's own
         self.live[key] = storage.nbytes()
         self.now += storage.nbytes()
         weakref.finalize(storage, self._freed, key)
@@ -89,7 +95,7 @@ def run_one(method: str, steps: int, quick: bool) -> dict:
     optimizer = engine.optimizer(lr=2e-4)
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, model.config.vocab_size, (batch, length), generator=generator) for _ in range(steps)]
-    tracker = LiveTensors()
+    tracker = LiveTensors(model)
     for step, ids in enumerate(batches):
         with tracker:
             tracker.phase = f"forward {step}"
