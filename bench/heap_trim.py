@@ -11,10 +11,14 @@ set to 0 (the default). A trim hands the heap's free pages back, so the pages a 
 allocation reuses are faulted in again: the extra minor page faults and
 system seconds are its cost beside the trim calls' own seconds. Step
 seconds are recorded too, but on shared cores they vary by more than that.
+After each step's forward glibc's own count (``mallinfo2``) is recorded:
+the heap's size (``arena``) and the bytes of it in use, whose gap is the
+free chunks the heap holds.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -26,6 +30,23 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "structured" / "heap_trim.json"
 METHODS = ["sift-fixed:matched", "sift-rows:matched", "sift-columns:matched"]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_mib() -> dict | None:
+    """glibc's heap size and bytes in use, MiB; None on other C libraries."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return {"arena": round(info.arena / 2**20, 1), "in_use": round(info.uordblks / 2**20, 1)}
 
 
 def worker(method: str, steps: int, quick: bool) -> dict:
@@ -43,6 +64,16 @@ def worker(method: str, steps: int, quick: bool) -> dict:
         return done
 
     heap.release = timed_release  # the engine calls it through the module
+    after_forward = []
+    loss_of = runner.batch_loss
+
+    def recorded_loss(model, batch):
+        loss = loss_of(model, batch)
+        if model.training:
+            after_forward.append(_heap_mib())
+        return loss
+
+    runner.batch_loss = recorded_loss  # the runner's step calls it through the module
     spec = runner.plan("causal_lm", [method], [0], quick=quick, steps=steps, threads=1, eval_size=8, val_size=0)[0]
     before = resource.getrusage(resource.RUSAGE_SELF)
     record = runner.run_one(spec)
@@ -50,7 +81,8 @@ def worker(method: str, steps: int, quick: bool) -> dict:
     return {"method": method, "trim": heap.enabled(), "peak_mib": record["peak_mib"], "steps": steps,
             "train_s": record["train_s"], "step_s": record["step_s"],
             "minor_faults": after.ru_minflt - before.ru_minflt, "system_s": round(after.ru_stime - before.ru_stime, 2),
-            "trims": len(trim_s), "trim_s": round(sum(trim_s), 3), "load_avg_1min": record["load_avg_1min"],
+            "trims": len(trim_s), "trim_s": round(sum(trim_s), 3), "heap_after_forward_mib": after_forward,
+            "load_avg_1min": record["load_avg_1min"],
             "machine": record["machine"], "versions": record["versions"], "date": record["date"]}
 
 

@@ -20,9 +20,10 @@ when the forward has passed the last targeted layer (again when gradient
 checkpointing recomputes that layer), so the forward's freed temporaries
 are not resident at the peak (tens of ms; the backward faults in again the
 pages it reuses: ``python bench/heap_trim.py`` measures both).
-It is off unless ``SIFTUNE_TRIM_HEAP=1`` when the engine attaches: it lowers the peak to the live
-tensors, but the page faults it causes cost 15 to 20% of a SmolLM2-135M
-step on two threads (docs/structured.md, "Peak memory").
+It is off unless ``SIFTUNE_TRIM_HEAP=1`` when the engine attaches: it can lower the peak towards
+the live tensors, but the page faults it causes make a SmolLM2-135M run
+on one thread 9 to 20% longer, and on chat batches it moves the peak by
+less than the batches do (docs/structured.md, "Peak memory").
 """
 from __future__ import annotations
 
