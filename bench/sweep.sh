@@ -616,6 +616,20 @@ for part in "$@"; do
     b-0.01pct-topk-seeds)
       seeds_at_best causal_lm 40 sift-fixed:0.0001
       ;;
+    # Beyond the one rate of three choices under balanced's tightest cap: by |g|, from 4 micro-batches, and by the
+    # signal-to-noise ratio (both tasks).
+    b-cap-rates)
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 score=grad
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 score=grad
+      ;;
+    b-snr-cap-rates)
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 selection_batches=4
+      ;;
+    a-snr-cap-rates)
+      a sift-fixed:matched 4e-3 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
