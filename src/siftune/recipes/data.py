@@ -45,7 +45,7 @@ _LABEL_COLUMNS = ("label",)
 _PROMPT_COLUMNS = ("prompt", "instruction")
 _RESPONSE_COLUMNS = ("response", "output")
 # Loss positions with this label are ignored by transformers models.
-_IGNORE_INDEX = -100
+IGNORE_INDEX = -100
 
 
 def check_task(task: str) -> None:
@@ -466,7 +466,7 @@ def _encode_causal_lm(examples, tokenizer, max_length) -> list[dict]:
         response_ids = response_ids[: max_length - len(prompt_ids)]
         features.append({
             "input_ids": prompt_ids + response_ids,
-            "labels": [_IGNORE_INDEX] * len(prompt_ids) + response_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
         })
     return features
 
@@ -486,7 +486,7 @@ def _collate(features, pad_token_id) -> dict[str, torch.Tensor]:
     attention_mask = torch.zeros((len(features), width), dtype=torch.long)
     per_token_labels = not isinstance(features[0]["labels"], int)
     if per_token_labels:
-        labels = torch.full((len(features), width), _IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
     else:
         labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
     for row, feature in enumerate(features):

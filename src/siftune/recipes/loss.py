@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
+
 # Causal LMs whose logits are lm_head(decoder(...).last_hidden_state): no soft-capping or scaling.
 GATHERED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 

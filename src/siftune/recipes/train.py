@@ -23,6 +23,7 @@ import torch
 from ..artifacts import checkpoint
 from ..parallel import distributed, sharding
 from . import tracking
+from .data import IGNORE_INDEX
 from .loss import batch_loss, labelled_logits
 from ..config import SiftConfig
 from ..core.engine import attach
@@ -723,8 +724,9 @@ def evaluate(model, batches, task: str, split: bool = True) -> dict:
                 logits, target = output.logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten()
             else:
                 logits, target = gathered
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
-            tokens += int((target != -100).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX,
+                                                                reduction="sum"))
+            tokens += int((target != IGNORE_INDEX).sum())
     model.train(was_training)
     if split:
         correct, total, loss_sum, tokens = distributed.sum_across_ranks([correct, total, loss_sum, tokens])
