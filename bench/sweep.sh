@@ -630,6 +630,18 @@ for part in "$@"; do
     a-snr-cap-rates)
       a sift-fixed:matched 4e-3 selection=balanced line_cap=1 score=grad_snr selection_batches=16 select_first=1
       ;;
+    # The last open grid (balanced at line_cap=1 from 4 micro-batches, best at its top so far), then the
+    # 160-step check on seeds 1 and 2 for the three that led it on seed 0, each at its 40-step rate.
+    b-cap4-top)
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 selection_batches=4
+      ;;
+    b-160-seeds)
+      for seed in 1 2; do
+        cell causal_lm 160 $seed random:matched 6.4e-3
+        cell causal_lm 160 $seed sift-fixed:matched 6.4e-3 selection=balanced line_cap=1
+        cell causal_lm 160 $seed lora:8 3.2e-3
+      done
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
