@@ -206,6 +206,45 @@ def test_columns_keep_only_the_selected_columns_of_the_input_for_the_backward_on
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 
+@pytest.mark.parametrize("storage", ["in_place", "delta"])
+def test_rows_keep_a_gated_mlp_s_factors_not_its_product_and_match_the_reference(storage):
+    """Rows of down_proj need its whole input, act(gate(x)) * up(x), whose factors the product keeps for its
+    own backward anyway: the product is formed again in the backward, and the weights match the reference."""
+    base = tiny_llama()
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    fast.train(), slow.train()
+    cfg = dict(density=0.1, target_modules=LLAMA_TARGETS, structure="rows")
+    engine = siftune.attach(fast, SiftConfig(**cfg, storage=storage))
+    optimizer = engine.optimizer(lr=1e-2)
+    reference = ReferenceSift(slow, SiftConfig(**cfg), lr=1e-2)
+    products, kept = [], []
+    for module in fast.modules():
+        if type(module).__name__ == "LlamaMLP":
+            module.down_proj.register_forward_pre_hook(lambda m, args: products.append(args[0]))
+
+    def pack(t):
+        kept.append(t)  # held, as the products are, so that no address is reused within the forward
+        return t
+
+    for step, ids in enumerate(token_batches(4)):
+        products.clear(), kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fast(input_ids=ids, labels=ids).loss
+        # selecting (step 0): the dense gradient needs the product itself; once selected, its factors do
+        saved = {t.data_ptr() for t in kept}
+        assert len(products) == 2 and {t.data_ptr() for t in products} <= saved if step == 0 else not any(
+            t.data_ptr() in saved for t in products), step
+        loss.backward()
+        slow(input_ids=ids, labels=ids).loss.backward()
+        reference.after_backward()
+        optimizer.step(), reference.step()
+        optimizer.zero_grad()
+    ids = token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, slow(input_ids=ids).logits, atol=ATOL, rtol=0)
+        assert not torch.equal(fast(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
 def _train_llama(model, steps: int = 3, **overrides):
     model.train()
     engine = siftune.attach(model, SiftConfig(density=0.1, target_modules=LLAMA_TARGETS, **overrides))

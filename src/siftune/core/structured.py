@@ -17,6 +17,11 @@ the selection; the rest of the dense product is never formed.
   False, so autograd never forms its gradient) and computes its forward
   through :class:`_SliceLinear`, whose backward returns the input's
   gradient as usual and hands the selected slice's gradient to the engine;
+* what the backward keeps of the layer's input is what the slice's gradient
+  needs: the selected columns' entries (columns), or for rows the whole
+  input, held as the two factors when it is a product whose factors autograd
+  keeps anyway (a gated MLP's input to its down projection), so that the
+  product itself is freed after the forward;
 * with ``storage="delta"`` (a quantized base) the slice's values train
   beside the frozen weight (:class:`SliceDelta`), added to the slice's
   outputs (rows) or taken from the slice's inputs (columns).
@@ -186,14 +191,40 @@ class SliceInPlace(_Lines, InPlace):
         self.lines = None if lines is None else lines.to(self.trainable.device, torch.long)
 
 
-def _kept_input(x: torch.Tensor, lines: torch.Tensor | None, structure: str) -> torch.Tensor:
-    """What a backward needs of the layer's input ``x`` to compute the weight gradient: all of it for a
-    dense gradient (``lines`` None) or for rows, only the selected columns' entries for columns. The input's
-    own gradient needs ``grad_out`` and the weight alone, so the rest of ``x`` is freed when nothing else
-    holds it."""
-    if lines is None or structure == "rows":
-        return x
-    return x.index_select(-1, lines)
+def _kept_input(x: torch.Tensor, lines: torch.Tensor | None, structure: str) -> tuple[torch.Tensor, ...]:
+    """What a backward keeps of the layer's input ``x`` to compute the weight gradient (rebuilt by
+    :func:`_input_from`): all of it for a dense gradient (``lines`` None), only the selected columns' entries
+    for columns. For rows, when ``x`` is a product ``a * b`` whose two factors autograd keeps anyway for
+    the product's own backward (a gated MLP's ``act(gate(x)) * up(x)`` into its down projection), the
+    factors rather than ``x``: the product is formed again in the backward, bit for bit, and ``x`` is
+    freed after the forward. The input's own gradient needs ``grad_out`` and the weight alone, so what
+    is not kept of ``x`` is freed when nothing else holds it."""
+    if lines is None:
+        return (x,)
+    if structure == "rows":
+        factors = _kept_factors(x)
+        return (x,) if factors is None else factors
+    return (x.index_select(-1, lines),)
+
+
+def _kept_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(a, b)`` when ``x`` is the output of ``a * b`` (same shape and dtype, no broadcast) and autograd
+    saved both factors for that product's backward; else None."""
+    fn = x.grad_fn
+    if fn is None or type(fn).__name__ != "MulBackward0":
+        return None
+    try:
+        a, b = fn._saved_self, fn._saved_other
+    except RuntimeError:  # already released (a backward ran through it)
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype for t in (a, b)):
+        return None
+    return a, b
+
+
+def _input_from(kept: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The kept input (:func:`_kept_input`): the tensor itself, or the product of its two factors."""
+    return kept[0] if len(kept) == 1 else kept[0] * kept[1]
 
 
 def _slice_gradient(g2: torch.Tensor, kept2: torch.Tensor, lines: torch.Tensor, structure: str) -> torch.Tensor:
@@ -225,20 +256,21 @@ class _SliceLinear(torch.autograd.Function):
             # cast as autocast would, so that backward sees one dtype
             dtype = torch.get_autocast_dtype(device)
             x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
-            ctx.save_for_backward(_kept_input(x, ctx.lines, storage.structure), weight)
+            ctx.save_for_backward(weight, *_kept_input(x, ctx.lines, storage.structure))
             with torch.autocast(device, enabled=False):
                 return nn.functional.linear(x, weight, bias)
-        ctx.save_for_backward(_kept_input(x, ctx.lines, storage.structure), weight)
+        ctx.save_for_backward(weight, *_kept_input(x, ctx.lines, storage.structure))
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept, weight = ctx.saved_tensors
+        weight, *kept = ctx.saved_tensors
         on_gradient = ctx.callbacks[1]
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[3]:
-            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), kept.reshape(-1, kept.shape[-1])
+            x = _input_from(kept)
+            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
             if ctx.lines is None:
                 on_gradient(g2.t() @ x2, None)
             else:
@@ -293,14 +325,14 @@ class _SliceDeltaMatmul(torch.autograd.Function):
         ctx.has_values = storage.stored is not None
         ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
         if not ctx.has_values:  # nothing trained yet
-            ctx.save_for_backward(x)
+            ctx.save_for_backward(values, x)
             ctx.lines = None
             return output.clone()
         lines, block = storage.lines, storage.block(x.dtype)
         ctx.lines = lines
         # the backward's weight gradient: dense while selecting (as _SliceLinear), else the slice's
         ctx.slice_lines = None if callbacks[0]() else lines
-        ctx.save_for_backward(_kept_input(x, ctx.slice_lines, storage.structure), values)
+        ctx.save_for_backward(values, *_kept_input(x, ctx.slice_lines, storage.structure))
         if storage.structure == "rows":  # in the output's dtype: a base under autocast computes in another
             return output.index_add(-1, lines, (x @ block.t()).to(output.dtype))
         return output + (x.index_select(-1, lines) @ block.t()).to(output.dtype)
@@ -309,8 +341,8 @@ class _SliceDeltaMatmul(torch.autograd.Function):
     def backward(ctx, grad_out):
         storage = ctx.storage
         on_gradient = ctx.callbacks[1]
-        kept = ctx.saved_tensors[0]
-        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(kept.dtype), kept.reshape(-1, kept.shape[-1])
+        x = _input_from(ctx.saved_tensors[1:])
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype), x.reshape(-1, x.shape[-1])
         grad_x = None
         if ctx.has_values and ctx.needs_input_grad[1]:
             block = storage.block(grad_out.dtype)
