@@ -1,19 +1,26 @@
-"""What the engine's heap trim (siftune.core.heap) saves and costs: max RSS, page faults and seconds, trim on and off.
+"""What the engine's heap trim (siftune.core.heap) and a fixed mmap threshold save and cost: max RSS, faults, time.
 
-    python bench/heap_trim.py           # bench/results/structured/heap_trim.json (ten minutes or so)
+    python bench/heap_trim.py           # bench/results/structured/heap_trim.json (a quarter of an hour or so)
     python bench/heap_trim.py --quick   # a tiny model, a smoke test; writes nothing
 
 Each method runs ``siftune bench``'s causal_lm run (SmolLM2-135M, LoRA r=8's
 count, the task's batches: 8 examples padded to the batch's longest, at
-most 128 tokens) for 6 optimizer steps on one thread, twice, each in a
-fresh process: with ``SIFTUNE_TRIM_HEAP=1`` (the engine trims) and
-set to 0 (the default). A trim hands the heap's free pages back, so the pages a later
-allocation reuses are faulted in again: the extra minor page faults and
-system seconds are its cost beside the trim calls' own seconds. Step
-seconds are recorded too, but on shared cores they vary by more than that.
-After each step's forward glibc's own count (``mallinfo2``) is recorded:
-the heap's size (``arena``) and the bytes of it in use, whose gap is the
-free chunks the heap holds.
+most 128 tokens) for 6 optimizer steps on one thread, once under each of
+three heap settings, each in a fresh process:
+
+* ``trim``: ``SIFTUNE_TRIM_HEAP=1``, the engine trims the heap once in each
+  training forward;
+* ``default``: glibc's malloc as it comes (the engine's default);
+* ``mmap 64 KiB``: ``MALLOC_MMAP_THRESHOLD_=65536``, glibc maps every block
+  above 64 KiB on its own and hands it back when it is freed.
+
+A trim hands the heap's free pages back, and a mapped block's pages go
+back when it is freed, so the pages a later allocation reuses are faulted
+in again: the extra minor page faults and system seconds are their cost.
+Step seconds are recorded too, but on shared cores they vary by more than
+that. After each step's forward glibc's own count (``mallinfo2``) is
+recorded: the heap's size (``arena``) and the bytes of it in use, whose
+gap is the free chunks the heap holds.
 """
 from __future__ import annotations
 
@@ -30,6 +37,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "structured" / "heap_trim.json"
 METHODS = ["sift-fixed:matched", "sift-rows:matched", "sift-columns:matched"]
+HEAP_SETTINGS = {  # name -> environment of the run
+    "trim": {"SIFTUNE_TRIM_HEAP": "1"},
+    "default": {"SIFTUNE_TRIM_HEAP": "0"},
+    "mmap 64 KiB": {"SIFTUNE_TRIM_HEAP": "0", "MALLOC_MMAP_THRESHOLD_": "65536"},
+}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -97,15 +109,16 @@ def main() -> None:
         return
     records = []
     for method in METHODS:
-        for trim in ("1", "0"):
-            env = {**os.environ, "SIFTUNE_TRIM_HEAP": trim, "OMP_NUM_THREADS": "1"}
+        for heap_setting, settings in HEAP_SETTINGS.items():
+            env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+            env.update(settings, OMP_NUM_THREADS="1")
             with tempfile.TemporaryDirectory(prefix="heap-trim-") as folder:
                 out = Path(folder) / "record.json"
                 subprocess.run([sys.executable, __file__, "--worker", method, str(out)] + ["--quick"] * ns.quick,
                                env=env, check=True, stdin=subprocess.DEVNULL)
-                records.append(json.loads(out.read_text()))
+                records.append({"heap": heap_setting, **json.loads(out.read_text())})
             r = records[-1]
-            print(f"{method} trim={r['trim']}: peak {r['peak_mib']:.0f} MiB, {r['minor_faults']:,} faults, "
+            print(f"{method} {heap_setting}: peak {r['peak_mib']:.0f} MiB, {r['minor_faults']:,} faults, "
                   f"{r['system_s']} s system, {r['trims']} trims {r['trim_s']} s, train {r['train_s']} s",
                   flush=True)
     if not ns.quick:
