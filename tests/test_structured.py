@@ -207,9 +207,11 @@ LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("storage", ["in_place", "delta"])
-def test_rows_keep_a_gated_mlp_s_factors_not_its_product_and_match_the_reference(storage):
-    """Rows of down_proj need its whole input, act(gate(x)) * up(x), whose factors the product keeps for its
-    own backward anyway: the product is formed again in the backward, and the weights match the reference."""
+def test_rows_keep_what_a_product_is_formed_from_not_the_product_and_match_the_reference(storage):
+    """Rows need their layer's whole input. down_proj's, act(gate(x)) * up(x), and q/v's, an RMSNorm's
+    weight * (h * rsqrt(mean(h²) + eps)), are products of tensors autograd keeps anyway for the products'
+    own backward: those are kept, the input is formed again in the backward, and the weights match the
+    reference."""
     base = tiny_llama()
     fast, slow = copy.deepcopy(base), copy.deepcopy(base)
     fast.train(), slow.train()
@@ -218,9 +220,14 @@ def test_rows_keep_a_gated_mlp_s_factors_not_its_product_and_match_the_reference
     optimizer = engine.optimizer(lr=1e-2)
     reference = ReferenceSift(slow, SiftConfig(**cfg), lr=1e-2)
     products, kept = [], []
-    for module in fast.modules():
-        if type(module).__name__ == "LlamaMLP":
-            module.down_proj.register_forward_pre_hook(lambda m, args: products.append(args[0]))
+
+    def product(module, args):
+        if args[0].grad_fn is not None:  # the first layer's q_proj input is none: nothing before it trains
+            products.append(args[0])
+
+    for name, module in fast.named_modules():
+        if name.endswith(("down_proj", "q_proj")):
+            module.register_forward_pre_hook(product)
 
     def pack(t):
         kept.append(t)  # held, as the products are, so that no address is reused within the forward
@@ -232,7 +239,7 @@ def test_rows_keep_a_gated_mlp_s_factors_not_its_product_and_match_the_reference
             loss = fast(input_ids=ids, labels=ids).loss
         # selecting (step 0): the dense gradient needs the product itself; once selected, its factors do
         saved = {t.data_ptr() for t in kept}
-        assert len(products) == 2 and {t.data_ptr() for t in products} <= saved if step == 0 else not any(
+        assert len(products) == 3 and {t.data_ptr() for t in products} <= saved if step == 0 else not any(
             t.data_ptr() in saved for t in products), step
         loss.backward()
         slow(input_ids=ids, labels=ids).loss.backward()

@@ -191,40 +191,62 @@ class SliceInPlace(_Lines, InPlace):
         self.lines = None if lines is None else lines.to(self.trainable.device, torch.long)
 
 
-def _kept_input(x: torch.Tensor, lines: torch.Tensor | None, structure: str) -> tuple[torch.Tensor, ...]:
-    """What a backward keeps of the layer's input ``x`` to compute the weight gradient (rebuilt by
-    :func:`_input_from`): all of it for a dense gradient (``lines`` None), only the selected columns' entries
-    for columns. For rows, when ``x`` is a product ``a * b`` whose two factors autograd keeps anyway for
-    the product's own backward (a gated MLP's ``act(gate(x)) * up(x)`` into its down projection), the
-    factors rather than ``x``: the product is formed again in the backward, bit for bit, and ``x`` is
-    freed after the forward. The input's own gradient needs ``grad_out`` and the weight alone, so what
-    is not kept of ``x`` is freed when nothing else holds it."""
+def _kept_input(x: torch.Tensor, lines: torch.Tensor | None, structure: str):
+    """What a backward keeps of the layer's input ``x`` to compute the weight gradient: ``(tensors,
+    recipe)``, from which :func:`_input_from` forms it again. All of ``x`` for a dense gradient (``lines``
+    None), only the selected columns' entries for columns. For rows, when ``x`` is a product of tensors
+    autograd keeps anyway for the products' own backward (a gated MLP's ``act(gate(x)) * up(x)`` into its
+    down projection, an RMSNorm's ``weight * (h * rsqrt(mean(h²) + eps))`` into q/k/v and gate/up), those
+    tensors rather than ``x``: the product is formed again in the backward, bit for bit, and ``x`` is freed
+    after the forward. The input's own gradient needs ``grad_out`` and the weight alone, so what is not
+    kept of ``x`` is freed when nothing else holds it."""
     if lines is None:
-        return (x,)
+        return (x,), 0
     if structure == "rows":
-        factors = _kept_factors(x)
-        return (x,) if factors is None else factors
-    return (x.index_select(-1, lines),)
+        leaves: list[torch.Tensor] = []
+        recipe = _product_recipe(x.grad_fn, leaves, depth=1)
+        if recipe is not None and _recipe_meta(recipe, leaves) == (x.shape, x.dtype):
+            return tuple(leaves), recipe
+        return (x,), 0
+    return (x.index_select(-1, lines),), 0
 
 
-def _kept_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(a, b)`` when ``x`` is the output of ``a * b`` (same shape and dtype, no broadcast) and autograd
-    saved both factors for that product's backward; else None."""
-    fn = x.grad_fn
+def _product_recipe(fn, leaves: list, depth: int):
+    """How to form again the output of the product node ``fn`` (a ``MulBackward0``) from tensors autograd
+    saved for it: a pair of recipes, each an index into ``leaves`` (a saved factor, appended there) or,
+    for a factor not saved but itself the output of a product, that product's recipe (``depth`` levels
+    down at most); None when it cannot be."""
     if fn is None or type(fn).__name__ != "MulBackward0":
         return None
-    try:
-        a, b = fn._saved_self, fn._saved_other
-    except RuntimeError:  # already released (a backward ran through it)
-        return None
-    if not all(isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype for t in (a, b)):
-        return None
-    return a, b
+    parts = []
+    for name, (producer, _) in zip(("_saved_self", "_saved_other"), fn.next_functions):
+        try:
+            factor = getattr(fn, name)
+        except RuntimeError:  # already released (a backward ran through it)
+            return None
+        if isinstance(factor, torch.Tensor):
+            leaves.append(factor)
+            parts.append(len(leaves) - 1)
+        elif depth > 0 and (inner := _product_recipe(producer, leaves, depth - 1)) is not None:
+            parts.append(inner)
+        else:
+            return None
+    return tuple(parts)
 
 
-def _input_from(kept: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The kept input (:func:`_kept_input`): the tensor itself, or the product of its two factors."""
-    return kept[0] if len(kept) == 1 else kept[0] * kept[1]
+def _recipe_meta(recipe, leaves: list) -> tuple[torch.Size, torch.dtype]:
+    """The shape and dtype :func:`_input_from` forms from ``recipe``."""
+    if isinstance(recipe, int):
+        return leaves[recipe].shape, leaves[recipe].dtype
+    (shape_a, dtype_a), (shape_b, dtype_b) = (_recipe_meta(part, leaves) for part in recipe)
+    return torch.broadcast_shapes(shape_a, shape_b), torch.promote_types(dtype_a, dtype_b)
+
+
+def _input_from(kept, recipe) -> torch.Tensor:
+    """The layer's input formed from what :func:`_kept_input` kept."""
+    if isinstance(recipe, int):
+        return kept[recipe]
+    return _input_from(kept, recipe[0]) * _input_from(kept, recipe[1])
 
 
 def _slice_gradient(g2: torch.Tensor, kept2: torch.Tensor, lines: torch.Tensor, structure: str) -> torch.Tensor:
@@ -256,10 +278,12 @@ class _SliceLinear(torch.autograd.Function):
             # cast as autocast would, so that backward sees one dtype
             dtype = torch.get_autocast_dtype(device)
             x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
-            ctx.save_for_backward(weight, *_kept_input(x, ctx.lines, storage.structure))
+            kept, ctx.recipe = _kept_input(x, ctx.lines, storage.structure)
+            ctx.save_for_backward(weight, *kept)
             with torch.autocast(device, enabled=False):
                 return nn.functional.linear(x, weight, bias)
-        ctx.save_for_backward(weight, *_kept_input(x, ctx.lines, storage.structure))
+        kept, ctx.recipe = _kept_input(x, ctx.lines, storage.structure)
+        ctx.save_for_backward(weight, *kept)
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -269,7 +293,7 @@ class _SliceLinear(torch.autograd.Function):
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[3]:
-            x = _input_from(kept)
+            x = _input_from(kept, ctx.recipe)
             g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
             if ctx.lines is None:
                 on_gradient(g2.t() @ x2, None)
@@ -326,13 +350,14 @@ class _SliceDeltaMatmul(torch.autograd.Function):
         ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
         if not ctx.has_values:  # nothing trained yet
             ctx.save_for_backward(values, x)
-            ctx.lines = None
+            ctx.lines, ctx.recipe = None, 0
             return output.clone()
         lines, block = storage.lines, storage.block(x.dtype)
         ctx.lines = lines
         # the backward's weight gradient: dense while selecting (as _SliceLinear), else the slice's
         ctx.slice_lines = None if callbacks[0]() else lines
-        ctx.save_for_backward(values, *_kept_input(x, ctx.slice_lines, storage.structure))
+        kept, ctx.recipe = _kept_input(x, ctx.slice_lines, storage.structure)
+        ctx.save_for_backward(values, *kept)
         if storage.structure == "rows":  # in the output's dtype: a base under autocast computes in another
             return output.index_add(-1, lines, (x @ block.t()).to(output.dtype))
         return output + (x.index_select(-1, lines) @ block.t()).to(output.dtype)
@@ -341,7 +366,7 @@ class _SliceDeltaMatmul(torch.autograd.Function):
     def backward(ctx, grad_out):
         storage = ctx.storage
         on_gradient = ctx.callbacks[1]
-        x = _input_from(ctx.saved_tensors[1:])
+        x = _input_from(ctx.saved_tensors[1:], ctx.recipe)
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype), x.reshape(-1, x.shape[-1])
         grad_x = None
         if ctx.has_values and ctx.needs_input_grad[1]:
