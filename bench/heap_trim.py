@@ -2,6 +2,7 @@
 
     python bench/heap_trim.py           # bench/results/structured/heap_trim.json (a quarter of an hour or so)
     python bench/heap_trim.py --quick   # a tiny model, a smoke test; writes nothing
+    python bench/heap_trim.py --methods sift-rows:matched   # one method's records replaced
 
 Each method runs ``siftune bench``'s causal_lm run (SmolLM2-135M, LoRA r=8's
 count, the task's batches: 8 examples padded to the batch's longest, at
@@ -101,6 +102,8 @@ def worker(method: str, steps: int, quick: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny model and 2 steps; writes nothing")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                   help="run these only; the other methods' records in the results file are kept")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "OUT"), help=argparse.SUPPRESS)
     ns = p.parse_args()
     steps = 2 if ns.quick else 6
@@ -108,7 +111,7 @@ def main() -> None:
         Path(ns.worker[1]).write_text(json.dumps(worker(ns.worker[0], steps, ns.quick)))
         return
     records = []
-    for method in METHODS:
+    for method in ns.methods:
         for heap_setting, settings in HEAP_SETTINGS.items():
             env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
             env.update(settings, OMP_NUM_THREADS="1")
@@ -122,6 +125,9 @@ def main() -> None:
                   f"{r['system_s']} s system, {r['trims']} trims {r['trim_s']} s, train {r['train_s']} s",
                   flush=True)
     if not ns.quick:
+        if RESULTS.exists():  # the other methods' records stay
+            records += [r for r in json.loads(RESULTS.read_text())["records"] if r["method"] not in ns.methods]
+        records.sort(key=lambda r: METHODS.index(r["method"]))
         RESULTS.write_text(json.dumps({"command": "python bench/heap_trim.py", "records": records}, indent=1) + "\n")
         print(f"wrote {RESULTS}")
 

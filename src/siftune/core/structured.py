@@ -19,9 +19,9 @@ the selection; the rest of the dense product is never formed.
   gradient as usual and hands the selected slice's gradient to the engine;
 * what the backward keeps of the layer's input is what the slice's gradient
   needs: the selected columns' entries (columns), or for rows the whole
-  input, held as the two factors when it is a product whose factors autograd
-  keeps anyway (a gated MLP's input to its down projection), so that the
-  product itself is freed after the forward;
+  input, held as what it is formed from when it is a product of tensors
+  autograd keeps anyway (a gated MLP's input to its down projection, an
+  RMSNorm's output), so that the product itself is freed after the forward;
 * with ``storage="delta"`` (a quantized base) the slice's values train
   beside the frozen weight (:class:`SliceDelta`), added to the slice's
   outputs (rows) or taken from the slice's inputs (columns).
