@@ -34,6 +34,8 @@ unstructured SIFT.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -274,17 +276,14 @@ class _SliceLinear(torch.autograd.Function):
         # slice's: decided now, since that decides what of the input is kept for the backward.
         ctx.lines = None if wants_dense() or storage.lines is None else storage.lines
         device = x.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            # cast as autocast would, so that backward sees one dtype
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        if autocast:  # cast as autocast would, so that backward sees one dtype
             dtype = torch.get_autocast_dtype(device)
             x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
-            kept, ctx.recipe = _kept_input(x, ctx.lines, storage.structure)
-            ctx.save_for_backward(weight, *kept)
-            with torch.autocast(device, enabled=False):
-                return nn.functional.linear(x, weight, bias)
         kept, ctx.recipe = _kept_input(x, ctx.lines, storage.structure)
         ctx.save_for_backward(weight, *kept)
-        return nn.functional.linear(x, weight, bias)
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
