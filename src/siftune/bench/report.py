@@ -37,7 +37,7 @@ def summarise(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         key = (r["method"], str(r["setting"]), r["steps"], r["lr"], r["dense_lr"], r["batch_size"], r["max_length"],
-               r.get("val_examples", 0), json.dumps(r.get("sift") or {}, sort_keys=True))
+               r.get("val_examples", 0), json.dumps(r.get("sift") or {}, sort_keys=True), bool(r.get("packing")))
         groups.setdefault(key, []).append(r)
     rows = []
     for key, runs in groups.items():
@@ -58,7 +58,7 @@ def summarise(records: list[dict]) -> list[dict]:
             "majority": first.get("majority_accuracy"), "sift": first.get("sift") or {},
             "val": {r["seed"]: r["val_value"] for r in runs if r.get("val_value") is not None},
             "test": {r["seed"]: r["value"] for r in runs},
-            "val_examples": first.get("val_examples", 0),
+            "val_examples": first.get("val_examples", 0), "packing": bool(first.get("packing")),
             "experiment": key[:3] + key[5:],  # what a rate grid varies over: everything but lr and head lr
         })
     # The untrained base first, then one block per training length, methods in ORDER within it.
@@ -75,8 +75,9 @@ def _mean_of(runs, key):
 
 def setting_label(row: dict) -> str:
     options = "".join(f", {k}={v}" for k, v in sorted(row.get("sift", {}).items()))
+    options += ", packed" if row.get("packing") else ""
     if row["rank"] is not None:
-        return f"r={row['rank']}"
+        return f"r={row['rank']}" + (", packed" if row.get("packing") else "")
     if row["density"] is not None:
         matched = " (LoRA r=8 count)" if row["setting"] == "matched" else ""
         return f"{row['density']:.3%}{matched}{options}"
@@ -165,7 +166,7 @@ def timing_table(task: str, entries: list[dict]) -> str:
         times = entry["step_s"]
         reference = times.get("full")
         lines += ["", f"Step time, {task}, methods timed in turns in one process ({entry['steps']} steps of "
-                  f"{entry['batch_size']} x {entry['max_length']}, load {entry['load_avg_1min']}, "
+                  f"{entry['batch_size']} x {entry['max_length']}{', packed' if entry.get('packing') else ''}, load {entry['load_avg_1min']}, "
                   f"{entry['machine']}; `{entry['command']}`):", "",
                   "| method | trainable | s/step | x full |", "|---|---:|---:|---:|"]
         for token, seconds in times.items():

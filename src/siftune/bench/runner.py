@@ -107,6 +107,7 @@ class RunSpec:
     # Defaults that mean "as before" for specs written without them (a running benchmark's).
     val_size: int = 0
     sift: dict = field(default_factory=dict)  # SiftConfig fields for sift-* methods, e.g. {"budget": "global"}
+    packing: bool = False  # causal_lm: whole examples end to end in each row (siftune.recipes.data)
 
     @property
     def token(self) -> str:
@@ -126,7 +127,7 @@ class RunSpec:
             parts += ["--dataset", self.dataset]
         if self.sift:
             parts += ["--sift", *(f"{k}={v}" for k, v in sorted(self.sift.items()))]
-        return shlex.join(parts + (["--quick"] if self.quick else []))
+        return shlex.join(parts + (["--packing"] if self.packing else []) + (["--quick"] if self.quick else []))
 
 
 def parse_method(token: str) -> tuple[str, float | int | str | None]:
@@ -208,10 +209,13 @@ def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, s
          lr: list[str] | None = None, dense_lr: list[str] | None = None, threads: int = 2,
          lr_grid: list[float] | None = None, sift: list[str] | None = None, **sizes) -> list[RunSpec]:
     """The runs for ``methods`` x ``seeds`` (x ``lr_grid``: factors of each method's rate); ``sizes`` may
-    override batch_size, max_length, eval_size, val_size, eval_batch_size, model, dataset. ``sift``:
+    override batch_size, max_length, eval_size, val_size, eval_batch_size, model, dataset, packing. ``sift``:
     SiftConfig fields (``field=value``) for the sift-* methods."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if sizes.get("packing") and task != "causal_lm":
+        raise ConfigError("--packing joins causal_lm examples into rows; the classification task holds one "
+                          "example a row: drop --packing")
     setup = TASKS[task]
     values = {"steps": setup.steps, "batch_size": setup.batch_size, "max_length": setup.max_length,
               "eval_size": setup.eval_size, "eval_batch_size": setup.eval_batch_size, "model": setup.model,
@@ -290,6 +294,7 @@ def warmup_steps(steps: int) -> int:
 def _load(spec: RunSpec):
     """The run's data split, labels, freshly loaded model and batch maker."""
     from ..recipes import data, models
+    from ..recipes.loss import check_packing
     from ..recipes.train import TrainArgs, _BatchMaker
 
     examples = data.load_examples(spec.dataset, spec.task)
@@ -298,8 +303,10 @@ def _load(spec: RunSpec):
     torch.manual_seed(spec.seed)  # the new head's initialisation, the same for every method
     model, tokenizer = models.load_model(spec.model, spec.task, labels=labels, quantize=QUANTIZED.get(spec.method),
                                          dtype=DTYPES.get(spec.method, torch.float32))
+    if spec.packing:
+        check_packing(model)
     batches = _BatchMaker(TrainArgs(model=spec.model, dataset=spec.dataset, task=spec.task, seed=spec.seed,
-                                    batch_size=spec.batch_size, max_length=spec.max_length,
+                                    batch_size=spec.batch_size, max_length=spec.max_length, packing=spec.packing,
                                     eval_batch_size=spec.eval_batch_size), tokenizer, labels)
     return train_set, eval_set, labels, model, batches
 
@@ -340,7 +347,8 @@ def run_one(spec: RunSpec) -> dict:
         "train_s": round(sum(seconds), 2), "peak_mib": round(peak_mib, 1), "load_mib": round(load_mib, 1),
         "heap_trim": heap.enabled(), "increment_bytes": prepared.increment_bytes(),
         "steps": spec.steps, "seed": spec.seed, "lr": spec.lr, "dense_lr": spec.dense_lr,
-        "batch_size": spec.batch_size, "max_length": spec.max_length, "warmup_steps": warmup_steps(spec.steps),
+        "batch_size": spec.batch_size, "max_length": spec.max_length, "packing": spec.packing,
+        "warmup_steps": warmup_steps(spec.steps),
         "eval_examples": len(eval_set), "model": spec.model, "dataset": spec.dataset, "quick": spec.quick,
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "machine": _machine(spec.threads), "load_avg_1min": round(load_avg, 2), "versions": _versions(),
@@ -410,11 +418,12 @@ def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
     seconds = in_turns([lambda batch, p=p: _step(p.model, p.optimizer, batch)[1] for p in prepared], stream, steps)
     first = runs[0]
     return {"task": first.task, "steps": steps, "batch_size": first.batch_size, "max_length": first.max_length,
-            "step_s": {spec.token: statistics.median(s) for spec, s in zip(runs, seconds)},
+            "packing": first.packing, "step_s": {spec.token: statistics.median(s) for spec, s in zip(runs, seconds)},
             "trainable": {spec.token: p.trainable for spec, p in zip(runs, prepared)},
             "machine": _machine(first.threads), "load_avg_1min": round(load_avg, 2), "versions": _versions(),
             "command": shlex.join(["siftune", "bench", "--task", first.task, "--methods", *[r.token for r in runs],
-                                   "--paired-steps", str(steps), "--threads", str(first.threads)]),
+                                   "--paired-steps", str(steps), "--threads", str(first.threads)]
+                                  + (["--packing"] if first.packing else [])),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -434,7 +443,7 @@ def record_key(record: dict) -> tuple:
     """Records with the same key are the same experiment: a new one replaces the old."""
     return (record["method"], str(record["setting"]), record["seed"], record["steps"], record["lr"],
             record["dense_lr"], record["batch_size"], record["max_length"], record.get("val_examples", 0),
-            json.dumps(record.get("sift") or {}, sort_keys=True))
+            json.dumps(record.get("sift") or {}, sort_keys=True), bool(record.get("packing")))
 
 
 def merge_records(path: Path, new: list[dict]) -> list[dict]:
@@ -524,6 +533,9 @@ def add_parser(sub) -> None:
                        ("eval-batch-size", "examples per held-out batch")):
         default = "the task's, 1000 / 200" if name == "val-size" else "the task's"
         p.add_argument(f"--{name}", type=int, help=f"{what} (default: {default})")
+    p.add_argument("--packing", action="store_true", help="causal_lm: fill each row of a batch with whole "
+                   "examples up to --max-length tokens, each attending to itself only (default: one example a "
+                   "row, padded to the batch's longest)")
     p.add_argument("--model", help="model name or folder (default: the task's)")
     p.add_argument("--dataset", help="built-in dataset or file (default: the task's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
@@ -551,7 +563,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     runs = plan(ns.task, ns.methods or DEFAULT_METHODS[ns.task], ns.seeds, quick=ns.quick, steps=ns.steps,
                 lr=ns.lr, dense_lr=ns.dense_lr, threads=ns.threads, lr_grid=ns.lr_grid, sift=ns.sift,
                 batch_size=ns.batch_size, max_length=ns.max_length, eval_size=ns.eval_size, val_size=ns.val_size,
-                eval_batch_size=ns.eval_batch_size, model=ns.model, dataset=ns.dataset)
+                eval_batch_size=ns.eval_batch_size, model=ns.model, dataset=ns.dataset, packing=ns.packing)
     if ns.paired_steps:
         timing = paired_step_times(runs, ns.paired_steps)
         path = Path(results_dir) / f"{ns.task}_paired_timing.json"

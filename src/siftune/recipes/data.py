@@ -537,7 +537,7 @@ def classification_batches(examples, tokenizer, labels: list[str], batch_size, m
 
 
 def causal_lm_batches(examples, tokenizer, batch_size, max_length, shuffle, seed,
-                      drop_last=False) -> Iterator[dict[str, torch.Tensor]]:
+                      drop_last=False, packing=False) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of ``{"input_ids", "attention_mask", "labels"}`` batches for causal LM.
 
     Each prompt/response pair is formatted with the tokenizer's chat template
@@ -546,6 +546,10 @@ def causal_lm_batches(examples, tokenizer, batch_size, max_length, shuffle, seed
     text. Labels are -100 on prompt tokens and padding, so the loss covers
     response tokens only. Sequences longer than ``max_length`` keep the
     start of the prompt and at least part of the response.
+
+    With ``packing`` each row holds as many whole examples as fit in
+    ``max_length`` tokens (:func:`_packed_batches`), and the batches are
+    ``{"input_ids", "position_ids", "labels"}``.
     """
     _check_sizes(batch_size, max_length)
     examples = list(examples)
@@ -553,7 +557,63 @@ def causal_lm_batches(examples, tokenizer, batch_size, max_length, shuffle, seed
     def encode(chunk):
         return _encode_causal_lm(chunk, tokenizer, max_length)
 
+    if packing:
+        return _packed_batches(examples, encode, _pad_token_id(tokenizer), batch_size, max_length, shuffle, seed,
+                               drop_last)
     return _batches(examples, encode, _pad_token_id(tokenizer), batch_size, shuffle, seed, drop_last)
+
+
+def _packed_batches(examples, encode, pad_token_id, batch_size, max_length, shuffle, seed, drop_last):
+    """Batches of ``batch_size`` rows of ``max_length`` tokens, each row whole examples end to end.
+
+    The examples are taken in the (shuffled) order and a row is closed when
+    the next one does not fit; no example is split. Each example's
+    ``position_ids`` start again at 0 and the batch has no attention mask:
+    transformers' causal mask then lets a token attend to its own example
+    only (``masking_utils.find_packed_sequence_indices``), so every example
+    sees what it sees alone. Each example's first label is -100: the
+    position before it, the previous example's last token, is not its prompt.
+    A row's unused end is padding (label -100) in a block of its own. As the
+    loss is the mean over labelled tokens, a batch's loss is the same as the
+    unpacked batches' of its examples taken together, to float rounding.
+    """
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    rows: list[list[dict]] = []
+    row: list[dict] = []
+    used = 0
+    for start in range(0, len(order), batch_size):
+        for feature in encode([examples[i] for i in order[start:start + batch_size]]):
+            if row and used + len(feature["input_ids"]) > max_length:
+                rows.append(row)
+                row, used = [], 0
+                if len(rows) == batch_size:
+                    yield _collate_packed(rows, pad_token_id, max_length)
+                    rows = []
+            row.append(feature)
+            used += len(feature["input_ids"])
+    if row:
+        rows.append(row)
+    if rows and (len(rows) == batch_size or not drop_last):
+        yield _collate_packed(rows, pad_token_id, max_length)
+
+
+def _collate_packed(rows: list[list[dict]], pad_token_id, max_length) -> dict[str, torch.Tensor]:
+    """Rows of examples end to end, padded to ``max_length``: input ids, per-example position ids, labels."""
+    input_ids = torch.full((len(rows), max_length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), max_length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), max_length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for feature in row:
+            n = len(feature["input_ids"])
+            input_ids[r, at:at + n] = torch.tensor(feature["input_ids"], dtype=torch.long)
+            labels[r, at + 1:at + n] = torch.tensor(feature["labels"][1:], dtype=torch.long)
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(max_length - at)  # the padding: a block of its own
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

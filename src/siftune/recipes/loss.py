@@ -20,10 +20,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .data import IGNORE_INDEX
 
 # Causal LMs whose logits are lm_head(decoder(...).last_hidden_state): no soft-capping or scaling.
 GATHERED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def check_packing(model: nn.Module) -> None:
+    """ConfigError unless ``model`` keeps packed examples apart: a causal LM of
+    :data:`GATHERED_MODEL_TYPES`, whose transformers causal mask follows the position ids when no attention
+    mask is given (``masking_utils.find_packed_sequence_indices``)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if model_type not in GATHERED_MODEL_TYPES or not type(inner).__name__.endswith("ForCausalLM"):
+        raise ConfigError(f"packing needs a causal LM whose attention keeps packed examples apart "
+                          f"({', '.join(sorted(GATHERED_MODEL_TYPES))}); this model is {model_type or type(inner).__name__}: "
+                          "drop --packing")
 
 
 def _gatherable(model: nn.Module):
@@ -53,7 +66,8 @@ def labelled_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.
     if inner is None:
         return None
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = inner.get_decoder()(**inputs).last_hidden_state
+    # No key/value cache: a loss needs none, and with one transformers does not keep packed examples apart.
+    hidden = inner.get_decoder()(**inputs, use_cache=False).last_hidden_state
     target = labels[:, 1:].to(hidden.device)
     keep = target != IGNORE_INDEX
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
@@ -65,6 +79,8 @@ def batch_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     labelled positions only (the same value)."""
     gathered = labelled_logits(model, batch)
     if gathered is None:
+        if "position_ids" in batch:  # packed (siftune.recipes.data): no cache, or the examples see each other
+            return model(**batch, use_cache=False).loss
         return model(**batch).loss
     logits, target = gathered
     return nn.functional.cross_entropy(logits, target)

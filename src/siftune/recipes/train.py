@@ -24,7 +24,7 @@ from ..artifacts import checkpoint
 from ..parallel import distributed, sharding
 from . import tracking
 from .data import IGNORE_INDEX
-from .loss import batch_loss, labelled_logits
+from .loss import batch_loss, check_packing, labelled_logits
 from ..config import SiftConfig
 from ..core.engine import attach
 from ..errors import CheckpointError, ConfigError
@@ -100,6 +100,12 @@ class TrainArgs:
         grad_accum: micro-batches whose gradients make one optimizer step.
             Default ``1``.
         max_length: tokens per example; longer examples are cut. Default ``64``.
+        packing: causal_lm only: fill each row of a batch with whole examples end to
+            end, up to ``max_length`` tokens, instead of one example a row padded to
+            the batch's longest. Each example attends to itself only (its position
+            ids start again at 0; the model must be a Llama, Mistral, Qwen2 or
+            Qwen3), so the loss is the same as unpacked, and a batch holds more
+            examples and less padding: an epoch takes fewer steps. Default ``False``.
         warmup_steps: optimizer steps of linear learning-rate warm-up from 0,
             followed by linear decay to 0 at the last step. Default ``30``.
         weight_decay: AdamW's decoupled weight decay on the trained weight
@@ -199,6 +205,7 @@ class TrainArgs:
     batch_size: int = 16
     grad_accum: int = 1
     max_length: int = 64
+    packing: bool = False
     warmup_steps: int = 30
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -248,6 +255,9 @@ class TrainArgs:
             fail("report_to", f"must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.report_to == "tensorboard":
             tracking.check_installed()
+        if self.packing and self.task != "causal_lm":
+            fail("packing", "joins causal_lm examples into rows; a classification batch holds one example a row: "
+                            "drop --packing")
         if self.eval_dataset is not None and self.eval_size == 0:
             fail("eval_size", f"is 0 (no evaluation) but eval_dataset is {self.eval_dataset!r}; drop one of the two")
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "lr", "dense_lr"):
@@ -435,6 +445,8 @@ def _run(args: TrainArgs, progress: bool) -> dict:
                                          dtype=DTYPES[args.dtype], labels=labels, quantize=args.quantize,
                                          device=device)
     model.to(device)
+    if args.packing:
+        check_packing(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:
@@ -461,7 +473,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
            + (f", dense modules {dense_lr:.3g}" if dense and dense_lr != lr else ""))
     optimizer = engine.optimizer(lr=lr, dense_lr=dense_lr, weight_decay=args.weight_decay,
                                  nonfinite=args.nonfinite)
-    steps = args.steps or max(1, math.ceil(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
+    steps = args.steps or max(1, math.ceil(args.epochs * batches.per_epoch(train_set) / args.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(args.warmup_steps, steps))
     start, consumed, losses, earlier_s = 0, 0, [], 0.0
     settings = _resume_settings(args)  # what a later --resume must find the same
@@ -616,7 +628,10 @@ def _same_input(saved, now) -> bool:
 
 def _check_resumable(resumed: dict, args: TrainArgs) -> None:
     saved, now = resumed["progress"].get("settings", {}), _resume_settings(args)
-    changed = sorted(k for k in now.keys() | saved.keys() if k not in INPUTS and saved.get(k) != now.get(k))
+    # A field added since the checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs) if f.default is not dataclasses.MISSING}
+    changed = sorted(k for k in now.keys() | saved.keys()
+                     if k not in INPUTS and saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
     changed += [k for k in INPUTS if not _same_input(saved.get(k), now.get(k))]
     if changed:
         # every value, then and now: a rate set by the default rule is in no flag the user could compare
@@ -650,7 +665,7 @@ class _BatchMaker:
         self.args, self.tokenizer, self.labels = args, tokenizer, labels
         self.device = device or torch.device("cpu")
 
-    def _make(self, examples, batch_size, shuffle, seed):
+    def _make(self, examples, batch_size, shuffle, seed, packing=False):
         from . import data
 
         a = self.args
@@ -660,8 +675,15 @@ class _BatchMaker:
                                                shuffle=shuffle, seed=seed, source=held_out)
         else:
             made = data.causal_lm_batches(examples, self.tokenizer, batch_size, a.max_length, shuffle=shuffle,
-                                          seed=seed)
+                                          seed=seed, packing=packing)
         return ({k: v.to(self.device) for k, v in batch.items()} for batch in made)
+
+    def per_epoch(self, examples) -> int:
+        """Micro-batches in an epoch of ``examples``: packed, as many as their lengths fill (tokenised to count)."""
+        if not self.args.packing:
+            return math.ceil(len(examples) / self.args.batch_size)
+        return sum(1 for _ in self._make(examples, self.args.batch_size, shuffle=True, seed=self.args.seed,
+                                         packing=True))
 
     def eval(self, examples):
         """This process's share of the held-out examples (all of them in a single process).
@@ -684,12 +706,19 @@ class _BatchMaker:
 
     def train_forever(self, examples, skip: int = 0):
         """Micro-batches epoch after epoch, each shuffled by seed + epoch, after the first ``skip`` of them."""
-        per_epoch = math.ceil(len(examples) / self.args.batch_size)
-        epoch, skip = divmod(skip, per_epoch)
+        packing = self.args.packing
+        epoch = 0
+        if not packing:  # every epoch has as many batches: skip whole epochs without tokenising them
+            epoch, skip = divmod(skip, self.per_epoch(examples))
         while True:
-            epoch_batches = self._make(examples, self.args.batch_size, shuffle=True, seed=self.args.seed + epoch)
-            yield from itertools.islice(epoch_batches, skip, None)
-            skip, epoch = 0, epoch + 1
+            epoch_batches = self._make(examples, self.args.batch_size, shuffle=True, seed=self.args.seed + epoch,
+                                       packing=packing)
+            for batch in epoch_batches:
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch
+            epoch += 1
 
 
 NOT_COUNTED = "_siftune_not_counted"  # the key that marks an evaluation batch run only to keep ranks in step
