@@ -119,6 +119,7 @@ def test_a_resumed_stream_goes_on_where_it_stopped(tiny_tokenizer):
 
 
 def test_bench_packs_the_causal_task_and_keeps_its_records_apart(tmp_path, tiny_llama_dir, chat_jsonl):
+    from siftune.bench.report import setting_label, summarise
     from siftune.bench.runner import plan, run_bench
 
     runs = [plan("causal_lm", ["sift-fixed:0.05"], [0], quick=True, model=tiny_llama_dir, dataset=str(chat_jsonl),
@@ -128,6 +129,8 @@ def test_bench_packs_the_causal_task_and_keeps_its_records_apart(tmp_path, tiny_
     assert "--packing" not in plain["command"] and packed["eval_tokens"] == plain["eval_tokens"]  # evaluated unpacked
     assert packed["final_train_loss"] != plain["final_train_loss"]  # other batches
     assert len(json.loads((tmp_path / "causal_lm.json").read_text())) == 2  # two experiments, two records
+    labels = sorted(setting_label(row) for row in summarise([packed, plain]))  # two rows in the report's tables
+    assert len(labels) == 2 and labels[1] == labels[0] + ", packed"
     with pytest.raises(ConfigError, match="--packing joins causal_lm"):
         plan("classification", ["full"], [0], packing=True)
 
