@@ -156,3 +156,13 @@ def test_train_packs_and_resumes(tmp_path, tiny_llama_dir, chat_jsonl, capsys):
     # Resuming unpacked a run trained packed: refused, naming the setting.
     assert main([c for c in common if c != "--packing"] + ["--output-dir", str(split), "--resume"]) == 2
     assert "packing: True then, False now" in capsys.readouterr().err
+
+
+def test_an_empty_training_set_is_a_data_error_not_an_endless_loop(tiny_tokenizer):
+    from siftune.errors import DataError
+
+    for packing in (True, False):
+        maker = _BatchMaker(TrainArgs(task="causal_lm", batch_size=2, max_length=30, packing=packing),
+                            tiny_tokenizer, None)
+        with pytest.raises(DataError, match="no examples"):
+            next(maker.train_forever([]))

@@ -27,7 +27,7 @@ from .data import IGNORE_INDEX
 from .loss import batch_loss, check_packing, labelled_logits
 from ..config import SiftConfig
 from ..core.engine import attach
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..core.quantize import QUANTIZATIONS
 from ..core.select import HEAD_NAMES
 from ..artifacts.io import atomic_write, atomic_write_text
@@ -706,6 +706,8 @@ class _BatchMaker:
 
     def train_forever(self, examples, skip: int = 0):
         """Micro-batches epoch after epoch, each shuffled by seed + epoch, after the first ``skip`` of them."""
+        if not examples:  # else an endless loop over empty epochs
+            raise DataError("the training set has no examples; give a dataset with some")
         packing = self.args.packing
         epoch = 0
         if not packing:  # every epoch has as many batches: skip whole epochs without tokenising them
