@@ -10,7 +10,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from conftest import TINY_VOCAB
 from siftune.errors import CheckpointError, ConfigError
-from siftune.recipes.data import causal_lm_batches
+from siftune.recipes.data import causal_lm_batches, examples_in
 from siftune.recipes.loss import batch_loss, check_packing
 from siftune.recipes.train import TrainArgs, _BatchMaker
 
@@ -27,7 +27,8 @@ MODELS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, M
 
 
 def _blocks(batch):
-    """Each row's examples: (input ids, labels) of each block of position ids counted from 0, padding left out."""
+    """Each row's blocks of position ids counted from 0 (an example, and a row's last one its padding too):
+    (input ids, labels) of each."""
     found = []
     for ids, positions, labels in zip(batch["input_ids"], batch["position_ids"], batch["labels"]):
         starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
@@ -43,15 +44,16 @@ def test_rows_hold_whole_examples_in_the_shuffled_order(tiny_tokenizer):
     assert all(b.keys() == {"input_ids", "position_ids", "labels"} for b in packed)
     assert all(b["input_ids"].shape == (2, 40) for b in packed[:-1]) and packed[-1]["input_ids"].shape[1] == 40
     assert len(packed) < len(single) / 2  # more than one example a row
+    assert sum(examples_in(b) for b in packed) == len(EXAMPLES) == sum(examples_in(b) for b in single)
     blocks = [block for batch in packed for block in _blocks(batch)]
     examples = [(b["input_ids"][0].tolist(), b["labels"][0].tolist()) for b in single]
-    real = [block for block in blocks if any(label != -100 for label in block[1])]
-    assert len(real) == len(examples)  # every block with a label is an example; the rest are row ends
-    for (ids, labels), (want_ids, want_labels) in zip(real, examples, strict=True):
-        assert ids == want_ids
-        assert labels == [-100] + want_labels[1:]  # the first is never predicted from within the example
+    assert len(blocks) == len(examples)
     pad = tiny_tokenizer.pad_token_id
-    assert all(set(ids) == {pad} for ids, labels in blocks if set(labels) == {-100})  # rows' ends: padding
+    for (ids, labels), (want_ids, want_labels) in zip(blocks, examples, strict=True):
+        n = len(want_ids)
+        assert ids[:n] == want_ids
+        assert labels[:n] == [-100] + want_labels[1:]  # the first is never predicted from within the example
+        assert set(ids[n:]) <= {pad} and set(labels[n:]) <= {-100}  # a row's end: padding
 
 
 def test_the_last_short_batch_and_drop_last(tiny_tokenizer):

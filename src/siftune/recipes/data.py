@@ -573,7 +573,10 @@ def _packed_batches(examples, encode, pad_token_id, batch_size, max_length, shuf
     only (``masking_utils.find_packed_sequence_indices``), so every example
     sees what it sees alone. Each example's first label is -100: the
     position before it, the previous example's last token, is not its prompt.
-    A row's unused end is padding (label -100) in a block of its own. As the
+    A row's unused end is padding (label -100) whose position ids go on from
+    the row's last example: it comes after that example, which so never sees
+    it, and a batch's examples are its position ids equal to 0
+    (:func:`examples_in`). As the
     loss is the mean over labelled tokens, a batch's loss is the same as the
     unpacked batches' of its examples taken together, to float rounding.
     """
@@ -612,8 +615,15 @@ def _collate_packed(rows: list[list[dict]], pad_token_id, max_length) -> dict[st
             labels[r, at + 1:at + n] = torch.tensor(feature["labels"][1:], dtype=torch.long)
             position_ids[r, at:at + n] = torch.arange(n)
             at += n
-        position_ids[r, at:] = torch.arange(max_length - at)  # the padding: a block of its own
+        position_ids[r, at:] = torch.arange(n, n + max_length - at)  # the padding goes on from the last example
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def examples_in(batch: dict[str, torch.Tensor]) -> int:
+    """How many examples a batch holds: one a row, or a packed batch's (:func:`_packed_batches`)."""
+    if "position_ids" in batch:
+        return int((batch["position_ids"] == 0).sum())
+    return int(batch["input_ids"].shape[0])
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

@@ -23,7 +23,7 @@ import torch
 from ..artifacts import checkpoint
 from ..parallel import distributed, sharding
 from . import tracking
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, examples_in
 from .loss import batch_loss, check_packing, labelled_logits
 from ..config import SiftConfig
 from ..core.engine import attach
@@ -494,10 +494,13 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     # From the data position the checkpoint recorded; each process takes its slice of every batch.
     stream = distributed.shard(batches.train_forever(train_set, skip=consumed))
     bar = _progress(steps, progress and distributed.is_main_process(), initial=start)
+    seen = 0  # examples this process has trained on since the loop started
     for step in range(start, steps):
         step_loss = 0.0
         for _ in range(args.grad_accum):
-            loss = batch_loss(model, next(stream)) / args.grad_accum
+            batch = next(stream)
+            seen += examples_in(batch)  # this process's share (a packed batch's rows hold several)
+            loss = batch_loss(model, batch) / args.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
         optimizer.step()  # skips (or raises on) a non-finite gradient, as args.nonfinite says
@@ -515,9 +518,8 @@ def _run(args: TrainArgs, progress: bool) -> dict:
             checkpoints.save(checkpoint.capture(step + 1, engine, optimizer, scheduler, {
                 "micro_batches": (step + 1) * args.grad_accum, "losses": losses, "before": before,
                 "train_s": earlier_s + time.perf_counter() - started, "settings": settings}))
-        seen = (step + 1 - start) * args.batch_size * args.grad_accum
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
-                        ex_s=f"{seen / (time.perf_counter() - started):.1f}")
+                        ex_s=f"{seen * distributed.world_size() / (time.perf_counter() - started):.1f}")
         bar.update(1)
     bar.close()
     train_s = earlier_s + time.perf_counter() - started
