@@ -642,6 +642,15 @@ for part in "$@"; do
         cell causal_lm 160 $seed lora:8 3.2e-3
       done
       ;;
+    b-160-rates-a)  # 160 steps, seed 0: each method at half and twice its 40-step rate
+      cell causal_lm 160 0 random:matched 3.2e-3; cell causal_lm 160 0 random:matched 1.28e-2
+      cell causal_lm 160 0 lora:8 1.6e-3
+      ;;
+    b-160-rates-b)
+      cell causal_lm 160 0 lora:8 6.4e-3
+      cell causal_lm 160 0 sift-fixed:matched 3.2e-3 selection=balanced line_cap=1
+      cell causal_lm 160 0 sift-fixed:matched 1.28e-2 selection=balanced line_cap=1
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
