@@ -97,7 +97,7 @@ def test_select_first_selects_on_batches_of_its_own_and_then_trains_every_step(t
     assert len(json.loads((tmp_path / "causal_lm.json").read_text())) == 2  # two experiments, two records
 
 
-def test_paired_timing_steps_every_method_in_turns(tmp_path, tiny_bert_dir, reviews_csv):
+def test_paired_timing_steps_every_method_in_turns(tmp_path, tiny_bert_dir, reviews_csv, capsys):
     code = main(["bench", "--task", "classification", "--quick", "--methods", "full", "sift-fixed:0.1",
                  "--model", tiny_bert_dir, "--dataset", reviews_csv, "--paired-steps", "2",
                  "--results-dir", str(tmp_path)])
@@ -106,6 +106,8 @@ def test_paired_timing_steps_every_method_in_turns(tmp_path, tiny_bert_dir, revi
     assert sorted(entry["step_s"]) == ["full", "sift-fixed:0.1"] and min(entry["step_s"].values()) > 0
     assert entry["trainable"]["sift-fixed:0.1"] < entry["trainable"]["full"]
     assert entry["steps"] == 2 and "--paired-steps 2" in entry["command"]
+    rounds = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  round ")]
+    assert len(rounds) == 3 and rounds[0].startswith("  round selects") and rounds[2].startswith("  round 2/2: full ")
 
 
 def test_matched_density_is_lora_r8_count_over_targeted_components(minilm_path):

@@ -384,17 +384,21 @@ def _versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def in_turns(steppers: list, batches, rounds: int) -> list[list]:
+def in_turns(steppers: list, batches, rounds: int, report=None) -> list[list]:
     """Each of ``steppers`` called on the same batch in turn, ``rounds`` + 1 times (the order reversed
     every other round, so that none always follows another); what each returned, round 0 left out
-    (SIFT selects there)."""
+    (SIFT selects there). ``report(round, returned)``, if given, is called after every round with what
+    each stepper returned in it, in the steppers' order."""
     seen: list[list] = [[] for _ in steppers]
     for round_ in range(rounds + 1):
         batch = next(batches)
+        returned = [None] * len(steppers)
         for i in list(range(len(steppers)))[::1 if round_ % 2 == 0 else -1]:
-            took = steppers[i](batch)
+            returned[i] = steppers[i](batch)
             if round_:
-                seen[i].append(took)
+                seen[i].append(returned[i])
+        if report is not None:
+            report(round_, returned)
     return seen
 
 
@@ -415,7 +419,13 @@ def paired_step_times(runs: list[RunSpec], steps: int) -> dict:
                                                  spec.seed, sift=spec.sift)))
         prepared[-1].model.train()
         stream = stream or batches.train_forever(train_set)
-    seconds = in_turns([lambda batch, p=p: _step(p.model, p.optimizer, batch)[1] for p in prepared], stream, steps)
+    def report(round_: int, took: list[float]) -> None:  # a line a round: a long timing shows progress
+        what = "selects, not counted" if round_ == 0 else f"{round_}/{steps}"
+        print(f"  round {what}: " + ", ".join(f"{spec.token} {t:.2f} s" for spec, t in zip(runs, took)),
+              file=sys.stderr, flush=True)
+
+    seconds = in_turns([lambda batch, p=p: _step(p.model, p.optimizer, batch)[1] for p in prepared], stream, steps,
+                       report)
     first = runs[0]
     return {"task": first.task, "steps": steps, "batch_size": first.batch_size, "max_length": first.max_length,
             "packing": first.packing, "step_s": {spec.token: statistics.median(s) for spec, s in zip(runs, seconds)},

@@ -94,7 +94,8 @@ class TrainArgs:
         steps: optimizer steps to train; 0 trains for ``epochs`` instead.
             Default ``300``.
         epochs: passes over the training examples (fractions allowed), used when
-            ``steps`` is 0. Default ``0.0``.
+            ``steps`` is 0; with ``packing``, an epoch's steps are counted from the
+            first epoch's packed batches. Default ``0.0``.
         batch_size: examples per micro-batch; under several processes the
             global batch, split equally between them. Default ``16``.
         grad_accum: micro-batches whose gradients make one optimizer step.
