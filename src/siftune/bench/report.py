@@ -74,10 +74,10 @@ def _mean_of(runs, key):
 
 
 def setting_label(row: dict) -> str:
-    options = "".join(f", {k}={v}" for k, v in sorted(row.get("sift", {}).items()))
-    options += ", packed" if row.get("packing") else ""
+    packed = ", packed" if row.get("packing") else ""
+    options = "".join(f", {k}={v}" for k, v in sorted(row.get("sift", {}).items())) + packed
     if row["rank"] is not None:
-        return f"r={row['rank']}" + (", packed" if row.get("packing") else "")
+        return f"r={row['rank']}{packed}"
     if row["density"] is not None:
         matched = " (LoRA r=8 count)" if row["setting"] == "matched" else ""
         return f"{row['density']:.3%}{matched}{options}"

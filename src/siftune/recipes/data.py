@@ -505,10 +505,16 @@ def _check_sizes(batch_size, max_length) -> None:
         raise ConfigError(f"max_length must be at least 1, got {max_length}")
 
 
-def _batches(examples, encode, pad_token_id, batch_size, shuffle, seed, drop_last):
-    order = list(range(len(examples)))
+def _order(count: int, shuffle: bool, seed) -> list[int]:
+    """The examples' indices in the epoch's order: shuffled by ``seed``, or as given."""
+    order = list(range(count))
     if shuffle:
         random.Random(seed).shuffle(order)
+    return order
+
+
+def _batches(examples, encode, pad_token_id, batch_size, shuffle, seed, drop_last):
+    order = _order(len(examples), shuffle, seed)
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     # Tokenise batch by batch so the first batch comes at once and a run
     # that stops early never tokenises the rest.
@@ -580,9 +586,7 @@ def _packed_batches(examples, encode, pad_token_id, batch_size, max_length, shuf
     loss is the mean over labelled tokens, a batch's loss is the same as the
     unpacked batches' of its examples taken together, to float rounding.
     """
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
+    order = _order(len(examples), shuffle, seed)
     rows: list[list[dict]] = []
     row: list[dict] = []
     used = 0

@@ -711,19 +711,13 @@ class _BatchMaker:
         """Micro-batches epoch after epoch, each shuffled by seed + epoch, after the first ``skip`` of them."""
         if not examples:  # else an endless loop over empty epochs
             raise DataError("the training set has no examples; give a dataset with some")
-        packing = self.args.packing
         epoch = 0
-        if not packing:  # every epoch has as many batches: skip whole epochs without tokenising them
+        if not self.args.packing:  # every epoch has as many batches: skip whole epochs without tokenising them
             epoch, skip = divmod(skip, self.per_epoch(examples))
-        while True:
-            epoch_batches = self._make(examples, self.args.batch_size, shuffle=True, seed=self.args.seed + epoch,
-                                       packing=packing)
-            for batch in epoch_batches:
-                if skip:
-                    skip -= 1
-                    continue
-                yield batch
-            epoch += 1
+        batches = itertools.chain.from_iterable(
+            self._make(examples, self.args.batch_size, shuffle=True, seed=self.args.seed + e, packing=self.args.packing)
+            for e in itertools.count(epoch))
+        return itertools.islice(batches, skip, None)
 
 
 NOT_COUNTED = "_siftune_not_counted"  # the key that marks an evaluation batch run only to keep ranks in step
