@@ -15,6 +15,7 @@ SELECTIONS = ("gradient", "random", "mixed", "balanced", "grow_drop")
 SELECTION_FIELDS = (("score_share", "mixed", 0.0, 1.0, True), ("line_cap", "balanced", 1.0, float("inf"), True),
                     ("drop_share", "grow_drop", 0.0, 1.0, False))
 STORAGES = ("in_place", "delta")
+STEP_SCALES = (None, "input")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -173,6 +174,20 @@ class SiftConfig:
             less than a dense backward (:mod:`siftune.core.structured`).
             ``nn.Linear`` targets only; modes ``"fixed"`` and ``"periodic"``,
             ``budget="per_tensor"``, not on FSDP2 shards. Default ``None``.
+        step_scale: ``None`` (or ``"none"``: every selected component steps
+            at the rate, as AdamW does) or ``"input"``: each component's step
+            (and its weight decay) is the rate times median(r) / r_j, where
+            r_j is the root mean square of its input feature j over the
+            selection window's tokens and the median is over the weight's
+            input features, held within [0.1, 10]. AdamW moves every
+            component by about the rate whatever its input's scale, so a
+            component on a large input feature moves the layer's output many
+            times more than one on a typical feature; scaled, each moves it
+            about as much. The scale is taken with each selection (forward
+            hooks on the targeted layers count the window's inputs). Linear-
+            like targets only (``nn.Linear``, its quantized subclasses,
+            ``Conv1D``); modes ``"fixed"`` and ``"periodic"``; not on FSDP2
+            shards. Measured in docs/selection.md. Default ``None``.
     """
 
     density: float = 0.01
@@ -197,6 +212,7 @@ class SiftConfig:
     line_cap: float = 2.0
     drop_share: float = 0.25
     structure: str | None = None
+    step_scale: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -308,6 +324,13 @@ class SiftConfig:
         if self.structure and self.selection in ("mixed", "balanced", "grow_drop"):
             raise ConfigError(f"structure={self.structure!r} chooses whole rows or columns; selection="
                               f"{self.selection!r} chooses single components: use one of them")
+        if self.step_scale == "none":
+            self.step_scale = None
+        if self.step_scale not in STEP_SCALES:
+            raise ConfigError(f"step_scale must be None or 'input', got {self.step_scale!r}")
+        if self.step_scale and self.mode == "per_step":
+            raise ConfigError("step_scale='input' scales the steps of a selection by its window's inputs; "
+                              "mode='per_step' selects anew each step: use mode 'fixed' or 'periodic'")
         if self.budget == "global" and self.update_in_backward:
             raise ConfigError("budget='global' selects after the whole backward, so updates cannot be applied "
                               "inside it; set update_in_backward=False or budget='per_tensor'")

@@ -28,6 +28,7 @@ from . import budget, heap, storage, structured
 from ..parallel import distributed
 from ..config import SiftConfig
 from ..errors import CheckpointError, ConfigError
+from .stepscale import InputScale, feature_axis
 from .select import (balanced_indices, find_targets, grow_drop_indices, index_dtype, mixed_indices, pack_indices,
                      tensor_generator, unpack_indices)
 
@@ -64,6 +65,7 @@ class _Slot:
         # memory: on a GPU it costs no device memory.
         self.ever_idx: torch.Tensor | None = None
         self.base: torch.Tensor | None = None
+        self.input: InputScale | None = None  # step_scale="input": the window's inputs and the step factors
 
     def flat(self, stored: torch.Tensor | None = None) -> torch.Tensor | None:
         """Flat indices of ``stored`` (default: the current selection), unpacked if packed."""
@@ -108,6 +110,12 @@ class SiftEngine:
         if config.selection in ("mixed", "balanced", "grow_drop") and any(map(distributed.is_sharded, targeted.values())):
             raise ConfigError(f"selection={config.selection!r} chooses among a whole tensor's components, which "
                               "FSDP2 shards split over the ranks; use selection='gradient' or 'random' on shards")
+        if config.step_scale and any(map(distributed.is_sharded, targeted.values())):
+            raise ConfigError("step_scale='input' needs each weight whole on every process; FSDP2 shards split "
+                              "it: leave step_scale=None on shards")
+        if config.step_scale:  # before any hook is registered: a refused target leaves the model as it was
+            for name in targeted:
+                feature_axis(model.get_submodule(name.rpartition(".")[0]), name)
         self.dense = dense
         stores = {n: self._make_storage(model, n, p) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
@@ -115,6 +123,10 @@ class SiftEngine:
                             compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
         self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
+        if config.step_scale:
+            for slot in self.slots:
+                module = model.get_submodule(slot.name.rpartition(".")[0])
+                slot.input = InputScale(module, slot.name, slot.shape, lambda slot=slot: slot.selecting)
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         # A structured slice's weight stays frozen: its gradient is the slice's, computed by structured.py.
@@ -207,6 +219,10 @@ class SiftEngine:
         p = slot.param
         if slot.previous is None:
             slot.previous = (slot.idx, slot.version, slot.k)
+            if slot.input is not None:
+                slot.input.before = slot.input.scale
+        if slot.input is not None:  # the window's inputs, of every process (so in step with the selection)
+            slot.input.scale = slot.input.take()
         if chosen is not None:  # by the global budget (siftune.core.budget)
             idx = chosen.to(p.device)
             slot.k = idx.numel()
@@ -318,6 +334,8 @@ class SiftEngine:
             if skipped and slot.selecting and self.config.mode != "per_step":
                 # a window folded into the score this step holds the bad gradient
                 slot.seen, slot.score = 0, None
+                if slot.input is not None:
+                    slot.input.forget()
                 slot.storage.drop_pending()
             if slot.previous is None:
                 continue
@@ -340,6 +358,9 @@ class SiftEngine:
             slot.idx, slot.version, slot.k = slot.previous
             slot.selecting, slot.seen, slot.score = True, 0, None
             slot.previous = slot.pending_base = None
+            if slot.input is not None:
+                slot.input.scale = slot.input.before
+                slot.input.forget()
 
     def select(self, batches, loss_of=None) -> int:
         """Complete the selection window on ``batches`` before training; returns the micro-batches used.
@@ -384,6 +405,8 @@ class SiftEngine:
             for slot in self.slots:  # start again from nothing: no half window is kept
                 self.undo_selection(slot)
                 slot.selecting, slot.seen, slot.score = True, 0, None
+                if slot.input is not None:
+                    slot.input.forget()
             raise ConfigError(f"select(): the batches ran out after {used} before {waiting[0]} (and "
                               f"{len(waiting) - 1} more) had selected; give at least selection_batches="
                               f"{self.config.selection_batches} batches whose loss depends on every targeted weight")
@@ -423,7 +446,7 @@ class SiftEngine:
         slots = {
             s.name: {"k": s.k, "version": s.version, "selecting": s.selecting, "seen": s.seen, "idx": s.idx,
                      "score": s.score, "ever_idx": s.ever_idx, "base": s.base, "generator": s.generator.get_state(),
-                     **s.storage.state()}
+                     **s.storage.state(), **(s.input.state() if s.input is not None else {})}
             for s in self.slots
         }
         return {"config": self.config.to_dict(), "steps": self.steps, "slots": slots}
@@ -456,6 +479,8 @@ class SiftEngine:
             slot.idx, slot.score, slot.ever_idx, slot.base = (saved[k] for k in ("idx", "score", "ever_idx", "base"))
             slot.generator.set_state(saved["generator"])
             slot.storage.load_state(saved)
+            if slot.input is not None:
+                slot.input.load_state(saved, slot.param.device)
             if slot.idx is not None and slot.compact:
                 slot.idx = _stored_selection(slot, slot.flat())
             slot.grad = slot.previous = slot.pending_base = None
@@ -533,6 +558,8 @@ class SiftEngine:
         """Remove the hooks and restore every ``requires_grad`` flag; trained weights stay."""
         for slot in self.slots:
             slot.storage.remove()
+            if slot.input is not None:
+                slot.input.remove()
         if self._heap_hook is not None:
             self._heap_hook.remove()
             self._heap_hook = None
@@ -630,4 +657,6 @@ def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor", sco
             or generator.shape != slot.generator.get_state().shape):
         raise CheckpointError(f"{where}: random stream state is not a generator state of this torch")
     slot.storage.check_state(saved, where)
+    if slot.input is not None:
+        slot.input.check_state(saved, where)
     return out

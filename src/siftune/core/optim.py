@@ -185,7 +185,9 @@ class SiftAdamW(torch.optim.Optimizer):
         else:
             values = state["master"] if low_precision else slot.storage.read(idx).float()
             state["steps"] = state["steps"] + 1
-            _adamw(values, grad, state["exp_avg"], state["exp_avg_sq"], state["steps"], group)
+            # step_scale="input": each component's rate times its input feature's factor (siftune.core.stepscale)
+            lr_scale = None if slot.input is None or slot.input.scale is None else slot.input.at(slot.flat(idx), slot.input.scale)
+            _adamw(values, grad, state["exp_avg"], state["exp_avg_sq"], state["steps"], group, lr_scale)
             slot.storage.write(idx, values)
 
     def _dense_update(self, p, grad, group, scale):
@@ -264,25 +266,30 @@ class SiftAdamW(torch.optim.Optimizer):
         return out
 
 
-def _adamw(values, grad, exp_avg, exp_avg_sq, steps, group):
-    """One AdamW update of ``values`` (fp32, in place); moments may be lower precision."""
+def _adamw(values, grad, exp_avg, exp_avg_sq, steps, group, lr_scale=None):
+    """One AdamW update of ``values`` (fp32, in place); moments may be lower precision. ``lr_scale``: a
+    factor of the rate for each component (step and weight decay), or None."""
     beta1, beta2 = group["betas"]
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
     v = exp_avg_sq if exp_avg_sq.dtype == torch.float32 else exp_avg_sq.float()
     if wd:
-        values.mul_(1 - lr * wd)
+        values.mul_(1 - lr * wd if lr_scale is None else 1 - (lr * wd) * lr_scale)
     m.lerp_(grad, 1 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if isinstance(steps, torch.Tensor):
         t = steps.float()
         bias1 = 1 - torch.pow(beta1, t)
         bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
-        values.addcdiv_(m / bias1, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr)
+        numerator, denominator, value = m / bias1, (v.sqrt() / bias2_sqrt).add_(eps), -lr
     else:
         bias1 = 1 - beta1 ** steps
         bias2_sqrt = math.sqrt(1 - beta2 ** steps)
-        values.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr / bias1)
+        numerator, denominator, value = m, (v.sqrt() / bias2_sqrt).add_(eps), -lr / bias1
+    if lr_scale is None:
+        values.addcdiv_(numerator, denominator, value=value)
+    else:
+        values.add_(numerator.div(denominator).mul_(lr_scale), alpha=value)
     if m is not exp_avg:
         exp_avg.copy_(m)
     if v is not exp_avg_sq:

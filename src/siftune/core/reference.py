@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import SiftConfig
 from .select import count_selected, find_targets, line_caps, random_indices, tensor_generator, top_k_indices
+from .stepscale import factors, feature_axis
 from .structured import random_lines, selected_count
 
 
@@ -55,6 +56,32 @@ class ReferenceSift:
         self.untrained = {n: p.detach().float().clone() for n, p in targeted.items()}  # selection="grow_drop"
         self.previous_mask = {n: None for n in targeted}
         self.steps = 0
+        # step_scale="input": each tensor's window inputs (sum of x_j^2, tokens) and its dense rate factors
+        self.inputs = {n: [torch.zeros(0), 0] for n in targeted}
+        self.lr_scale = {n: None for n in targeted}
+        if config.step_scale:
+            for name in targeted:
+                module = model.get_submodule(name.rpartition(".")[0])
+                feature_axis(module, name)
+                module.register_forward_hook(self._count_inputs(name))
+
+    def _count_inputs(self, name):
+        def hook(module, args, output):
+            if torch.is_grad_enabled() and self.mask[name] is None:  # the tensor's window is open
+                x = args[0].detach().float()
+                x = x.reshape(-1, x.shape[-1])
+                sums, count = self.inputs[name]
+                self.inputs[name] = [(x * x).sum(0) + (sums if count else 0), count + x.shape[0]]
+        return hook
+
+    def _take_lr_scale(self, name):
+        """The rate factor of every component: its input feature's median(r) / r_j (siftune.core.stepscale)."""
+        p = self.targeted[name]
+        axis = feature_axis(self.model.get_submodule(name.rpartition(".")[0]), name)
+        sums, count = self.inputs[name]
+        per_feature = factors(sums if count else torch.zeros(p.shape[axis]), count)
+        self.lr_scale[name] = (per_feature[None, :] if axis == 1 else per_feature[:, None]).expand(p.shape).clone()
+        self.inputs[name] = [torch.zeros(0), 0]
 
     def _ranking(self, name):
         """The score components are ranked by, by magnitude."""
@@ -202,6 +229,8 @@ class ReferenceSift:
         """Take ``mask`` (flat) as the selection; components that do not stay selected restart their state."""
         p = self.targeted[name]
         mask = mask.view_as(p).to(p.device)
+        if self.config.step_scale:
+            self._take_lr_scale(name)
         if self.config.mode != "per_step":
             old = self.previous_mask[name]
             restart = ~(mask & old) if old is not None else torch.ones_like(mask)
@@ -281,6 +310,8 @@ class ReferenceSift:
             p = params[name]
             mask = self.mask[name] if name in self.targeted else torch.ones_like(p, dtype=torch.bool)
             lr = self.lr if name in self.targeted else self.dense_lr
+            if self.lr_scale.get(name) is not None:
+                lr = lr * self.lr_scale[name].to(p.device)
             g = g * scale
             beta1, beta2 = self.betas
             m, v = self.m[name].float(), self.v[name].float()

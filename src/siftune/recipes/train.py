@@ -44,7 +44,7 @@ INPUTS = ("model", "dataset", "eval_dataset")
 # TrainArgs' fields that are SiftConfig's, with SiftConfig's defaults (tests/test_cli.py holds them equal).
 SIFT_FIELDS = ("density", "mode", "selection_batches", "refresh_every", "state_dtype", "selection", "master_weights",
                "update_in_backward", "compact_indices", "delta_dtype", "score", "budget", "min_density",
-               "score_share", "line_cap", "drop_share", "structure")
+               "score_share", "line_cap", "drop_share", "structure", "step_scale")
 _SAMPLE_BYTES = 1 << 20  # of each input file, hashed with its size to recognise it
 
 
@@ -196,6 +196,7 @@ class TrainArgs:
     line_cap: float = 2.0
     drop_share: float = 0.25
     structure: str | None = None
+    step_scale: str | None = None
     quantize: str | None = None
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
