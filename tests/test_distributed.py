@@ -47,7 +47,10 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              "columns, delta": {"structure": "columns", "storage": "delta", "mode": "periodic", "refresh_every": 2},
              # the window before training (SiftEngine.select), on batches of its own
              # the signal-to-noise score: the combined micro-batches' sum and squares
-             "snr, selected first": {"score": "grad_snr", "selection_batches": 3}}
+             "snr, selected first": {"score": "grad_snr", "selection_batches": 3},
+             # steps scaled by the combined batch's input sizes (each rank sees half of it)
+             "scaled steps, balanced": {"step_scale": "input", "selection": "balanced", "line_cap": 1.0,
+                                        "mode": "periodic", "refresh_every": 2}}
 SELECTED_FIRST = {"snr, selected first"}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4

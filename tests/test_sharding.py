@@ -177,6 +177,8 @@ def refusals(folder: Path) -> dict[str, str]:
                                                      update_in_backward=True).optimizer(),
         "mixed selection": lambda: siftune.attach(shard_mlp(mlp()), density=0.2, target_modules=MLP_TARGETS,
                                                   selection="mixed"),
+        "scaled steps": lambda: siftune.attach(shard_mlp(mlp()), density=0.2, target_modules=MLP_TARGETS,
+                                               step_scale="input"),
         "sharded along dim 1": lambda: siftune.attach(fully_shard(mlp(), shard_placement_fn=along_last_dim),
                                                       density=0.2, target_modules=MLP_TARGETS),
     }
@@ -469,6 +471,7 @@ def test_under_a_mixed_precision_policy_the_targeted_weights_stay_near_the_fp32_
     ("update in backward", "update_in_backward works in one process"),
     ("sharded along dim 1", "sharded along dim 0"),
     ("mixed selection", "FSDP2 shards split over the ranks"),
+    ("scaled steps", "step_scale='input' needs each weight whole on every process"),
 ])
 def test_a_setting_sift_cannot_honour_on_shards_is_a_config_error(job, setting, says):
     _, ranks, _ = job
