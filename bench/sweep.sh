@@ -651,6 +651,34 @@ for part in "$@"; do
       cell causal_lm 160 0 sift-fixed:matched 3.2e-3 selection=balanced line_cap=1
       cell causal_lm 160 0 sift-fixed:matched 1.28e-2 selection=balanced line_cap=1
       ;;
+    # Steps scaled by each input feature's size (step_scale=input) at LoRA r=8's count: balanced at
+    # line_cap=1, random components and the top-k, each around its own best rate without the scaling.
+    b-input)
+      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input; b random:matched 6.4e-3 step_scale=input
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input; b random:matched 1.28e-2 step_scale=input
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input; b random:matched 3.2e-3 step_scale=input
+      ;;
+    b-input-topk)
+      b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
+      b sift-fixed:matched 1.6e-3 step_scale=input
+      ;;
+    a-input)
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input; a random:matched 2e-3 step_scale=input
+      a sift-fixed:matched 1e-3 selection=balanced line_cap=1 step_scale=input; a random:matched 4e-3 step_scale=input
+      a sift-fixed:matched 4e-3 selection=balanced line_cap=1 step_scale=input; a random:matched 1e-3 step_scale=input
+      ;;
+    a-input-topk)
+      a sift-fixed:matched 1e-3 step_scale=input; a sift-fixed:matched 2e-3 step_scale=input
+      a sift-fixed:matched 5e-4 step_scale=input
+      ;;
+    b-input-seeds)
+      seeds_at_best causal_lm 40 sift-fixed:matched selection=balanced line_cap=1 step_scale=input
+      seeds_at_best causal_lm 40 random:matched step_scale=input
+      ;;
+    a-input-seeds)
+      seeds_at_best classification 300 sift-fixed:matched selection=balanced line_cap=1 step_scale=input
+      seeds_at_best classification 300 random:matched step_scale=input
+      ;;
     b-cap-open)
       b sift-fixed:0.01 1.28e-2 selection=balanced line_cap=1; b sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1
       b sift-fixed:0.01 6.4e-3 selection=balanced line_cap=1
