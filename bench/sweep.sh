@@ -653,10 +653,17 @@ for part in "$@"; do
       ;;
     # Steps scaled by each input feature's size (step_scale=input) at LoRA r=8's count: balanced at
     # line_cap=1, random components and the top-k, each around its own best rate without the scaling.
+    # Balanced's seeds 1 and 2 run first, at the rate a first grid (the same steps, outside the sweep) chose.
     b-input)
-      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input; b random:matched 6.4e-3 step_scale=input
-      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input; b random:matched 1.28e-2 step_scale=input
-      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input; b random:matched 3.2e-3 step_scale=input
+      b sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
+      for seed in 1 2; do
+        cell causal_lm 40 $seed sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
+      done
+      b random:matched 6.4e-3 step_scale=input; b random:matched 1.28e-2 step_scale=input
+      b random:matched 3.2e-3 step_scale=input
+      seeds_at_best causal_lm 40 random:matched step_scale=input
+      b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input
+      b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input

@@ -47,8 +47,9 @@ def family(row: dict) -> str:
         return "full fine-tuning"
     if row["method"] == "lora":
         return "LoRA"
-    if row["method"].startswith("random"):
-        return "random " + {"random-rows": "rows", "random-columns": "columns"}.get(row["method"], "components")
+    if row["method"].startswith("random"):  # with its options (random components rank nothing: no score)
+        return "random " + {"random-rows": "rows", "random-columns": "columns"}.get(row["method"], "components") + (
+            "".join(f", {k}={v}" for k, v in sorted(sift.items()) if k != "score"))
     if row["method"] == "shira":
         return "SHiRA"
     selection = sift.get("selection", "gradient")
