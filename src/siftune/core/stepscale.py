@@ -62,8 +62,9 @@ class InputScale:
         if not (torch.is_grad_enabled() and self.is_open()) or not args:
             return
         x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        sums = (x * x).sum(0)
+        x = x.reshape(-1, x.shape[-1])
+        # sum of squares per feature in fp32, without an fp32 copy or a square of the whole input
+        sums = torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square()
         self.sum_sq = sums if self.sum_sq is None else self.sum_sq.add_(sums)
         self.count += x.shape[0]
 
