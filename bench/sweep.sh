@@ -665,6 +665,11 @@ for part in "$@"; do
       b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input
       b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input
       ;;
+    a-input-low)  # 0.1% on (a), where the target is one point of LoRA r=8
+      a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input; a random:0.001 3.2e-2 step_scale=input
+      a sift-fixed:0.001 1.6e-2 selection=balanced line_cap=1 step_scale=input; a random:0.001 6.4e-2 step_scale=input
+      a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input; a random:0.001 1.6e-2 step_scale=input
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
