@@ -374,3 +374,13 @@ def test_rows_timing_quick_times_every_method_and_writes_nothing(tmp_path):
                                            "dense-backward"]
     assert lines[0][4] == "(1.000x):" and all(float(line[2]) > 0 for line in lines)
     assert not (tmp_path / "t.json").exists()
+
+
+def test_random_components_take_the_step_scale_and_no_option_that_chooses_by_score():
+    runs = plan("causal_lm", ["random:matched", "sift-fixed:matched", "lora:8"], [0],
+                sift=["step_scale=input", "selection=balanced", "line_cap=1"])
+    options = {run.method: run.sift for run in runs}
+    assert options["random"] == {"step_scale": "input"}
+    assert options["sift-fixed"] == {"step_scale": "input", "selection": "balanced", "line_cap": 1}
+    assert options["lora"] == {}
+    assert "--sift step_scale=input" in runs[0].command()

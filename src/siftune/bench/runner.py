@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .methods import (DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANKED, SELECT_FIRST, SIFT_MODES,
-                      MethodRun, prepare)
+from .methods import (DENSITY_METHODS, DTYPES, MATCHED_RANK, METHODS, QUANTIZED, RANDOM, RANDOM_OPTIONS, RANKED,
+                      SELECT_FIRST, SIFT_MODES, MethodRun, prepare)
 from ..core import heap
 from ..recipes.loss import batch_loss
 from ..errors import ConfigError
@@ -242,9 +242,19 @@ def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, s
             head_rate = dense_each.get(method, dense_all or setup.dense_lr.get(method, rate))
             for seed in seeds:
                 runs.append(RunSpec(task, method, setting, seed, lr=rate, dense_lr=head_rate, quick=quick,
-                                    threads=threads, sift=options if method in SIFT_MODES else {},
+                                    threads=threads, sift=_options_of(method, options),
                                     **{**values, "steps": 0 if method == "base" else values["steps"]}))
     return runs
+
+
+def _options_of(method: str, options: dict) -> dict:
+    """The ``--sift`` options a method runs with: all of them for the sift-* methods, those that apply to
+    components drawn at random (``RANDOM_OPTIONS``) for random components, none for the others."""
+    if method in SIFT_MODES:
+        return options
+    if method in RANDOM:
+        return {k: v for k, v in options.items() if k in RANDOM_OPTIONS}
+    return {}
 
 
 # ------------------------------------------------------------------ one run (worker side)
