@@ -660,7 +660,7 @@ for part in "$@"; do
         cell causal_lm 40 $seed sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
       done
       b random:matched 6.4e-3 step_scale=input; b random:matched 1.28e-2 step_scale=input
-      b random:matched 3.2e-3 step_scale=input
+      b random:matched 2.56e-2 step_scale=input
       seeds_at_best causal_lm 40 random:matched step_scale=input
       b sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input
       b sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input
