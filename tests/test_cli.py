@@ -338,6 +338,9 @@ def test_default_lr_for_random_components_and_balanced_rises_faster_and_is_held_
         assert default_lr(density, "mixed") == default_lr(density, "grow_drop") == default_lr(density)
         assert default_lr(density, "gradient", "columns") == default_lr(density)
     assert default_lr(1e-6, "random") == default_lr(1e-4, "random")  # below the sweep's lowest density: held
+    for selection in ("gradient", "balanced", "mixed"):  # scaled steps: random components' rule for every selection
+        assert default_lr(0.023, selection, step_scale="input") == pytest.approx(default_lr(0.023, "random"))
+    assert default_lr(0.023, "gradient", "rows", "input") == pytest.approx(default_lr(0.023, "random"))
     with pytest.raises(siftune.ConfigError, match="density must be in"):
         default_lr(0.0)
 

@@ -358,10 +358,11 @@ REFERENCE_DENSITY, LOWEST_DENSITY = 0.01, 1e-4
 # Whole rows chosen by the score train at this multiple of the top-k's rate; the selections without a rule of
 # their own (mixed, grow and drop) and columns at the top-k's.
 ROWS_LR_FACTOR = 2.0
-LR_RULE = "default_lr(density, selection, structure)"
+LR_RULE = "default_lr(density, selection, structure, step_scale)"
 
 
-def default_lr(density: float, selection: str = "gradient", structure: str | None = None) -> float:
+def default_lr(density: float, selection: str = "gradient", structure: str | None = None,
+               step_scale: str | None = None) -> float:
     """SIFT's peak learning rate for ``density`` when none is given.
 
     ``rate * (0.01 / density) ** exponent``, fitted per selection to the rates
@@ -373,9 +374,14 @@ def default_lr(density: float, selection: str = "gradient", structure: str | Non
     rate is held at 0.01%'s. Whole rows chosen by the score
     (``structure="rows"``) train at twice the top-k's rate; ``mixed``,
     ``grow_drop`` and columns at the top-k's (docs/selection.md, "Defaults").
+    With ``step_scale="input"`` every selection takes random components'
+    rule: scaled, the selections' chosen rates at LoRA r=8's count moved to
+    random components' (docs/selection.md, "Steps scaled by each input's size").
     """
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    if step_scale == "input":
+        selection, structure = "random", None
     rate, exponent, cap = RATE_RULES.get(selection, RATE_RULES["gradient"])
     lr = rate * (REFERENCE_DENSITY / max(density, LOWEST_DENSITY)) ** exponent
     if cap is not None:
@@ -389,7 +395,7 @@ def lr_used(args: TrainArgs) -> tuple[float, str]:
     """The peak rate a run trains at and where it came from: ``"given"`` or the density rule."""
     if args.lr is not None:
         return args.lr, "given"
-    return default_lr(args.density, args.selection, args.structure), LR_RULE
+    return default_lr(args.density, args.selection, args.structure, args.step_scale), LR_RULE
 
 
 # The dense modules' rate when neither lr nor dense_lr is given: the head's rate in the density sweep.
