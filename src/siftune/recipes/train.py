@@ -375,8 +375,9 @@ def default_lr(density: float, selection: str = "gradient", structure: str | Non
     (``structure="rows"``) train at twice the top-k's rate; ``mixed``,
     ``grow_drop`` and columns at the top-k's (docs/selection.md, "Defaults").
     With ``step_scale="input"`` every selection takes random components'
-    rule: scaled, the selections' chosen rates at LoRA r=8's count moved to
-    random components' (docs/selection.md, "Steps scaled by each input's size").
+    rule: scaled, balanced at ``line_cap=1`` chose random components'
+    unscaled rate on both tasks at LoRA r=8's count, and random components
+    the same or twice it (docs/selection.md, "Steps scaled by each input's size").
     """
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
