@@ -21,6 +21,7 @@ LAYERS = [
     "siftune.core.storage",  # where trained values live: in place, sharded, delta
     "siftune.core.budget",  # how a selection is scored and shared
     "siftune.core.structured",  # whole rows or columns
+    "siftune.core.stepscale",  # steps scaled by each input feature's size
     "siftune.config",
     "siftune.core.optim",
     "siftune.recipes.data",  # built-in datasets
