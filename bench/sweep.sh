@@ -670,6 +670,13 @@ for part in "$@"; do
       a sift-fixed:0.001 1.6e-2 selection=balanced line_cap=1 step_scale=input; a random:0.001 6.4e-2 step_scale=input
       a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input; a random:0.001 1.6e-2 step_scale=input
       ;;
+    a-input-low-bal)  # balanced's grid at 0.1% first, then its seeds
+      a sift-fixed:0.001 1.6e-2 selection=balanced line_cap=1 step_scale=input
+      a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input
+      ;;
+    a-input-low-seeds)
+      seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
