@@ -677,6 +677,10 @@ for part in "$@"; do
     a-input-low-seeds)
       seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input
       ;;
+    a-input-low-seed2)  # seed 2 alone, to run beside a-input-low-seeds' seed 1
+      cell classification 300 2 sift-fixed:0.001 "$(best_lr classification 300 sift-fixed:0.001 selection=balanced \
+        line_cap=1 step_scale=input)" selection=balanced line_cap=1 step_scale=input
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
