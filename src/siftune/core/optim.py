@@ -186,7 +186,7 @@ class SiftAdamW(torch.optim.Optimizer):
             values = state["master"] if low_precision else slot.storage.read(idx).float()
             state["steps"] = state["steps"] + 1
             # step_scale="input": each component's rate times its input feature's factor (siftune.core.stepscale)
-            lr_scale = None if slot.input is None or slot.input.scale is None else slot.input.at(slot.flat(idx), slot.input.scale)
+            lr_scale = None if slot.input is None else slot.input.at(idx)  # idx: flat indices
             _adamw(values, grad, state["exp_avg"], state["exp_avg_sq"], state["steps"], group, lr_scale)
             slot.storage.write(idx, values)
 

@@ -83,11 +83,13 @@ class InputScale:
         """Drop the open window's sums (a window started again)."""
         self.sum_sq, self.count = None, 0
 
-    def at(self, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``scale``'s factor of each flat index in ``idx`` (of the logical weight)."""
+    def at(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The factor in force of each flat index in ``idx`` (of the logical weight); None before any."""
+        if self.scale is None:
+            return None
         idx = idx.long()
         feature = idx % self.shape[1] if self.axis == 1 else idx // self.shape[1]
-        return scale.to(idx.device)[feature]
+        return self.scale.to(idx.device)[feature]
 
     def state(self) -> dict:
         return {"step_scale": self.scale, "input_sum_sq": self.sum_sq, "input_count": self.count}
