@@ -681,6 +681,20 @@ for part in "$@"; do
       cell classification 300 2 sift-fixed:0.001 "$(best_lr classification 300 sift-fixed:0.001 selection=balanced \
         line_cap=1 step_scale=input)" selection=balanced line_cap=1 step_scale=input
       ;;
+    # The head first (select_after=N: the new classification head trains alone for N steps, then the selection
+    # window opens, so the body's gradient reaches it through a trained head, not a random one), on (a), at LoRA's
+    # count and at 0.1%, each at its own best rate without the wait; random components with the same wait
+    # separate the head's head start from the choice.
+    a-after-1)
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input select_after=30
+      a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input select_after=30
+      a sift-fixed:matched 1e-3 select_after=30
+      ;;
+    a-after-2)
+      a random:matched 2e-3 select_after=30
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input select_after=60
+      a sift-fixed:0.001 8e-3 select_after=30
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input

@@ -65,6 +65,8 @@ def _lockstep(overrides: dict, steps: int = 8, accum: int = 1, dtype=torch.float
     ({"score": "grad_snr", "selection_batches": 3}, 2),
     ({"budget": "global", "min_density": 0.02, "mode": "periodic", "refresh_every": 3}, 1),
     ({"budget": "global", "compact_indices": True}, 2),
+    ({"select_after": 3}, 2),  # the head trains alone first
+    ({"select_after": 2, "mode": "periodic", "refresh_every": 3}, 1),
 ])
 def test_delta_on_an_fp32_base_equals_in_place_sift_step_for_step(overrides, accum):
     worst, base, fast, slow, _, _ = _lockstep(overrides, accum=accum)

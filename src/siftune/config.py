@@ -194,6 +194,15 @@ class SiftConfig:
             (``line_cap=1``) lead random components on the causal-LM
             benchmark and changes nothing measurable on the classification
             one (docs/selection.md). Default ``None``.
+        select_after: optimizer steps the ``dense_modules`` (a new
+            classification head) train alone before the first selection
+            window opens; the targeted weights' gradients are dropped until
+            then. A head that starts random makes the first steps' gradient
+            on the body a projection through random weights, so a choice
+            made from it follows the head's initial draw more than the task.
+            Needs ``dense_modules``; modes ``"fixed"`` and ``"periodic"``
+            (refreshes keep their ``refresh_every`` steps); not with
+            ``engine.select``. Default ``0`` (select at the first step).
     """
 
     density: float = 0.01
@@ -219,6 +228,7 @@ class SiftConfig:
     drop_share: float = 0.25
     structure: str | None = None
     step_scale: str | None = None
+    select_after: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -337,6 +347,12 @@ class SiftConfig:
         if self.step_scale and self.mode == "per_step":
             raise ConfigError("step_scale='input' scales the steps of a selection by its window's inputs; "
                               "mode='per_step' selects anew each step: use mode 'fixed' or 'periodic'")
+        if isinstance(self.select_after, bool) or not isinstance(self.select_after, int) or self.select_after < 0:
+            raise ConfigError(f"select_after must be an integer >= 0 (steps before the first selection), "
+                              f"got {self.select_after!r}")
+        if self.select_after and self.mode == "per_step":
+            raise ConfigError("select_after delays the first selection window; mode='per_step' selects at every "
+                              "step: use mode 'fixed' or 'periodic'")
         if self.budget == "global" and self.update_in_backward:
             raise ConfigError("budget='global' selects after the whole backward, so updates cannot be applied "
                               "inside it; set update_in_backward=False or budget='per_tensor'")

@@ -52,7 +52,7 @@ SIFT_MODES = {"sift-fixed": "fixed", "sift-periodic": "periodic", "sift-per_step
 STRUCTURES = {"sift-rows": "rows", "sift-columns": "columns", "random-rows": "rows",
               "random-columns": "columns"}  # method -> SiftConfig.structure
 RANDOM = ("random", "random-rows", "random-columns")  # SIFT's engine with selection="random"
-RANDOM_OPTIONS = ("step_scale",)  # the --sift options random components take (the others choose by score)
+RANDOM_OPTIONS = ("step_scale", "select_after")  # the --sift options random components take (the others choose by score)
 RANKED = ("lora", "shira", "qlora")
 DENSITY_METHODS = (*RANDOM, *SIFT_MODES)
 QUANTIZED = {"qlora": "nf4", "sift-nf4": "nf4"}  # method -> how its base model's Linear layers are loaded

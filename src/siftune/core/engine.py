@@ -116,6 +116,10 @@ class SiftEngine:
         if config.step_scale:  # before any hook is registered: a refused target leaves the model as it was
             for name in targeted:
                 feature_axis(model.get_submodule(name.rpartition(".")[0]), name)
+        if config.select_after and not dense:
+            raise ConfigError(f"select_after={config.select_after}: the dense modules train alone before the "
+                              "first selection, and this config names none (dense_modules); name the head there, "
+                              "or leave select_after=0")
         self.dense = dense
         stores = {n: self._make_storage(model, n, p) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
@@ -126,7 +130,7 @@ class SiftEngine:
         if config.step_scale:
             for slot in self.slots:
                 module = model.get_submodule(slot.name.rpartition(".")[0])
-                slot.input = InputScale(module, slot.name, slot.shape, lambda slot=slot: slot.selecting)
+                slot.input = InputScale(module, slot.name, slot.shape, lambda slot=slot: self._window_open(slot))
         self.steps = 0  # optimizer steps taken (skipped ones not counted)
         self._saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         # A structured slice's weight stays frozen: its gradient is the slice's, computed by structured.py.
@@ -161,6 +165,10 @@ class SiftEngine:
         return storage.make(config.storage, module, param, name, config.density, config.torch_delta_dtype,
                             config.compact_indices)
 
+    def _window_open(self, slot: _Slot) -> bool:
+        """Whether ``slot``'s selection window takes this step's gradient (not before ``select_after`` steps)."""
+        return slot.selecting and self.steps >= self.config.select_after
+
     # -- backward ----------------------------------------------------------
     def _gradient_for(self, slot: _Slot):
         def on_gradient(grad: torch.Tensor | None, at_indices: torch.Tensor | None) -> bool:
@@ -178,6 +186,8 @@ class SiftEngine:
         the gradient at the selected entries already. Returns False when the
         gradient is still needed whole (a selection window not complete yet).
         """
+        if slot.selecting and self.steps < self.config.select_after:
+            return True  # the dense modules train alone: this gradient is dropped
         if slot.selecting:
             slot.seen += 1
             window = self.selector.fold(slot, grad)
@@ -380,6 +390,10 @@ class SiftEngine:
         if self.config.mode == "per_step":
             raise ConfigError("select() completes a selection window before training; mode='per_step' selects "
                               "at every step: use mode 'fixed' or 'periodic'")
+        if self.config.select_after:
+            raise ConfigError(f"select() makes the first selection before training; select_after="
+                              f"{self.config.select_after} makes it after that many steps of the dense modules: "
+                              "use one of them")
         if self.steps or any(not s.selecting or s.seen for s in self.slots):
             raise ConfigError("select() makes the first selection before training: call it on a freshly attached "
                               "engine, before the first backward")

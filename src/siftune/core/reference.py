@@ -67,7 +67,7 @@ class ReferenceSift:
 
     def _count_inputs(self, name):
         def hook(module, args, output):
-            if torch.is_grad_enabled() and self.mask[name] is None:  # the tensor's window is open
+            if torch.is_grad_enabled() and self.mask[name] is None and self.steps >= self.config.select_after:
                 x = args[0].detach().float()
                 x = x.reshape(-1, x.shape[-1])
                 sums, count = self.inputs[name]
@@ -244,6 +244,10 @@ class ReferenceSift:
     def after_backward(self) -> None:
         """Count one micro-batch; complete a selection whose N-th micro-batch this was."""
         if self.config.mode == "per_step":
+            return
+        if self.steps < self.config.select_after:  # the dense modules train alone
+            for p in self.targeted.values():
+                p.grad = None
             return
         for name, p in self.targeted.items():
             if self.mask[name] is None and p.grad is not None and name not in self.complete:

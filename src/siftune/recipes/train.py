@@ -44,7 +44,7 @@ INPUTS = ("model", "dataset", "eval_dataset")
 # TrainArgs' fields that are SiftConfig's, with SiftConfig's defaults (tests/test_cli.py holds them equal).
 SIFT_FIELDS = ("density", "mode", "selection_batches", "refresh_every", "state_dtype", "selection", "master_weights",
                "update_in_backward", "compact_indices", "delta_dtype", "score", "budget", "min_density",
-               "score_share", "line_cap", "drop_share", "structure", "step_scale")
+               "score_share", "line_cap", "drop_share", "structure", "step_scale", "select_after")
 _SAMPLE_BYTES = 1 << 20  # of each input file, hashed with its size to recognise it
 
 
@@ -197,6 +197,7 @@ class TrainArgs:
     drop_share: float = 0.25
     structure: str | None = None
     step_scale: str | None = None
+    select_after: int = 0
     quantize: str | None = None
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
@@ -288,6 +289,9 @@ class TrainArgs:
         if self.select_first is True and self.mode == "per_step":
             fail("select_first", "makes one selection before training; mode per_step selects at every step: use "
                                  "--mode fixed or periodic, or drop --select-first")
+        if self.select_first is True and self.select_after:
+            fail("select_first", f"makes the selection before training; select_after {self.select_after} makes it "
+                                 "after that many steps of the dense modules: pass one of them")
         if self.resume and self.overwrite:
             fail("resume", "and overwrite contradict each other: --resume continues the run in output_dir, "
                            "--overwrite deletes its checkpoints; pass one of them")

@@ -1,0 +1,134 @@
+"""select_after: the dense modules train alone for some steps, then the first selection window opens; exact
+against the reference (storage="delta" in tests/test_delta.py), with the selection checked against a hand computation at the step it is made."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import siftune  # noqa: E402
+from siftune import ConfigError, ReferenceSift, SiftConfig  # noqa: E402
+from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, params  # noqa: E402
+from test_engine import ATOL, step_both  # noqa: E402
+
+
+def config(**overrides) -> SiftConfig:
+    return SiftConfig(**{**dict(density=0.25, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE,
+                                select_after=3), **overrides})
+
+
+def lockstep(cfg, steps=7, accum=1, lr=1e-2, weight_decay=0.0):
+    base = mlp()
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    engine = siftune.attach(fast, cfg)
+    opt = engine.optimizer(lr=lr, weight_decay=weight_decay)
+    ref = ReferenceSift(slow, cfg, lr=lr, weight_decay=weight_decay)
+    data = iter(mlp_batches(steps * accum))
+    diffs = [step_both(fast, slow, opt, ref, [next(data) for _ in range(accum)]) for _ in range(steps)]
+    return diffs, base, fast, engine
+
+
+@pytest.mark.parametrize("overrides, accum", [
+    ({}, 2),
+    ({"mode": "periodic", "refresh_every": 2}, 1),
+    ({"selection_batches": 2, "score": "grad_squared"}, 1),
+    ({"selection": "balanced", "line_cap": 1.0}, 1),
+    ({"selection": "random"}, 1),
+    ({"step_scale": "input", "selection": "balanced", "line_cap": 1.0}, 2),
+    ({"structure": "rows"}, 1),
+])
+def test_a_delayed_selection_matches_the_reference_step_for_step(overrides, accum):
+    diffs, base, fast, _ = lockstep(config(**overrides), accum=accum, weight_decay=0.1)
+    assert max(diffs) <= ATOL, diffs
+    assert not torch.equal(params(fast)["0.weight"], params(base)["0.weight"])
+
+
+def test_the_body_waits_and_then_selects_from_the_gradient_through_the_trained_head():
+    model = mlp()
+    base = copy.deepcopy(model)
+    engine = siftune.attach(model, config(select_after=3))
+    opt = engine.optimizer(lr=1e-2)
+    data = mlp_batches(4)
+    for batch in data[:3]:
+        mlp_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        assert engine.selected == {}  # no window has opened
+    assert torch.equal(model[0].weight, base[0].weight) and torch.equal(model[2].weight, base[2].weight)
+    assert not torch.equal(model[4].weight, base[4].weight)  # the head trained
+    # The selection at the fourth step: the top quarter of |g w| of that step's gradient, through the
+    # head as it is now.
+    twin = copy.deepcopy(model)
+    mlp_loss(twin, data[3]).backward()
+    mlp_loss(model, data[3]).backward()
+    for name in ("0", "2"):
+        layer = twin.get_submodule(name)
+        score = (layer.weight.grad * layer.weight.detach()).abs().reshape(-1)
+        expected = torch.topk(score, engine.selected[f"{name}.weight"].numel()).indices.sort().values
+        assert torch.equal(engine.selected[f"{name}.weight"].long(), expected)
+    # ... which differs from the choice made at the first step, through the random head.
+    first = siftune.attach(copy.deepcopy(base), config(select_after=0))
+    probe = first.model
+    mlp_loss(probe, data[0]).backward()
+    assert not torch.equal(first.selected["0.weight"], engine.selected["0.weight"])
+
+
+def test_a_checkpoint_taken_while_the_body_waits_resumes_bit_exact():
+    data = mlp_batches(6)
+    cfg = config(select_after=3)
+
+    def run(model, engine, opt, batches):
+        for batch in batches:
+            mlp_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+
+    whole = mlp()
+    engine = siftune.attach(whole, cfg)
+    opt = engine.optimizer(lr=1e-2)
+    run(whole, engine, opt, data)
+
+    first = mlp()
+    engine = siftune.attach(first, cfg)
+    opt = engine.optimizer(lr=1e-2)
+    run(first, engine, opt, data[:2])
+    state = (copy.deepcopy(engine.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(first.state_dict()))
+    second = mlp(seed=5)
+    second.load_state_dict(state[2])
+    engine = siftune.attach(second, cfg)
+    engine.load_state_dict(state[0])
+    opt = engine.optimizer(lr=1e-2)
+    opt.load_state_dict(state[1])
+    run(second, engine, opt, data[2:])
+    for a, b in zip(whole.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_select_after_is_refused_where_it_cannot_work():
+    with pytest.raises(ConfigError, match="select_after must be an integer >= 0"):
+        config(select_after=-1)
+    with pytest.raises(ConfigError, match="select_after must be an integer"):
+        config(select_after=True)
+    with pytest.raises(ConfigError, match="mode='per_step'"):
+        config(mode="per_step")
+    model = mlp()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="names none \\(dense_modules\\)"):
+        siftune.attach(model, config(dense_modules=()))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # left as it was
+    mlp_loss(model, mlp_batches(1)[0]).backward()  # and no hook of the engine is left on it
+    assert model[0].weight.grad is not None
+    engine = siftune.attach(mlp(), config())
+    with pytest.raises(ConfigError, match="use one of them"):
+        engine.select(mlp_batches(2), loss_of=mlp_loss)
+
+
+def test_train_args_refuse_select_first_with_select_after():
+    from siftune.recipes.train import TrainArgs
+    with pytest.raises(ConfigError, match="pass one of them"):
+        TrainArgs(select_first=True, select_after=10).validate()
+    assert TrainArgs(select_after=10).sift_config().select_after == 10
