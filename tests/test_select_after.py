@@ -14,6 +14,7 @@ import siftune  # noqa: E402
 from siftune import ConfigError, ReferenceSift, SiftConfig  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, params  # noqa: E402
 from test_engine import ATOL, step_both  # noqa: E402
+from test_cli import sentiment_csv, train  # noqa: E402,F401  (a fixture)
 
 
 def config(**overrides) -> SiftConfig:
@@ -131,4 +132,16 @@ def test_train_args_refuse_select_first_with_select_after():
     from siftune.recipes.train import TrainArgs
     with pytest.raises(ConfigError, match="pass one of them"):
         TrainArgs(select_first=True, select_after=10).validate()
+    with pytest.raises(ConfigError, match="a causal_lm run has no head"):
+        TrainArgs(task="causal_lm", select_after=10).validate()
     assert TrainArgs(select_after=10).sift_config().select_after == 10
+
+
+def test_siftune_train_select_after_trains_the_head_first_then_the_selection(tmp_path, tiny_bert_dir, sentiment_csv):
+    from siftune import SparseIncrement
+
+    out = train(tmp_path, tiny_bert_dir, sentiment_csv, "--select-after", "3")
+    increment = SparseIncrement.load(out)
+    assert increment.config["select_after"] == 3
+    # selected at the fourth step and trained for the last three: changed values in every targeted tensor
+    assert increment.tensors and all(bool((t.values != 0).any()) for t in increment.tensors.values())

@@ -292,6 +292,9 @@ class TrainArgs:
         if self.select_first is True and self.select_after:
             fail("select_first", f"makes the selection before training; select_after {self.select_after} makes it "
                                  "after that many steps of the dense modules: pass one of them")
+        if self.select_after and self.task == "causal_lm" and not self.dense_modules:
+            fail("select_after", "lets the dense modules (a new head) train alone first; a causal_lm run has no "
+                                 "head: name modules with --dense-modules, or drop --select-after")
         if self.resume and self.overwrite:
             fail("resume", "and overwrite contradict each other: --resume continues the run in output_dir, "
                            "--overwrite deletes its checkpoints; pass one of them")
