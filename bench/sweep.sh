@@ -695,9 +695,26 @@ for part in "$@"; do
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input select_after=60
       a sift-fixed:0.001 8e-3 select_after=30
       ;;
+    # The best validation at 0.1% on (a) so far (balanced at line_cap=1, scaled, after 30 steps of the head: 79.5):
+    # its seeds 1 and 2 (one part each, to run side by side) and the rate below it.
+    a-after-low-s1)
+      cell classification 300 1 sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input select_after=30
+      ;;
+    a-after-low-s2)
+      cell classification 300 2 sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input select_after=30
+      ;;
+    a-after-low-grid)
+      a sift-fixed:0.001 1.6e-2 selection=balanced line_cap=1 step_scale=input select_after=30
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
+      ;;
+    b-input-topk-1)  # b-input-topk in two parts, to run side by side
+      b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 1.6e-3 step_scale=input
+      ;;
+    b-input-topk-2)
+      b sift-fixed:matched 6.4e-3 step_scale=input
       ;;
     a-input)
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input; a random:matched 2e-3 step_scale=input
