@@ -706,6 +706,9 @@ for part in "$@"; do
     a-after-low-grid)
       a sift-fixed:0.001 1.6e-2 selection=balanced line_cap=1 step_scale=input select_after=30
       ;;
+    a-after-low-top)
+      a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input select_after=30
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
