@@ -709,6 +709,18 @@ for part in "$@"; do
     a-after-low-top)
       a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input select_after=30
       ;;
+    # Two more seeds (3 and 4) at LoRA r=8's count on (a), each at its chosen rate: whether random components' lead
+    # over the gradient's best choices (within the spread of three seeds) holds on five.
+    a-more-seeds-3)
+      for token in "random:matched 2e-3" "lora:8 1e-3"; do cell classification 300 3 $token; done
+      cell classification 300 3 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
+      cell classification 300 3 sift-fixed:matched 2e-3 selection=balanced line_cap=1
+      ;;
+    a-more-seeds-4)
+      for token in "random:matched 2e-3" "lora:8 1e-3"; do cell classification 300 4 $token; done
+      cell classification 300 4 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
+      cell classification 300 4 sift-fixed:matched 2e-3 selection=balanced line_cap=1
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
