@@ -89,3 +89,37 @@ def contains_token_dataset(count: int = 64, length: int = 8, token: int = 5, see
 def params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached clones of every parameter, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def whole_and_resumed(config, batches, cut: int, lr: float = 1e-2):
+    """Train :func:`mlp` with SIFT on ``batches`` in one run, and again stopped after ``cut`` steps, its
+    model, engine and optimizer state restored into a fresh model (another seed's draw) that trains on.
+
+    Returns the whole run's model, the resumed model and the interrupted run's engine as it was saved.
+    """
+    import copy
+
+    import siftune
+
+    def run(model, opt, chunk):
+        for batch in chunk:
+            mlp_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+
+    whole = mlp()
+    engine = siftune.attach(whole, config)
+    run(whole, engine.optimizer(lr=lr), batches)
+    first = mlp()
+    stopped = siftune.attach(first, config)
+    opt = stopped.optimizer(lr=lr)
+    run(first, opt, batches[:cut])
+    saved = copy.deepcopy({"engine": stopped.state_dict(), "opt": opt.state_dict(), "model": first.state_dict()})
+    resumed = mlp(seed=3)
+    resumed.load_state_dict(saved["model"])
+    engine = siftune.attach(resumed, config)
+    opt = engine.optimizer(lr=lr)
+    engine.load_state_dict(saved["engine"])
+    opt.load_state_dict(saved["opt"])
+    run(resumed, opt, batches[cut:])
+    return whole, resumed, stopped

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import ConfigError, SiftConfig  # noqa: E402
-from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
+from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, whole_and_resumed  # noqa: E402
 from test_engine import ATOL, lockstep  # noqa: E402
 from test_cli import sentiment_csv, train  # noqa: E402,F401  (a fixture)
 
@@ -69,33 +69,9 @@ def test_the_body_waits_and_then_selects_from_the_gradient_through_the_trained_h
 
 
 def test_a_checkpoint_taken_while_the_body_waits_resumes_bit_exact():
-    data = mlp_batches(6)
-    cfg = config(select_after=3)
-
-    def run(model, engine, opt, batches):
-        for batch in batches:
-            mlp_loss(model, batch).backward()
-            opt.step()
-            opt.zero_grad()
-
-    whole = mlp()
-    engine = siftune.attach(whole, cfg)
-    opt = engine.optimizer(lr=1e-2)
-    run(whole, engine, opt, data)
-
-    first = mlp()
-    engine = siftune.attach(first, cfg)
-    opt = engine.optimizer(lr=1e-2)
-    run(first, engine, opt, data[:2])
-    state = (copy.deepcopy(engine.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(first.state_dict()))
-    second = mlp(seed=5)
-    second.load_state_dict(state[2])
-    engine = siftune.attach(second, cfg)
-    engine.load_state_dict(state[0])
-    opt = engine.optimizer(lr=1e-2)
-    opt.load_state_dict(state[1])
-    run(second, engine, opt, data[2:])
-    for a, b in zip(whole.parameters(), second.parameters()):
+    whole, resumed, stopped = whole_and_resumed(config(select_after=3), mlp_batches(6), cut=2)
+    assert stopped.steps == 2 and stopped.selected == {}
+    for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import CheckpointError, ConfigError, ReferenceSift, SiftConfig  # noqa: E402
 from siftune.core.stepscale import LIMIT, factors  # noqa: E402
-from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_loss, params  # noqa: E402
+from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_loss, params, whole_and_resumed  # noqa: E402
 from test_engine import ATOL, step_both  # noqa: E402
 
 # Input features over three decades: the first layer's factors span the clamp on both sides.
@@ -105,32 +105,9 @@ def test_scaled_steps_on_a_delta_match_the_in_place_reference():
 
 def test_a_checkpoint_mid_window_resumes_to_the_uninterrupted_run():
     cfg = config(mode="periodic", refresh_every=2, selection_batches=2)
-    data = batches(12)
-
-    def run(model, engine, opt, chunk):
-        for batch in chunk:
-            mlp_loss(model, batch).backward()
-            opt.step()
-            opt.zero_grad()
-
-    whole = mlp()
-    engine = siftune.attach(whole, cfg)
-    opt = engine.optimizer(lr=1e-2)
-    run(whole, engine, opt, data)
-
-    first = mlp()
-    engine = siftune.attach(first, cfg)
-    opt = engine.optimizer(lr=1e-2)
-    run(first, engine, opt, data[:5])  # step 5 is inside the window that began after step 4's refresh
-    assert engine.slots[0].input.count > 0 and engine.slots[0].input.scale is not None
-    saved = copy.deepcopy({"engine": engine.state_dict(), "opt": opt.state_dict(), "model": first.state_dict()})
-    resumed = mlp(seed=3)
-    resumed.load_state_dict(saved["model"])
-    engine = siftune.attach(resumed, cfg)
-    opt = engine.optimizer(lr=1e-2)
-    engine.load_state_dict(saved["engine"])
-    opt.load_state_dict(saved["opt"])
-    run(resumed, engine, opt, data[5:])
+    # step 5 is inside the window that began after step 4's refresh
+    whole, resumed, stopped = whole_and_resumed(cfg, batches(12), cut=5)
+    assert stopped.slots[0].input.count > 0 and stopped.slots[0].input.scale is not None
     for name, p in params(whole).items():
         torch.testing.assert_close(params(resumed)[name], p, rtol=0, atol=0)
 
