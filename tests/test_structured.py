@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import CheckpointError, ConfigError, ReferenceSift, SiftConfig, SparseIncrement  # noqa: E402
-from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, tiny_llama, token_batches  # noqa: E402
+from _models import (MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, tiny_llama, token_batches,  # noqa: E402
+                     whole_and_resumed)
 
 STRUCTURES = ["rows", "columns"]
 ATOL = 1e-5  # the slice's product sums in another order than the dense one: float rounding over 8 steps
@@ -317,31 +318,7 @@ def test_increment_holds_the_slices_and_applied_to_the_base_gives_the_trained_mo
 @pytest.mark.parametrize("storage", ["in_place", "delta"])
 def test_checkpoint_restores_the_selection_and_training_continues_identically(storage):
     cfg = config(structure="rows", storage=storage, mode="periodic", refresh_every=3)
-    batches = mlp_batches(8)
-
-    def train(model, engine, optimizer, part):
-        for batch in part:
-            mlp_loss(model, batch).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
-    whole = mlp()
-    engine = siftune.attach(whole, cfg)
-    optimizer = engine.optimizer(lr=1e-2)
-    train(whole, engine, optimizer, batches)
-
-    first = mlp()
-    engine = siftune.attach(first, cfg)
-    optimizer = engine.optimizer(lr=1e-2)
-    train(first, engine, optimizer, batches[:4])
-    saved = copy.deepcopy((first.state_dict(), engine.state_dict(), optimizer.state_dict()))
-    resumed = mlp(seed=5)
-    resumed.load_state_dict(saved[0])
-    engine = siftune.attach(resumed, cfg)
-    engine.load_state_dict(saved[1])
-    optimizer = engine.optimizer(lr=1e-2)
-    optimizer.load_state_dict(saved[2])
-    train(resumed, engine, optimizer, batches[4:])
+    whole, resumed, _ = whole_and_resumed(cfg, mlp_batches(8), cut=4)
     x = mlp_batches(1, seed=9)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(resumed(x), whole(x), atol=1e-6, rtol=0)
