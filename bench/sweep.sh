@@ -731,6 +731,9 @@ for part in "$@"; do
     b-input-topk-2)
       b sift-fixed:matched 6.4e-3 step_scale=input
       ;;
+    b-input-topk-top)  # the grid's best was at its top (6.4e-3)
+      b sift-fixed:matched 1.28e-2 step_scale=input
+      ;;
     a-input)
       a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input; a random:matched 2e-3 step_scale=input
       a sift-fixed:matched 1e-3 selection=balanced line_cap=1 step_scale=input; a random:matched 4e-3 step_scale=input
