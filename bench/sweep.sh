@@ -710,7 +710,8 @@ for part in "$@"; do
       a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input select_after=30
       ;;
     # Two more seeds (3 and 4) at LoRA r=8's count on (a), each at its chosen rate: whether random components' lead
-    # over the gradient's best choices (within the spread of three seeds) holds on five.
+    # over the gradient's best choices (within the spread of three seeds) holds on five. Their records are kept apart
+    # from the sweep's three-seed protocol: SWEEP_DIR=bench/results/sweep_more_seeds bash bench/sweep.sh a-more-seeds-3
     a-more-seeds-3)
       for token in "random:matched 2e-3" "lora:8 1e-3"; do cell classification 300 3 $token; done
       cell classification 300 3 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
