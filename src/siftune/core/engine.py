@@ -186,8 +186,8 @@ class SiftEngine:
         the gradient at the selected entries already. Returns False when the
         gradient is still needed whole (a selection window not complete yet).
         """
-        if slot.selecting and self.steps < self.config.select_after:
-            return True  # the dense modules train alone: this gradient is dropped
+        if slot.selecting and not self._window_open(slot):
+            return True  # before select_after steps the dense modules train alone: this gradient is dropped
         if slot.selecting:
             slot.seen += 1
             window = self.selector.fold(slot, grad)
