@@ -722,6 +722,24 @@ for part in "$@"; do
       cell classification 300 4 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
       cell classification 300 4 sift-fixed:matched 2e-3 selection=balanced line_cap=1
       ;;
+    # LoRA r=8 at 160 steps on (b): below its best rate so far (1.6e-3, the lower edge of its grid), then seeds 1
+    # and 2 at the rate seed 0's validation chooses.
+    b-160-lora-low)
+      cell causal_lm 160 0 lora:8 8e-4
+      seeds_at_best causal_lm 160 lora:8
+      ;;
+    # 0.1% on (a), where the choice matters most: balanced at line_cap=1 with scaled steps, chosen before training
+    # from 16 micro-batches, by |g w| and by the Fisher ranking, about its one-batch rate (3.2e-2).
+    a-low-window)
+      for score in grad_weight grad_squared; do
+        a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input score=$score selection_batches=16 \
+          select_first=1
+      done
+      for score in grad_weight grad_squared; do
+        a sift-fixed:0.001 1.6e-2 selection=balanced line_cap=1 step_scale=input score=$score selection_batches=16 \
+          select_first=1
+      done
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
