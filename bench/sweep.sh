@@ -709,18 +709,16 @@ for part in "$@"; do
     a-after-low-top)
       a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input select_after=30
       ;;
-    # Two more seeds (3 and 4) at LoRA r=8's count on (a), each at its chosen rate: whether random components' lead
-    # over the gradient's best choices (within the spread of three seeds) holds on five. Their records are kept apart
-    # from the sweep's three-seed protocol: SWEEP_DIR=bench/results/sweep_more_seeds bash bench/sweep.sh a-more-seeds-3
-    a-more-seeds-3)
-      for token in "random:matched 2e-3" "lora:8 1e-3"; do cell classification 300 3 $token; done
-      cell classification 300 3 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
-      cell classification 300 3 sift-fixed:matched 2e-3 selection=balanced line_cap=1
-      ;;
-    a-more-seeds-4)
-      for token in "random:matched 2e-3" "lora:8 1e-3"; do cell classification 300 4 $token; done
-      cell classification 300 4 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
-      cell classification 300 4 sift-fixed:matched 2e-3 selection=balanced line_cap=1
+    # More seeds (a-more-seeds-3, a-more-seeds-4, ...) at LoRA r=8's count on (a), each method at its chosen rate:
+    # whether random components' lead over the gradient's best choices (within the spread of three seeds) holds on
+    # more. Their records are kept apart from the sweep's three-seed protocol:
+    # SWEEP_DIR=bench/results/sweep_more_seeds bash bench/sweep.sh a-more-seeds-5
+    a-more-seeds-[0-9]*)
+      seed=${part#a-more-seeds-}
+      cell classification 300 "$seed" random:matched 2e-3
+      cell classification 300 "$seed" sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
+      cell classification 300 "$seed" sift-fixed:matched 2e-3 selection=balanced line_cap=1
+      cell classification 300 "$seed" lora:8 1e-3
       ;;
     # LoRA r=8 at 160 steps on (b): below its best rate so far (1.6e-3, the lower edge of its grid), then seeds 1
     # and 2 at the rate seed 0's validation chooses.
