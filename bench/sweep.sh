@@ -738,6 +738,12 @@ for part in "$@"; do
           select_first=1
       done
       ;;
+    a-low-window-more)  # the |g w| choice from 16 micro-batches: above its best rate, then seeds 1 and 2
+      a sift-fixed:0.001 6.4e-2 selection=balanced line_cap=1 step_scale=input score=grad_weight selection_batches=16 \
+        select_first=1
+      seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input \
+        score=grad_weight selection_batches=16 select_first=1
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
