@@ -363,6 +363,45 @@ def test_sweep_figures_keep_a_longer_run_apart(tmp_path):
     assert (tmp_path / "causal_lm_rate_forgiveness.png").is_file() and "causal_lm_rate_forgiveness.png" in text
 
 
+def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
+    """bench/more_seeds.py takes each method at the rate seed 0's validation chose in the sweep, adds the later
+    seeds from their own folder, and gives the difference to random components seed by seed."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "more_seeds.py"
+    sweep, more = tmp_path / "sweep", tmp_path / "more"
+    sweep.mkdir(), more.mkdir()
+    base = {"setting": "matched", "steps": 300, "metric": "accuracy", "val_examples": 1000}
+    random = {**base, "method": "random", "sift": {}}
+    balanced = {**base, "method": "sift-fixed", "sift": {"score": "grad_weight", "selection": "balanced",
+                                                         "line_cap": 1}}
+    scaled = {**balanced, "sift": {**balanced["sift"], "step_scale": "input"}}
+    lora = {**base, "method": "lora", "setting": "8", "sift": None}
+    records = [{**random, "seed": 0, "lr": 2e-3, "val_value": 0.80, "value": 0.81},
+               {**random, "seed": 0, "lr": 4e-3, "val_value": 0.79, "value": 0.90},  # not chosen
+               {**random, "seed": 1, "lr": 2e-3, "val_value": 0.80, "value": 0.82},
+               {**balanced, "seed": 0, "lr": 2e-3, "val_value": 0.80, "value": 0.80},
+               {**balanced, "seed": 1, "lr": 2e-3, "val_value": 0.80, "value": 0.80},
+               {**scaled, "seed": 0, "lr": 2e-3, "val_value": 0.80, "value": 0.80},
+               {**lora, "seed": 0, "lr": 1e-3, "val_value": 0.80, "value": 0.80}]
+    (sweep / "classification.json").write_text(json.dumps(records))
+    (more / "classification.json").write_text(json.dumps(
+        [{**random, "seed": 3, "lr": 2e-3, "val_value": 0.8, "value": 0.83},
+         {**random, "seed": 4, "lr": 4e-3, "val_value": 0.8, "value": 0.99},  # another rate: left out
+         {**balanced, "seed": 3, "lr": 2e-3, "val_value": 0.8, "value": 0.80}]))
+    out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert "| 0, 1, 3 | 81.00, 82.00, 83.00 | 82.00 ± 1.00 |" in rows["random components"]
+    # balanced: 80 on seeds 0, 1 and 3, against 81, 82 and 83: -2 ± 0.58 seed by seed
+    assert "| 0, 1, 3 | 80.00, 80.00, 80.00 | 80.00 ± 0.00 | -2.00 ± 0.58 (3 seeds) |" in rows["balanced at line_cap=1"]
+    assert rows["LoRA r=8"].endswith("| 80.00 |  |")  # one seed: no spread, no difference
+    assert (more / "classification_seeds.png").is_file() and "80.00" in (more / "summary.md").read_text()
+    (sweep / "classification.json").write_text(json.dumps(records[:3]))  # balanced never ran
+    out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "no seed-0 record of sift-fixed:matched" in out.stderr
+
+
 def test_rows_timing_quick_times_every_method_and_writes_nothing(tmp_path):
     """bench/rows_timing.py --quick steps each method on a tiny Llama and prints its phases against LoRA's."""
     script = Path(__file__).resolve().parents[1] / "bench" / "rows_timing.py"

@@ -1,0 +1,110 @@
+"""Task (a) at LoRA r=8's count over every seed that ran: the gradient's best choices against random components.
+
+    python bench/more_seeds.py [--sweep bench/results/sweep] [--more bench/results/sweep_more_seeds]
+
+Seeds 0-2 come from the sweep's records, seeds 3 and up from ``--more``
+(``bench/sweep.sh a-more-seeds-N``, kept apart from the sweep's three-seed
+tables). Each method runs at the rate seed 0's validation chose in the
+sweep. Prints a table (each seed's test accuracy, mean ± sd, and the
+difference to random components seed by seed: mean ± standard error) and
+writes it with a figure into ``--more``: ``summary.md`` and
+``classification_seeds.png`` (each seed's accuracy by method, seeds joined
+across methods, with each method's mean).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from sweep_records import matching  # noqa: E402
+
+# (label, method[:setting], SIFT options as the sweep passes them)
+METHODS = [
+    ("random components", "random:matched", []),
+    ("balanced at line_cap=1, scaled", "sift-fixed:matched", ["selection=balanced", "line_cap=1", "step_scale=input"]),
+    ("balanced at line_cap=1", "sift-fixed:matched", ["selection=balanced", "line_cap=1"]),
+    ("LoRA r=8", "lora:8", []),
+]
+TASK, STEPS = "classification", 300
+
+
+def seeds_of(sweep: Path, more: Path, token: str, fields: list[str]) -> tuple[float, dict[int, float]]:
+    """The rate seed 0's validation chose in the sweep, and each seed's test accuracy (%) at it."""
+    grid = [r for r in matching(str(sweep), TASK, str(STEPS), token, fields) if r["seed"] == 0]
+    if not grid:
+        raise SystemExit(f"no seed-0 record of {token} {' '.join(fields)} in {sweep}: run bench/sweep.sh first")
+    lr = max(grid, key=lambda r: (r["val_value"], -r["lr"]))["lr"]
+    at_rate = [r for folder in (sweep, more) for r in matching(str(folder), TASK, str(STEPS), token, fields)
+               if abs(r["lr"] - lr) <= 1e-12 * lr]
+    return lr, {r["seed"]: 100 * r["value"] for r in sorted(at_rate, key=lambda r: r["seed"])}
+
+
+def table(rows: list[tuple[str, float, dict[int, float]]]) -> list[str]:
+    reference = rows[0][2]
+    lines = ["| method | rate | seeds | test accuracy by seed | mean ± sd | minus random components, seed by seed "
+             "(mean ± standard error) |", "|---|---:|---|---|---:|---:|"]
+    for label, lr, by_seed in rows:
+        values = list(by_seed.values())
+        spread = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else \
+            f"{values[0]:.2f}"
+        common = [seed for seed in by_seed if seed in reference]
+        gap = ""
+        if label != rows[0][0] and len(common) > 1:
+            differences = [by_seed[seed] - reference[seed] for seed in common]
+            gap = (f"{statistics.mean(differences):+.2f} ± "
+                   f"{statistics.stdev(differences) / len(differences) ** 0.5:.2f} ({len(common)} seeds)")
+        seeds = sorted(by_seed)
+        named = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else \
+            ", ".join(map(str, seeds))
+        lines.append(f"| {label} | {lr:g} | {named} | "
+                     f"{', '.join(f'{v:.2f}' for v in values)} | {spread} | {gap} |")
+    return lines
+
+
+def figure(rows: list[tuple[str, float, dict[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    seeds = sorted({seed for _, _, by_seed in rows for seed in by_seed})
+    for seed in seeds:
+        xs = [i for i, (_, _, by_seed) in enumerate(rows) if seed in by_seed]
+        ax.plot(xs, [rows[i][2][seed] for i in xs], color="0.75", linewidth=0.8, marker="o", markersize=4,
+                zorder=1)
+    for i, (_, _, by_seed) in enumerate(rows):
+        ax.hlines(statistics.mean(by_seed.values()), i - 0.25, i + 0.25, color="tab:red", linewidth=2, zorder=2)
+    ax.set_xticks(range(len(rows)), [f"{label}\n{lr:g}" for label, lr, _ in rows], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"(a) MiniLM-L6 on Rotten Tomatoes at LoRA r=8's count, seeds {seeds[0]}-{seeds[-1]}\n"
+                 "grey: one seed across methods; red: the mean", fontsize=9)
+    ax.grid(True, axis="y", linewidth=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", type=Path, default=BENCH / "results" / "sweep")
+    parser.add_argument("--more", type=Path, default=BENCH / "results" / "sweep_more_seeds")
+    args = parser.parse_args(argv)
+    rows = [(label, *seeds_of(args.sweep, args.more, token, fields)) for label, token, fields in METHODS]
+    lines = table(rows)
+    print("\n".join(lines))
+    (args.more / "summary.md").write_text(
+        "# Task (a) at LoRA r=8's count, every seed\n\nWritten by `python bench/more_seeds.py`; seeds 0-2 from "
+        "`bench/results/sweep/`, the rest from this folder, each method at the rate seed 0's validation chose.\n\n"
+        + "\n".join(lines) + "\n\n![each seed by method](classification_seeds.png)\n")
+    figure(rows, args.more / "classification_seeds.png")
+    print(f"wrote {args.more / 'summary.md'} and {args.more / 'classification_seeds.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
