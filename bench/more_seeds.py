@@ -9,7 +9,9 @@ sweep. Prints a table (each seed's test accuracy, mean ± sd, and the
 difference to random components seed by seed: mean ± standard error) and
 writes it with a figure into ``--more``: ``summary.md`` and
 ``classification_seeds.png`` (each seed's accuracy by method, seeds joined
-across methods, with each method's mean).
+across methods, with each method's mean). Also tells how far validation
+ranks test there: over the sweep's runs at LoRA's count whose validation
+reaches a floor, the correlation of validation and test accuracy.
 """
 from __future__ import annotations
 
@@ -66,6 +68,29 @@ def table(rows: list[tuple[str, float, dict[int, float]]]) -> list[str]:
     return lines
 
 
+def agreement(sweep: Path, floors=(75, 78, 79, 80)) -> list[str]:
+    """Validation against test over every run of the sweep at LoRA's count (any method, rate and seed) whose
+    validation accuracy (%) reaches each floor."""
+    records = json.loads((sweep / f"{TASK}.json").read_text())
+    runs = [(100 * r["val_value"], 100 * r["value"]) for r in records
+            if (str(r["setting"]) == "matched" or (r["method"], str(r["setting"])) == ("lora", "8"))
+            and r["steps"] == STEPS and r.get("val_examples")]
+    lines = ["| validation at least | runs | correlation of validation and test | sd of validation | sd of test |",
+             "|---:|---:|---:|---:|---:|"]
+    for floor in floors:
+        kept = [run for run in runs if run[0] >= floor]
+        if len(kept) < 3:
+            continue
+        val, test = zip(*kept)
+        try:
+            correlation = f"{statistics.correlation(val, test):.2f}"
+        except statistics.StatisticsError:  # one of them constant
+            correlation = "–"
+        lines.append(f"| {floor} | {len(kept)} | {correlation} | "
+                     f"{statistics.stdev(val):.2f} | {statistics.stdev(test):.2f} |")
+    return lines
+
+
 def figure(rows: list[tuple[str, float, dict[int, float]]], path: Path) -> None:
     import matplotlib
 
@@ -96,6 +121,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = [(label, *seeds_of(args.sweep, args.more, token, fields)) for label, token, fields in METHODS]
     lines = table(rows)
+    lines += ["", "How far validation ranks test at LoRA's count (every run of the sweep, seeds 0-2):", "",
+              *agreement(args.sweep)]
     print("\n".join(lines))
     (args.more / "summary.md").write_text(
         "# Task (a) at LoRA r=8's count, every seed\n\nWritten by `python bench/more_seeds.py`; seeds 0-2 from "

@@ -396,6 +396,9 @@ def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
     assert "| 0, 1, 3 | 80.00, 80.00, 80.00 | 80.00 ± 0.00 | -2.00 ± 0.58 (3 seeds) |" in rows["balanced at line_cap=1"]
     assert rows["LoRA r=8"].endswith("| 80.00 |  |")  # one seed: no spread, no difference
     assert (more / "classification_seeds.png").is_file() and "80.00" in (more / "summary.md").read_text()
+    # Validation against test over the sweep's runs at LoRA's count: all 7 reach 75; the 6 at 80 have one
+    # validation score, so no correlation.
+    assert "| 75 | 7 | -0.98 |" in out.stdout and "| 80 | 6 | – |" in out.stdout
     (sweep / "classification.json").write_text(json.dumps(records[:3]))  # balanced never ran
     out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more)],
                          capture_output=True, text=True)
