@@ -1,6 +1,7 @@
 """Task (a) at LoRA r=8's count over every seed that ran: the gradient's best choices against random components.
 
     python bench/more_seeds.py [--sweep bench/results/sweep] [--more bench/results/sweep_more_seeds]
+                               [--docs-figures docs/figures]
 
 Seeds 0-2 come from the sweep's records, seeds 3 and up from ``--more``
 (``bench/sweep.sh a-more-seeds-N``, kept apart from the sweep's three-seed
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", type=Path, default=BENCH / "results" / "sweep")
     parser.add_argument("--more", type=Path, default=BENCH / "results" / "sweep_more_seeds")
+    parser.add_argument("--docs-figures", type=Path,
+                        help="also copy the figure here as more_seeds_classification.png (the docs site's copy)")
     args = parser.parse_args(argv)
     rows = [(label, *seeds_of(args.sweep, args.more, token, fields)) for label, token, fields in METHODS]
     lines = table(rows)
@@ -130,6 +134,8 @@ def main(argv=None) -> int:
         + "\n".join(lines) + "\n\n![each seed by method](classification_seeds.png)\n")
     figure(rows, args.more / "classification_seeds.png")
     print(f"wrote {args.more / 'summary.md'} and {args.more / 'classification_seeds.png'}")
+    if args.docs_figures:
+        shutil.copyfile(args.more / "classification_seeds.png", args.docs_figures / "more_seeds_classification.png")
     return 0
 
 

@@ -387,9 +387,10 @@ def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
         [{**random, "seed": 3, "lr": 2e-3, "val_value": 0.8, "value": 0.83},
          {**random, "seed": 4, "lr": 4e-3, "val_value": 0.8, "value": 0.99},  # another rate: left out
          {**balanced, "seed": 3, "lr": 2e-3, "val_value": 0.8, "value": 0.80}]))
-    out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more)],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more),
+                          "--docs-figures", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert (tmp_path / "more_seeds_classification.png").is_file()
     rows = {line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| ")}
     assert "| 0, 1, 3 | 81.00, 82.00, 83.00 | 82.00 ± 1.00 |" in rows["random components"]
     # balanced: 80 on seeds 0, 1 and 3, against 81, 82 and 83: -2 ± 0.58 seed by seed
