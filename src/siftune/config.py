@@ -100,7 +100,8 @@ class SiftConfig:
             for any selection. With ``step_scale="input"``, ``"balanced"`` at
             ``line_cap=1`` leads random components on the causal-LM task
             (test loss 1.134 against 1.141, three seeds; level with LoRA r=8)
-            and not on the classification task. Default ``"gradient"``.
+            and is level with them on the classification task over eleven
+            seeds (81.18 against 81.19% test accuracy). Default ``"gradient"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)
