@@ -25,7 +25,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from sweep_records import matching  # noqa: E402
+from sweep_records import best_rate, matching  # noqa: E402
 
 # (label, method[:setting], SIFT options as the sweep passes them)
 METHODS = [
@@ -39,10 +39,9 @@ TASK, STEPS = "classification", 300
 
 def seeds_of(sweep: Path, more: Path, token: str, fields: list[str]) -> tuple[float, dict[int, float]]:
     """The rate seed 0's validation chose in the sweep, and each seed's test accuracy (%) at it."""
-    grid = [r for r in matching(str(sweep), TASK, str(STEPS), token, fields) if r["seed"] == 0]
-    if not grid:
+    lr = best_rate([r for r in matching(str(sweep), TASK, str(STEPS), token, fields) if r["seed"] == 0])
+    if lr is None:
         raise SystemExit(f"no seed-0 record of {token} {' '.join(fields)} in {sweep}: run bench/sweep.sh first")
-    lr = max(grid, key=lambda r: (r["val_value"], -r["lr"]))["lr"]
     at_rate = [r for folder in (sweep, more) for r in matching(str(folder), TASK, str(STEPS), token, fields)
                if abs(r["lr"] - lr) <= 1e-12 * lr]
     return lr, {r["seed"]: 100 * r["value"] for r in sorted(at_rate, key=lambda r: r["seed"])}

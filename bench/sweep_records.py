@@ -28,6 +28,12 @@ def matching(folder: str, task: str, steps: str, token: str, fields: list[str]) 
             and r.get("val_examples") and {k: str(v) for k, v in (r.get("sift") or {}).items()} == want]
 
 
+def best_rate(runs: list[dict]) -> float | None:
+    """The rate with the best validation score among ``runs`` (one seed's grid); a tie goes to the lower rate."""
+    sign = -1 if runs and runs[0]["metric"] == "loss" else 1
+    return max(runs, key=lambda r: (sign * r["val_value"], -r["lr"]))["lr"] if runs else None
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["have"]:
         folder, task, steps, seed, token, lr, *fields = argv[1:]
@@ -35,9 +41,8 @@ def main(argv: list[str]) -> int:
                         for r in matching(folder, task, steps, token, fields)) else 1
     if argv[:1] == ["best"]:
         folder, task, steps, token, *fields = argv[1:]
-        runs = [r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0]
-        sign = -1 if runs and runs[0]["metric"] == "loss" else 1
-        print(max(runs, key=lambda r: (sign * r["val_value"], -r["lr"]))["lr"] if runs else "")
+        lr = best_rate([r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0])
+        print("" if lr is None else lr)
         return 0
     print(__doc__, file=sys.stderr)
     return 2
