@@ -744,6 +744,14 @@ for part in "$@"; do
       seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input \
         score=grad_weight selection_batches=16 select_first=1
       ;;
+    # More seeds at 0.1% on (a) (a-low-more-seeds-3, ...): balanced at line_cap=1 with scaled steps and random
+    # components, each at seed 0's chosen rate (3.2e-2 both), beside LoRA r=8's seeds from a-more-seeds-N.
+    # Kept apart like a-more-seeds-N: SWEEP_DIR=bench/results/sweep_more_seeds bash bench/sweep.sh a-low-more-seeds-3
+    a-low-more-seeds-[0-9]*)
+      seed=${part#a-low-more-seeds-}
+      cell classification 300 "$seed" sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input
+      cell classification 300 "$seed" random:0.001 3.2e-2
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
