@@ -752,6 +752,21 @@ for part in "$@"; do
       cell classification 300 "$seed" sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input
       cell classification 300 "$seed" random:0.001 3.2e-2
       ;;
+    # 0.1% on (a): the rate grid at steps of sqrt(2) about the chosen rates of balanced at line_cap=1 with scaled
+    # steps (3.2e-2; 1.6e-2 and 6.4e-2 were 1.0 and 2.4 lower on validation) and of LoRA r=8 (1e-3; 2e-3 fell to
+    # the majority class), then seeds 1 and 2 at the rate seed 0's validation chooses.
+    a-low-fine-1)
+      a sift-fixed:0.001 4.5e-2 selection=balanced line_cap=1 step_scale=input; a lora:8 1.4e-3
+      ;;
+    a-low-fine-2)
+      a sift-fixed:0.001 2.3e-2 selection=balanced line_cap=1 step_scale=input; a lora:8 7e-4
+      ;;
+    a-low-fine-seeds-1)
+      seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input
+      ;;
+    a-low-fine-seeds-2)
+      seeds_at_best classification 300 lora:8
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
