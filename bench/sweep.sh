@@ -759,7 +759,7 @@ for part in "$@"; do
       a sift-fixed:0.001 4.5e-2 selection=balanced line_cap=1 step_scale=input; a lora:8 1.4e-3
       ;;
     a-low-fine-2)
-      a sift-fixed:0.001 2.3e-2 selection=balanced line_cap=1 step_scale=input; a lora:8 7e-4
+      a lora:8 7e-4; a sift-fixed:0.001 2.3e-2 selection=balanced line_cap=1 step_scale=input
       ;;
     a-low-fine-seeds-1)
       seeds_at_best classification 300 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input
