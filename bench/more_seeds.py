@@ -1,18 +1,20 @@
-"""Task (a) at LoRA r=8's count over every seed that ran: the gradient's best choices against random components.
+"""Task (a) over every seed that ran: the gradient's best choices against random components and LoRA r=8.
 
     python bench/more_seeds.py [--sweep bench/results/sweep] [--more bench/results/sweep_more_seeds]
                                [--docs-figures docs/figures]
 
-Seeds 0-2 come from the sweep's records, seeds 3 and up from ``--more``
-(``bench/sweep.sh a-more-seeds-N``, kept apart from the sweep's three-seed
-tables). Each method runs at the rate seed 0's validation chose in the
-sweep. Prints a table (each seed's test accuracy, mean ± sd, and the
-difference to random components seed by seed: mean ± standard error) and
-writes it with a figure into ``--more``: ``summary.md`` and
-``classification_seeds.png`` (each seed's accuracy by method, seeds joined
-across methods, with each method's mean). Also tells how far validation
-ranks test there: over the sweep's runs at LoRA's count whose validation
-reaches a floor, the correlation of validation and test accuracy.
+Two densities: LoRA r=8's count and 0.1%. Seeds 0-2 come from the sweep's
+records, seeds 3 and up from ``--more`` (``bench/sweep.sh a-more-seeds-N``
+and ``a-low-more-seeds-N``, kept apart from the sweep's three-seed tables).
+Each method runs at the rate seed 0's validation chose in the sweep. Prints
+a table a density (each seed's test accuracy, mean ± sd, and the difference
+to random components and to LoRA r=8 seed by seed: mean ± standard error)
+and writes them with a figure a density into ``--more``: ``summary.md``,
+``classification_seeds.png`` and ``classification_seeds_0.1.png`` (each
+seed's accuracy by method, seeds joined across methods, with each method's
+mean). A density none of whose methods ran is left out. Also tells how far
+validation ranks test at LoRA's count: over the sweep's runs there whose
+validation reaches a floor, the correlation of validation and test accuracy.
 """
 from __future__ import annotations
 
@@ -27,12 +29,22 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from sweep_records import best_rate, matching  # noqa: E402
 
-# (label, method[:setting], SIFT options as the sweep passes them)
-METHODS = [
-    ("random components", "random:matched", []),
-    ("balanced at line_cap=1, scaled", "sift-fixed:matched", ["selection=balanced", "line_cap=1", "step_scale=input"]),
-    ("balanced at line_cap=1", "sift-fixed:matched", ["selection=balanced", "line_cap=1"]),
-    ("LoRA r=8", "lora:8", []),
+RANDOM, LORA = "random components", "LoRA r=8"  # the two rows every other row is compared with, seed by seed
+SCALED = ["selection=balanced", "line_cap=1", "step_scale=input"]
+# (density's name, figure's name, [(label, method[:setting], SIFT options as the sweep passes them)]); the first
+# group must have all of its records, the others are left out when none of theirs ran
+GROUPS = [
+    ("LoRA r=8's count", "classification_seeds.png", [
+        (RANDOM, "random:matched", []),
+        ("balanced at line_cap=1, scaled", "sift-fixed:matched", SCALED),
+        ("balanced at line_cap=1", "sift-fixed:matched", ["selection=balanced", "line_cap=1"]),
+        (LORA, "lora:8", []),
+    ]),
+    ("0.1%", "classification_seeds_0.1.png", [
+        (RANDOM, "random:0.001", []),
+        ("balanced at line_cap=1, scaled", "sift-fixed:0.001", SCALED),
+        (LORA, "lora:8", []),
+    ]),
 ]
 TASK, STEPS = "classification", 300
 
@@ -47,25 +59,30 @@ def seeds_of(sweep: Path, more: Path, token: str, fields: list[str]) -> tuple[fl
     return lr, {r["seed"]: 100 * r["value"] for r in sorted(at_rate, key=lambda r: r["seed"])}
 
 
+def difference(by_seed: dict[int, float], reference: dict[int, float] | None) -> str:
+    """Mean ± standard error of by_seed minus reference over the seeds both have (two or more)."""
+    common = [seed for seed in by_seed if reference and seed in reference]
+    if len(common) < 2:
+        return ""
+    differences = [by_seed[seed] - reference[seed] for seed in common]
+    return (f"{statistics.mean(differences):+.2f} ± "
+            f"{statistics.stdev(differences) / len(differences) ** 0.5:.2f} ({len(common)} seeds)")
+
+
 def table(rows: list[tuple[str, float, dict[int, float]]]) -> list[str]:
-    reference = rows[0][2]
+    references = {label: by_seed for label, _, by_seed in rows if label in (RANDOM, LORA)}
     lines = ["| method | rate | seeds | test accuracy by seed | mean ± sd | minus random components, seed by seed "
-             "(mean ± standard error) |", "|---|---:|---|---|---:|---:|"]
+             "(mean ± standard error) | minus LoRA r=8, the same |", "|---|---:|---|---|---:|---:|---:|"]
     for label, lr, by_seed in rows:
         values = list(by_seed.values())
         spread = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else \
             f"{values[0]:.2f}"
-        common = [seed for seed in by_seed if seed in reference]
-        gap = ""
-        if label != rows[0][0] and len(common) > 1:
-            differences = [by_seed[seed] - reference[seed] for seed in common]
-            gap = (f"{statistics.mean(differences):+.2f} ± "
-                   f"{statistics.stdev(differences) / len(differences) ** 0.5:.2f} ({len(common)} seeds)")
+        gaps = [difference(by_seed, references.get(name)) if label != name else "" for name in (RANDOM, LORA)]
         seeds = sorted(by_seed)
         named = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else \
             ", ".join(map(str, seeds))
         lines.append(f"| {label} | {lr:g} | {named} | "
-                     f"{', '.join(f'{v:.2f}' for v in values)} | {spread} | {gap} |")
+                     f"{', '.join(f'{v:.2f}' for v in values)} | {spread} | {gaps[0]} | {gaps[1]} |")
     return lines
 
 
@@ -92,7 +109,7 @@ def agreement(sweep: Path, floors=(75, 78, 79, 80)) -> list[str]:
     return lines
 
 
-def figure(rows: list[tuple[str, float, dict[int, float]]], path: Path) -> None:
+def figure(rows: list[tuple[str, float, dict[int, float]]], density: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +125,7 @@ def figure(rows: list[tuple[str, float, dict[int, float]]], path: Path) -> None:
         ax.hlines(statistics.mean(by_seed.values()), i - 0.25, i + 0.25, color="tab:red", linewidth=2, zorder=2)
     ax.set_xticks(range(len(rows)), [f"{label}\n{lr:g}" for label, lr, _ in rows], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"(a) MiniLM-L6 on Rotten Tomatoes at LoRA r=8's count, seeds {seeds[0]}-{seeds[-1]}\n"
+    ax.set_title(f"(a) MiniLM-L6 on Rotten Tomatoes at {density}, seeds {seeds[0]}-{seeds[-1]}\n"
                  "grey: one seed across methods; red: the mean", fontsize=9)
     ax.grid(True, axis="y", linewidth=0.3)
     fig.savefig(path, dpi=110)
@@ -122,19 +139,29 @@ def main(argv=None) -> int:
     parser.add_argument("--docs-figures", type=Path,
                         help="also copy the figure here as more_seeds_classification.png (the docs site's copy)")
     args = parser.parse_args(argv)
-    rows = [(label, *seeds_of(args.sweep, args.more, token, fields)) for label, token, fields in METHODS]
-    lines = table(rows)
-    lines += ["", "How far validation ranks test at LoRA's count (every run of the sweep, seeds 0-2):", "",
+    lines, figures = [], []
+    for number, (density, name, methods) in enumerate(GROUPS):
+        if number and not any(matching(str(args.sweep), TASK, str(STEPS), token, fields)
+                              for label, token, fields in methods if label != LORA):
+            continue  # a density that never ran
+        rows = [(label, *seeds_of(args.sweep, args.more, token, fields)) for label, token, fields in methods]
+        lines += [f"At {density}:", "", *table(rows), "", f"![each seed by method at {density}]({name})", ""]
+        figure(rows, density, args.more / name)
+        figures.append(name)
+    lines += ["How far validation ranks test at LoRA's count (every run of the sweep, seeds 0-2):", "",
               *agreement(args.sweep)]
-    print("\n".join(lines))
+    printed = [line for i, line in enumerate(lines) if not line.startswith("![") and
+               not (line == "" and i and lines[i - 1].startswith("!["))]
+    print("\n".join(printed))
     (args.more / "summary.md").write_text(
-        "# Task (a) at LoRA r=8's count, every seed\n\nWritten by `python bench/more_seeds.py`; seeds 0-2 from "
+        "# Task (a), every seed\n\nWritten by `python bench/more_seeds.py`; seeds 0-2 from "
         "`bench/results/sweep/`, the rest from this folder, each method at the rate seed 0's validation chose.\n\n"
-        + "\n".join(lines) + "\n\n![each seed by method](classification_seeds.png)\n")
-    figure(rows, args.more / "classification_seeds.png")
-    print(f"wrote {args.more / 'summary.md'} and {args.more / 'classification_seeds.png'}")
+        + "\n".join(lines) + "\n")
+    print(f"wrote {args.more / 'summary.md'} and {', '.join(str(args.more / name) for name in figures)}")
     if args.docs_figures:
-        shutil.copyfile(args.more / "classification_seeds.png", args.docs_figures / "more_seeds_classification.png")
+        for name in figures:
+            shutil.copyfile(args.more / name, args.docs_figures / name.replace("classification_seeds",
+                                                                                "more_seeds_classification"))
     return 0
 
 

@@ -394,12 +394,32 @@ def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
     rows = {line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| ")}
     assert "| 0, 1, 3 | 81.00, 82.00, 83.00 | 82.00 ± 1.00 |" in rows["random components"]
     # balanced: 80 on seeds 0, 1 and 3, against 81, 82 and 83: -2 ± 0.58 seed by seed
-    assert "| 0, 1, 3 | 80.00, 80.00, 80.00 | 80.00 ± 0.00 | -2.00 ± 0.58 (3 seeds) |" in rows["balanced at line_cap=1"]
-    assert rows["LoRA r=8"].endswith("| 80.00 |  |")  # one seed: no spread, no difference
+    assert "| 0, 1, 3 | 80.00, 80.00, 80.00 | 80.00 ± 0.00 | -2.00 ± 0.58 (3 seeds) |  |" in rows["balanced at line_cap=1"]
+    assert rows["LoRA r=8"].endswith("| 80.00 |  |  |")  # one seed: no spread, no difference
     assert (more / "classification_seeds.png").is_file() and "80.00" in (more / "summary.md").read_text()
+    assert "At 0.1%" not in out.stdout and not (more / "classification_seeds_0.1.png").exists()  # never ran
     # Validation against test over the sweep's runs at LoRA's count: all 7 reach 75; the 6 at 80 have one
     # validation score, so no correlation.
     assert "| 75 | 7 | -0.98 |" in out.stdout and "| 80 | 6 | – |" in out.stdout
+    # 0.1%: each row also against LoRA r=8 (its records at rank 8 serve both densities), seed by seed
+    low = {**base, "setting": "0.001"}
+    records += [{**low, "method": "random", "sift": {}, "seed": 0, "lr": 3.2e-2, "val_value": 0.78, "value": 0.78},
+                {**low, **{k: scaled[k] for k in ("method", "sift")}, "seed": 0, "lr": 3.2e-2, "val_value": 0.79,
+                 "value": 0.79},
+                {**lora, "seed": 1, "lr": 1e-3, "val_value": 0.80, "value": 0.84}]
+    (sweep / "classification.json").write_text(json.dumps(records))
+    (more / "classification.json").write_text(json.dumps(
+        [{**low, **{k: scaled[k] for k in ("method", "sift")}, "seed": 1, "lr": 3.2e-2, "val_value": 0.8,
+          "value": 0.80}]))
+    out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more),
+                          "--docs-figures", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    low_rows = out.stdout.split("At 0.1%:")[1].split("How far")[0]
+    # scaled: 79 and 80 on seeds 0 and 1 against LoRA's 80 and 84: -2.5 ± 1.5; one seed in common with random
+    assert "| balanced at line_cap=1, scaled | 0.032 | 0-1 | 79.00, 80.00 | 79.50 ± 0.71 |  | -2.50 ± 1.50 (2 seeds) |" \
+        in low_rows
+    assert (tmp_path / "more_seeds_classification_0.1.png").is_file()
+    assert "At 0.1%" in (more / "summary.md").read_text()
     (sweep / "classification.json").write_text(json.dumps(records[:3]))  # balanced never ran
     out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more)],
                          capture_output=True, text=True)
