@@ -48,6 +48,19 @@ seeds_at_best() {  # TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]: seeds 1 and 
   cell "$task" "$steps" 1 "$token" "$lr" "$@"; cell "$task" "$steps" 2 "$token" "$lr" "$@"
 }
 
+grid() {  # TASK STEPS METHOD[:SETTING] LR... -- [FIELD=VALUE ...]: seed 0 at each rate, then while the best rate
+  # is at an edge of the grid one rate beyond it (twice at most), so that the chosen rate lies inside
+  local task=$1 steps=$2 token=$3 rates=() lr next; shift 3
+  while [ "$1" != "--" ]; do rates+=("$1"); shift; done
+  shift
+  for lr in "${rates[@]}"; do cell "$task" "$steps" 0 "$token" "$lr" "$@"; done
+  for _ in 1 2; do
+    next=$("$PY" "$(dirname "$0")/sweep_records.py" beyond "$R" "$task" "$steps" "$token" "$@")
+    [ -n "$next" ] || break
+    cell "$task" "$steps" 0 "$token" "$next" "$@"
+  done
+}
+
 a() { cell classification 300 0 "$@"; }  # task (a), seed 0
 b() { cell causal_lm 40 0 "$@"; }        # task (b), seed 0
 
@@ -766,6 +779,36 @@ for part in "$@"; do
       ;;
     a-low-fine-seeds-2)
       seeds_at_best classification 300 lora:8
+      ;;
+    # Balanced at line_cap=1 with scaled steps at the densities other than LoRA's count (and 0.1% on (a)): seed
+    # 0's grid about balanced at line_cap=1's unscaled rate there, closed, then seeds 1 and 2 at its best rate.
+    b-scaled-1)
+      grid causal_lm 40 sift-fixed:0.01 6.4e-3 1.28e-2 2.56e-2 -- selection=balanced line_cap=1 step_scale=input
+      seeds_at_best causal_lm 40 sift-fixed:0.01 selection=balanced line_cap=1 step_scale=input
+      ;;
+    b-scaled-0.1)
+      grid causal_lm 40 sift-fixed:0.001 3.2e-2 6.4e-2 1.28e-1 -- selection=balanced line_cap=1 step_scale=input
+      seeds_at_best causal_lm 40 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input
+      ;;
+    b-scaled-10)
+      grid causal_lm 40 sift-fixed:0.1 8e-4 1.6e-3 3.2e-3 -- selection=balanced line_cap=1 step_scale=input
+      seeds_at_best causal_lm 40 sift-fixed:0.1 selection=balanced line_cap=1 step_scale=input
+      ;;
+    b-scaled-0.01)
+      grid causal_lm 40 sift-fixed:0.0001 6.4e-2 1.28e-1 2.56e-1 -- selection=balanced line_cap=1 step_scale=input
+      seeds_at_best causal_lm 40 sift-fixed:0.0001 selection=balanced line_cap=1 step_scale=input
+      ;;
+    a-scaled-1)
+      grid classification 300 sift-fixed:0.01 2e-3 4e-3 8e-3 -- selection=balanced line_cap=1 step_scale=input
+      seeds_at_best classification 300 sift-fixed:0.01 selection=balanced line_cap=1 step_scale=input
+      ;;
+    a-scaled-10)
+      grid classification 300 sift-fixed:0.1 2.5e-4 5e-4 1e-3 -- selection=balanced line_cap=1 step_scale=input
+      seeds_at_best classification 300 sift-fixed:0.1 selection=balanced line_cap=1 step_scale=input
+      ;;
+    a-scaled-0.01)
+      grid classification 300 sift-fixed:0.0001 3.2e-2 6.4e-2 1.28e-1 -- selection=balanced line_cap=1 step_scale=input
+      seeds_at_best classification 300 sift-fixed:0.0001 selection=balanced line_cap=1 step_scale=input
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input

@@ -5,6 +5,9 @@
     python bench/sweep_records.py best FOLDER TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]
         prints seed 0's rate with the best validation score ("" when none ran); a tie goes to the
         lower rate, as in the report (siftune.bench.report.chosen_on_validation)
+    python bench/sweep_records.py beyond FOLDER TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]
+        prints the rate one step of 2 beyond seed 0's grid when its best rate is at an edge of it
+        ("" when inside, or when fewer than two rates ran)
 """
 import json
 import pathlib
@@ -43,6 +46,15 @@ def main(argv: list[str]) -> int:
         folder, task, steps, token, *fields = argv[1:]
         lr = best_rate([r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0])
         print("" if lr is None else lr)
+        return 0
+    if argv[:1] == ["beyond"]:
+        folder, task, steps, token, *fields = argv[1:]
+        runs = [r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0]
+        rates = sorted({r["lr"] for r in runs})
+        lr = best_rate(runs)
+        beyond = "" if len(rates) < 2 else f"{2 * lr:g}" if lr == rates[-1] else f"{lr / 2:g}" if lr == rates[0] \
+            else ""
+        print(beyond)
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -317,6 +317,15 @@ def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
     tied = {**base, "seed": 0, "val_value": 1.05, "sift": {"score": "grad_weight", "line_cap": 1}}
     (tmp_path / "causal_lm.json").write_text(json.dumps([{**tied, "lr": 3.2e-2}, {**tied, "lr": 1.6e-2}]))
     assert run("best", folder, "causal_lm", "40", "sift-fixed", "line_cap=1").stdout.strip() == "0.016"
+    # The best at the grid's lower edge (a tie): one rate below it; inside: none; a single rate: none.
+    assert run("beyond", folder, "causal_lm", "40", "sift-fixed", "line_cap=1").stdout.strip() == "0.008"
+    (tmp_path / "causal_lm.json").write_text(json.dumps(records))
+    assert run("beyond", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0008"
+    (tmp_path / "causal_lm.json").write_text(json.dumps([*records, {**records[0], "lr": 8e-4, "val_value": 1.2}]))
+    assert run("beyond", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == ""
+    assert run("beyond", folder, "causal_lm", "40", "sift-fixed", "selection=balanced").stdout.strip() == ""
+    (tmp_path / "causal_lm.json").write_text(json.dumps([*records, {**records[0], "lr": 6.4e-3, "val_value": 1.0}]))
+    assert run("beyond", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0128"  # at the upper edge
 
 
 def test_rate_rule_scores_the_default_rate_at_the_nearest_rate_run(tmp_path):
