@@ -403,8 +403,9 @@ def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
     rows = {line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| ")}
     assert "| 0, 1, 3 | 81.00, 82.00, 83.00 | 82.00 ± 1.00 |" in rows["random components"]
     # balanced: 80 on seeds 0, 1 and 3, against 81, 82 and 83: -2 ± 0.58 seed by seed
-    assert "| 0, 1, 3 | 80.00, 80.00, 80.00 | 80.00 ± 0.00 | -2.00 ± 0.58 (3 seeds) |  |" in rows["balanced at line_cap=1"]
-    assert rows["LoRA r=8"].endswith("| 80.00 |  |  |")  # one seed: no spread, no difference
+    assert "| 0, 1, 3 | 80.00, 80.00, 80.00 | 80.00 ± 0.00 | 80.00 | -2.00 ± 0.58 (3 seeds) |  |" in \
+        rows["balanced at line_cap=1"]
+    assert rows["LoRA r=8"].endswith("| 80.00 | 80.00 |  |  |")  # one seed: no spread, no difference
     assert (more / "classification_seeds.png").is_file() and "80.00" in (more / "summary.md").read_text()
     assert "At 0.1%" not in out.stdout and not (more / "classification_seeds_0.1.png").exists()  # never ran
     # Validation against test over the sweep's runs at LoRA's count: all 7 reach 75; the 6 at 80 have one
@@ -425,7 +426,7 @@ def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
     assert out.returncode == 0, out.stderr
     low_rows = out.stdout.split("At 0.1%:")[1].split("How far")[0]
     # scaled: 79 and 80 on seeds 0 and 1 against LoRA's 80 and 84: -2.5 ± 1.5; one seed in common with random
-    assert "| balanced at line_cap=1, scaled | 0.032 | 0-1 | 79.00, 80.00 | 79.50 ± 0.71 |  | -2.50 ± 1.50 (2 seeds) |" \
+    assert "| balanced at line_cap=1, scaled | 0.032 | 0-1 | 79.00, 80.00 | 79.50 ± 0.71 | 79.50 |  | -2.50 ± 1.50 (2 seeds) |" \
         in low_rows
     assert (tmp_path / "more_seeds_classification_0.1.png").is_file()
     assert "At 0.1%" in (more / "summary.md").read_text()
