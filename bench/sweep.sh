@@ -780,35 +780,24 @@ for part in "$@"; do
     a-low-fine-seeds-2)
       seeds_at_best classification 300 lora:8
       ;;
-    # Balanced at line_cap=1 with scaled steps at the densities other than LoRA's count (and 0.1% on (a)): seed
-    # 0's grid about balanced at line_cap=1's unscaled rate there, closed, then seeds 1 and 2 at its best rate.
-    b-scaled-1)
-      grid causal_lm 40 sift-fixed:0.01 6.4e-3 1.28e-2 2.56e-2 -- selection=balanced line_cap=1 step_scale=input
-      seeds_at_best causal_lm 40 sift-fixed:0.01 selection=balanced line_cap=1 step_scale=input
-      ;;
-    b-scaled-0.1)
-      grid causal_lm 40 sift-fixed:0.001 3.2e-2 6.4e-2 1.28e-1 -- selection=balanced line_cap=1 step_scale=input
-      seeds_at_best causal_lm 40 sift-fixed:0.001 selection=balanced line_cap=1 step_scale=input
-      ;;
-    b-scaled-10)
-      grid causal_lm 40 sift-fixed:0.1 8e-4 1.6e-3 3.2e-3 -- selection=balanced line_cap=1 step_scale=input
-      seeds_at_best causal_lm 40 sift-fixed:0.1 selection=balanced line_cap=1 step_scale=input
-      ;;
-    b-scaled-0.01)
-      grid causal_lm 40 sift-fixed:0.0001 6.4e-2 1.28e-1 2.56e-1 -- selection=balanced line_cap=1 step_scale=input
-      seeds_at_best causal_lm 40 sift-fixed:0.0001 selection=balanced line_cap=1 step_scale=input
-      ;;
-    a-scaled-1)
-      grid classification 300 sift-fixed:0.01 2e-3 4e-3 8e-3 -- selection=balanced line_cap=1 step_scale=input
-      seeds_at_best classification 300 sift-fixed:0.01 selection=balanced line_cap=1 step_scale=input
-      ;;
-    a-scaled-10)
-      grid classification 300 sift-fixed:0.1 2.5e-4 5e-4 1e-3 -- selection=balanced line_cap=1 step_scale=input
-      seeds_at_best classification 300 sift-fixed:0.1 selection=balanced line_cap=1 step_scale=input
-      ;;
-    a-scaled-0.01)
-      grid classification 300 sift-fixed:0.0001 3.2e-2 6.4e-2 1.28e-1 -- selection=balanced line_cap=1 step_scale=input
-      seeds_at_best classification 300 sift-fixed:0.0001 selection=balanced line_cap=1 step_scale=input
+    # Balanced at line_cap=1 with scaled steps at the densities other than LoRA's count (and 0.1% on (a)):
+    # b-scaled-1 runs (b) at 1%, a-scaled-10 (a) at 10%, ... Seed 0's grid about balanced at line_cap=1's unscaled
+    # rate there, closed, then seeds 1 and 2 at its best rate.
+    [ab]-scaled-*)
+      case $part in
+        b-scaled-0.01) at="causal_lm 40 sift-fixed:0.0001" rates="6.4e-2 1.28e-1 2.56e-1" ;;
+        b-scaled-0.1) at="causal_lm 40 sift-fixed:0.001" rates="3.2e-2 6.4e-2 1.28e-1" ;;
+        b-scaled-1) at="causal_lm 40 sift-fixed:0.01" rates="6.4e-3 1.28e-2 2.56e-2" ;;
+        b-scaled-10) at="causal_lm 40 sift-fixed:0.1" rates="8e-4 1.6e-3 3.2e-3" ;;
+        a-scaled-0.01) at="classification 300 sift-fixed:0.0001" rates="3.2e-2 6.4e-2 1.28e-1" ;;
+        a-scaled-1) at="classification 300 sift-fixed:0.01" rates="2e-3 4e-3 8e-3" ;;
+        a-scaled-10) at="classification 300 sift-fixed:0.1" rates="2.5e-4 5e-4 1e-3" ;;
+        *) echo "unknown part: $part (b-scaled-0.01, -0.1, -1, -10; a-scaled-0.01, -1, -10)" >&2; exit 2 ;;
+      esac
+      # shellcheck disable=SC2086  # $at and $rates are lists of words
+      grid $at $rates -- selection=balanced line_cap=1 step_scale=input
+      # shellcheck disable=SC2086
+      seeds_at_best $at selection=balanced line_cap=1 step_scale=input
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
