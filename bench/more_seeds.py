@@ -139,26 +139,27 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", type=Path, default=BENCH / "results" / "sweep")
     parser.add_argument("--more", type=Path, default=BENCH / "results" / "sweep_more_seeds")
     parser.add_argument("--docs-figures", type=Path,
-                        help="also copy the figure here as more_seeds_classification.png (the docs site's copy)")
+                        help="also copy the figures here as more_seeds_classification.png and "
+                             "more_seeds_classification_0.1.png (the docs site's copies)")
     args = parser.parse_args(argv)
-    lines, figures = [], []
+    printed, summary, figures = [], [], []  # the summary has the figures between the tables
     for number, (density, name, methods) in enumerate(GROUPS):
         if number and not any(matching(str(args.sweep), TASK, str(STEPS), token, fields)
                               for label, token, fields in methods if label != LORA):
             continue  # a density that never ran
         rows = [(label, *seeds_of(args.sweep, args.more, token, fields)) for label, token, fields in methods]
-        lines += [f"At {density}:", "", *table(rows), "", f"![each seed by method at {density}]({name})", ""]
+        block = [f"At {density}:", "", *table(rows), ""]
+        printed += block
+        summary += [*block, f"![each seed by method at {density}]({name})", ""]
         figure(rows, density, args.more / name)
         figures.append(name)
-    lines += ["How far validation ranks test at LoRA's count (every run of the sweep, seeds 0-2):", "",
-              *agreement(args.sweep)]
-    printed = [line for i, line in enumerate(lines) if not line.startswith("![") and
-               not (line == "" and i and lines[i - 1].startswith("!["))]
-    print("\n".join(printed))
+    block = ["How far validation ranks test at LoRA's count (every run of the sweep, seeds 0-2):", "",
+             *agreement(args.sweep)]
+    print("\n".join(printed + block))
     (args.more / "summary.md").write_text(
         "# Task (a), every seed\n\nWritten by `python bench/more_seeds.py`; seeds 0-2 from "
         "`bench/results/sweep/`, the rest from this folder, each method at the rate seed 0's validation chose.\n\n"
-        + "\n".join(lines) + "\n")
+        + "\n".join(summary + block) + "\n")
     print(f"wrote {args.more / 'summary.md'} and {', '.join(str(args.more / name) for name in figures)}")
     if args.docs_figures:
         for name in figures:

@@ -52,9 +52,10 @@ def main(argv: list[str]) -> int:
         runs = [r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0]
         rates = sorted({r["lr"] for r in runs})
         lr = best_rate(runs)
-        beyond = "" if len(rates) < 2 else f"{2 * lr:g}" if lr == rates[-1] else f"{lr / 2:g}" if lr == rates[0] \
-            else ""
-        print(beyond)
+        if len(rates) < 2 or rates[0] < lr < rates[-1]:
+            print("")
+        else:
+            print(f"{2 * lr:g}" if lr == rates[-1] else f"{lr / 2:g}")
         return 0
     print(__doc__, file=sys.stderr)
     return 2
