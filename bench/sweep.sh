@@ -20,17 +20,26 @@ have() {  # TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]: is the record
   "$PY" "$(dirname "$0")/sweep_records.py" have "$R" "$@"
 }
 
-cell() {  # TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]: run it unless its record is there
+cell() {  # TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]: run it unless its record is there (FIELD: a SIFT
+  # option, or dense_lr for the head's rate)
   local task=$1 steps=$2 seed=$3 token=$4 lr=$5; shift 5
   if have "$task" "$steps" "$seed" "$token" "$lr" "$@"; then
     echo "have: $task $token lr $lr seed $seed $*"
     return
   fi
+  # dense_lr=RATE is the head's rate; the other fields are SIFT options.
+  local field options=() head=()
+  for field in "$@"; do
+    case $field in
+      dense_lr=*) head=(--dense-lr "${token%%:*}=${field#dense_lr=}") ;;
+      *) options+=("$field") ;;
+    esac
+  done
   # Into a folder of its own, then merged under a lock: two parts may run at once.
   local own
   own=$(mktemp -d)
   siftune bench --task "$task" --steps "$steps" --seeds "$seed" --threads 1 --results-dir "$own" \
-    --methods "$token" --lr "${token%%:*}=$lr" ${1:+--sift "$@"} &&
+    --methods "$token" --lr "${token%%:*}=$lr" "${head[@]}" ${options[0]:+--sift "${options[@]}"} &&
   [ -f "$own/$task.json" ] && flock "$R/.lock" "$PY" -c "import json, sys; from pathlib import Path
 from siftune.bench.runner import merge_records
 merge_records(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))" "$R/$task.json" "$own/$task.json"
@@ -798,6 +807,17 @@ for part in "$@"; do
       grid $at $rates -- selection=balanced line_cap=1 step_scale=input
       # shellcheck disable=SC2086
       seeds_at_best $at selection=balanced line_cap=1 step_scale=input
+      ;;
+    # The head's rate at 0.1% on (a): SIFT's cells train the classifier at 2e-3 whatever the rate of the components,
+    # LoRA's at its adapter's rate. Seed 0 of balanced at line_cap=1 with scaled steps (3.2e-2) and of LoRA r=8
+    # (1e-3) at other head rates.
+    a-head-sift)
+      for head in 5e-4 1e-3 4e-3 8e-3; do
+        a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input dense_lr=$head
+      done
+      ;;
+    a-head-lora)
+      for head in 2.5e-4 5e-4 2e-3 4e-3; do a lora:8 1e-3 dense_lr=$head; done
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input

@@ -1,5 +1,7 @@
 """The sweep's questions about its records (bench/sweep.sh): is a cell's record there, and which rate won.
 
+A FIELD=VALUE is a SIFT option, or dense_lr=RATE for the head's rate (without it, records at the task's
+default head rate: siftune.bench.runner.TASKS).
     python bench/sweep_records.py have FOLDER TASK STEPS SEED METHOD[:SETTING] LR [FIELD=VALUE ...]
         exit status 0 when the record is there (with validation), 1 when not
     python bench/sweep_records.py best FOLDER TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]
@@ -23,12 +25,26 @@ def matching(folder: str, task: str, steps: str, token: str, fields: list[str]) 
     if method not in ("full", "base", "head", "lora", "shira", "qlora") and not setting:
         setting = "matched"
     want = dict(field.split("=", 1) for field in fields)
+    head = want.pop("dense_lr", None)
     if method.startswith("sift-"):
         want = {"score": "grad_weight", **want}
     path = pathlib.Path(folder) / f"{task}.json"
-    return [r for r in (json.loads(path.read_text()) if path.is_file() else [])
+    runs = [r for r in (json.loads(path.read_text()) if path.is_file() else [])
             if (r["method"], str(r["setting"]), r["steps"]) == (method, setting, int(steps))
             and r.get("val_examples") and {k: str(v) for k, v in (r.get("sift") or {}).items()} == want]
+    return [r for r in runs if "dense_lr" not in r or same_rate(r["dense_lr"], head_rate(task, method, r, head))]
+
+
+def head_rate(task: str, method: str, record: dict, given: str | None) -> float:
+    """The head's rate a cell asks for: ``given``, else the task's default for ``method`` (else its rate)."""
+    if given is not None:
+        return float(given)
+    from siftune.bench.runner import TASKS  # imports torch: only for records that name a head rate
+    return TASKS[task].dense_lr.get(method, record["lr"])
+
+
+def same_rate(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-12 * abs(b)
 
 
 def best_rate(runs: list[dict]) -> float | None:
@@ -40,7 +56,7 @@ def best_rate(runs: list[dict]) -> float | None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["have"]:
         folder, task, steps, seed, token, lr, *fields = argv[1:]
-        return 0 if any(r["seed"] == int(seed) and abs(r["lr"] - float(lr)) <= 1e-12 * float(lr)
+        return 0 if any(r["seed"] == int(seed) and same_rate(r["lr"], float(lr))
                         for r in matching(folder, task, steps, token, fields)) else 1
     if argv[:1] == ["best"]:
         folder, task, steps, token, *fields = argv[1:]
