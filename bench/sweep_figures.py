@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from siftune.bench.report import chosen_on_validation, load, summarise  # noqa: E402
+from siftune.bench.runner import TASKS  # noqa: E402
 
 TITLES = {"classification": ("(a) MiniLM-L6 on Rotten Tomatoes", "test accuracy (%)"),
           "causal_lm": ("(b) SmolLM2-135M on chatterbot", "test response loss")}
@@ -65,19 +66,30 @@ def family(row: dict) -> str:
     return f"{name}, {score}{extra}"
 
 
-def chosen_points(records: list[dict]) -> list[dict]:
+def chosen_points(records: list[dict], task: str) -> list[dict]:
     """One point per experiment at its validation-chosen rate, with the sensitivity at 1/4x and 4x."""
     points = []
     for candidates, best, seeds in chosen_on_validation(summarise(records)):
+        def own_head(r):  # the head at the task's default rate for the method (its rate where it has none)
+            return r["dense_lr"] == TASKS[task].dense_lr.get(r["method"], r["lr"])
+
+        def chosen_head(r):  # the head as the chosen one's: at the default, or at the chosen head rate
+            return own_head(r) if own_head(best) else r["dense_lr"] == best["dense_lr"]
+
         def at(factor):
             for r in candidates:
-                if abs(r["lr"] - best["lr"] * factor) <= 1e-6 * best["lr"] * factor:
+                if abs(r["lr"] - best["lr"] * factor) <= 1e-6 * best["lr"] * factor and chosen_head(r):
                     return r
             return None
 
+        # Where the grid also varied the head's rate, a rate tried off the default head rate names it.
+        def label(r):
+            return f"{r['lr']:g}" + ("" if own_head(r) else f" (head {r['dense_lr']:g})")
+
         points.append({**best, "family": family(best), "val_seeds": seeds, "quarter": at(0.25), "four": at(4.0),
-                       "tried": sorted(r["lr"] for r in candidates),
-                       "curve": sorted((r["lr"] / best["lr"], r["test"][0]) for r in candidates if 0 in r["test"])})
+                       "tried": [label(r) for r in sorted(candidates, key=lambda r: (r["lr"], r["dense_lr"]))],
+                       "chosen": label(best), "curve": sorted((r["lr"] / best["lr"], r["test"][0]) for r in candidates
+                                                              if 0 in r["test"] and chosen_head(r))})
     return points
 
 
@@ -180,8 +192,8 @@ def summary(points: list[dict], task: str, steps: int) -> list[str]:
         setting = f"r={p['rank']}" if p["rank"] is not None else (
             "" if p["density"] is None else f"{p['density']:.3%}" + (" (LoRA r=8's count)"
                                                                      if p["setting"] == "matched" else ""))
-        lines.append(f"| {p['family'].replace('|', chr(92) + '|')} | {setting} | {p['adapted']:,} | {', '.join(f'{lr:g}' for lr in p['tried'])} "
-                     f"| {p['lr']:g} | {p['val_mean'] * scale:.{digits}f} ({','.join(map(str, p['val_seeds']))}) "
+        lines.append(f"| {p['family'].replace('|', chr(92) + '|')} | {setting} | {p['adapted']:,} | {', '.join(p['tried'])} "
+                     f"| {p['chosen']} | {p['val_mean'] * scale:.{digits}f} ({','.join(map(str, p['val_seeds']))}) "
                      f"| {score(p)} | {score(p['quarter'])} | {score(p['four'])} | {p['peak_mib']:.0f} |")
     return lines + [""]
 
@@ -197,7 +209,7 @@ def main(argv=None) -> int:
              "Each row: one method and setting at the rate with the best validation score; test scores in "
              "brackets name their seeds.", ""]
     for task in ("classification", "causal_lm"):
-        points = chosen_points(load(args.results_dir / f"{task}.json"))
+        points = chosen_points(load(args.results_dir / f"{task}.json"), task)
         if not points:
             continue
         # The task's own run length (the most common) gets the figures; a longer or shorter run, a check of

@@ -326,6 +326,14 @@ def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
     assert run("beyond", folder, "causal_lm", "40", "sift-fixed", "selection=balanced").stdout.strip() == ""
     (tmp_path / "causal_lm.json").write_text(json.dumps([*records, {**records[0], "lr": 6.4e-3, "val_value": 1.0}]))
     assert run("beyond", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0128"  # at the upper edge
+    # The head's rate: without dense_lr= a cell is the one at the task's default head rate (2e-3 for SIFT on (a)).
+    head = {**base, "metric": "accuracy", "steps": 300, "seed": 0, "lr": 3.2e-2, "sift": {"score": "grad_weight"}}
+    (tmp_path / "classification.json").write_text(json.dumps([{**head, "dense_lr": 8e-3, "val_value": 0.8},
+                                                             {**head, "lr": 1.6e-2, "dense_lr": 2e-3, "val_value": 0.7}]))
+    assert run("have", folder, "classification", "300", "0", "sift-fixed", "0.032").returncode == 1
+    assert run("have", folder, "classification", "300", "0", "sift-fixed", "0.032", "dense_lr=8e-3").returncode == 0
+    assert run("have", folder, "classification", "300", "0", "sift-fixed", "0.016", "dense_lr=8e-3").returncode == 1
+    assert run("best", folder, "classification", "300", "sift-fixed").stdout.strip() == "0.016"
 
 
 def test_rate_rule_scores_the_default_rate_at_the_nearest_rate_run(tmp_path):
@@ -370,6 +378,32 @@ def test_sweep_figures_keep_a_longer_run_apart(tmp_path):
     assert (tmp_path / "causal_lm_quality_vs_trainable.png").is_file()
     # LoRA r=8 ran at several rates: its test quality off the chosen rate gets a figure of its own.
     assert (tmp_path / "causal_lm_rate_forgiveness.png").is_file() and "causal_lm_rate_forgiveness.png" in text
+
+
+
+def test_sweep_figures_name_a_head_rate_off_the_default(tmp_path):
+    """Where a grid also varied the head's rate, the rates tried and the chosen one name it, and the score at a
+    quarter of the chosen rate is taken at the chosen head rate only."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "sweep_figures.py"
+    base = {"method": "sift-fixed", "setting": "0.001", "density": 0.001, "rank": None, "trainable": 12148,
+            "trainable_head": 770, "metric": "accuracy", "steps": 300, "batch_size": 16, "max_length": 64,
+            "val_examples": 1000, "sift": {"score": "grad_weight"}, "seed": 0, "step_s": 0.5, "peak_mib": 800.0,
+            "load_mib": 700.0, "increment_bytes": 1000}
+    records = [{**base, "lr": 8e-3, "dense_lr": 2e-3, "val_value": 0.77, "value": 0.701},  # the default head rate
+               {**base, "lr": 3.2e-2, "dense_lr": 2e-3, "val_value": 0.78, "value": 0.702},
+               {**base, "lr": 3.2e-2, "dense_lr": 8e-3, "val_value": 0.79, "value": 0.703}]
+    (tmp_path / "classification.json").write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "0.1" in line and "SIFT" in line)
+    assert "| 0.008, 0.032, 0.032 (head 0.008) | 0.032 (head 0.008) | 79.00 (0) | 70.30 (0) | – |" in row
+    records[2]["dense_lr"] = 2e-3 / 4  # the quarter rate at the chosen head rate: now it counts
+    records[0]["dense_lr"] = 2e-3 / 4
+    (tmp_path / "classification.json").write_text(json.dumps(records))
+    subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path)], check=True, capture_output=True)
+    row = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "0.1" in line and "SIFT" in line)
+    assert "| 0.032 (head 0.0005) | 79.00 (0) | 70.30 (0) | 70.10 (0) |" in row
 
 
 def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
