@@ -819,6 +819,14 @@ for part in "$@"; do
     a-head-lora)
       for head in 2.5e-4 5e-4 2e-3 4e-3; do a lora:8 1e-3 dense_lr=$head; done
       ;;
+    # At LoRA's count on (a): balanced at line_cap=1 with scaled steps and random components, each at its chosen
+    # rate (2e-3), with the head at 4e-3 and 8e-3 (a-head-sift's trend at 0.1%).
+    a-head-matched)
+      for head in 4e-3 8e-3; do
+        a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input dense_lr=$head
+        a random:matched 2e-3 dense_lr=$head
+      done
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
