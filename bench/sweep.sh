@@ -819,6 +819,24 @@ for part in "$@"; do
     a-head-lora)
       for head in 2.5e-4 5e-4 2e-3 4e-3; do a lora:8 1e-3 dense_lr=$head; done
       ;;
+    # Seed 0's validation at 0.1% chose the head at 4e-3 for balanced (5e-4 78.3, 1e-3 78.4, 2e-3 79.0, 4e-3 80.6,
+    # 8e-3 79.5) and kept LoRA's tied to its rate (2.5e-4 79.9, 5e-4 79.3, 1e-3 80.4, 2e-3 56.3, 4e-3 80.1). Then:
+    # seeds 1 and 2 there; the components' rate at steps of sqrt(2) about 3.2e-2 with the head at 4e-3; random
+    # components at 0.1% with the head at 4e-3 and 8e-3.
+    a-head-low-seeds)
+      for seed in 1 2; do
+        cell classification 300 "$seed" sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input \
+          dense_lr=4e-3
+      done
+      ;;
+    a-head-low-lr)
+      for lr in 2.3e-2 4.5e-2; do
+        a sift-fixed:0.001 "$lr" selection=balanced line_cap=1 step_scale=input dense_lr=4e-3
+      done
+      ;;
+    a-head-low-random)
+      a random:0.001 3.2e-2 dense_lr=4e-3; a random:0.001 3.2e-2 dense_lr=8e-3
+      ;;
     # At LoRA's count on (a): balanced at line_cap=1 with scaled steps and random components, each at its chosen
     # rate (2e-3), with the head at 4e-3 and 8e-3 (a-head-sift's trend at 0.1%).
     a-head-matched)
