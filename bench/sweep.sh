@@ -845,6 +845,20 @@ for part in "$@"; do
         a random:matched 2e-3 dense_lr=$head
       done
       ;;
+    # Seeds 1 and 2 of balanced at line_cap=1 with scaled steps and random components at LoRA's count on (a), with
+    # the head at the rate seed 0's validation chose among 2e-3, 4e-3 and 8e-3.
+    a-head-matched-seeds)
+      for at in "sift-fixed:matched selection=balanced line_cap=1 step_scale=input" "random:matched"; do
+        read -r token options <<< "$at"
+        # shellcheck disable=SC2086  # $options is a list of fields
+        head=$("$PY" "$(dirname "$0")/sweep_records.py" best-head "$R" classification 300 "$token" 2e-3 $options)
+        [ -n "$head" ] || { echo "no seed-0 record of $at at 2e-3"; continue; }
+        for seed in 1 2; do
+          # shellcheck disable=SC2086
+          cell classification 300 "$seed" "$token" 2e-3 $options dense_lr="$head"
+        done
+      done
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input

@@ -7,6 +7,9 @@ default head rate: siftune.bench.runner.TASKS).
     python bench/sweep_records.py best FOLDER TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]
         prints seed 0's rate with the best validation score ("" when none ran); a tie goes to the
         lower rate, as in the report (siftune.bench.report.chosen_on_validation)
+    python bench/sweep_records.py best-head FOLDER TASK STEPS METHOD[:SETTING] LR [FIELD=VALUE ...]
+        prints the head's rate with the best validation score among seed 0's records at LR, whatever their
+        head's rate ("" when none ran); a tie goes to the lower head rate
     python bench/sweep_records.py beyond FOLDER TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]
         prints the rate one step of 2 beyond seed 0's grid when its best rate is at an edge of it
         ("" when inside, or when fewer than two rates ran)
@@ -16,9 +19,10 @@ import pathlib
 import sys
 
 
-def matching(folder: str, task: str, steps: str, token: str, fields: list[str]) -> list[dict]:
+def matching(folder: str, task: str, steps: str, token: str, fields: list[str], any_head: bool = False) -> list[dict]:
     """The records of ``token`` (``method[:setting]``) at ``steps`` with validation and exactly ``fields``
-    as their SIFT options (a sift-* method's score defaults to ``grad_weight``, as the sweep ran it)."""
+    as their SIFT options (a sift-* method's score defaults to ``grad_weight``, as the sweep ran it), at the
+    head's rate ``fields`` give (or the task's default), or at any with ``any_head``."""
     method, _, setting = token.partition(":")
     if method in ("lora", "shira") and not setting:
         setting = "8"
@@ -32,7 +36,8 @@ def matching(folder: str, task: str, steps: str, token: str, fields: list[str]) 
     runs = [r for r in (json.loads(path.read_text()) if path.is_file() else [])
             if (r["method"], str(r["setting"]), r["steps"]) == (method, setting, int(steps))
             and r.get("val_examples") and {k: str(v) for k, v in (r.get("sift") or {}).items()} == want]
-    return [r for r in runs if "dense_lr" not in r or same_rate(r["dense_lr"], head_rate(task, method, r, head))]
+    return [r for r in runs
+            if any_head or "dense_lr" not in r or same_rate(r["dense_lr"], head_rate(task, method, r, head))]
 
 
 def head_rate(task: str, method: str, record: dict, given: str | None) -> float:
@@ -62,6 +67,13 @@ def main(argv: list[str]) -> int:
         folder, task, steps, token, *fields = argv[1:]
         lr = best_rate([r for r in matching(folder, task, steps, token, fields) if r["seed"] == 0])
         print("" if lr is None else lr)
+        return 0
+    if argv[:1] == ["best-head"]:
+        folder, task, steps, token, lr, *fields = argv[1:]
+        runs = [r for r in matching(folder, task, steps, token, fields, any_head=True)
+                if r["seed"] == 0 and same_rate(r["lr"], float(lr))]
+        sign = -1 if runs and runs[0]["metric"] == "loss" else 1
+        print(f'{max(runs, key=lambda r: (sign * r["val_value"], -r["dense_lr"]))["dense_lr"]:g}' if runs else "")
         return 0
     if argv[:1] == ["beyond"]:
         folder, task, steps, token, *fields = argv[1:]

@@ -334,6 +334,9 @@ def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
     assert run("have", folder, "classification", "300", "0", "sift-fixed", "0.032", "dense_lr=8e-3").returncode == 0
     assert run("have", folder, "classification", "300", "0", "sift-fixed", "0.016", "dense_lr=8e-3").returncode == 1
     assert run("best", folder, "classification", "300", "sift-fixed").stdout.strip() == "0.016"
+    # The best head rate at a rate, whatever the head: 8e-3 at 3.2e-2; none ran at 6.4e-2.
+    assert run("best-head", folder, "classification", "300", "sift-fixed", "0.032").stdout.strip() == "0.008"
+    assert run("best-head", folder, "classification", "300", "sift-fixed", "0.064").stdout.strip() == ""
 
 
 def test_rate_rule_scores_the_default_rate_at_the_nearest_rate_run(tmp_path):
