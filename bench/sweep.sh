@@ -57,6 +57,14 @@ seeds_at_best() {  # TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]: seeds 1 and 
   cell "$task" "$steps" 1 "$token" "$lr" "$@"; cell "$task" "$steps" 2 "$token" "$lr" "$@"
 }
 
+seeds_at_head() {  # TASK STEPS METHOD[:SETTING] LR [FIELD=VALUE ...]: seeds 1 and 2 at LR with the head at the rate
+  # seed 0's validation chose among the head rates that ran at LR
+  local task=$1 steps=$2 token=$3 lr=$4 head; shift 4
+  head=$("$PY" "$(dirname "$0")/sweep_records.py" best-head "$R" "$task" "$steps" "$token" "$lr" "$@")
+  [ -n "$head" ] || { echo "no seed-0 record of $task $token at $lr $*"; return; }
+  cell "$task" "$steps" 1 "$token" "$lr" "$@" dense_lr="$head"; cell "$task" "$steps" 2 "$token" "$lr" "$@" dense_lr="$head"
+}
+
 grid() {  # TASK STEPS METHOD[:SETTING] LR... -- [FIELD=VALUE ...]: seed 0 at each rate, then while the best rate
   # is at an edge of the grid one rate beyond it (twice at most), so that the chosen rate lies inside
   local task=$1 steps=$2 token=$3 rates=() lr next; shift 3
@@ -848,16 +856,17 @@ for part in "$@"; do
     # Seeds 1 and 2 of balanced at line_cap=1 with scaled steps and random components at LoRA's count on (a), with
     # the head at the rate seed 0's validation chose among 2e-3, 4e-3 and 8e-3.
     a-head-matched-seeds)
-      for at in "sift-fixed:matched selection=balanced line_cap=1 step_scale=input" "random:matched"; do
-        read -r token options <<< "$at"
-        # shellcheck disable=SC2086  # $options is a list of fields
-        head=$("$PY" "$(dirname "$0")/sweep_records.py" best-head "$R" classification 300 "$token" 2e-3 $options)
-        [ -n "$head" ] || { echo "no seed-0 record of $at at 2e-3"; continue; }
-        for seed in 1 2; do
-          # shellcheck disable=SC2086
-          cell classification 300 "$seed" "$token" 2e-3 $options dense_lr="$head"
-        done
-      done
+      seeds_at_head classification 300 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
+      seeds_at_head classification 300 random:matched 2e-3
+      ;;
+    # Random components at 0.1% on (a): seeds 1 and 2 with the head at the rate seed 0's validation chose.
+    a-head-low-random-seeds)
+      seeds_at_head classification 300 random:0.001 3.2e-2
+      ;;
+    # More seeds at 0.1% on (a) with the head at 4e-3 (a-head-low-more-seeds-3, ...), as a-low-more-seeds-N.
+    a-head-low-more-seeds-[0-9]*)
+      cell classification 300 "${part#a-head-low-more-seeds-}" sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 \
+        step_scale=input dense_lr=4e-3
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
