@@ -859,6 +859,14 @@ for part in "$@"; do
       seeds_at_head classification 300 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
       seeds_at_head classification 300 random:matched 2e-3
       ;;
+    # The head's grid at LoRA's count closed above 8e-3 (the best for both on seed 0's validation), then seeds 1
+    # and 2 at the head rate chosen (none run again where it stays 8e-3).
+    a-head-matched-edge)
+      a sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input dense_lr=1.6e-2
+      a random:matched 2e-3 dense_lr=1.6e-2
+      seeds_at_head classification 300 sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input
+      seeds_at_head classification 300 random:matched 2e-3
+      ;;
     # Random components at 0.1% on (a): seeds 1 and 2 with the head at the rate seed 0's validation chose.
     a-head-low-random-seeds)
       seeds_at_head classification 300 random:0.001 3.2e-2
