@@ -31,8 +31,8 @@ from sweep_records import best_rate, matching  # noqa: E402
 
 RANDOM, LORA = "random components", "LoRA r=8"  # the two rows every other row is compared with, seed by seed
 SCALED = ["selection=balanced", "line_cap=1", "step_scale=input"]
-# (density's name, figure's name, [(label, method[:setting], SIFT options as the sweep passes them)]); the first
-# group must have all of its records, the others are left out when none of theirs ran
+# (density's name, figure's name, [(label, method[:setting], SIFT options and head rate as the sweep passes them)]);
+# the first group must have all of its records, the others are left out when none of theirs ran
 GROUPS = [
     ("LoRA r=8's count", "classification_seeds.png", [
         (RANDOM, "random:matched", []),
@@ -43,6 +43,7 @@ GROUPS = [
     ("0.1%", "classification_seeds_0.1.png", [
         (RANDOM, "random:0.001", []),
         ("balanced at line_cap=1, scaled", "sift-fixed:0.001", SCALED),
+        ("balanced at line_cap=1, scaled, head 4e-3", "sift-fixed:0.001", [*SCALED, "dense_lr=4e-3"]),
         (LORA, "lora:8", []),
     ]),
 ]

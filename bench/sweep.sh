@@ -871,10 +871,15 @@ for part in "$@"; do
     a-head-low-random-seeds)
       seeds_at_head classification 300 random:0.001 3.2e-2
       ;;
-    # More seeds at 0.1% on (a) with the head at 4e-3 (a-head-low-more-seeds-3, ...), as a-low-more-seeds-N.
+    # More seeds at 0.1% on (a) with the head at 4e-3, the head rate seed 0's validation chose for both (as
+    # a-low-more-seeds-N): balanced at line_cap=1 with scaled steps (a-head-low-more-seeds-3, ...) and random
+    # components (a-head-low-random-more-seeds-3, ...).
     a-head-low-more-seeds-[0-9]*)
       cell classification 300 "${part#a-head-low-more-seeds-}" sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 \
         step_scale=input dense_lr=4e-3
+      ;;
+    a-head-low-random-more-seeds-[0-9]*)
+      cell classification 300 "${part#a-head-low-random-more-seeds-}" random:0.001 3.2e-2 dense_lr=4e-3
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
