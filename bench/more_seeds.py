@@ -4,11 +4,14 @@
                                [--docs-figures docs/figures]
 
 Two densities: LoRA r=8's count and 0.1%. Seeds 0-2 come from the sweep's
-records, seeds 3 and up from ``--more`` (``bench/sweep.sh a-more-seeds-N``
-and ``a-low-more-seeds-N``, kept apart from the sweep's three-seed tables).
-Each method runs at the rate seed 0's validation chose in the sweep. Prints
-a table a density (each seed's test accuracy, mean ± sd, and the difference
-to random components and to LoRA r=8 seed by seed: mean ± standard error)
+records, seeds 3 and up from ``--more`` (``bench/sweep.sh a-more-seeds-N``,
+``a-low-more-seeds-N``, ``a-head-low-more-seeds-N`` and
+``a-head-low-random-more-seeds-N``, kept apart from the sweep's three-seed
+tables). Each method runs at the rate seed 0's validation chose in the
+sweep; at 0.1% also with the head at 4e-3, the head rate seed 0 chose there.
+Prints a table a density (each seed's test accuracy, mean ± sd, and the
+difference to random components at the same head rate and to LoRA r=8 seed
+by seed: mean ± standard error)
 and writes them with a figure a density into ``--more``: ``summary.md``,
 ``classification_seeds.png`` and ``classification_seeds_0.1.png`` (each
 seed's accuracy by method, seeds joined across methods, with each method's
@@ -29,22 +32,25 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from sweep_records import best_rate, matching  # noqa: E402
 
-RANDOM, LORA = "random components", "LoRA r=8"  # the two rows every other row is compared with, seed by seed
+RANDOM, LORA = "random components", "LoRA r=8"  # the rows every other row is compared with, seed by seed
+RANDOM_HEAD = "random components, head 4e-3"  # the random row of the rows whose head trains at 4e-3
 SCALED = ["selection=balanced", "line_cap=1", "step_scale=input"]
-# (density's name, figure's name, [(label, method[:setting], SIFT options and head rate as the sweep passes them)]);
-# the first group must have all of its records, the others are left out when none of theirs ran
+# (density's name, figure's name, [(label, method[:setting], SIFT options and head rate as the sweep passes them,
+# the random row it is compared with)]); the first group must have all of its records, the others are left out
+# when none of theirs ran
 GROUPS = [
     ("LoRA r=8's count", "classification_seeds.png", [
-        (RANDOM, "random:matched", []),
-        ("balanced at line_cap=1, scaled", "sift-fixed:matched", SCALED),
-        ("balanced at line_cap=1", "sift-fixed:matched", ["selection=balanced", "line_cap=1"]),
-        (LORA, "lora:8", []),
+        (RANDOM, "random:matched", [], None),
+        ("balanced at line_cap=1, scaled", "sift-fixed:matched", SCALED, RANDOM),
+        ("balanced at line_cap=1", "sift-fixed:matched", ["selection=balanced", "line_cap=1"], RANDOM),
+        (LORA, "lora:8", [], RANDOM),
     ]),
     ("0.1%", "classification_seeds_0.1.png", [
-        (RANDOM, "random:0.001", []),
-        ("balanced at line_cap=1, scaled", "sift-fixed:0.001", SCALED),
-        ("balanced at line_cap=1, scaled, head 4e-3", "sift-fixed:0.001", [*SCALED, "dense_lr=4e-3"]),
-        (LORA, "lora:8", []),
+        (RANDOM, "random:0.001", [], None),
+        ("balanced at line_cap=1, scaled", "sift-fixed:0.001", SCALED, RANDOM),
+        (RANDOM_HEAD, "random:0.001", ["dense_lr=4e-3"], None),
+        ("balanced at line_cap=1, scaled, head 4e-3", "sift-fixed:0.001", [*SCALED, "dense_lr=4e-3"], RANDOM_HEAD),
+        (LORA, "lora:8", [], RANDOM),
     ]),
 ]
 TASK, STEPS = "classification", 300
@@ -70,15 +76,16 @@ def difference(by_seed: dict[int, float], reference: dict[int, float] | None) ->
             f"{statistics.stdev(differences) / len(differences) ** 0.5:.2f} ({len(common)} seeds)")
 
 
-def table(rows: list[tuple[str, float, dict[int, float]]]) -> list[str]:
-    references = {label: by_seed for label, _, by_seed in rows if label in (RANDOM, LORA)}
-    lines = ["| method | rate | seeds | test accuracy by seed | mean ± sd | median | minus random components, seed by "
-             "seed (mean ± standard error) | minus LoRA r=8, the same |", "|---|---:|---|---|---:|---:|---:|---:|"]
-    for label, lr, by_seed in rows:
+def table(rows: list[tuple[str, float, dict[int, float], str | None]]) -> list[str]:
+    by_label = {label: by_seed for label, _, by_seed, _ in rows}
+    lines = ["| method | rate | seeds | test accuracy by seed | mean ± sd | median | minus random components (at the "
+             "same head rate), seed by seed (mean ± standard error) | minus LoRA r=8, the same |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
+    for label, lr, by_seed, against in rows:
         values = list(by_seed.values())
         spread = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else \
             f"{values[0]:.2f}"
-        gaps = [difference(by_seed, references.get(name)) if label != name else "" for name in (RANDOM, LORA)]
+        gaps = [difference(by_seed, by_label.get(name)) if name and label != name else "" for name in (against, LORA)]
         seeds = sorted(by_seed)
         named = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else \
             ", ".join(map(str, seeds))
@@ -111,22 +118,22 @@ def agreement(sweep: Path, floors=(75, 78, 79, 80)) -> list[str]:
     return lines
 
 
-def figure(rows: list[tuple[str, float, dict[int, float]]], density: str, path: Path) -> None:
+def figure(rows: list[tuple[str, float, dict[int, float], str | None]], density: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    seeds = sorted({seed for _, _, by_seed in rows for seed in by_seed})
+    seeds = sorted({seed for _, _, by_seed, _ in rows for seed in by_seed})
     for seed in seeds:
-        xs = [i for i, (_, _, by_seed) in enumerate(rows) if seed in by_seed]
+        xs = [i for i, (_, _, by_seed, _) in enumerate(rows) if seed in by_seed]
         ax.plot(xs, [rows[i][2][seed] for i in xs], color="0.75", linewidth=0.8, marker="o", markersize=4,
                 zorder=1)
-    for i, (_, _, by_seed) in enumerate(rows):
+    for i, (_, _, by_seed, _) in enumerate(rows):
         ax.hlines(statistics.mean(by_seed.values()), i - 0.25, i + 0.25, color="tab:red", linewidth=2, zorder=2)
         ax.hlines(statistics.median(by_seed.values()), i - 0.15, i + 0.15, color="black", linewidth=1.5, zorder=3)
-    ax.set_xticks(range(len(rows)), [f"{label}\n{lr:g}" for label, lr, _ in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{label}\n{lr:g}" for label, lr, _, _ in rows], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"(a) MiniLM-L6 on Rotten Tomatoes at {density}, seeds {seeds[0]}-{seeds[-1]}\n"
                  "grey: one seed across methods; red: the mean; black: the median", fontsize=9)
@@ -146,9 +153,10 @@ def main(argv=None) -> int:
     printed, summary, figures = [], [], []  # the summary has the figures between the tables
     for number, (density, name, methods) in enumerate(GROUPS):
         if number and not any(matching(str(args.sweep), TASK, str(STEPS), token, fields)
-                              for label, token, fields in methods if label != LORA):
+                              for label, token, fields, _ in methods if label != LORA):
             continue  # a density that never ran
-        rows = [(label, *seeds_of(args.sweep, args.more, token, fields)) for label, token, fields in methods]
+        rows = [(label, *seeds_of(args.sweep, args.more, token, fields), against)
+                for label, token, fields, against in methods]
         block = [f"At {density}:", "", *table(rows), ""]
         printed += block
         summary += [*block, f"![each seed by method at {density}]({name})", ""]

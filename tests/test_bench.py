@@ -449,15 +449,19 @@ def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
     # validation score, so no correlation.
     assert "| 75 | 7 | -0.98 |" in out.stdout and "| 80 | 6 | – |" in out.stdout
     # 0.1%: each row also against LoRA r=8 (its records at rank 8 serve both densities), seed by seed
-    low = {**base, "setting": "0.001"}
-    records += [{**low, "method": "random", "sift": {}, "seed": 0, "lr": 3.2e-2, "val_value": 0.78, "value": 0.78},
-                {**low, **{k: scaled[k] for k in ("method", "sift")}, "seed": 0, "lr": 3.2e-2, "val_value": 0.79,
-                 "value": 0.79},
+    # The rows with the head at 4e-3 are compared with random components at that head rate.
+    low = {**base, "setting": "0.001", "dense_lr": 2e-3}
+    low_random, low_scaled = {**low, "method": "random", "sift": {}}, {**low, **{k: scaled[k] for k in ("method", "sift")}}
+    records += [{**low_random, "seed": 0, "lr": 3.2e-2, "val_value": 0.78, "value": 0.78},
+                {**low_scaled, "seed": 0, "lr": 3.2e-2, "val_value": 0.79, "value": 0.79},
+                {**low_random, "seed": 0, "lr": 3.2e-2, "dense_lr": 4e-3, "val_value": 0.79, "value": 0.70},
+                {**low_scaled, "seed": 0, "lr": 3.2e-2, "dense_lr": 4e-3, "val_value": 0.80, "value": 0.75},
                 {**lora, "seed": 1, "lr": 1e-3, "val_value": 0.80, "value": 0.84}]
     (sweep / "classification.json").write_text(json.dumps(records))
     (more / "classification.json").write_text(json.dumps(
-        [{**low, **{k: scaled[k] for k in ("method", "sift")}, "seed": 1, "lr": 3.2e-2, "val_value": 0.8,
-          "value": 0.80}]))
+        [{**low_scaled, "seed": 1, "lr": 3.2e-2, "val_value": 0.8, "value": 0.80},
+         {**low_random, "seed": 1, "lr": 3.2e-2, "dense_lr": 4e-3, "val_value": 0.8, "value": 0.72},
+         {**low_scaled, "seed": 1, "lr": 3.2e-2, "dense_lr": 4e-3, "val_value": 0.8, "value": 0.76}]))
     out = subprocess.run([sys.executable, str(script), "--sweep", str(sweep), "--more", str(more),
                           "--docs-figures", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -465,6 +469,9 @@ def test_more_seeds_joins_both_folders_at_seed_0s_rate(tmp_path):
     # scaled: 79 and 80 on seeds 0 and 1 against LoRA's 80 and 84: -2.5 ± 1.5; one seed in common with random
     assert "| balanced at line_cap=1, scaled | 0.032 | 0-1 | 79.00, 80.00 | 79.50 ± 0.71 | 79.50 |  | -2.50 ± 1.50 (2 seeds) |" \
         in low_rows
+    # head 4e-3: 75 and 76 against random components' 70 and 72 at that head rate: +4.5 ± 0.5
+    assert "| balanced at line_cap=1, scaled, head 4e-3 | 0.032 | 0-1 | 75.00, 76.00 | 75.50 ± 0.71 | 75.50 | " \
+        "+4.50 ± 0.50 (2 seeds) |" in low_rows
     assert (tmp_path / "more_seeds_classification_0.1.png").is_file()
     assert "At 0.1%" in (more / "summary.md").read_text()
     (sweep / "classification.json").write_text(json.dumps(records[:3]))  # balanced never ran
