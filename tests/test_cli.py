@@ -361,7 +361,7 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
     rate = default_lr(0.002)
     assert rate == pytest.approx(2.5e-3 * 5 ** 0.6)
     assert (f"learning rate {rate:.3g} (by density 0.002 and selection gradient: "
-            "default_lr(density, selection, structure, step_scale)), dense modules 0.002" in capsys.readouterr().out)
+            "default_lr(density, selection, structure, step_scale)), dense modules 0.004" in capsys.readouterr().out)
     assert scalars(out / "tensorboard")["train/learning_rate"][0] == (1, pytest.approx(rate))  # the warm-up's peak
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["lr"] == pytest.approx(rate)
@@ -369,7 +369,7 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
     increment = SparseIncrement.load(out)
     assert increment.metadata["lr"] == pytest.approx(rate) and increment.metadata["lr_from"] == (
         "default_lr(density, selection, structure, step_scale)")
-    assert increment.metadata["dense_lr"] == pytest.approx(2e-3)  # the head at the sweep's head rate, not the rule's
+    assert increment.metadata["dense_lr"] == pytest.approx(4e-3)  # the head at the sweep's head rate, not the rule's
 
 
 def test_train_without_lr_trains_random_components_at_their_own_rules_rate(tmp_path, tiny_bert_dir, sentiment_csv,

@@ -88,9 +88,10 @@ class TrainArgs:
             micro-batch trains the targeted weights only once it is complete.
             Modes ``"fixed"`` and ``"periodic"``. Default ``False``.
         dense_lr: peak learning rate of the densely trained modules. Default
-            ``None``: the same as ``lr`` when ``lr`` is given, else 2e-3 (the
-            head's rate in every run of the density sweep: the density rule
-            scales the rate of sparse components, not of a dense head).
+            ``None``: the same as ``lr`` when ``lr`` is given, else 4e-3 (the
+            head rate the density sweep's validation chose on (a): the
+            density rule scales the rate of sparse components, not of a
+            dense head).
         steps: optimizer steps to train; 0 trains for ``epochs`` instead.
             Default ``300``.
         epochs: passes over the training examples (fractions allowed), used when
@@ -406,8 +407,9 @@ def lr_used(args: TrainArgs) -> tuple[float, str]:
     return default_lr(args.density, args.selection, args.structure, args.step_scale), LR_RULE
 
 
-# The dense modules' rate when neither lr nor dense_lr is given: the head's rate in the density sweep.
-DEFAULT_DENSE_LR = 2e-3
+# The dense modules' rate when neither lr nor dense_lr is given: the head rate seed 0's validation chose, or came
+# within 0.1 point of, in each of the sweep's head grids on (a) (docs/selection.md, "The head's rate").
+DEFAULT_DENSE_LR = 4e-3
 
 
 def dense_lr_used(args: TrainArgs, lr: float) -> float:
