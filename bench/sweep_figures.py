@@ -73,8 +73,13 @@ def chosen_points(records: list[dict], task: str) -> list[dict]:
         def own_head(r):  # the head at the task's default rate for the method (its rate where it has none)
             return r["dense_lr"] == TASKS[task].dense_lr.get(r["method"], r["lr"])
 
-        def chosen_head(r):  # the head as the chosen one's: at the default, or at the chosen head rate
-            return own_head(r) if own_head(best) else r["dense_lr"] == best["dense_lr"]
+        # Off the chosen rate, the head stays at the chosen head rate where the grid ran other rates with it, else
+        # at the default (a head grid run at the chosen rate only)
+        at_chosen = not own_head(best) and any(r["dense_lr"] == best["dense_lr"] and r["lr"] != best["lr"]
+                                               for r in candidates)
+
+        def chosen_head(r):
+            return r["dense_lr"] == best["dense_lr"] if at_chosen else own_head(r)
 
         def at(factor):
             for r in candidates:
@@ -157,7 +162,7 @@ def plot_forgiveness(points: list[dict], task: str, path: Path) -> bool:
     for p, (colour, marker) in zip(mine, styles([p["family"] for p in mine])):
         xs, ys = zip(*p["curve"])
         ax.plot(xs, [y * scale for y in ys], marker=marker, markersize=5, linewidth=1.2, color=colour,
-                label=f"{p['family']} (chosen {p['lr']:g})")
+                label=f"{p['family']} (chosen {p['chosen']})")
     for x in (0.25, 4.0):
         ax.axvline(x, color="0.6", linestyle=":", linewidth=0.8)
     ax.set_xscale("log", base=2)
@@ -166,8 +171,9 @@ def plot_forgiveness(points: list[dict], task: str, path: Path) -> bool:
     if task != "classification":  # a rate far off can diverge: keep the scale on the methods' working range
         best = min(min(y for _, y in p["curve"]) for p in mine)
         ax.set_ylim(best - 0.05, best + 0.6)
-    ax.set_title(title(task, mine[0]["steps"]) + "\nat LoRA r=8's count, seed 0; "
-                 "dotted: a quarter and four times the chosen rate", fontsize=9)
+    ax.set_title(title(task, mine[0]["steps"]) + "\nat LoRA r=8's count, seed 0; dotted: a quarter and four times "
+                 "the chosen rate; the head at its default rate where only the chosen rate ran at the chosen head's",
+                 fontsize=9)
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110)
@@ -195,6 +201,10 @@ def summary(points: list[dict], task: str, steps: int) -> list[str]:
         lines.append(f"| {p['family'].replace('|', chr(92) + '|')} | {setting} | {p['adapted']:,} | {', '.join(p['tried'])} "
                      f"| {p['chosen']} | {p['val_mean'] * scale:.{digits}f} ({','.join(map(str, p['val_seeds']))}) "
                      f"| {score(p)} | {score(p['quarter'])} | {score(p['four'])} | {p['peak_mib']:.0f} |")
+    if any("head" in p["chosen"] for p in points):
+        lines += ["", "A rate tried with (head R) trained the head at R, the others at the task's default head rate. "
+                  "Off the chosen rate (lr/4, 4 lr) the head stays at the chosen head rate where the grid ran other "
+                  "rates with it, else at the default."]
     return lines + [""]
 
 
