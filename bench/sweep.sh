@@ -878,6 +878,14 @@ for part in "$@"; do
       cell classification 300 "${part#a-head-low-more-seeds-}" sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 \
         step_scale=input dense_lr=4e-3
       ;;
+    # More seeds at LoRA's count on (a) with the head at 8e-3, the head rate seed 0's validation chose for both
+    # balanced at line_cap=1 with scaled steps and random components (a-head-more-seeds-3, ...).
+    a-head-more-seeds-[0-9]*)
+      seed=${part#a-head-more-seeds-}
+      cell classification 300 "$seed" sift-fixed:matched 2e-3 selection=balanced line_cap=1 step_scale=input \
+        dense_lr=8e-3
+      cell classification 300 "$seed" random:matched 2e-3 dense_lr=8e-3
+      ;;
     a-head-low-random-more-seeds-[0-9]*)
       cell classification 300 "${part#a-head-low-random-more-seeds-}" random:0.001 3.2e-2 dense_lr=4e-3
       ;;
