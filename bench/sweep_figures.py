@@ -71,7 +71,7 @@ def chosen_points(records: list[dict], task: str) -> list[dict]:
     points = []
     for candidates, best, seeds in chosen_on_validation(summarise(records)):
         def own_head(r):  # the head at the task's default rate for the method (its rate where it has none)
-            return r["dense_lr"] == TASKS[task].dense_lr.get(r["method"], r["lr"])
+            return r["dense_lr"] == TASKS[task].head_lr(r["method"], r["lr"])
 
         # Off the chosen rate, the head stays at the chosen head rate where the grid ran other rates with it, else
         # at the default (a head grid run at the chosen rate only)

@@ -45,17 +45,18 @@ def head_rate(task: str, method: str, record: dict, given: str | None) -> float:
     if given is not None:
         return float(given)
     from siftune.bench.runner import TASKS  # imports torch: only for records that name a head rate
-    return TASKS[task].dense_lr.get(method, record["lr"])
+    return TASKS[task].head_lr(method, record["lr"])
 
 
 def same_rate(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-12 * abs(b)
 
 
-def best_rate(runs: list[dict]) -> float | None:
-    """The rate with the best validation score among ``runs`` (one seed's grid); a tie goes to the lower rate."""
+def best_rate(runs: list[dict], field: str = "lr") -> float | None:
+    """The rate (``field``: ``"lr"`` or the head's ``"dense_lr"``) with the best validation score among ``runs``
+    (one seed's grid); a tie goes to the lower rate."""
     sign = -1 if runs and runs[0]["metric"] == "loss" else 1
-    return max(runs, key=lambda r: (sign * r["val_value"], -r["lr"]))["lr"] if runs else None
+    return max(runs, key=lambda r: (sign * r["val_value"], -r[field]))[field] if runs else None
 
 
 def main(argv: list[str]) -> int:
@@ -72,8 +73,8 @@ def main(argv: list[str]) -> int:
         folder, task, steps, token, lr, *fields = argv[1:]
         runs = [r for r in matching(folder, task, steps, token, fields, any_head=True)
                 if r["seed"] == 0 and same_rate(r["lr"], float(lr))]
-        sign = -1 if runs and runs[0]["metric"] == "loss" else 1
-        print(f'{max(runs, key=lambda r: (sign * r["val_value"], -r["dense_lr"]))["dense_lr"]:g}' if runs else "")
+        head = best_rate(runs, "dense_lr")
+        print("" if head is None else f"{head:g}")
         return 0
     if argv[:1] == ["beyond"]:
         folder, task, steps, token, *fields = argv[1:]

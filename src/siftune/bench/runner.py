@@ -57,6 +57,10 @@ class TaskSetup:
     dense_lr: dict  # method -> learning rate of the densely trained head (default: its lr)
     val_size: int = 0  # validation examples drawn from the training pool, to choose settings on
 
+    def head_lr(self, method: str, lr: float) -> float:
+        """The head's rate of ``method`` at rate ``lr`` when none is given."""
+        return self.dense_lr.get(method, lr)
+
 
 TASKS = {
     "classification": TaskSetup(
@@ -239,7 +243,7 @@ def plan(task: str, methods: list[str], seeds: list[int], quick: bool = False, s
         base_rate = lr_each.get(method, lr_all or setup.lr.get(method, 0.0))
         # The same relative grid for every method: their good rates differ by 40x (full vs SIFT).
         for rate in [float(f"{base_rate * f:.6g}") for f in lr_grid] if lr_grid and method != "base" else [base_rate]:
-            head_rate = dense_each.get(method, dense_all or setup.dense_lr.get(method, rate))
+            head_rate = dense_each.get(method, dense_all or setup.head_lr(method, rate))
             for seed in seeds:
                 runs.append(RunSpec(task, method, setting, seed, lr=rate, dense_lr=head_rate, quick=quick,
                                     threads=threads, sift=_options_of(method, options),
