@@ -889,6 +889,13 @@ for part in "$@"; do
     a-head-low-random-more-seeds-[0-9]*)
       cell classification 300 "${part#a-head-low-random-more-seeds-}" random:0.001 3.2e-2 dense_lr=4e-3
       ;;
+    # The head first at 0.1% on (a) with the head at 4e-3: balanced at line_cap=1 with scaled steps, the selection
+    # made after the head trained alone for 30 or 60 steps (a-after-low ran it with the head at 2e-3).
+    a-head-after-low)
+      a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input select_after=30 dense_lr=4e-3
+      a sift-fixed:0.001 4.5e-2 selection=balanced line_cap=1 step_scale=input select_after=30 dense_lr=4e-3
+      a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input select_after=60 dense_lr=4e-3
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input
