@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--density", type=float, default=0.01)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--eval-size", type=int, default=2000)
     parser.add_argument("--output-dir", default="runs/python-api")
     args = parser.parse_args()

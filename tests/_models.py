@@ -12,6 +12,9 @@ from torch.nn import functional as F
 # The MLP's layers by qualified name: "0", "2", "4" are Linears, "1", "3" are Tanh.
 MLP_TARGETS = ["0", "2"]
 MLP_DENSE = ["4"]
+# The top-k with AdamW's plain steps: what SiftConfig's "auto" gives where balanced and scaled steps cannot run
+# (FSDP2 shards), and what the tests of the top-k's own mechanics name.
+TOPK = {"selection": "gradient", "step_scale": None}
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float32, sizes=(8, 16, 16, 3)) -> nn.Sequential:

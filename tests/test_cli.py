@@ -318,12 +318,25 @@ def test_no_help_text_states_its_default_twice():
 def test_default_lr_for_the_top_k_falls_as_density_to_the_0_6_from_2_5e3_at_1_percent_under_a_cap():
     from siftune.recipes.train import default_lr
 
-    assert default_lr(0.01) == pytest.approx(2.5e-3)
-    assert default_lr(0.1) == pytest.approx(2.5e-3 * 0.1 ** 0.6)  # 6.3e-4, where the sweep chose 8e-4 on (b)
-    assert default_lr(0.001) == pytest.approx(2.5e-3 * 10 ** 0.6)  # 1e-2, where the sweep chose 8e-3 on both tasks
-    assert default_lr(0.0001) == pytest.approx(3.2e-2)  # the cap: (a) falls to the majority class at 6.4e-2
-    assert default_lr(1e-6) == pytest.approx(3.2e-2)
-    assert default_lr(1.0) < default_lr(0.5) < default_lr(0.1)  # no floor: denser trains slower
+    def top_k(density):
+        return default_lr(density, "gradient", step_scale=None)
+
+    assert top_k(0.01) == pytest.approx(2.5e-3)
+    assert top_k(0.1) == pytest.approx(2.5e-3 * 0.1 ** 0.6)  # 6.3e-4, where the sweep chose 8e-4 on (b)
+    assert top_k(0.001) == pytest.approx(2.5e-3 * 10 ** 0.6)  # 1e-2, where the sweep chose 8e-3 on both tasks
+    assert top_k(0.0001) == pytest.approx(3.2e-2)  # the cap: (a) falls to the majority class at 6.4e-2
+    assert top_k(1e-6) == pytest.approx(3.2e-2)
+    assert top_k(1.0) < top_k(0.5) < top_k(0.1)  # no floor: denser trains slower
+
+
+def test_default_lr_for_the_default_selection_is_random_components_rule():
+    from siftune.recipes.train import default_lr
+
+    for density in (0.1, 0.01, 0.001):  # "auto": balanced with scaled steps in mode fixed
+        assert default_lr(density) == pytest.approx(default_lr(density, "random")) == pytest.approx(
+            1e-2 * (0.01 / density) ** 0.8)
+    # whole rows keep plain steps under "auto", and the top-k's rule at twice the rate
+    assert default_lr(0.01, "auto", "rows") == pytest.approx(2 * default_lr(0.01, "gradient", step_scale=None))
 
 
 def test_default_lr_for_random_components_and_balanced_rises_faster_and_is_held_below_0_01_percent():
@@ -333,10 +346,12 @@ def test_default_lr_for_random_components_and_balanced_rises_faster_and_is_held_
         random = default_lr(density, "random")
         assert random == pytest.approx(1e-2 * (0.01 / density) ** 0.8)  # 0.01%: 0.4, where (b) chose 0.512
         assert default_lr(density, "balanced") == pytest.approx(random)  # its fit over 15 grids
-        assert default_lr(density, "gradient", "rows") == pytest.approx(2 * default_lr(density))
-        assert default_lr(density, "random", "rows") == pytest.approx(random)  # the selection's rule
-        assert default_lr(density, "mixed") == default_lr(density, "grow_drop") == default_lr(density)
-        assert default_lr(density, "gradient", "columns") == default_lr(density)
+        top_k = default_lr(density, "gradient", step_scale=None)
+        assert default_lr(density, "gradient", "rows", None) == pytest.approx(2 * top_k)
+        assert default_lr(density, "random", "rows", None) == pytest.approx(random)  # the selection's rule
+        assert default_lr(density, "mixed", step_scale=None) == default_lr(density, "grow_drop", step_scale=None) \
+            == top_k
+        assert default_lr(density, "gradient", "columns", None) == top_k
     assert default_lr(1e-6, "random") == default_lr(1e-4, "random")  # below the sweep's lowest density: held
     for selection in ("gradient", "balanced", "mixed"):  # scaled steps: random components' rule for every selection
         assert default_lr(0.023, selection, step_scale="input") == pytest.approx(default_lr(0.023, "random"))
@@ -359,9 +374,11 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
 
     out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--report-to", "tensorboard")
     rate = default_lr(0.002)
-    assert rate == pytest.approx(2.5e-3 * 5 ** 0.6)
-    assert (f"learning rate {rate:.3g} (by density 0.002 and selection gradient: "
-            "default_lr(density, selection, structure, step_scale)), dense modules 0.004" in capsys.readouterr().out)
+    assert rate == pytest.approx(1e-2 * 5 ** 0.8)  # the default selection: balanced with scaled steps
+    printed = capsys.readouterr().out
+    assert "selection balanced (line_cap 1), steps scaled by input\n" in printed
+    assert (f"learning rate {rate:.3g} (by density 0.002 and selection balanced, scaled: "
+            "default_lr(density, selection, structure, step_scale)), dense modules 0.004" in printed)
     assert scalars(out / "tensorboard")["train/learning_rate"][0] == (1, pytest.approx(rate))  # the warm-up's peak
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["lr"] == pytest.approx(rate)
@@ -376,10 +393,14 @@ def test_train_without_lr_trains_random_components_at_their_own_rules_rate(tmp_p
                                                                             capsys):
     from siftune.recipes.train import default_lr
 
-    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--selection", "random")
+    out = run_without_lr(tmp_path, tiny_bert_dir, sentiment_csv, "--selection", "random", "--step-scale", "none")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["lr"] == pytest.approx(default_lr(0.002, "random")) == pytest.approx(1e-2 * 5 ** 0.8)
     assert "(by density 0.002 and selection random: " in capsys.readouterr().out
+    out = run_without_lr(tmp_path / "top-k", tiny_bert_dir, sentiment_csv, "--selection", "gradient",
+                         "--step-scale", "none")
+    assert json.loads((out / "metrics.json").read_text())["args"]["lr"] == pytest.approx(2.5e-3 * 5 ** 0.6)
+    assert "selection gradient\n" in capsys.readouterr().out
 
 
 def test_a_given_lr_is_the_dense_modules_rate_unless_dense_lr_is_given(tmp_path, tiny_bert_dir, sentiment_csv):

@@ -11,13 +11,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import ConfigError, NonFiniteGradientError, ReferenceSift, SiftConfig, TargetError  # noqa: E402
-from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, params, tiny_llama, token_batches  # noqa: E402
+from _models import MLP_DENSE, MLP_TARGETS, TOPK, mlp, mlp_batches, mlp_loss, params, tiny_llama, token_batches  # noqa: E402
 
 ATOL = 1e-6
 
 
 def config(**overrides) -> SiftConfig:
-    base = dict(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE)
+    """The top-k with plain steps (this file's mechanics); the default's own tests say SiftConfig()."""
+    base = dict(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE, **TOPK)
     return SiftConfig(**{**base, **overrides})
 
 
@@ -54,6 +55,42 @@ def step_both(fast, slow, opt, ref, micro_batches) -> float:
     opt.zero_grad()
     ref.step()
     return max(float((a - b).detach().abs().max()) for a, b in zip(fast.parameters(), slow.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "periodic"])
+def test_the_default_config_trains_balanced_with_scaled_steps_in_lockstep_with_the_reference(mode):
+    cfg = SiftConfig(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE, mode=mode, refresh_every=3)
+    assert (cfg.selection, cfg.step_scale, cfg.line_cap) == ("auto", "auto", 1.0)
+    engine = siftune.attach(mlp(), cfg)
+    assert (engine.config.selection, engine.config.step_scale) == ("balanced", "input")
+    assert engine.state_dict()["config"]["selection"] == "balanced"  # saved concrete, never "auto"
+    records, moved = lockstep(cfg)
+    assert_lockstep(records, moved)
+    top_k = lockstep(config(mode=mode, refresh_every=3))[0]
+    assert any(not torch.equal(a["selected"][n], b["selected"][n])
+               for a, b in zip(records, top_k) for n in a["selected"])  # it is not the top-k
+
+
+@pytest.mark.parametrize("overrides, selection, step_scale", [
+    ({"budget": "global"}, "gradient", "input"),
+    ({"mode": "per_step"}, "gradient", None),
+    ({"structure": "rows"}, "gradient", None),
+    ({"selection": "gradient"}, "gradient", "input"),
+    ({"selection": "random"}, "random", "input"),
+    ({"step_scale": None}, "balanced", None),
+])
+def test_auto_is_the_top_k_or_plain_steps_where_balanced_or_scaling_cannot_run(overrides, selection, step_scale):
+    engine = siftune.attach(mlp(), SiftConfig(density=0.2, target_modules=MLP_TARGETS, **overrides))
+    assert (engine.config.selection, engine.config.step_scale) == (selection, step_scale)
+
+
+def test_auto_keeps_plain_steps_when_a_target_has_no_input_features():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 3))
+    engine = siftune.attach(model, density=0.2, target_modules=["0", "1"])
+    assert (engine.config.selection, engine.config.step_scale) == ("balanced", None)
+    with pytest.raises(ConfigError, match="step_scale='input' scales steps by a Linear layer's input features"):
+        siftune.attach(torch.nn.Sequential(torch.nn.Embedding(10, 8)), density=0.2, target_modules=["0"],
+                       step_scale="input")
 
 
 def assert_lockstep(records, moved):
@@ -137,7 +174,7 @@ def test_lean_setup_holds_6_bytes_per_selected_component_on_the_device():
     # copies, no gradient buffers (the update is applied in backward).
     model = mlp(dtype=torch.bfloat16, sizes=(300, 400, 16, 3))  # 120k entries: two 65,536 blocks
     cfg = SiftConfig(density=0.05, target_modules=["0"], state_dtype="bfloat16", master_weights=False,
-                     compact_indices=True, update_in_backward=True)
+                     compact_indices=True, update_in_backward=True, **TOPK)
     engine = siftune.attach(model, cfg)
     opt = engine.optimizer(lr=1e-3)
     before = model[0].weight.detach().clone()
@@ -385,7 +422,7 @@ def _bf16_constant_gradient_run(master_weights: bool, lr: float = 1e-3, steps: i
     with torch.no_grad():
         model[0].weight.fill_(1.0)
     x = torch.rand(3, 8).add_(0.5).to(torch.bfloat16)
-    engine = siftune.attach(model, SiftConfig(density=0.5, target_modules=["0"], master_weights=master_weights))
+    engine = siftune.attach(model, SiftConfig(density=0.5, target_modules=["0"], master_weights=master_weights, **TOPK))
     opt = engine.optimizer(lr=lr)
     for _ in range(steps):
         model(x).float().sum().backward()

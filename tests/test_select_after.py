@@ -12,14 +12,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import siftune  # noqa: E402
 from siftune import ConfigError, SiftConfig  # noqa: E402
-from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss, whole_and_resumed  # noqa: E402
+from _models import MLP_DENSE, MLP_TARGETS, TOPK, mlp, mlp_batches, mlp_loss, whole_and_resumed  # noqa: E402
 from test_engine import ATOL, lockstep  # noqa: E402
 from test_cli import sentiment_csv, train  # noqa: E402,F401  (a fixture)
 
 
 def config(**overrides) -> SiftConfig:
     return SiftConfig(**{**dict(density=0.25, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE,
-                                select_after=3), **overrides})
+                                select_after=3, **TOPK), **overrides})
 
 
 @pytest.mark.parametrize("overrides, accum", [

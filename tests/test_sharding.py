@@ -24,7 +24,7 @@ sys.path.insert(0, str(TESTS))
 import siftune  # noqa: E402
 from siftune import SiftConfig  # noqa: E402
 from siftune.parallel import distributed, sharding  # noqa: E402
-from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
+from _models import MLP_DENSE, MLP_TARGETS, TOPK, mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_distributed import finish, output, recipe_inputs  # noqa: E402, F401 (a fixture)
 from test_distributed import start_job as start_distributed_job  # noqa: E402
 
@@ -89,7 +89,8 @@ def train_mixed_precision() -> dict:
         optimizer.step()
         optimizer.zero_grad()
     return {"before": before, "params": {n: distributed.full(p) for n, p in model.named_parameters()},
-            "selected": _whole_selection(engine), "k": {s.name: s.k for s in engine.slots}}
+            "selected": _whole_selection(engine), "k": {s.name: s.k for s in engine.slots},
+            "chosen": (engine.config.selection, engine.config.step_scale)}
 
 
 def trainer_with_fsdp(out: Path):
@@ -212,8 +213,9 @@ def train_mlp(scenario: str, sync_every_micro_batch: bool = True) -> dict:
 
         shard_mlp(model, **({"mesh": init_device_mesh("cpu", hsdp[0], mesh_dim_names=("replicate", "shard"))}
                             if hsdp else {}))
+    # on shards "auto" is the top-k with plain steps; the single-process reference names them
     engine = siftune.attach(model, SiftConfig(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE,
-                                              **overrides))
+                                              **{**TOPK, **overrides}))
     optimizer = engine.optimizer(lr=1e-2)
     batches = distributed.shard(mlp_batches(STEPS * accum, batch_size=GLOBAL_BATCH, dtype=dtype))
     norms = []
@@ -319,7 +321,9 @@ def job(recipe_inputs):
     folder = recipe_inputs
     procs = start_job("train", folder)
     single = {scenario: train_mlp(scenario) for scenario in SCENARIOS}
-    assert main(recipe_flags(folder / "model", folder / "data.csv", folder / "recipe-single")) == 0
+    # --fsdp's "auto" is the top-k with plain steps, which one process runs when named
+    assert main(recipe_flags(folder / "model", folder / "data.csv", folder / "recipe-single", "--selection",
+                             "gradient", "--step-scale", "none")) == 0
     codes, _ = finish(procs, JOB_LIMIT_S)
     assert codes == [0] * WORLD, [output(folder, r)[-3000:] for r in range(WORLD)]
     ranks = [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
@@ -456,6 +460,11 @@ def test_under_a_mixed_precision_policy_the_fp32_shards_change_at_the_selected_c
         assert idx.numel() == run["k"][name]
         changed = (run["params"][name] != run["before"][name]).reshape(-1).nonzero().squeeze(1)
         assert run["params"][name].dtype == torch.float32 and torch.equal(changed, idx), name
+
+
+def test_on_shards_the_default_config_trains_the_top_k_with_plain_steps(job):
+    _, ranks, _ = job
+    assert ranks[0]["mixed precision"]["chosen"] == ("gradient", None)  # SiftConfig() on FSDP2 shards
 
 
 def test_under_a_mixed_precision_policy_the_targeted_weights_stay_near_the_fp32_run(job):

@@ -29,7 +29,7 @@ def batches(count: int, seed: int = 1):
 
 def config(**overrides) -> SiftConfig:
     return SiftConfig(**{**dict(density=0.25, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE,
-                                step_scale="input"), **overrides})
+                                selection="gradient", step_scale="input"), **overrides})
 
 
 def lockstep(cfg, steps=6, accum=2, lr=1e-2, weight_decay=0.0):
@@ -137,7 +137,7 @@ def test_a_skipped_step_keeps_the_factors_of_the_selection_in_force():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(step_scale="output"), "step_scale must be None or 'input'"),
+    (dict(step_scale="output"), "step_scale must be None, 'input' or 'auto'"),
     (dict(step_scale="input", mode="per_step"), "mode='per_step' selects anew each step"),
 ])
 def test_a_step_scale_out_of_place_is_a_one_line_config_error(overrides, message):

@@ -11,11 +11,33 @@ from .errors import ConfigError
 
 MODES = ("fixed", "periodic", "per_step")
 SELECTIONS = ("gradient", "random", "mixed", "balanced", "grow_drop")
+AUTO = "auto"  # selection and step_scale: what the density sweep found best, where the rest of the config allows it
 # Each selection's own field, with the range it takes: (name, selection, low, high, low included).
 SELECTION_FIELDS = (("score_share", "mixed", 0.0, 1.0, True), ("line_cap", "balanced", 1.0, float("inf"), True),
                     ("drop_share", "grow_drop", 0.0, 1.0, False))
 STORAGES = ("in_place", "delta")
 STEP_SCALES = (None, "input")
+
+
+def resolve_auto(selection: str, step_scale: str | None, mode: str, budget: str, structure: str | None,
+                 sharded: bool = False, scalable: bool = True) -> tuple[str, str | None]:
+    """``(selection, step_scale)`` with ``"auto"`` made concrete.
+
+    ``selection="auto"`` is ``"balanced"`` (at ``line_cap``, 1 by default)
+    where balanced can run: ``budget="per_tensor"``, mode ``"fixed"`` or
+    ``"periodic"``, no ``structure``, weights whole on every process (not
+    FSDP2 shards); else ``"gradient"``, the top-k. ``step_scale="auto"`` is
+    ``"input"`` where it can run and was measured: mode ``"fixed"`` or
+    ``"periodic"``, weights whole, every target Linear-like (``scalable``),
+    single components (no ``structure``); else ``None``.
+    """
+    if selection == AUTO:
+        balanced = budget == "per_tensor" and mode != "per_step" and structure in (None, "none") and not sharded
+        selection = "balanced" if balanced else "gradient"
+    if step_scale == AUTO:
+        whole = structure in (None, "none")
+        step_scale = "input" if mode != "per_step" and not sharded and scalable and whole else None
+    return selection, step_scale
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,42 +92,34 @@ class SiftConfig:
             selection is deterministic. Default ``0``.
         selection: how each tensor's k components are chosen from the
             window's ``score`` (:mod:`siftune.select`): ``"gradient"`` (its
-            top-k, SIFT), ``"random"`` (k uniformly random components: the
-            paper's ablation), ``"mixed"`` (the top ``score_share`` of k by
-            score, the rest uniformly random among the others, from ``seed``),
-            ``"balanced"`` (top-k by score with no row and no column holding
-            more than ``line_cap`` times its fair share, k/rows or k/columns,
-            always) or ``"grow_drop"``
+            top-k, the paper's SIFT), ``"random"`` (k uniformly random
+            components: the paper's ablation), ``"mixed"`` (the top
+            ``score_share`` of k by score, the rest uniformly random among the
+            others, from ``seed``), ``"balanced"`` (top-k by score with no row
+            and no column holding more than ``line_cap`` times its fair share,
+            k/rows or k/columns, always) or ``"grow_drop"``
             (``mode="periodic"``: the first selection is the top-k; at every
             refresh the ``drop_share`` of the selected components that changed
             least since training began is dropped and as many unselected ones
             are grown by score; grown components start with zero moments).
             The last three need ``budget="per_tensor"`` and are refused on
-            FSDP2 shards. Measured on the benchmark tasks (docs/selection.md,
-            every rate chosen on validation): at LoRA r=8's count no choice by
-            the gradient beats random components on test over three seeds, on
-            either task, and random components lead the top-k at every
-            density from 0.01% to 1% on both: there is no density at which
-            the gradient's choice pays on both tasks once each selection has
-            its own rate (on the classification task balanced and the top-k
-            lead random components at 10%, and balanced within the seeds'
-            spread at 0.01%). It pays when one rate serves every
-            selection (0.1% at 2e-3:
-            75.6 against 57.8), since random components want a higher rate, 2
-            to 16 times the top-k's, the more the sparser. ``"balanced"`` at
-            ``line_cap=1`` comes closest to random components among the
-            gradient's choices. So: with a rate tuned per selection, or
-            ``siftune train``'s default rate (a rule fitted per selection),
-            use ``"random"``; keep ``"gradient"`` when the rate is set once
-            for any selection. With ``step_scale="input"``, ``"balanced"`` at
-            ``line_cap=1`` leads random components on the causal-LM task
-            (test loss 1.134 against 1.141, three seeds; level with LoRA r=8)
-            and is level with them on the classification task over eleven
-            seeds (81.18 against 81.19% test accuracy; at 0.1% 0.4 ahead,
-            78.78 against 78.34); with the new head's rate also chosen on
-            validation (8e-3) it is level with random components and ahead
-            of LoRA r=8 there over three seeds (81.37 against 81.23 and
-            80.50). Default ``"gradient"``.
+            FSDP2 shards. ``"auto"`` is ``"balanced"`` where it can run
+            (``budget="per_tensor"``, mode ``"fixed"`` or ``"periodic"``, no
+            ``structure``, weights whole on every process), else
+            ``"gradient"`` (:func:`resolve_auto`; the engine saves the
+            concrete choice). Measured on the benchmark tasks
+            (docs/selection.md, every rate chosen on validation), balanced at
+            ``line_cap=1`` with ``step_scale="input"`` has the best
+            validation of every selection at LoRA r=8's count on both tasks,
+            and beats the top-k's at every density measured from 0.01% to
+            10% on both; on test it is level with random components at
+            LoRA's count (81.37 against 81.23% on classification, loss 1.134
+            against 1.141 on causal-LM data, three seeds) and ahead of them
+            at 0.1% on classification (eleven seeds, +0.68 ± 0.24). It
+            wants random components' rate, 2 to 16 times the top-k's, the
+            more the sparser: ``siftune train``'s default rate follows the
+            selection; at a rate chosen for the top-k keep
+            ``"gradient"``. Default ``"auto"``.
         score_share: with ``selection="mixed"``, the share of each tensor's
             count chosen by score, in [0, 1]. Default ``0.5``.
         line_cap: with ``selection="balanced"``, the most a row (a column)
@@ -114,7 +128,9 @@ class SiftConfig:
             columns), always. Such caps admit k components at any value >= 1;
             where choosing by score stalls before k (the rows and columns with
             room left meet only at chosen components), chains of swaps within
-            the caps add the rest (docs/selection.md). Default ``2.0``.
+            the caps add the rest (docs/selection.md). ``1`` had the better
+            validation on both benchmark tasks at LoRA r=8's count. Default
+            ``1.0``.
         drop_share: with ``selection="grow_drop"``, the share of each
             tensor's count dropped and regrown at every refresh, in (0, 1].
             Default ``0.25``.
@@ -183,22 +199,24 @@ class SiftConfig:
             ``nn.Linear`` targets only; modes ``"fixed"`` and ``"periodic"``,
             ``budget="per_tensor"``, not on FSDP2 shards. Default ``None``.
         step_scale: ``None`` (or ``"none"``: every selected component steps
-            at the rate, as AdamW does) or ``"input"``: each component's step
-            (and its weight decay) is the rate times median(r) / r_j, where
-            r_j is the root mean square of its input feature j over the
-            selection window's tokens and the median is over the weight's
-            input features, held within [0.1, 10]. AdamW moves every
-            component by about the rate whatever its input's scale, so a
-            component on a large input feature moves the layer's output many
-            times more than one on a typical feature; scaled, each moves it
-            about as much. The scale is taken with each selection (forward
-            hooks on the targeted layers count the window's inputs). Linear-
-            like targets only (``nn.Linear``, its quantized subclasses,
-            ``Conv1D``); modes ``"fixed"`` and ``"periodic"``; not on FSDP2
-            shards. At LoRA r=8's count it makes ``selection="balanced"``
-            (``line_cap=1``) lead random components on the causal-LM
-            benchmark and changes nothing measurable on the classification
-            one (docs/selection.md). Default ``None``.
+            at the rate, as AdamW does), ``"input"`` or ``"auto"``. With
+            ``"input"`` each component's step (and its weight decay) is the
+            rate times median(r) / r_j, where r_j is the root mean square of
+            its input feature j over the selection window's tokens and the
+            median is over the weight's input features, held within [0.1,
+            10]. AdamW moves every component by about the rate whatever its
+            input's scale, so a component on a large input feature moves the
+            layer's output many times more than one on a typical feature;
+            scaled, each moves it about as much. The scale is taken with each
+            selection (forward hooks on the targeted layers count the
+            window's inputs: one fp32 factor a feature). Linear-like targets
+            only (``nn.Linear``, its quantized subclasses, ``Conv1D``); modes
+            ``"fixed"`` and ``"periodic"``; not on FSDP2 shards. ``"auto"``
+            is ``"input"`` where it can run, for single components (no
+            ``structure``), else ``None`` (:func:`resolve_auto`). At LoRA r=8's count it makes
+            ``selection="balanced"`` (``line_cap=1``) lead random components
+            on the causal-LM benchmark (docs/selection.md). Default
+            ``"auto"``.
         select_after: optimizer steps the ``dense_modules`` (a new
             classification head) train alone before the first selection
             window opens; the targeted weights' gradients are dropped until
@@ -223,7 +241,7 @@ class SiftConfig:
     master_weights: bool = True
     max_grad_norm: float | None = None
     seed: int = 0
-    selection: str = "gradient"
+    selection: str = AUTO
     update_in_backward: bool = False
     compact_indices: bool = False
     storage: str = "in_place"
@@ -232,10 +250,10 @@ class SiftConfig:
     budget: str = "per_tensor"
     min_density: float = 0.0
     score_share: float = 0.5
-    line_cap: float = 2.0
+    line_cap: float = 1.0
     drop_share: float = 0.25
     structure: str | None = None
-    step_scale: str | None = None
+    step_scale: str | None = AUTO
     select_after: int = 0
 
     def __post_init__(self) -> None:
@@ -252,8 +270,8 @@ class SiftConfig:
             )
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.selection not in (*SELECTIONS, AUTO):
+            raise ConfigError(f"selection must be one of {', '.join((*SELECTIONS, AUTO))}, got {self.selection!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         for name in ("master_weights", "update_in_backward", "compact_indices"):
@@ -328,7 +346,9 @@ class SiftConfig:
                     (low <= value if low_included else low < value) and value <= high):
                 bounds = f"{'[' if low_included else '('}{low:g}, {high:g}{']' if high != float('inf') else ')'}"
                 raise ConfigError(f"{name} must be a number in {bounds}, got {value!r}")
-            if value != type(self).__dataclass_fields__[name].default and self.selection != selection:
+            # "auto" may become balanced, never another selection
+            allowed = (selection, AUTO) if selection == "balanced" else (selection,)
+            if value != type(self).__dataclass_fields__[name].default and self.selection not in allowed:
                 raise ConfigError(f"{name} is an option of selection='{selection}'; this config selects "
                                   f"{self.selection!r}: drop {name} or set selection='{selection}'")
         if self.selection in ("mixed", "balanced", "grow_drop") and (self.budget != "per_tensor" or
@@ -350,9 +370,9 @@ class SiftConfig:
                               f"{self.selection!r} chooses single components: use one of them")
         if self.step_scale == "none":
             self.step_scale = None
-        if self.step_scale not in STEP_SCALES:
-            raise ConfigError(f"step_scale must be None or 'input', got {self.step_scale!r}")
-        if self.step_scale and self.mode == "per_step":
+        if self.step_scale not in (*STEP_SCALES, AUTO):
+            raise ConfigError(f"step_scale must be None, 'input' or 'auto', got {self.step_scale!r}")
+        if self.step_scale == "input" and self.mode == "per_step":
             raise ConfigError("step_scale='input' scales the steps of a selection by its window's inputs; "
                               "mode='per_step' selects anew each step: use mode 'fixed' or 'periodic'")
         if isinstance(self.select_after, bool) or not isinstance(self.select_after, int) or self.select_after < 0:
@@ -369,6 +389,16 @@ class SiftConfig:
     def torch_state_dtype(self) -> torch.dtype:
         return STATE_DTYPES[self.state_dtype]
 
+    def resolve(self, sharded: bool = False, scalable: bool = True) -> "SiftConfig":
+        """This config with ``selection`` and ``step_scale`` ``"auto"`` made concrete (:func:`resolve_auto`):
+        ``sharded``, the targeted weights are FSDP2 shards; ``scalable``, every target is Linear-like. The
+        engine and :class:`~siftune.core.reference.ReferenceSift` train the resolved config, and save it."""
+        selection, step_scale = resolve_auto(self.selection, self.step_scale, self.mode, self.budget,
+                                             self.structure, sharded, scalable)
+        if (selection, step_scale) == (self.selection, self.step_scale):
+            return self
+        return dataclasses.replace(self, selection=selection, step_scale=step_scale)
+
     @property
     def torch_delta_dtype(self) -> torch.dtype:
         return STATE_DTYPES[self.delta_dtype]
@@ -383,8 +413,10 @@ class SiftConfig:
     @classmethod
     def saved_defaults(cls) -> dict:
         """The value a saved config that lacks a field ran with: the default of its time. ``score`` was
-        added with default ``"grad"`` (the paper's), and so ran every config saved without it."""
-        return {**cls().to_dict(), "score": "grad"}
+        added with default ``"grad"`` (the paper's), and so ran every config saved without it; ``selection``,
+        ``line_cap`` and ``step_scale`` came with ``"gradient"``, 2 and ``None``. (An engine saves its resolved
+        config, never ``"auto"``.)"""
+        return {**cls().to_dict(), "score": "grad", "selection": "gradient", "line_cap": 2.0, "step_scale": None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SiftConfig":

@@ -34,12 +34,13 @@ from .gradients import accumulated_gradient, layer_and_type, targeted_weights
 
 # name -> (SiftConfig fields, what it is)
 SELECTIONS = {
-    "default": ({"score": "grad_weight"}, "top-k of |g w| per tensor (SiftConfig's default)"),
+    "default": ({"score": "grad_weight"}, "top-k of |g w| per tensor (selection='gradient')"),
     "paper": ({"score": "grad"}, "top-k of |g| per tensor (the paper's)"),
     "global": ({"score": "grad_weight", "budget": "global"}, "top-K of |g w| over all tensors"),
     "random": ({"selection": "random"}, "k uniformly random components per tensor"),
     "mixed": ({"selection": "mixed"}, "half of k by |g w|, half uniformly random"),
-    "balanced": ({"selection": "balanced"}, "top-k of |g w|, no row or column over twice its fair share"),
+    "balanced": ({"selection": "balanced", "line_cap": 2.0},
+                 "top-k of |g w|, no row or column over twice its fair share"),
     "snr": ({"score": "grad_snr"}, "top-k of |sum g| / sqrt(sum g^2) over the batches (the gradient's "
                                    "signal-to-noise ratio; two batches or more)"),
     "grow_drop": ({"selection": "grow_drop", "mode": "periodic"},
@@ -190,7 +191,8 @@ def _train(model, batches, args: SelectionArgs, method: str, head: list[str], na
     elif method == "full":
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr / 20, weight_decay=0.0)
     else:
-        options = dict(SELECTIONS[method][0])
+        # each as named, with AdamW's plain steps (SiftConfig's "auto" would choose balanced and scale them)
+        options = {"selection": "gradient", "step_scale": None, **SELECTIONS[method][0]}
         if options.get("mode") == "periodic":
             options["refresh_every"] = max(1, args.train_steps // 4)
         if options.get("score") == "grad_snr":

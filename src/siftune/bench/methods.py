@@ -231,6 +231,14 @@ def prepare_shira(model, run: MethodRun) -> Prepared:
     return _prepare_peft(model, run, config)
 
 
+# The bench's sift-* methods run the top-k (random-* random components) with AdamW's plain steps, and
+# --sift selection=balanced at line_cap 2, unless --sift names them: the recorded sweep is one protocol
+# whatever SiftConfig's defaults ("auto": balanced at line_cap 1 with scaled steps). `--sift
+# selection=balanced line_cap=1 step_scale=input` runs SiftConfig's default.
+BENCH_SIFT_DEFAULTS = {"step_scale": None}
+BALANCED_LINE_CAP = 2.0
+
+
 def prepare_sift(model, run: MethodRun) -> Prepared:
     """siftune's engine: SIFT in the method's mode, or ``random`` selection at the same density."""
     from ..config import SiftConfig
@@ -241,7 +249,9 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
         mode=SIFT_MODES.get(run.method, "fixed"), max_grad_norm=run.max_grad_norm, seed=run.seed,
         storage="delta" if run.method in QUANTIZED else "in_place", structure=STRUCTURES.get(run.method),
-        **{"refresh_every": PERIODIC_REFRESH, "selection": "random" if run.method in RANDOM else "gradient",
+        **{"refresh_every": PERIODIC_REFRESH, **BENCH_SIFT_DEFAULTS,
+           "selection": "random" if run.method in RANDOM else "gradient",
+           **({"line_cap": BALANCED_LINE_CAP} if run.sift.get("selection") == "balanced" else {}),
            **{k: v for k, v in run.sift.items() if k != SELECT_FIRST}},
     )
     engine = attach(model, config)

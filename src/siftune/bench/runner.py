@@ -549,7 +549,10 @@ def add_parser(sub) -> None:
     p.add_argument("--sift", nargs="+", metavar="FIELD=VALUE",
                    help="SiftConfig fields for the sift-* methods, e.g. budget=global score=grad_squared "
                    "selection_batches=4 min_density=0.0001; and the bench's select_first=1: the selection window "
-                   "runs on batches of its own before training (SiftEngine.select), not within the first steps")
+                   "runs on batches of its own before training (SiftEngine.select), not within the first steps. "
+                   "sift-* run the top-k with plain AdamW steps and selection=balanced runs line_cap=2 unless "
+                   "given, as the recorded sweep did; SiftConfig's default is selection=balanced line_cap=1 "
+                   "step_scale=input")
     for name, what in (("batch-size", "examples per training batch"), ("max-length", "tokens per example"),
                        ("eval-size", "held-out (test) examples"),
                        ("val-size", "validation examples taken from the training pool to choose rates on, 0 for "

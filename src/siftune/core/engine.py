@@ -28,7 +28,7 @@ from . import budget, heap, storage, structured
 from ..parallel import distributed
 from ..config import SiftConfig
 from ..errors import CheckpointError, ConfigError
-from .stepscale import InputScale, feature_axis
+from .stepscale import InputScale, feature_axis, scalable
 from .select import (balanced_indices, find_targets, grow_drop_indices, index_dtype, mixed_indices, pack_indices,
                      tensor_generator, unpack_indices)
 
@@ -101,9 +101,11 @@ class SiftEngine:
     def __init__(self, model: nn.Module, config: SiftConfig):
         config.validate()
         self.model = model
-        self.config = config
         distributed.reshard(model)  # an FSDP2 model must show its sharded parameters, even after a forward
         targeted, dense = find_targets(model, config.target_modules, config.dense_modules)
+        # "auto" made concrete: balanced and scaled steps where they can run (config.resolve_auto)
+        self.config = config = config.resolve(sharded=any(map(distributed.is_sharded, targeted.values())),
+                                              scalable=scalable(model, targeted))
         for name, p in targeted.items():
             if config.storage == "in_place" and not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import SiftConfig
 from .select import count_selected, find_targets, line_caps, random_indices, tensor_generator, top_k_indices
-from .stepscale import factors, feature_axis
+from .stepscale import factors, feature_axis, scalable
 from .structured import random_lines, selected_count
 
 
@@ -28,11 +28,11 @@ class ReferenceSift:
 
     def __init__(self, model: nn.Module, config: SiftConfig, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, dense_lr=None):
-        self.config = config
         self.model = model
         self.lr, self.dense_lr = lr, lr if dense_lr is None else dense_lr
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         targeted, self.dense = find_targets(model, config.target_modules, config.dense_modules)
+        self.config = config = config.resolve(scalable=scalable(model, targeted))
         self.targeted = targeted
         trainable = {id(p) for p in targeted.values()} | {id(p) for p in self.dense.values()}
         for p in model.parameters():

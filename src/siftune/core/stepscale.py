@@ -36,6 +36,17 @@ def feature_axis(module: nn.Module, name: str) -> int:
                       f"{type(module).__name__}: target Linear layers only, or leave step_scale=None")
 
 
+def scalable(model: nn.Module, names) -> bool:
+    """Whether every weight in ``names`` (qualified parameter names) sits in a layer with input features,
+    which ``step_scale="input"`` needs (``SiftConfig.resolve``'s ``scalable``)."""
+    try:
+        for name in names:
+            feature_axis(model.get_submodule(name.rpartition(".")[0]), name)
+    except ConfigError:
+        return False
+    return True
+
+
 def factors(sum_sq: torch.Tensor, count: int) -> torch.Tensor:
     """median(r) / r_j within [1 / LIMIT, LIMIT], r the features' root mean square; ones without tokens."""
     if count == 0:

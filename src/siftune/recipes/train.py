@@ -25,7 +25,7 @@ from ..parallel import distributed, sharding
 from . import tracking
 from .data import IGNORE_INDEX, examples_in
 from .loss import batch_loss, check_packing, labelled_logits
-from ..config import SiftConfig
+from ..config import SiftConfig, resolve_auto
 from ..core.engine import attach
 from ..errors import CheckpointError, ConfigError, DataError
 from ..core.quantize import QUANTIZATIONS
@@ -76,11 +76,13 @@ class TrainArgs:
             ``None``: the classification head (``classifier`` or ``score``), if any.
         lr: peak AdamW learning rate of the selected components. Default ``None``:
             by density and selection, fitted to the density sweep
-            (:func:`default_lr`; docs/selection.md, "Defaults"): for the top-k
+            (:func:`default_lr`; docs/selection.md, "Defaults"): for the default
+            selection (balanced with scaled steps), random components and
+            ``"balanced"`` 1e-2 x (0.01 / density)^0.8 (6.3e-2 at 0.1%, 1.6e-3
+            at 10%); for the top-k
             2.5e-3 x (0.01 / density)^0.6 up to 3.2e-2 (1e-2 at 0.1%, 6.3e-4
-            at 10%), twice that for ``structure="rows"``; for random components
-            and ``"balanced"`` 1e-2 x (0.01 / density)^0.8 (6.3e-2 at 0.1%,
-            1.6e-3 at 10%); held below 0.01% at 0.01%'s rate.
+            at 10%), twice that for ``structure="rows"``; held below 0.01% at
+            0.01%'s rate.
         select_first: make the selection before training, from
             ``selection_batches`` micro-batches of its own (forward and backward,
             nothing trained: :meth:`SiftEngine.select`), so that every one of
@@ -184,7 +186,7 @@ class TrainArgs:
     select_first: bool = False
     refresh_every: int = 100
     state_dtype: str = "float32"
-    selection: str = "gradient"
+    selection: str = "auto"
     master_weights: bool = True
     update_in_backward: bool = False
     compact_indices: bool = False
@@ -194,10 +196,10 @@ class TrainArgs:
     budget: str = "per_tensor"
     min_density: float = 0.0
     score_share: float = 0.5
-    line_cap: float = 2.0
+    line_cap: float = 1.0
     drop_share: float = 0.25
     structure: str | None = None
-    step_scale: str | None = None
+    step_scale: str | None = "auto"
     select_after: int = 0
     quantize: str | None = None
     target_modules: list[str] | str | None = None
@@ -369,8 +371,8 @@ ROWS_LR_FACTOR = 2.0
 LR_RULE = "default_lr(density, selection, structure, step_scale)"
 
 
-def default_lr(density: float, selection: str = "gradient", structure: str | None = None,
-               step_scale: str | None = None) -> float:
+def default_lr(density: float, selection: str = "auto", structure: str | None = None,
+               step_scale: str | None = "auto") -> float:
     """SIFT's peak learning rate for ``density`` when none is given.
 
     ``rate * (0.01 / density) ** exponent``, fitted per selection to the rates
@@ -386,9 +388,12 @@ def default_lr(density: float, selection: str = "gradient", structure: str | Non
     rule: scaled, balanced at ``line_cap=1`` chose random components'
     unscaled rate on both tasks at LoRA r=8's count, and random components
     the same or twice it (docs/selection.md, "Steps scaled by each input's size").
+    ``"auto"`` is what :class:`SiftConfig` makes of it in mode ``"fixed"``
+    (balanced with scaled steps: random components' rule).
     """
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    selection, step_scale = resolve_auto(selection, step_scale, "fixed", "per_tensor", structure)
     if step_scale == "input":
         selection, structure = "random", None
     rate, exponent, cap = RATE_RULES.get(selection, RATE_RULES["gradient"])
@@ -404,7 +409,14 @@ def lr_used(args: TrainArgs) -> tuple[float, str]:
     """The peak rate a run trains at and where it came from: ``"given"`` or the density rule."""
     if args.lr is not None:
         return args.lr, "given"
-    return default_lr(args.density, args.selection, args.structure, args.step_scale), LR_RULE
+    selection, step_scale = _resolved(args)
+    return default_lr(args.density, selection, args.structure, step_scale), LR_RULE
+
+
+def _resolved(args: TrainArgs) -> tuple[str, str | None]:
+    """The run's selection and step_scale, "auto" made concrete as the engine will (FSDP2 shards: the top-k,
+    plain steps)."""
+    return resolve_auto(args.selection, args.step_scale, args.mode, args.budget, args.structure, sharded=args.fsdp)
 
 
 # The dense modules' rate when neither lr nor dense_lr is given: the head rate seed 0's validation chose, or came
@@ -486,7 +498,11 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     engine = attach(model, args.sift_config(dense_modules=dense))
     lr, lr_from = lr_used(args)
     dense_lr = dense_lr_used(args, lr)
-    _print(f"learning rate {lr:.3g}" + (f" (by density {args.density:g} and selection {args.selection}: {LR_RULE})"
+    chosen = engine.config
+    _print(f"selection {chosen.selection}" + (f" (line_cap {chosen.line_cap:g})" if chosen.selection == "balanced"
+                                              else "") + (", steps scaled by input" if chosen.step_scale else ""))
+    _print(f"learning rate {lr:.3g}" + (f" (by density {args.density:g} and selection {chosen.selection}"
+                                        f"{', scaled' if chosen.step_scale else ''}: {LR_RULE})"
                                         if lr_from != "given" else "")
            + (f", dense modules {dense_lr:.3g}" if dense and dense_lr != lr else ""))
     optimizer = engine.optimizer(lr=lr, dense_lr=dense_lr, weight_decay=args.weight_decay,
