@@ -896,6 +896,18 @@ for part in "$@"; do
       a sift-fixed:0.001 4.5e-2 selection=balanced line_cap=1 step_scale=input select_after=30 dense_lr=4e-3
       a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input select_after=60 dense_lr=4e-3
       ;;
+    # SiftConfig's default (balanced at line_cap=1 with scaled steps) at 160 steps on (b), beside random components,
+    # LoRA r=8 and balanced unscaled (b-160*): seed 0 at its 40-step rate and the rates either side, seeds 1 and 2
+    # at the 40-step rate, which every 160-step grid of balanced and random components chose.
+    b-160-default-a)
+      cell causal_lm 160 0 sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
+      cell causal_lm 160 1 sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
+      ;;
+    b-160-default-b)
+      cell causal_lm 160 0 sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input
+      cell causal_lm 160 0 sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input
+      cell causal_lm 160 2 sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
+      ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input
       b sift-fixed:matched 1.6e-3 step_scale=input

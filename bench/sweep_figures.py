@@ -63,7 +63,9 @@ def family(row: dict) -> str:
     score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2", "grad_snr": "signal-to-noise"}.get(
         sift.get("score"), "")
     extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
-    return f"{name}, {score}{extra}"
+    default = (row["method"] == "sift-fixed" and selection == "balanced" and sift.get("score") == "grad_weight"
+               and others == {"line_cap": 1, "step_scale": "input"})  # SiftConfig's "auto" where it can run
+    return f"{name}, {score}{extra}" + (" (SiftConfig's default)" if default else "")
 
 
 def chosen_points(records: list[dict], task: str) -> list[dict]:
