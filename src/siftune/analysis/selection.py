@@ -56,7 +56,7 @@ class SelectionArgs(inputs.AnalysisArgs):
     Args:
         density: fraction of each targeted weight's components selected (LoRA r=8 holds
             r(m+n)/mn of an m x n weight: 3.1% on MiniLM-L6, 2.3% on SmolLM2-135M).
-        selections: which to compare: default, paper, global, random, mixed, balanced,
+        selections: which to compare: default (the top-k by |g w|), paper, global, random, mixed, balanced,
             snr, grow_drop (the last only trained: its first selection is default's).
         train_steps: optimizer steps each selection, LoRA and full fine-tuning train
             after the spread is measured, to compare their trained changes' stable
