@@ -17,6 +17,7 @@ SELECTION_FIELDS = (("score_share", "mixed", 0.0, 1.0, True), ("line_cap", "bala
                     ("drop_share", "grow_drop", 0.0, 1.0, False))
 STORAGES = ("in_place", "delta")
 STEP_SCALES = (None, "input")
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_auto(selection: str, step_scale: str | None, mode: str, budget: str, structure: str | None,
@@ -38,7 +39,6 @@ def resolve_auto(selection: str, step_scale: str | None, mode: str, budget: str,
         whole = structure in (None, "none")
         step_scale = "input" if mode != "per_step" and not sharded and scalable and whole else None
     return selection, step_scale
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
