@@ -323,3 +323,30 @@ def test_engine_state_saved_before_the_selection_options_existed_loads_as_the_pa
     # Saved without a score, it ran |g|: resuming under today's default would rank otherwise.
     with pytest.raises(CheckpointError, match=r"other SIFT settings \(score\)"):
         siftune.attach(copy.deepcopy(model), config()).load_state_dict(state)
+
+def test_engine_state_saved_when_line_cap_defaulted_to_2_loads_where_no_run_reads_it():
+    model = mlp()
+    engine = siftune.attach(model, config())  # the top-k: line_cap is not read
+    opt = engine.optimizer(lr=1e-2)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    state = engine.state_dict()
+    state["config"]["line_cap"] = 2.0  # as saved before line_cap's default became 1
+    siftune.attach(copy.deepcopy(model), config()).load_state_dict(state)
+    for name in ("selection", "line_cap", "step_scale"):  # saved before they existed: the top-k, cap 2, plain steps
+        del state["config"][name]
+    siftune.attach(copy.deepcopy(model), config()).load_state_dict(state)
+    with pytest.raises(CheckpointError, match=r"other SIFT settings \(line_cap, selection\)"):
+        siftune.attach(copy.deepcopy(model), config(selection="balanced")).load_state_dict(state)
+
+
+def test_resume_ignores_an_option_of_a_selection_neither_run_reads():
+    from siftune.recipes.train import TrainArgs, _check_resumable, _resume_settings
+
+    top_k = TrainArgs(selection="gradient", step_scale=None, lr=1e-3)
+    saved = {**_resume_settings(top_k), "line_cap": 2.0}  # an older siftune recorded its default cap
+    _check_resumable({"progress": {"settings": saved}, "path": "checkpoint-00000002.pt"}, top_k)
+    balanced = TrainArgs(selection="balanced", step_scale=None, lr=1e-3)
+    with pytest.raises(CheckpointError, match="line_cap: "):
+        _check_resumable({"progress": {"settings": saved}, "path": "checkpoint-00000002.pt"}, balanced)

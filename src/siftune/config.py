@@ -41,6 +41,14 @@ def resolve_auto(selection: str, step_scale: str | None, mode: str, budget: str,
     return selection, step_scale
 
 
+def unused_options(selection: str | None) -> set[str]:
+    """The selection options (``score_share``, ``line_cap``, ``drop_share``) that ``selection`` does not read;
+    ``"auto"`` may become balanced and reads ``line_cap``. Two runs that differ only in options neither reads
+    trained the same (a checkpoint saved when ``line_cap`` defaulted to 2 resumes a top-k run today)."""
+    return {name for name, owner, *_ in SELECTION_FIELDS
+            if owner != selection and not (selection == AUTO and owner == "balanced")}
+
+
 @dataclass
 class SiftConfig:
     """How SIFT picks and trains the sparse increment.

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import budget, heap, storage, structured
 from ..parallel import distributed
-from ..config import SiftConfig
+from ..config import SiftConfig, unused_options
 from ..errors import CheckpointError, ConfigError
 from .stepscale import InputScale, feature_axis, scalable
 from .select import (balanced_indices, find_targets, grow_drop_indices, index_dtype, mixed_indices, pack_indices,
@@ -478,7 +478,8 @@ class SiftEngine:
             raise CheckpointError("engine state must be a dict with 'config', 'steps' and 'slots'")
         config = self.config.to_dict()
         saved = {**SiftConfig.saved_defaults(), **state.get("config", {})}  # a field added since: what it ran
-        changed = sorted(k for k in config if saved.get(k) != config[k])
+        unread = unused_options(saved.get("selection")) & unused_options(config["selection"])
+        changed = sorted(k for k in config if saved.get(k) != config[k] and k not in unread)
         if changed:
             raise CheckpointError(f"engine state was saved with other SIFT settings ({', '.join(changed)}); "
                                   "attach with the settings of the saved run")

@@ -25,7 +25,7 @@ from ..parallel import distributed, sharding
 from . import tracking
 from .data import IGNORE_INDEX, examples_in
 from .loss import batch_loss, check_packing, labelled_logits
-from ..config import SiftConfig, resolve_auto
+from ..config import SiftConfig, resolve_auto, unused_options
 from ..core.engine import attach
 from ..errors import CheckpointError, ConfigError, DataError
 from ..core.quantize import QUANTIZATIONS
@@ -666,8 +666,11 @@ def _check_resumable(resumed: dict, args: TrainArgs) -> None:
     saved, now = resumed["progress"].get("settings", {}), _resume_settings(args)
     # A field added since the checkpoint was written had its default then.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs) if f.default is not dataclasses.MISSING}
+    # an option of a selection neither run trained with (line_cap, once 2 by default, for the top-k) changes nothing
+    unread = unused_options(saved.get("selection", defaults["selection"])) & unused_options(now["selection"])
     changed = sorted(k for k in now.keys() | saved.keys()
-                     if k not in INPUTS and saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
+                     if k not in INPUTS and k not in unread
+                     and saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
     changed += [k for k in INPUTS if not _same_input(saved.get(k), now.get(k))]
     if changed:
         # every value, then and now: a rate set by the default rule is in no flag the user could compare
