@@ -903,6 +903,9 @@ for part in "$@"; do
       cell causal_lm 160 0 sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
       cell causal_lm 160 1 sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
       ;;
+    b-160-default-low)  # b-160-default-b's last cell, to run beside it
+      cell causal_lm 160 0 sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input
+      ;;
     b-160-default-b)
       cell causal_lm 160 2 sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
       cell causal_lm 160 0 sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input
