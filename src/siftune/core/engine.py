@@ -103,16 +103,16 @@ class SiftEngine:
         self.model = model
         distributed.reshard(model)  # an FSDP2 model must show its sharded parameters, even after a forward
         targeted, dense = find_targets(model, config.target_modules, config.dense_modules)
+        sharded = any(map(distributed.is_sharded, targeted.values()))
         # "auto" made concrete: balanced and scaled steps where they can run (config.resolve_auto)
-        self.config = config = config.resolve(sharded=any(map(distributed.is_sharded, targeted.values())),
-                                              scalable=scalable(model, targeted))
+        self.config = config = config.resolve(sharded=sharded, scalable=scalable(model, targeted))
         for name, p in targeted.items():
             if config.storage == "in_place" and not p.is_contiguous():
                 raise ConfigError(f"targeted weight {name} is not contiguous; call .contiguous() on it before attaching")
-        if config.selection in ("mixed", "balanced", "grow_drop") and any(map(distributed.is_sharded, targeted.values())):
+        if config.selection in ("mixed", "balanced", "grow_drop") and sharded:
             raise ConfigError(f"selection={config.selection!r} chooses among a whole tensor's components, which "
                               "FSDP2 shards split over the ranks; use selection='gradient' or 'random' on shards")
-        if config.step_scale and any(map(distributed.is_sharded, targeted.values())):
+        if config.step_scale and sharded:
             raise ConfigError("step_scale='input' needs each weight whole on every process; FSDP2 shards split "
                               "it: leave step_scale=None on shards")
         if config.step_scale:  # before any hook is registered: a refused target leaves the model as it was

@@ -409,14 +409,10 @@ def lr_used(args: TrainArgs) -> tuple[float, str]:
     """The peak rate a run trains at and where it came from: ``"given"`` or the density rule."""
     if args.lr is not None:
         return args.lr, "given"
-    selection, step_scale = _resolved(args)
+    # "auto" made concrete as the engine will (FSDP2 shards: the top-k, plain steps)
+    selection, step_scale = resolve_auto(args.selection, args.step_scale, args.mode, args.budget, args.structure,
+                                         sharded=args.fsdp)
     return default_lr(args.density, selection, args.structure, step_scale), LR_RULE
-
-
-def _resolved(args: TrainArgs) -> tuple[str, str | None]:
-    """The run's selection and step_scale, "auto" made concrete as the engine will (FSDP2 shards: the top-k,
-    plain steps)."""
-    return resolve_auto(args.selection, args.step_scale, args.mode, args.budget, args.structure, sharded=args.fsdp)
 
 
 # The dense modules' rate when neither lr nor dense_lr is given: the head rate seed 0's validation chose, or came
