@@ -49,7 +49,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            batch_loss = distributed.mean_across_ranks(float(loss))  # every rank takes part
+            batch_loss = distributed.mean_across_ranks(loss.item())  # every rank takes part
             if distributed.is_main_process():
                 print(f"step {step + 1}: loss {batch_loss:.3f}")
         increment = engine.increment(base_model=args.model)  # every rank: gathers the shards' parts
@@ -58,6 +58,7 @@ def main() -> None:
         increment.save(args.output_dir)
         print(f"{increment.num_components:,} components trained over {distributed.world_size()} ranks; "
               f"increment in {args.output_dir}/")
+    distributed.wait_for_all()  # leave together: none tears down its connections while rank 0 still saves
     distributed.cleanup()
 
 

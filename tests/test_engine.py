@@ -59,7 +59,7 @@ def step_both(fast, slow, opt, ref, micro_batches) -> float:
 
 @pytest.mark.parametrize("mode", ["fixed", "periodic"])
 def test_the_default_config_trains_balanced_with_scaled_steps_in_lockstep_with_the_reference(mode):
-    cfg = SiftConfig(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE, mode=mode, refresh_every=3)
+    cfg = SiftConfig(density=0.1, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE, mode=mode, refresh_every=3)
     assert (cfg.selection, cfg.step_scale, cfg.line_cap) == ("auto", "auto", 1.0)
     engine = siftune.attach(mlp(), cfg)
     assert (engine.config.selection, engine.config.step_scale) == ("balanced", "input")
@@ -78,15 +78,16 @@ def test_the_default_config_trains_balanced_with_scaled_steps_in_lockstep_with_t
     ({"selection": "gradient"}, "gradient", "input"),
     ({"selection": "random"}, "random", "input"),
     ({"step_scale": None}, "balanced", None),
+    ({"density": 0.11}, "gradient", "input"),  # above the densities balanced was measured at
 ])
 def test_auto_is_the_top_k_or_plain_steps_where_balanced_or_scaling_cannot_run(overrides, selection, step_scale):
-    engine = siftune.attach(mlp(), SiftConfig(density=0.2, target_modules=MLP_TARGETS, **overrides))
+    engine = siftune.attach(mlp(), SiftConfig(**{"density": 0.1, "target_modules": MLP_TARGETS, **overrides}))
     assert (engine.config.selection, engine.config.step_scale) == (selection, step_scale)
 
 
 def test_auto_keeps_plain_steps_when_a_target_has_no_input_features():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 3))
-    engine = siftune.attach(model, density=0.2, target_modules=["0", "1"])
+    engine = siftune.attach(model, density=0.1, target_modules=["0", "1"])
     assert (engine.config.selection, engine.config.step_scale) == ("balanced", None)
     with pytest.raises(ConfigError, match="step_scale='input' scales steps by a Linear layer's input features"):
         siftune.attach(torch.nn.Sequential(torch.nn.Embedding(10, 8)), density=0.2, target_modules=["0"],

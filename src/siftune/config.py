@@ -20,12 +20,19 @@ STEP_SCALES = (None, "input")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The highest density the sweep measured balanced at (docs/selection.md, "Defaults"). Above it "auto" is the
+# top-k: there balanced's rounds at line_cap=1 stall more and more often, and each further component costs a
+# search over the whole weight (at 15% of a 1024 x 4096 score, 121 chains of swaps took 19 s).
+BALANCED_UP_TO = 0.1
+
+
 def resolve_auto(selection: str, step_scale: str | None, mode: str, budget: str, structure: str | None,
-                 sharded: bool = False, scalable: bool = True) -> tuple[str, str | None]:
+                 density: float, sharded: bool = False, scalable: bool = True) -> tuple[str, str | None]:
     """``(selection, step_scale)`` with ``"auto"`` made concrete.
 
     ``selection="auto"`` is ``"balanced"`` (at ``line_cap``, 1 by default)
-    where balanced can run: ``budget="per_tensor"``, mode ``"fixed"`` or
+    where balanced can run and was measured: ``density`` at most 10%
+    (``BALANCED_UP_TO``), ``budget="per_tensor"``, mode ``"fixed"`` or
     ``"periodic"``, no ``structure``, weights whole on every process (not
     FSDP2 shards); else ``"gradient"``, the top-k. ``step_scale="auto"`` is
     ``"input"`` where it can run and was measured: mode ``"fixed"`` or
@@ -33,7 +40,8 @@ def resolve_auto(selection: str, step_scale: str | None, mode: str, budget: str,
     single components (no ``structure``); else ``None``.
     """
     if selection == AUTO:
-        balanced = budget == "per_tensor" and mode != "per_step" and structure in (None, "none") and not sharded
+        balanced = (density <= BALANCED_UP_TO and budget == "per_tensor" and mode != "per_step"
+                    and structure in (None, "none") and not sharded)
         selection = "balanced" if balanced else "gradient"
     if step_scale == AUTO:
         whole = structure in (None, "none")
@@ -112,7 +120,8 @@ class SiftConfig:
             are grown by score; grown components start with zero moments).
             The last three need ``budget="per_tensor"`` and are refused on
             FSDP2 shards. ``"auto"`` is ``"balanced"`` where it can run
-            (``budget="per_tensor"``, mode ``"fixed"`` or ``"periodic"``, no
+            and was measured (``density`` at most 10%,
+            ``budget="per_tensor"``, mode ``"fixed"`` or ``"periodic"``, no
             ``structure``, weights whole on every process), else
             ``"gradient"`` (:func:`resolve_auto`; the engine saves the
             concrete choice). Measured on the benchmark tasks
@@ -402,7 +411,7 @@ class SiftConfig:
         ``sharded``, the targeted weights are FSDP2 shards; ``scalable``, every target is Linear-like. The
         engine and :class:`~siftune.core.reference.ReferenceSift` train the resolved config, and save it."""
         selection, step_scale = resolve_auto(self.selection, self.step_scale, self.mode, self.budget,
-                                             self.structure, sharded, scalable)
+                                             self.structure, self.density, sharded, scalable)
         if (selection, step_scale) == (self.selection, self.step_scale):
             return self
         return dataclasses.replace(self, selection=selection, step_scale=step_scale)

@@ -219,8 +219,9 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
     index first. When the rounds stall before k (the rows and columns with
     room left meet only at chosen components), each further component comes
     from a chain of swaps that keeps every line within its cap
-    (:func:`_add_by_swaps`). Holds two dense index tensors of the weight's size
-    during the selection.
+    (:func:`_add_by_swaps`). A round holds a boolean and an fp32 copy of the
+    rows and columns with room left (the whole weight in the first round) and
+    takes a top-(row cap) along those rows: no sort of the whole weight.
     """
     device = ranking.device
     score = ranking.detach().reshape(shape[0], -1).abs().float()
@@ -228,20 +229,72 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
     row_room = torch.full((rows,), line_caps(shape, k, cap)[0], device=device)
     column_room = torch.full((columns,), line_caps(shape, k, cap)[1], device=device)
     chosen = torch.zeros(rows * columns, dtype=torch.bool, device=device)
-    while int(chosen.sum()) < k:
-        open_ = ~chosen.view(rows, columns) & (row_room > 0)[:, None] & (column_room > 0)[None, :]
+    flat_score, count = score.reshape(-1), 0
+    while count < k:
+        # the lines with room left: after the first round usually a few
+        row_open, column_open = (row_room > 0).nonzero().squeeze(1), (column_room > 0).nonzero().squeeze(1)
+        open_ = ~_lines(chosen.view(rows, columns), row_open, column_open)
         if not bool(open_.any()):
             break
-        proposed = open_ & (_rank_along(torch.where(open_, score, -1.0), 1) < row_room[:, None])
-        kept = proposed & (_rank_along(torch.where(proposed, score, -1.0), 0) < column_room[None, :])
-        flat = torch.where(kept, score, -1.0).reshape(-1)
-        take = top_set(flat, min(k - int(chosen.sum()), int(kept.sum())))
+        proposed = _rows_best(_lines(score, row_open, column_open), open_, row_room[row_open])
+        proposed = row_open[proposed // column_open.numel()] * columns + column_open[proposed % column_open.numel()]
+        kept = _columns_best(proposed, flat_score, columns, column_room)
+        take = kept[top_set(flat_score[kept], min(k - count, kept.numel()))]
         chosen[take] = True
+        count += take.numel()
         row_room -= torch.bincount(take // columns, minlength=rows)
         column_room -= torch.bincount(take % columns, minlength=columns)
-    for _ in range(k - int(chosen.sum())):
+    for _ in range(k - count):
         _add_by_swaps(score, chosen.view(rows, columns), row_room, column_room)
     return chosen.nonzero().squeeze(1).to(index_dtype(rows * columns))
+
+
+def _lines(x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``x`` at these ``rows`` and ``columns`` (ascending indices), a copy only of what is left out."""
+    if rows.numel() < x.shape[0]:
+        x = x.index_select(0, rows)
+    return x.index_select(1, columns) if columns.numel() < x.shape[1] else x
+
+
+def _rows_best(score: torch.Tensor, open_: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """The flat indices (ascending) of the ``open_`` entries of ``score`` among their row's best ``room``
+    open ones (ties: the lower column). A top-(most room + 1) along the rows finds each row's room-th
+    best value; the entries above it are in, and those equal to it in column order up to the room: no
+    sort of the whole tensor, and no count over it unless a row's ties reach past its top."""
+    columns = score.shape[1]
+    masked = torch.where(open_, score, -1.0)  # scores are >= 0: a closed entry is never proposed
+    most = min(int(room.max()), columns)
+    room = room.clamp(1, most)  # a row with no room has no open entry
+    best = torch.topk(masked, min(most + 1, columns), dim=1).values  # each row's best, descending
+    threshold = best.gather(1, (room - 1)[:, None])
+    above = masked > threshold
+    at = masked == threshold
+    del masked
+    at &= open_
+    left = room - (best > threshold).sum(1)  # how many of a row's ties at its threshold it proposes
+    ties = (best == threshold).sum(1)  # a row's ties among its best: all of them unless they reach its last
+    beyond = ((best[:, -1] == threshold[:, 0]) & (best.shape[1] < columns)).nonzero().squeeze(1)
+    if beyond.numel():
+        ties[beyond] = at[beyond].sum(1)
+    tied = ((ties > left) & (threshold[:, 0] >= 0)).nonzero().squeeze(1)
+    if tied.numel():  # ties across the threshold: the lower columns
+        at[tied] &= at[tied].cumsum(1) <= left[tied, None]
+    above |= at
+    del at
+    return above.reshape(-1).nonzero().squeeze(1)
+
+
+def _columns_best(proposed: torch.Tensor, flat_score: torch.Tensor, columns: int,
+                  room: torch.Tensor) -> torch.Tensor:
+    """Of the ``proposed`` flat indices (ascending), those among their column's best ``room``
+    (ties: the lower row), ascending."""
+    column = proposed % columns
+    by_score = torch.argsort(flat_score[proposed], descending=True, stable=True)  # ties: the lower row
+    order = by_score[torch.argsort(column[by_score], stable=True)]
+    column = column[order]
+    sizes = torch.bincount(column, minlength=columns)
+    place = torch.arange(order.numel(), device=order.device) - (sizes.cumsum(0) - sizes)[column]
+    return torch.sort(proposed[order[place < room[column]]]).values
 
 
 def _add_by_swaps(score: torch.Tensor, chosen: torch.Tensor, row_room: torch.Tensor,
@@ -293,14 +346,6 @@ def _add_by_swaps(score: torch.Tensor, chosen: torch.Tensor, row_room: torch.Ten
         row_gain = gain.gather(1, best[:, None])[:, 0]
         row_seen |= frontier
     raise RuntimeError("balanced selection: no chain of swaps adds a component within the caps")
-
-
-def _rank_along(score: torch.Tensor, dim: int) -> torch.Tensor:
-    """Each entry's place in its row (dim=1) or column (dim=0), best first, ties in index order."""
-    order = torch.argsort(score, dim=dim, descending=True, stable=True)
-    places = torch.arange(score.shape[dim], device=score.device)
-    places = places[None, :].expand_as(order) if dim == 1 else places[:, None].expand_as(order)
-    return torch.empty_like(order).scatter_(dim, order, places)
 
 
 def grow_drop_indices(held: torch.Tensor, change: torch.Tensor, ranking: torch.Tensor, drop: int) -> torch.Tensor:

@@ -191,6 +191,15 @@ def collective_errors():
         ) from exc
 
 
+def wait_for_all() -> None:
+    """Return when every process of the job has called this (nothing without a process group). At the end
+    of a job, before the processes leave: one that tears its connections down while a peer still works
+    (rank 0 saving, say) can abort at exit under gloo ("terminate called without an active exception")."""
+    if world_size() > 1:
+        with collective_errors():
+            dist.barrier()
+
+
 def cleanup() -> None:
     """Leave and destroy the process group, if there is one."""
     if _active():

@@ -112,7 +112,7 @@ class ShardedCheckpoints:
         if distributed.is_main_process():
             shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while saving
             temporary.mkdir(parents=True)
-        _barrier()
+        distributed.wait_for_all()
         tensors: list[torch.Tensor] = []
         skeleton = _without_tensors(state, tensors)
         mine = {f"rank{distributed.rank()}/{i}": t for i, t in enumerate(tensors)}
@@ -130,7 +130,7 @@ class ShardedCheckpoints:
             fsync_dir(self.folder)
             for old in self.steps()[self.keep:]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
-        _barrier()
+        distributed.wait_for_all()
         return final
 
     def writers(self, step: int) -> int | None:
@@ -261,12 +261,6 @@ def _as_bytes_tensor(value) -> torch.Tensor:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-
-def _barrier() -> None:
-    if distributed.world_size() > 1:
-        with distributed.collective_errors():
-            dist.barrier()
 
 
 def _any_rank(flag: bool) -> bool:

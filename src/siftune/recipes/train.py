@@ -393,7 +393,7 @@ def default_lr(density: float, selection: str = "auto", structure: str | None = 
     """
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
-    selection, step_scale = resolve_auto(selection, step_scale, "fixed", "per_tensor", structure)
+    selection, step_scale = resolve_auto(selection, step_scale, "fixed", "per_tensor", structure, density)
     if step_scale == "input":
         selection, structure = "random", None
     rate, exponent, cap = RATE_RULES.get(selection, RATE_RULES["gradient"])
@@ -411,7 +411,7 @@ def lr_used(args: TrainArgs) -> tuple[float, str]:
         return args.lr, "given"
     # "auto" made concrete as the engine will (FSDP2 shards: the top-k, plain steps)
     selection, step_scale = resolve_auto(args.selection, args.step_scale, args.mode, args.budget, args.structure,
-                                         sharded=args.fsdp)
+                                         args.density, sharded=args.fsdp)
     return default_lr(args.density, selection, args.structure, step_scale), LR_RULE
 
 
@@ -579,6 +579,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
         atomic_write(out / "loss_curve.png", lambda tmp: plot_losses(losses, tmp, title=_title(args, before, after)))
     _print(f"wrote {out}/ ({increment.nbytes / 1e6:.2f} MB increment, {engine.num_trainable:,} trainable, "
           f"{train_s:.0f} s training)")
+    distributed.wait_for_all()  # every process returns once the files are written
     return metrics
 
 
