@@ -79,7 +79,7 @@ def test_fit_finds_a_density_that_fits_and_one_step_up_does_not():
     answer = fit(config, setup, "density", budget)
     assert answer["estimate"]["peak_bytes"] <= budget < answer["first_over"]["peak_bytes"]
     assert 0.4 * 0.99 <= answer["largest"] and answer["first_over"]["value"] <= answer["largest"] * 1.011
-    assert answer["probes"] <= 8
+    assert answer["probes"] <= 10  # above 10%, where the default's top-k takes over: one probe at 10.1% first
     table = "\n".join(fit_table([answer], "small", "a budget"))
     assert f"| sift | {answer['largest']:.4g} (" in table
 
@@ -157,3 +157,28 @@ def test_structured_sift_adds_only_its_rows_gradient_products_to_the_frozen_floo
              for method in ("frozen", "sift", "sift-rows")}
     # Unstructured SIFT computes every dense weight gradient; rows at 5% compute 5% of them.
     assert flops["sift-rows"] - flops["frozen"] < 0.1 * (flops["sift"] - flops["frozen"])
+
+
+@pytest.mark.parametrize("budget, expected", [(145, 0.145), (100.5, 0.0505)])
+def test_fit_searches_each_side_of_the_density_where_the_default_turns_to_the_top_k(monkeypatch, budget, expected):
+    # Balanced's rounds hold more than the top-k's selection: the peak falls above 10%, where SiftConfig's
+    # "auto" is the top-k. A peak of 1000 a unit of density, 50 more up to 10%.
+    from siftune.estimate import extrapolate
+
+    def estimate(config, setup, gpus, fsdp, progress=None):
+        return dict(peak_bytes=1000 * setup.density + (50 if setup.density <= 0.1 else 0))
+
+    monkeypatch.setattr(extrapolate, "estimate", estimate)
+    answer = fit(None, Setup("sift"), "density", budget)
+    assert expected * 0.98 <= answer["largest"] <= expected
+
+
+
+def test_only_a_setup_whose_selection_turns_at_10_percent_is_searched_on_each_side():
+    from siftune.estimate.fit import _balanced_up_to
+
+    assert _balanced_up_to(Setup("sift"), gpus=1, fsdp=False) == 0.1
+    assert _balanced_up_to(Setup("sift"), gpus=2, fsdp=True) is None  # shards: the top-k at every density
+    assert _balanced_up_to(Setup("sift-rows"), gpus=1, fsdp=False) is None
+    assert _balanced_up_to(Setup("sift", sift_options=dict(selection="gradient")), gpus=1, fsdp=False) is None
+    assert _balanced_up_to(Setup("lora"), gpus=1, fsdp=False) is None

@@ -7,6 +7,7 @@ the simulation states at 7B is a count of real allocations, not of a model
 of them.
 """
 import pytest
+import torch
 
 from siftune.estimate import Setup
 from siftune.estimate.shapes import named_config
@@ -26,10 +27,14 @@ def simulated_and_real(setup: Setup) -> tuple[list[int], list[int], int]:
     return simulated, real, record["selected"] or 0
 
 
-@pytest.mark.parametrize("setup", [Setup("full"), Setup("sift", density=0.05)], ids=["full", "sift-5"])
+@pytest.mark.parametrize("setup", [
+    Setup("full"),
+    Setup("sift", density=0.05),
+    Setup("sift", density=0.05, sift_options=dict(selection="gradient", step_scale=None)),
+], ids=["full", "sift-5", "sift-5-top-k"])
 def test_simulated_step_peaks_match_a_real_cpu_run_of_the_same_steps(setup):
-    # Two steps: the first is SIFT's selection step (top-k over each dense gradient),
-    # the second a steady one with optimizer state.
+    # Two steps: the first is SIFT's selection step (SiftConfig's default: balanced over each dense
+    # gradient, steps scaled by input; or the top-k), the second a steady one with optimizer state.
     simulated, real, selected = simulated_and_real(setup.replace(dtype="float32", seq_len=64,
                                                                  gradient_checkpointing=True))
     assert len(real) == len(simulated) == 2
@@ -178,3 +183,28 @@ def test_a_simulated_int8_forward_peaks_at_the_cuda_path_tensors_counted_by_hand
     assert found == n
     assert peak == max(instants)
     assert held == 2 * M * N + 2 * M * n + 8 * n  # the output, subA, the outlier column ids
+
+
+@pytest.mark.parametrize("shape, density", [((256, 688), 0.001), ((256, 688), 0.05), ((688, 256), 0.01)])
+def test_the_simulation_holds_what_balanced_holds_at_its_peak(shape, density):
+    # Fake tensors cannot run balanced's rounds (their sizes depend on the data); the simulation
+    # allocates its first round's tensors instead. Both measured here by torch's CPU allocator.
+    from torch.profiler import ProfilerActivity, profile
+
+    from siftune.core.select import balanced_indices, count_selected
+    from siftune.estimate.simulate import allocations, balanced_as_allocated
+
+    def peak(fn) -> int:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = allocations(prof)
+        return max(total for _, _, total in events) - (events[0][2] - events[0][1])
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.randn(shape[0], 8, generator=g) @ torch.randn(8, shape[1], generator=g)
+    score += 0.3 * torch.randn(shape, generator=g)  # rank 8 plus noise, as a few batches' gradient
+    k, entries = count_selected(score.numel(), density), score.numel()
+    real = peak(lambda: balanced_indices(score, k, shape, 1.0))
+    simulated = peak(lambda: balanced_as_allocated(score, k, shape, 1.0))
+    assert 11 * entries < real < 13 * entries  # an fp32 copy of the scores, another of the open ones, 4 booleans
+    assert real - entries // 2 <= simulated <= real, (real / entries, simulated / entries)

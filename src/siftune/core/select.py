@@ -236,7 +236,7 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
         open_ = ~_lines(chosen.view(rows, columns), row_open, column_open)
         if not bool(open_.any()):
             break
-        proposed = _rows_best(_lines(score, row_open, column_open), open_, row_room[row_open])
+        proposed = _rows_best(score, row_open, column_open, open_, row_room[row_open])
         proposed = row_open[proposed // column_open.numel()] * columns + column_open[proposed % column_open.numel()]
         kept = _columns_best(proposed, flat_score, columns, column_room)
         take = kept[top_set(flat_score[kept], min(k - count, kept.numel()))]
@@ -250,19 +250,26 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
 
 
 def _lines(x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``x`` at these ``rows`` and ``columns`` (ascending indices), a copy only of what is left out."""
-    if rows.numel() < x.shape[0]:
-        x = x.index_select(0, rows)
-    return x.index_select(1, columns) if columns.numel() < x.shape[1] else x
+    """``x`` at these ``rows`` and ``columns`` (ascending indices): ``x`` itself when they are all of its
+    lines, else one copy."""
+    if rows.numel() == x.shape[0]:
+        return x if columns.numel() == x.shape[1] else x.index_select(1, columns)
+    return x.index_select(0, rows) if columns.numel() == x.shape[1] else x[rows[:, None], columns[None, :]]
 
 
-def _rows_best(score: torch.Tensor, open_: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
-    """The flat indices (ascending) of the ``open_`` entries of ``score`` among their row's best ``room``
-    open ones (ties: the lower column). A top-(most room + 1) along the rows finds each row's room-th
-    best value; the entries above it are in, and those equal to it in column order up to the room: no
-    sort of the whole tensor, and no count over it unless a row's ties reach past its top."""
-    columns = score.shape[1]
-    masked = torch.where(open_, score, -1.0)  # scores are >= 0: a closed entry is never proposed
+def _rows_best(score: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, open_: torch.Tensor,
+               room: torch.Tensor) -> torch.Tensor:
+    """The flat indices (ascending, among these ``rows`` and ``columns`` of ``score``) of the ``open_``
+    entries among their row's best ``room`` open ones (ties: the lower column). A top-(most room + 1)
+    along the rows finds each row's room-th best value; the entries above it are in, and those equal
+    to it in column order up to the room: no sort of the whole tensor, and no count over it unless a
+    row's ties reach past its top. Holds one fp32 copy of the lines' scores and three booleans."""
+    masked = _lines(score, rows, columns)
+    if masked is score:
+        masked = torch.where(open_, score, -1.0)  # scores are >= 0: a closed entry is never proposed
+    else:
+        masked.masked_fill_(~open_, -1.0)  # a copy already
+    columns = masked.shape[1]
     most = min(int(room.max()), columns)
     room = room.clamp(1, most)  # a row with no room has no open entry
     best = torch.topk(masked, min(most + 1, columns), dim=1).values  # each row's best, descending

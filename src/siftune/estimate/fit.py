@@ -1,6 +1,8 @@
 """The largest density, batch size or sequence length whose simulated peak fits a memory size.
 
-Peak memory grows with each of the three, so the answer is bracketed: a value
+Peak memory grows with each of the three (with the density, on each side of 10%, where SIFT's default
+selection turns from balanced to the top-k and the peak falls: each side is searched), so the answer is
+bracketed: a value
 that fits below, one that does not above, and the next probe inside the
 bracket where the line through its ends crosses the budget (clamped to the
 bracket's middle 80%, so a curve the line misreads still halves the bracket
@@ -109,7 +111,11 @@ def fit(config, setup, what: str, budget: int, gpus: int = 1, fsdp: bool = False
         return results[x]["peak_bytes"]
 
     if field == "density":
-        answer, _ = largest(peak_at, LOWEST_DENSITY, 1.0, budget)
+        answer, split = None, _balanced_up_to(setup, gpus, fsdp)
+        if split is not None:  # the peak drops where the top-k takes over from balanced: search each side
+            answer, _ = largest(peak_at, split * 1.01, 1.0, budget)
+        if answer is None:
+            answer, _ = largest(peak_at, LOWEST_DENSITY, split or 1.0, budget)
     else:
         unit = 1 if field == "batch_size" else SEQ_STEP
         limit = MAX_BATCH if field == "batch_size" else _longest(config)
@@ -129,6 +135,20 @@ def fit(config, setup, what: str, budget: int, gpus: int = 1, fsdp: bool = False
     elif answer == (1.0 if field == "density" else MAX_BATCH if field == "batch_size" else _longest(config)):
         out["note"] = f"fits at the largest {what} there is"
     return out
+
+
+def _balanced_up_to(setup, gpus: int, fsdp: bool) -> float | None:
+    """The density above which SIFT's ``selection="auto"`` is the top-k instead of balanced, where ``setup``
+    selects balanced below it: there the peak falls (balanced's rounds hold 12 to 15 bytes an entry of the
+    weight they choose in, the top-k's selection 4 to 5), so the peak does not grow with the density across it."""
+    from ..config import BALANCED_UP_TO
+    from .methods import SIFT_METHODS, sift_config
+
+    if setup.method not in SIFT_METHODS:
+        return None
+    at, above = (sift_config(setup, density, distributed=gpus > 1).resolve(sharded=fsdp).selection
+                 for density in (BALANCED_UP_TO, min(1.0, BALANCED_UP_TO * 1.01)))
+    return BALANCED_UP_TO if (at, above) == ("balanced", "gradient") else None
 
 
 def _longest(config) -> int:

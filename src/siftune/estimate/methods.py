@@ -147,9 +147,9 @@ def sift_config(setup: Setup, density: float, distributed: bool = False):
     """The :class:`~siftune.SiftConfig` of a SIFT method at ``density``."""
     from ..config import SiftConfig
 
-    # the top-k with plain AdamW steps, as calibrated (sift_options may name others); SiftConfig's default,
-    # balanced with scaled steps, adds its selection's sorts and one factor a feature, not modelled here
-    options = dict(density=density, target_modules="all-linear", selection="gradient", step_scale=None)
+    # SiftConfig's selection and step scale, as siftune train runs them: "auto" (balanced with steps scaled by
+    # input up to 10% density, where the engine can run them); sift_options may name others
+    options = dict(density=density, target_modules="all-linear")
     if setup.method == "sift-lean":
         options.update(LEAN)
         if distributed:

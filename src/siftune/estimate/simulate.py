@@ -300,6 +300,14 @@ def cuda_kernels(device: torch.device = DEVICE):
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             weight.view(-1, 1), state.absmax, state.blocksize, state.quant_type, list(state.shape), state.dtype)
 
+    from ..core import engine
+
+    plain_balanced = engine.balanced_indices
+
+    def balanced(ranking, k, shape, cap):
+        return balanced_as_allocated(ranking, k, shape, cap) if isinstance(ranking, FakeTensor) else \
+            plain_balanced(ranking, k, shape, cap)
+
     kernels = torch.library.Library("aten", "IMPL")
     kernels.impl("sparse_mask", sparse_mask, "SparseMeta")
     matmul4, matmul8 = _bnb_matmuls()
@@ -312,9 +320,11 @@ def cuda_kernels(device: torch.device = DEVICE):
     adam._device_dtype_check_for_fused = fused_check
     masking.is_tracing = tracing_but_not_fake
     storage.dequantized_weight = dequantized_weight
+    engine.balanced_indices = balanced
     try:
         yield
     finally:
+        engine.balanced_indices = plain_balanced
         storage.dequantized_weight = plain_dequantized
         F.scaled_dot_product_attention = plain_sdpa
         adam._device_dtype_check_for_fused = check
@@ -323,6 +333,30 @@ def cuda_kernels(device: torch.device = DEVICE):
         if matmul4:
             matmul4.forward = staticmethod(plain_forward)
             matmul8.forward = staticmethod(plain_forward8)
+
+
+def balanced_as_allocated(ranking: torch.Tensor, k: int, shape: tuple, cap: float) -> torch.Tensor:
+    """What :func:`siftune.core.select.balanced_indices` holds at its peak, on fake tensors, which cannot
+    run its rounds (their sizes depend on the data): its first round's tensors, on the whole weight (the
+    scores' fp32 copy, the chosen and open masks, the open scores, each row's best, the masks above and
+    at each row's threshold), then the top-k's indices in place of its choice. Later rounds hold the
+    same on the lines with room left, fewer. Chains of swaps, which the rounds rarely need at the
+    densities where ``"auto"`` is balanced (<= 10%), are not modelled: each holds about 16 bytes an
+    entry for a moment. ``tests/test_simulate.py`` holds this to the real function's peak."""
+    from ..core.select import line_caps, top_k_indices
+
+    score = ranking.detach().reshape(shape[0], -1).abs().float()
+    rows, columns = score.shape
+    chosen = torch.zeros(rows, columns, dtype=torch.bool, device=score.device)
+    open_ = ~chosen
+    masked = torch.where(open_, score, -1.0)
+    most = min(line_caps(shape, k, cap)[0], columns)
+    best = torch.topk(masked, min(most + 1, columns), dim=1).values
+    threshold = best[:, most - 1:most]
+    above = masked > threshold
+    at = masked == threshold
+    del masked, above, at, best, threshold, open_, chosen, score
+    return top_k_indices(ranking, k)
 
 
 def _bnb_matmuls():
@@ -417,6 +451,15 @@ def outside_modules(model) -> list[torch.Tensor]:
         if type(state).__name__ == "MatmulLtState":
             outside += [t for t in (state.SCB, state.idx) if isinstance(t, torch.Tensor)]
     return outside
+
+
+def engine_tensors(engine) -> list[torch.Tensor]:
+    """Device tensors a SIFT engine keeps beside the model and the optimizer: the scaled steps' window sums
+    and factors, one fp32 a feature of each targeted layer (:mod:`siftune.core.stepscale`)."""
+    if engine is None:
+        return []
+    inputs = [slot.input for slot in engine.slots if slot.input is not None]
+    return [t for scale in inputs for t in (scale.sum_sq, scale.scale, scale.before) if isinstance(t, torch.Tensor)]
 
 
 # Encoders: estimated as sequence classifiers (transformers also maps some of them to a causal LM head).
@@ -549,10 +592,10 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
             # A tracker per step: MemTracker's module tracking keeps a step's input
             # gradients alive until the tracker goes (2 x seq x hidden more per step).
             # What outlives a step is reachable from the model, the optimizer (the
-            # engine's indices are in its state), the batch, and the outside tensors.
+            # engine's indices are in its state), the batch, the outside tensors and the engine's factors.
             tracker = DeviceMemory()
             tracker.track_external(model, *([opt] if opt is not None else []), *batch.values(),
-                                   *outside_modules(model))
+                                   *outside_modules(model), *engine_tensors(engine))
             timer = Roofline(*roofline) if roofline and step in (0, warmup) else contextlib.nullcontext()
             phases = {}
             with tracker, timer:
