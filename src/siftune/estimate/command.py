@@ -166,9 +166,12 @@ def table(results: list[dict], model: str) -> list[str]:
     lines.append(f"Simulated on fake tensors ({results[0]['simulated']}); the CUDA allocator's rounding, "
                  "cuBLAS workspaces and the CUDA context are not counted: leave ~1 GiB of headroom.")
     lines += _notes(results)
-    left_out = {r["step_s_left_out"] for r in results if r["step_s_left_out"]}
-    for why in sorted(left_out):
-        lines.append(f"Step time: {why}.")
+    left_out: dict[str, list[str]] = {}
+    for r in results:
+        if r["step_s_left_out"]:
+            left_out.setdefault(r["step_s_left_out"], []).append(r["method"])
+    for why, names in sorted(left_out.items()):
+        lines.append(f"Step time: {why}." if len(names) == len(results) else f"Step time, {', '.join(names)}: {why}.")
     if any(r["step_s"] for r in results):
         lines.append("Step time: roofline x 1.67, fitted on the 7B floor measured on an H200 "
                      "(full fine-tuning -5%, LoRA -20% there).")

@@ -6,7 +6,7 @@ method is set up as a user would (:mod:`.methods`) and trained for a few
 steps. torch's ``MemTracker`` records each allocation and sorts it into
 parameters, gradients, activations, temporaries and optimizer state; the peak
 of each phase of each step (forward, backward, optimizer step) is kept. The
-first step is SIFT's selection step (top-k's copies); the last is a steady one,
+first step is SIFT's selection step (the selection's copies); the last is a steady one,
 and a roofline of it gives a step time.
 
 What stands in for a CUDA device, and why:
@@ -23,6 +23,8 @@ What stands in for a CUDA device, and why:
   supported; the fused kernel's shape function is what runs);
 * host reads of device values (the gradient norm, a finiteness check) answer
   1: they steer control flow only, and 1 is the branch ordinary training takes.
+* SIFT's balanced selection, whose rounds' sizes depend on the data, allocates
+  its first round's tensors and takes the top-k's indices (:func:`balanced_as_allocated`).
 
 nf4 bases: the targeted Linears become bitsandbytes ``Linear4bit`` layers
 (nf4, blocksize 64, no double quantization); bitsandbytes' quantize needs
