@@ -83,7 +83,8 @@ def _build(config, setup: Setup, device: str):
     model = build_model(config, setup, device)
     counts = logical_params(model), targeted_entries(model)
     if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from ..recipes.models import checkpoint_activations
+        checkpoint_activations(model)
     model.config.use_cache = False
     if setup.method == "lora":  # adapters first, then shard the whole (as torchtune does)
         import peft

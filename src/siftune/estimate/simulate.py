@@ -578,7 +578,8 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
                 if isinstance(layer, bnb.nn.Linear8bitLt):
                     layer.weight = int8.fake_int8_weight(layer, DEVICE)
         if setup.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from ..recipes.models import checkpoint_activations
+            checkpoint_activations(model)
         model.config.use_cache = False
         with torch.device(DEVICE):  # peft makes its adapters on the default device, then moves them
             model, opt, engine = set_up(setup, model, density, distributed=world > 1)
@@ -706,7 +707,8 @@ def measure_cpu(config, setup: Setup, warmup: int = 1, held: list | None = None,
         if setup.quantize:
             _quantize_for_real(model, _real_nf4_layer if setup.quantize == "nf4" else int8.real_int8_layer)
         if setup.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from ..recipes.models import checkpoint_activations
+            checkpoint_activations(model)
         model.config.use_cache = False
         model, opt, _ = set_up(setup, model, density_of(setup, targeted_entries(model)))
         if setup.quantize == "int8":

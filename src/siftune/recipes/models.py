@@ -40,6 +40,17 @@ _MODEL_ALIASES = {
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def checkpoint_activations(model) -> None:
+    """Recompute each layer's activations in the backward instead of keeping them (non-reentrant), by the
+    name the installed transformers gives it: ``activation_checkpointing_enable`` (5.x; the older name warns
+    there) or ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("SIFTUNE_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "siftune"

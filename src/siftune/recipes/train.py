@@ -474,7 +474,7 @@ def _run(args: TrainArgs, progress: bool) -> dict:
     if args.packing:
         check_packing(model)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.checkpoint_activations(model)
     if args.fsdp:
         sharding.shard_model(model)  # before attach: SIFT trains the shards
     batches = _BatchMaker(args, tokenizer, labels, device)
