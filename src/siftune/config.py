@@ -107,7 +107,7 @@ class SiftConfig:
         seed: seed of the random ablation (``selection="random"``); gradient
             selection is deterministic. Default ``0``.
         selection: how each tensor's k components are chosen from the
-            window's ``score`` (:mod:`siftune.select`): ``"gradient"`` (its
+            window's ``score`` (:mod:`siftune.core.select`): ``"gradient"`` (its
             top-k, the paper's SIFT), ``"random"`` (k uniformly random
             components: the paper's ablation), ``"mixed"`` (the top
             ``score_share`` of k by score, the rest uniformly random among the
