@@ -95,6 +95,24 @@ def test_balanced_selection_chooses_k_with_no_row_or_column_over_its_cap():
         assert int(torch.bincount(idx.long() % columns).max()) <= column_cap, (score, k)
 
 
+def test_balanced_selection_ranks_a_nan_score_first_and_still_keeps_the_caps():
+    # a gradient that overflowed: NaN ranks first, as torch.topk ranks it for the top-k
+    score = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    score[0, :2] = score[2, 3] = float("nan")
+    idx = balanced_indices(score, 4, (4, 4), cap=1.0)
+    assert {0, 11} <= set(idx.tolist()) and 1 not in idx.tolist()  # row 0's cap of 1: one of its NaNs
+    g = torch.Generator().manual_seed(1)
+    for case in range(40):
+        score = torch.rand(6, 5, generator=g)
+        score[torch.rand(6, 5, generator=g) < 0.3] = float("nan")
+        k = 1 + case % 30
+        idx = balanced_indices(score, k, (6, 5), cap=1.0)
+        row_cap, column_cap = line_caps((6, 5), k, 1.0)
+        assert idx.numel() == k and idx.unique().numel() == k
+        assert int(torch.bincount(idx.long() // 5).max()) <= row_cap
+        assert int(torch.bincount(idx.long() % 5).max()) <= column_cap
+
+
 def test_balanced_chains_of_swaps_equal_the_reference_s(monkeypatch):
     from siftune.core import select
 

@@ -224,7 +224,8 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
     takes a top-(row cap) along those rows: no sort of the whole weight.
     """
     device = ranking.device
-    score = ranking.detach().reshape(shape[0], -1).abs().float()
+    # a copy (abs); NaN ranks first, as in torch.topk, and the rounds compare with each row's threshold
+    score = ranking.detach().reshape(shape[0], -1).abs().float().nan_to_num_(nan=float("inf"))
     rows, columns = score.shape
     row_room = torch.full((rows,), line_caps(shape, k, cap)[0], device=device)
     column_room = torch.full((columns,), line_caps(shape, k, cap)[1], device=device)
@@ -269,10 +270,10 @@ def _rows_best(score: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, o
         masked = torch.where(open_, score, -1.0)  # scores are >= 0: a closed entry is never proposed
     else:
         masked.masked_fill_(~open_, -1.0)  # a copy already
-    columns = masked.shape[1]
-    most = min(int(room.max()), columns)
+    width = masked.shape[1]
+    most = min(int(room.max()), width)
     room = room.clamp(1, most)  # a row with no room has no open entry
-    best = torch.topk(masked, min(most + 1, columns), dim=1).values  # each row's best, descending
+    best = torch.topk(masked, min(most + 1, width), dim=1).values  # each row's best, descending
     threshold = best.gather(1, (room - 1)[:, None])
     above = masked > threshold
     at = masked == threshold
@@ -280,7 +281,7 @@ def _rows_best(score: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, o
     at &= open_
     left = room - (best > threshold).sum(1)  # how many of a row's ties at its threshold it proposes
     ties = (best == threshold).sum(1)  # a row's ties among its best: all of them unless they reach its last
-    beyond = ((best[:, -1] == threshold[:, 0]) & (best.shape[1] < columns)).nonzero().squeeze(1)
+    beyond = ((best[:, -1] == threshold[:, 0]) & (best.shape[1] < width)).nonzero().squeeze(1)
     if beyond.numel():
         ties[beyond] = at[beyond].sum(1)
     tied = ((ties > left) & (threshold[:, 0] >= 0)).nonzero().squeeze(1)
