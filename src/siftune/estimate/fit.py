@@ -1,12 +1,12 @@
 """The largest density, batch size or sequence length whose simulated peak fits a memory size.
 
-Peak memory grows with each of the three (with the density, on each side of 10%, where SIFT's default
-selection turns from balanced to the top-k and the peak falls: each side is searched), so the answer is
-bracketed: a value
+Peak memory grows with each of the three, so the answer is bracketed: a value
 that fits below, one that does not above, and the next probe inside the
 bracket where the line through its ends crosses the budget (clamped to the
 bracket's middle 80%, so a curve the line misreads still halves the bracket
-at worst). Every probe is a simulation (:func:`.extrapolate.estimate`).
+at worst). Every probe is a simulation (:func:`.extrapolate.estimate`). With
+the density, the peak falls where SIFT's default selection turns from
+balanced to the top-k (above 10%): each side is searched.
 """
 from __future__ import annotations
 
