@@ -139,7 +139,7 @@ def fit(config, setup, what: str, budget: int, gpus: int = 1, fsdp: bool = False
 
 def _balanced_up_to(setup, gpus: int, fsdp: bool) -> float | None:
     """The density above which SIFT's ``selection="auto"`` is the top-k instead of balanced, where ``setup``
-    selects balanced below it: there the peak falls (balanced's rounds hold 12 to 15 bytes an entry of the
+    selects balanced below it: there the peak falls (balanced's rounds hold about 12 bytes an entry of the
     weight they choose in, the top-k's selection 4 to 5), so the peak does not grow with the density across it."""
     from ..config import BALANCED_UP_TO
     from .methods import SIFT_METHODS, sift_config
