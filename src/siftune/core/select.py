@@ -219,9 +219,11 @@ def balanced_indices(ranking: torch.Tensor, k: int, shape: tuple, cap: float) ->
     index first. When the rounds stall before k (the rows and columns with
     room left meet only at chosen components), each further component comes
     from a chain of swaps that keeps every line within its cap
-    (:func:`_add_by_swaps`). A round holds a boolean and an fp32 copy of the
-    rows and columns with room left (the whole weight in the first round) and
-    takes a top-(row cap) along those rows: no sort of the whole weight.
+    (:func:`_add_by_swaps`). It holds an fp32 copy of the scores and the
+    chosen mask throughout; a round adds an fp32 copy and three booleans of
+    the rows and columns with room left (the whole weight in the first round:
+    about 12 bytes an entry at the peak) and takes a top-(row cap) along those
+    rows, with no sort of the whole weight.
     """
     device = ranking.device
     # a copy (abs); NaN ranks first, as in torch.topk, and the rounds compare with each row's threshold
