@@ -182,3 +182,19 @@ def test_only_a_setup_whose_selection_turns_at_10_percent_is_searched_on_each_si
     assert _balanced_up_to(Setup("sift-rows"), gpus=1, fsdp=False) is None
     assert _balanced_up_to(Setup("sift", sift_options=dict(selection="gradient")), gpus=1, fsdp=False) is None
     assert _balanced_up_to(Setup("lora"), gpus=1, fsdp=False) is None
+
+
+def test_the_command_says_nothing_of_torchs_module_tracking(capsys):
+    # torch's module tracker warns that its hierarchy "maybe be messed up" when a checkpointed layer
+    # recomputes, and replaces the process's warning format; the estimate reads only totals.
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["estimate", "llama-tiny", "--methods", "sift", "--seq-len", "32", "--gradient-checkpointing",
+                     "--quiet"])
+    assert code == 0
+    assert not [w for w in caught if "module hierarchy" in str(w.message)]
+    assert "module hierarchy" not in capsys.readouterr().err
+    assert warnings.formatwarning is formatwarning

@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from .methods import Setup, density_of, logical_params, set_up, targeted_entries
 from .shapes import layer_count
 from .simulate import (HostReads, build_model, cuda_kernels, device_peak_only, fake_process_group, held_bytes, inputs,
-                       phase_peak)
+                       module_tracking_quiet, phase_peak)
 
 HOST = torch.device("cpu")  # the fake device: see the module's docstring
 FSDP_METHODS = ("frozen", "full", "lora", "sift", "sift-lean")
@@ -163,7 +163,7 @@ def trace(config, setup: Setup, world: int, warmup: int = 1) -> dict:
             tracker._update_peak_stats = lambda peak_state, tracker=tracker: device_peak_only(tracker)
             tracker.track_inputs(tuple(batch.values()))
             phases = {}
-            with tracker:
+            with module_tracking_quiet(), tracker:
                 _step(model, opt, batch, tracker, phases)
             steps.append(dict(phases=phases, held=held_bytes(tracker, HOST)))
             del tracker

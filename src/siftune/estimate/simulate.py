@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+import warnings
 from collections import defaultdict
 
 import torch
@@ -102,6 +103,21 @@ class DeviceMemory(MemTracker):
 
     def _update_peak_stats(self, peak_state):
         device_peak_only(self)
+
+
+@contextlib.contextmanager
+def module_tracking_quiet():
+    """torch's module tracker (under MemTracker) warns "The module hierarchy tracking maybe be messed up"
+    when a module runs again inside its own forward (recomputed checkpoints do), and sets the process's
+    ``warnings.formatwarning`` to its own. Nothing here reads per-module figures, only the totals that
+    ``tests/test_simulate.py`` holds to real runs: the warning is dropped and the format put back."""
+    formatwarning = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe be messed up")
+        try:
+            yield
+        finally:
+            warnings.formatwarning = formatwarning
 
 
 def device_peak_only(tracker: MemTracker) -> None:
@@ -601,7 +617,7 @@ def trace(config, setup: Setup, warmup: int = 1, roofline: tuple[float, float] |
                                    *outside_modules(model), *engine_tensors(engine))
             timer = Roofline(*roofline) if roofline and step in (0, warmup) else contextlib.nullcontext()
             phases = {}
-            with tracker, timer:
+            with module_tracking_quiet(), tracker, timer:
                 try:
                     loss = model(**batch).loss
                     phases["forward"] = with_buckets(phase_peak(tracker, DEVICE, PARTS), buckets)
