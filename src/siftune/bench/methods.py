@@ -235,7 +235,6 @@ def prepare_shira(model, run: MethodRun) -> Prepared:
 # --sift selection=balanced at line_cap 2, unless --sift names them: the recorded sweep is one protocol
 # whatever SiftConfig's defaults ("auto": balanced at line_cap 1 with scaled steps). `--sift
 # selection=balanced line_cap=1 step_scale=input` runs SiftConfig's default.
-BENCH_SIFT_DEFAULTS = {"step_scale": None}
 BALANCED_LINE_CAP = 2.0
 
 
@@ -249,7 +248,7 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
         mode=SIFT_MODES.get(run.method, "fixed"), max_grad_norm=run.max_grad_norm, seed=run.seed,
         storage="delta" if run.method in QUANTIZED else "in_place", structure=STRUCTURES.get(run.method),
-        **{"refresh_every": PERIODIC_REFRESH, **BENCH_SIFT_DEFAULTS,
+        **{"refresh_every": PERIODIC_REFRESH, "step_scale": None,
            "selection": "random" if run.method in RANDOM else "gradient",
            **({"line_cap": BALANCED_LINE_CAP} if run.sift.get("selection") == "balanced" else {}),
            **{k: v for k, v in run.sift.items() if k != SELECT_FIRST}},
