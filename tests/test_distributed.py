@@ -50,7 +50,9 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              "snr, selected first": {"score": "grad_snr", "selection_batches": 3},
              # steps scaled by the combined batch's input sizes (each rank sees half of it)
              "scaled steps, balanced": {"step_scale": "input", "selection": "balanced", "line_cap": 1.0,
-                                        "mode": "periodic", "refresh_every": 2}}
+                                        "mode": "periodic", "refresh_every": 2},
+             # twice the count for two steps, then the half that changed most: the same on every rank
+             "shrink, balanced": {"selection": "balanced", "line_cap": 1.0, "shrink_after": 2, "shrink_from": 2.0}}
 SELECTED_FIRST = {"snr, selected first"}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4

@@ -260,13 +260,14 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
             model.train()
             engine.select(batches, loss_of=batch_loss)
     optimizer = engine.optimizer(lr=run.lr, dense_lr=run.dense_lr)
-    selected = sum(s.k for s in engine.slots)
+    selected = sum(s.final_k for s in engine.slots)  # with shrink_after, what the increment holds
     targeted = sum(s.numel for s in engine.slots)
 
     def saved_bytes() -> int:
         return engine.increment(values=optimizer.master_values()).nbytes
 
-    return Prepared(model, optimizer, engine.num_trainable, sum(p.numel() for p in engine.dense.values()),
+    head = sum(p.numel() for p in engine.dense.values())
+    return Prepared(model, optimizer, selected + head, head,
                     saved_bytes, density=selected / targeted, select=select)
 
 

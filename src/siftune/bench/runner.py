@@ -204,7 +204,9 @@ def parse_sift_options(values: list[str] | None) -> dict:
                           f"training (0: within the first steps, the default); got {options[SELECT_FIRST]!r}")
     # unknown fields and bad values: one-line ConfigError (grow_drop runs with sift-periodic)
     config = {k: v for k, v in options.items() if k != SELECT_FIRST}
-    SiftConfig.from_dict({"density": 1.0, **config, **({"mode": "periodic"} if options.get("selection") == "grow_drop"
+    factor = config.get("shrink_from", 10.0) if config.get("shrink_after") else 1.0  # the method sets the density
+    SiftConfig.from_dict({"density": 1.0 / factor if isinstance(factor, (int, float)) and factor > 1 else 1.0,
+                          **config, **({"mode": "periodic"} if options.get("selection") == "grow_drop"
                                                        else {})})
     return options
 

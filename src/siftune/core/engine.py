@@ -112,6 +112,9 @@ class SiftEngine:
         if config.selection in ("mixed", "balanced", "grow_drop") and sharded:
             raise ConfigError(f"selection={config.selection!r} chooses among a whole tensor's components, which "
                               "FSDP2 shards split over the ranks; use selection='gradient' or 'random' on shards")
+        if config.shrink_after and sharded:
+            raise ConfigError("shrink_after ranks each whole tensor's trained changes, which FSDP2 shards split "
+                              "over the ranks: leave shrink_after=0 on shards")
         if config.step_scale and sharded:
             raise ConfigError("step_scale='input' needs each weight whole on every process; FSDP2 shards split "
                               "it: leave step_scale=None on shards")
@@ -125,9 +128,11 @@ class SiftEngine:
         self.dense = dense
         stores = {n: self._make_storage(model, n, p) for n, p in targeted.items()}
         # k counts the whole tensor's components; a shard holds its part of them.
-        self.slots = [_Slot(n, store, store.count_at(config.density), tensor_generator(config.seed, i),
+        self.slots = [_Slot(n, store, store.count_at(config.selected_density), tensor_generator(config.seed, i),
                             compact=config.compact_indices)
                       for i, (n, store) in enumerate(stores.items())]
+        for slot in self.slots:  # the count from the shrink on (shrink_after), else the count throughout
+            slot.final_k = slot.storage.count_at(config.density)
         self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
         if config.step_scale:
             for slot in self.slots:
@@ -359,9 +364,38 @@ class SiftEngine:
         if skipped:
             return
         self.steps += 1
+        if self.config.shrink_after and self.steps == self.config.shrink_after:
+            for slot in self.slots:
+                self._shrink(slot)
         if self.config.mode == "periodic" and self.steps % self.config.refresh_every == 0:
             for slot in self.slots:
                 slot.selecting, slot.seen = True, 0
+
+    def _shrink(self, slot: _Slot) -> None:
+        """shrink_after: keep ``slot``'s final count of its components, those whose trained change is largest
+        (by the selection's rule), and put the others back to their untrained values."""
+        held = slot.flat()
+        if held is None:  # never selected (no gradient reached it): it selects at the final count
+            slot.k = slot.final_k
+            return
+        where = torch.searchsorted(slot.ever_idx, held.to(LEDGER_DEVICE).to(slot.ever_idx.dtype))
+        base = slot.base[where]
+        ranking = torch.zeros(slot.numel, dtype=torch.float32, device=slot.param.device)
+        ranking[held] = (slot.storage.read(held).float() - base.float().to(slot.param.device)).abs()
+        slot.k = slot.final_k
+        keep = slot.storage.agreed(self._chosen(slot, ranking.view(slot.shape)))
+        kept = torch.isin(held, keep)
+        slot.storage.write(held[~kept], base[~kept.cpu()].to(slot.param.device))  # dropped: untrained again
+        # A component the caps bring in from outside the wider selection starts untrained, as any new one.
+        ledger = held.to(LEDGER_DEVICE)
+        pos = torch.searchsorted(ledger, keep.to(LEDGER_DEVICE).to(ledger.dtype)).clamp_(max=ledger.numel() - 1)
+        inside = ledger[pos] == keep.to(LEDGER_DEVICE)
+        kept_base = slot.storage.read(keep).to(LEDGER_DEVICE, copy=True)
+        kept_base[inside] = base[pos[inside]]
+        slot.storage.narrow(keep)
+        slot.ever_idx, slot.base = keep.to(LEDGER_DEVICE).to(slot.ever_idx.dtype), kept_base
+        slot.idx = _stored_selection(slot, keep)
+        slot.version += 1
 
     @staticmethod
     def undo_selection(slot: _Slot) -> None:
@@ -488,7 +522,9 @@ class SiftEngine:
         steps = state.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise CheckpointError(f"engine state: steps {steps!r} must be an integer >= 0")
-        loaded = {s.name: _checked_slot_state(s, state["slots"][s.name], self.config.budget, self.config.score)
+        shrunk = bool(self.config.shrink_after) and steps >= self.config.shrink_after
+        loaded = {s.name: _checked_slot_state(s, state["slots"][s.name], self.config.budget, self.config.score,
+                                              s.final_k if shrunk else None)
                   for s in self.slots}
         for slot in self.slots:
             saved = loaded[slot.name]
@@ -619,8 +655,10 @@ def attach(model: nn.Module, config: SiftConfig | None = None, **overrides) -> S
     return SiftEngine(model, config)
 
 
-def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor", score_kind: str = "grad") -> dict:
-    """``saved`` with its tensors on the slot's device, after checking it fits the slot."""
+def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor", score_kind: str = "grad",
+                        k: int | None = None) -> dict:
+    """``saved`` with its tensors on the slot's device, after checking it fits the slot (``k`` selected
+    components, default the slot's own count)."""
     where = f"engine state of {slot.name}"
     p, numel = slot.param, slot.numel
     if not isinstance(saved, dict):
@@ -629,8 +667,9 @@ def _checked_slot_state(slot: _Slot, saved, budget_kind: str = "per_tensor", sco
         value = saved.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise CheckpointError(f"{where}: {key} {value!r} must be an integer >= 0")
-    if saved["k"] != slot.k and budget_kind == "per_tensor":  # a global budget gives each tensor its own k
-        raise CheckpointError(f"{where}: {saved['k']} selected components saved, this engine selects {slot.k}")
+    k = slot.k if k is None else k
+    if saved["k"] != k and budget_kind == "per_tensor":  # a global budget gives each tensor its own k
+        raise CheckpointError(f"{where}: {saved['k']} selected components saved, this engine selects {k}")
     if not isinstance(saved.get("selecting"), bool):
         raise CheckpointError(f"{where}: selecting must be true or false")
     out = dict(saved)

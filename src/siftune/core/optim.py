@@ -183,6 +183,9 @@ class SiftAdamW(torch.optim.Optimizer):
                 state["master"][idx] = values
             flat[idx] = values.to(p.dtype)  # index_put_: takes int32 indices, unlike index_copy_
         else:
+            factor = self.engine.config.rate_factor(self.engine.steps)  # shrink_after: lower before the shrink
+            if factor != 1.0:
+                group = {**group, "lr": group["lr"] * factor}
             values = state["master"] if low_precision else slot.storage.read(idx).float()
             state["steps"] = state["steps"] + 1
             # step_scale="input": each component's rate times its input feature's factor (siftune.core.stepscale)
@@ -224,7 +227,7 @@ class SiftAdamW(torch.optim.Optimizer):
         """Carry the state of components that stay selected over to a new selection."""
         new_idx, dtype = slot.flat(), self._state_dtype()
         k = new_idx.numel()
-        periodic = self.engine.config.mode == "periodic"
+        periodic = self.engine.config.mode == "periodic" or bool(self.engine.config.shrink_after)
         fresh = {
             "exp_avg": torch.zeros(k, dtype=dtype, device=p.device),
             "exp_avg_sq": torch.zeros(k, dtype=dtype, device=p.device),

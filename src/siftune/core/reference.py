@@ -37,7 +37,8 @@ class ReferenceSift:
         trainable = {id(p) for p in targeted.values()} | {id(p) for p in self.dense.values()}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
-        self.k = {n: count_selected(p.numel(), config.density) for n, p in targeted.items()}
+        self.k = {n: count_selected(p.numel(), config.selected_density) for n, p in targeted.items()}
+        self.final_k = {n: count_selected(p.numel(), config.density) for n, p in targeted.items()}  # shrink_after
         if config.structure:  # whole rows (columns): the count rounded to whole ones
             self.k = {n: selected_count(tuple(p.shape), config.density, config.structure) for n, p in targeted.items()}
         self.generators = {n: tensor_generator(config.seed, i) for i, n in enumerate(targeted)}
@@ -53,7 +54,7 @@ class ReferenceSift:
         self.v = {n: torch.zeros_like(p, dtype=state_dtype if n in targeted else torch.float32) for n, p in params.items()}
         self.t = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in params.items()}
         self.master = {n: p.detach().float().clone() for n, p in params.items()}
-        self.untrained = {n: p.detach().float().clone() for n, p in targeted.items()}  # selection="grow_drop"
+        self.untrained = {n: p.detach().float().clone() for n, p in targeted.items()}  # grow_drop, shrink_after
         self.previous_mask = {n: None for n in targeted}
         self.steps = 0
         # step_scale="input": each tensor's window inputs (sum of x_j^2, tokens) and its dense rate factors
@@ -313,7 +314,7 @@ class ReferenceSift:
         for name, g in grads.items():
             p = params[name]
             mask = self.mask[name] if name in self.targeted else torch.ones_like(p, dtype=torch.bool)
-            lr = self.lr if name in self.targeted else self.dense_lr
+            lr = self.lr * self.config.rate_factor(self.steps) if name in self.targeted else self.dense_lr
             if self.lr_scale.get(name) is not None:
                 lr = lr * self.lr_scale[name].to(p.device)
             g = g * scale
@@ -334,8 +335,35 @@ class ReferenceSift:
         for p in params.values():
             p.grad = None
         self.steps += 1
+        if self.config.shrink_after and self.steps == self.config.shrink_after:
+            for name in self.targeted:
+                self._shrink(name)
         if self.config.mode == "periodic" and self.steps % self.config.refresh_every == 0:
             self._restart_selection()
+
+    def _shrink(self, name) -> None:
+        """shrink_after: the final count of the selected components with the largest trained change (by the
+        selection's rule, unselected ones ranked 0); the others back to their untrained values and state."""
+        p, k = self.targeted[name], self.final_k[name]
+        self.k[name] = k
+        if self.mask[name] is None:  # not selected yet: it selects at the final count
+            return
+        held = self.mask[name].reshape(-1).cpu()
+        change = (p.detach().float() - self.untrained[name]).abs().reshape(-1).cpu()
+        ranking = torch.where(held, change, torch.zeros_like(change))
+        keep = torch.zeros(p.numel(), dtype=torch.bool)
+        if self.config.selection == "balanced":
+            for i in self._balanced(ranking.view(p.shape[0], -1), k):
+                keep[i] = True
+        else:
+            keep[top_k_indices(ranking, k)] = True
+        keep = keep.view_as(p).to(p.device)
+        out = ~keep
+        for state in (self.m, self.v, self.t):
+            state[name][out] = 0
+        self.master[name][out] = self.untrained[name].to(p.device)[out]
+        p.copy_(self.master[name].to(p.dtype))
+        self.mask[name] = keep
 
     def _restart_selection(self) -> None:
         for name in self.targeted:

@@ -120,6 +120,10 @@ class Storage:
             distributed.broadcast(idx, src=0)
         return idx
 
+    def narrow(self, idx: torch.Tensor) -> None:
+        """Hold only ``idx`` (sorted flat indices) from now on; the engine has written the untrained values of
+        the components left out (``SiftConfig.shrink_after``). The weight holds every component: nothing to do."""
+
     def part(self, t: torch.Tensor) -> torch.Tensor:
         """This process's part of ``t``, a tensor shaped like the weight (its gradient), detached."""
         return distributed.local(t)
@@ -420,6 +424,16 @@ class Delta(Storage):
             values = torch.cat([self.trainable.detach(), self.trainable.new_zeros(int(new.sum()))])[order]
             self.indices = merged[order]
             self.trainable.data = values  # same Parameter: the optimizer keeps its handle
+
+    def narrow(self, idx: torch.Tensor) -> None:
+        """Hold only ``idx``: the values of those already held, zero (no change) for the others."""
+        indices = self.indices
+        pos = torch.searchsorted(indices, idx).clamp_(max=indices.numel() - 1)
+        inside = indices[pos] == idx
+        values = self.trainable.new_zeros(idx.numel())
+        values[inside] = self.trainable.detach()[pos[inside]]
+        self.indices = idx
+        self.trainable.data = values  # same Parameter: the optimizer keeps its handle
 
     def positions(self, idx: torch.Tensor) -> torch.Tensor | None:
         """Rows of ``indices`` holding ``idx`` (a sorted subset); None when ``idx`` is all of them."""
