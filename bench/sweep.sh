@@ -78,6 +78,8 @@ grid() {  # TASK STEPS METHOD[:SETTING] LR... -- [FIELD=VALUE ...]: seed 0 at ea
   done
 }
 
+INC=bench/results/sweep_increments  # the increments select_from reads (a-from-*), named by the repository's root
+FROM=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.004-seed{seed}")
 a() { cell classification 300 0 "$@"; }  # task (a), seed 0
 b() { cell causal_lm 40 0 "$@"; }        # task (b), seed 0
 
@@ -910,6 +912,24 @@ for part in "$@"; do
       cell causal_lm 160 2 sift-fixed:matched 6.4e-3 selection=balanced line_cap=1 step_scale=input
       cell causal_lm 160 0 sift-fixed:matched 1.28e-2 selection=balanced line_cap=1 step_scale=input
       cell causal_lm 160 0 sift-fixed:matched 3.2e-3 selection=balanced line_cap=1 step_scale=input
+      ;;
+    # A choice from a trained run (SiftConfig.select_from) at 0.1% on (a): SiftConfig's default at 1% and its
+    # chosen rate (4e-3) trains seed N and saves its increment into bench/results/sweep_increments
+    # (a-from-source-N); the 0.1% run of the same seed ranks its components by that run's change, with the head at
+    # 4e-3 (a-from-grid: seed 0's grid; a-from-seeds: seeds 1 and 2 at its best rate).
+    a-from-source-[0-9]*)
+      seed=${part#a-from-source-}
+      if [ ! -f "$INC/sift-fixed-0.01-lr0.004-seed$seed/increment.safetensors" ]; then
+        siftune bench --task classification --steps 300 --seeds "$seed" --threads 1 --results-dir "$INC" \
+          --methods sift-fixed:0.01 --lr sift-fixed=4e-3 --save-increments "$INC" \
+          --sift selection=balanced line_cap=1 step_scale=input
+      fi
+      ;;
+    a-from-grid)
+      grid classification 300 sift-fixed:0.001 1.6e-2 3.2e-2 6.4e-2 -- "${FROM[@]}" dense_lr=4e-3
+      ;;
+    a-from-seeds)
+      seeds_at_best classification 300 sift-fixed:0.001 "${FROM[@]}" dense_lr=4e-3
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input

@@ -93,6 +93,7 @@ class Prepared:
     density: float | None = None  # trained fraction of the targeted components
     rank: int | None = None
     select: Callable | None = None  # given the training batches, makes the selection before training
+    increment: Callable | None = None  # SIFT: the trained increment (SparseIncrement), to save
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -244,6 +245,9 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
     from ..core.engine import attach
 
     density = resolve_density(model, run.task, run.setting)
+    options = {k: v for k, v in run.sift.items() if k != SELECT_FIRST}
+    if isinstance(options.get("select_from"), str):  # an increment a seed: {seed} names the run's
+        options["select_from"] = options["select_from"].format(seed=run.seed)
     config = SiftConfig(
         density=density, target_modules=TARGETS[run.task], dense_modules=HEADS[run.task],
         mode=SIFT_MODES.get(run.method, "fixed"), max_grad_norm=run.max_grad_norm, seed=run.seed,
@@ -251,7 +255,7 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
         **{"refresh_every": PERIODIC_REFRESH, "step_scale": None,
            "selection": "random" if run.method in RANDOM else "gradient",
            **({"line_cap": BALANCED_LINE_CAP} if run.sift.get("selection") == "balanced" else {}),
-           **{k: v for k, v in run.sift.items() if k != SELECT_FIRST}},
+           **options},
     )
     engine = attach(model, config)
     select = None
@@ -268,7 +272,8 @@ def prepare_sift(model, run: MethodRun) -> Prepared:
 
     head = sum(p.numel() for p in engine.dense.values())
     return Prepared(model, optimizer, selected + head, head,
-                    saved_bytes, density=selected / targeted, select=select)
+                    saved_bytes, density=selected / targeted, select=select,
+                    increment=lambda: engine.increment(values=optimizer.master_values()))
 
 
 PREPARE = {"base": prepare_base, "head": prepare_head, "full": prepare_full, "dense-backward": prepare_dense_backward,

@@ -112,6 +112,7 @@ class RunSpec:
     val_size: int = 0
     sift: dict = field(default_factory=dict)  # SiftConfig fields for sift-* methods, e.g. {"budget": "global"}
     packing: bool = False  # causal_lm: whole examples end to end in each row (siftune.recipes.data)
+    increments: str = ""  # a folder: each SIFT run's increment saved into <folder>/<method>-<setting>-lr<lr>-seed<seed>
 
     @property
     def token(self) -> str:
@@ -131,7 +132,13 @@ class RunSpec:
             parts += ["--dataset", self.dataset]
         if self.sift:
             parts += ["--sift", *(f"{k}={v}" for k, v in sorted(self.sift.items()))]
-        return shlex.join(parts + (["--packing"] if self.packing else []) + (["--quick"] if self.quick else []))
+        saving = ["--save-increments", self.increments] if self.increments else []
+        return shlex.join(parts + (["--packing"] if self.packing else []) + (["--quick"] if self.quick else [])
+                          + saving)
+
+    def increment_folder(self) -> Path:
+        """Where ``--save-increments`` puts this run's increment."""
+        return Path(self.increments) / f"{self.method}-{self.setting}-lr{self.lr:g}-seed{self.seed}"
 
 
 def parse_method(token: str) -> tuple[str, float | int | str | None]:
@@ -348,6 +355,8 @@ def run_one(spec: RunSpec) -> dict:
         losses, seconds = train_steps(prepared.model, prepared.optimizer, batches.train_forever(train_set),
                                       spec.steps)
     peak_mib = _max_rss_mib()  # before evaluation: the training peak
+    if spec.increments and prepared.increment is not None:
+        prepared.increment().save(spec.increment_folder())
     metrics = evaluate(prepared.model, batches.eval(eval_set), spec.task)
     metric = "accuracy" if spec.task == "classification" else "loss"
     val_value = evaluate(prepared.model, batches.eval(val_set), spec.task)[metric] if val_set else None
@@ -574,6 +583,9 @@ def add_parser(sub) -> None:
     p.add_argument("--paired-steps", type=int, metavar="N", help="train nothing to the end: time N steps of "
                    "each method in turns in one process (fair step times on shared cores); appends to "
                    "<results-dir>/<task>_paired_timing.json")
+    p.add_argument("--save-increments", type=Path, metavar="DIR", help="save each SIFT run's increment into "
+                   "DIR/<method>-<setting>-lr<lr>-seed<seed>, for a later run's --sift select_from=... (where "
+                   "{seed} stands for that run's seed)")
     p.add_argument("--report", action="store_true", help="run nothing; regenerate the tables and the "
                    "figure from the results")
     p.set_defaults(func=cmd_bench)
@@ -593,6 +605,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                 lr=ns.lr, dense_lr=ns.dense_lr, threads=ns.threads, lr_grid=ns.lr_grid, sift=ns.sift,
                 batch_size=ns.batch_size, max_length=ns.max_length, eval_size=ns.eval_size, val_size=ns.val_size,
                 eval_batch_size=ns.eval_batch_size, model=ns.model, dataset=ns.dataset, packing=ns.packing)
+    if ns.save_increments:
+        runs = [dataclasses.replace(run, increments=str(ns.save_increments)) for run in runs]
     if ns.paired_steps:
         timing = paired_step_times(runs, ns.paired_steps)
         path = Path(results_dir) / f"{ns.task}_paired_timing.json"

@@ -112,6 +112,9 @@ class SiftEngine:
         if config.selection in ("mixed", "balanced", "grow_drop") and sharded:
             raise ConfigError(f"selection={config.selection!r} chooses among a whole tensor's components, which "
                               "FSDP2 shards split over the ranks; use selection='gradient' or 'random' on shards")
+        if config.select_from and sharded:
+            raise ConfigError("select_from ranks each whole tensor by an earlier run's change, which FSDP2 shards "
+                              "split over the ranks: leave select_from=None on shards")
         if config.shrink_after and sharded:
             raise ConfigError("shrink_after ranks each whole tensor's trained changes, which FSDP2 shards split "
                               "over the ranks: leave shrink_after=0 on shards")
@@ -133,6 +136,9 @@ class SiftEngine:
                       for i, (n, store) in enumerate(stores.items())]
         for slot in self.slots:  # the count from the shrink on (shrink_after), else the count throughout
             slot.final_k = slot.storage.count_at(config.density)
+        # select_from: the earlier run's change of each tensor, which ranks its selection (host memory)
+        self.changes = budget.earlier_changes(config.select_from, {s.name: s.shape for s in self.slots}) \
+            if config.select_from else None
         self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
         if config.step_scale:
             for slot in self.slots:
@@ -245,6 +251,8 @@ class SiftEngine:
             slot.k = idx.numel()
         elif self.config.selection == "random":
             idx = slot.storage.random(slot.k, slot.generator)
+        elif self.changes is not None:  # select_from: ranked by the earlier run's change
+            idx = self._chosen(slot, budget.change_ranking(self.changes[slot.name], slot.shape, p.device))
         else:
             idx = self._chosen(slot, self.selector.ranked(slot, score))
         idx = slot.storage.agreed(idx)  # one selection on every rank, whatever the rounding

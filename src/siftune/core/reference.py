@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import SiftConfig
+from .budget import change_ranking, earlier_changes
 from .select import count_selected, find_targets, line_caps, random_indices, tensor_generator, top_k_indices
 from .stepscale import factors, feature_axis, scalable
 from .structured import random_lines, selected_count
@@ -56,6 +57,8 @@ class ReferenceSift:
         self.master = {n: p.detach().float().clone() for n, p in params.items()}
         self.untrained = {n: p.detach().float().clone() for n, p in targeted.items()}  # grow_drop, shrink_after
         self.previous_mask = {n: None for n in targeted}
+        self.changes = earlier_changes(config.select_from, {n: tuple(p.shape) for n, p in targeted.items()}) \
+            if config.select_from else None  # select_from: the earlier run's change ranks the selection
         self.steps = 0
         # step_scale="input": each tensor's window inputs (sum of x_j^2, tokens) and its dense rate factors
         self.inputs = {n: [torch.zeros(0), 0] for n in targeted}
@@ -98,6 +101,8 @@ class ReferenceSift:
         p = self.targeted[name]
         mask = torch.zeros(p.numel(), dtype=torch.bool)
         k, ranking = self.k[name], self._ranking(name).reshape(-1).abs()
+        if self.changes is not None:
+            ranking = change_ranking(self.changes[name], (p.numel(),), "cpu")
         if self.config.structure:
             mask = self._lines_mask(name)
         elif self.config.selection == "random":

@@ -44,7 +44,8 @@ INPUTS = ("model", "dataset", "eval_dataset")
 # TrainArgs' fields that are SiftConfig's, with SiftConfig's defaults (tests/test_cli.py holds them equal).
 SIFT_FIELDS = ("density", "mode", "selection_batches", "refresh_every", "state_dtype", "selection", "master_weights",
                "update_in_backward", "compact_indices", "delta_dtype", "score", "budget", "min_density",
-               "score_share", "line_cap", "drop_share", "structure", "step_scale", "select_after")
+               "score_share", "line_cap", "drop_share", "structure", "step_scale", "select_after", "shrink_after",
+               "shrink_from", "select_from")
 _SAMPLE_BYTES = 1 << 20  # of each input file, hashed with its size to recognise it
 
 
@@ -201,6 +202,9 @@ class TrainArgs:
     structure: str | None = None
     step_scale: str | None = "auto"
     select_after: int = 0
+    shrink_after: int = 0
+    shrink_from: float = 10.0
+    select_from: str | None = None
     quantize: str | None = None
     target_modules: list[str] | str | None = None
     dense_modules: list[str] | str | None = None
