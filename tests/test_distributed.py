@@ -52,7 +52,10 @@ MLP_MODES = {"fixed": {}, "periodic": {"mode": "periodic", "refresh_every": 2}, 
              "scaled steps, balanced": {"step_scale": "input", "selection": "balanced", "line_cap": 1.0,
                                         "mode": "periodic", "refresh_every": 2},
              # twice the count for two steps, then the half that changed most: the same on every rank
-             "shrink, balanced": {"selection": "balanced", "line_cap": 1.0, "shrink_after": 2, "shrink_from": 2.0}}
+             "shrink, balanced": {"selection": "balanced", "line_cap": 1.0, "shrink_after": 2, "shrink_from": 2.0},
+             # ranked by an earlier run's change (written by the job's fixture, read by every rank)
+             "select from an earlier run": {"selection": "balanced", "line_cap": 1.0, "select_from": "EARLIER"}}
+EARLIER = "SIFTUNE_TEST_EARLIER_RUN"  # the environment variable naming the earlier run's increment folder
 SELECTED_FIRST = {"snr, selected first"}
 JOB_LIMIT_S = 300  # a safety net for slow, shared machines; the tests time what matters themselves
 HANG_TIMEOUT_S = 4
@@ -70,8 +73,11 @@ def train_mlp(mode: str, ddp: bool = False) -> dict:
     wrong scaling of the exchanged gradient, unlike Adam's update).
     """
     model = mlp()
+    options = dict(MLP_MODES[mode])
+    if options.get("select_from") == "EARLIER":
+        options["select_from"] = os.environ[EARLIER]
     engine = siftune.attach(model, SiftConfig(density=0.2, target_modules=MLP_TARGETS, dense_modules=MLP_DENSE,
-                                              max_grad_norm=0.5, **MLP_MODES[mode]))
+                                              max_grad_norm=0.5, **options))
     forward = model
     if ddp:
         forward = torch.nn.parallel.DistributedDataParallel(model)  # after attach: leaves targeted weights alone
@@ -245,6 +251,14 @@ def recipe_inputs(tmp_path_factory) -> Path:
 def job(recipe_inputs):
     """The training job's results per rank; the single-process references are computed meanwhile."""
     folder = recipe_inputs
+    earlier = siftune.attach(mlp(), SiftConfig(density=0.4, target_modules=MLP_TARGETS, step_scale=None))
+    optimizer = earlier.optimizer(lr=1e-2)
+    for batch in mlp_batches(2, seed=11):
+        mlp_loss(earlier.model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    earlier.increment(values=optimizer.master_values()).save(folder / "earlier")
+    os.environ[EARLIER] = str(folder / "earlier")  # the ranks inherit it
     procs = start_job("train", folder)
     single = {mode: train_mlp(mode) for mode in MLP_MODES}
     train_recipe(folder / "model", folder / "data.csv", folder / "recipe-single")

@@ -182,6 +182,8 @@ def refusals(folder: Path) -> dict[str, str]:
                                                step_scale="input"),
         "shrink": lambda: siftune.attach(shard_mlp(mlp()), density=0.2, target_modules=MLP_TARGETS,
                                          step_scale=None, shrink_after=2, shrink_from=2),
+        "select from": lambda: siftune.attach(shard_mlp(mlp()), density=0.2, target_modules=MLP_TARGETS,
+                                              step_scale=None, select_from=str(folder / "no-increment")),
         "sharded along dim 1": lambda: siftune.attach(fully_shard(mlp(), shard_placement_fn=along_last_dim),
                                                       density=0.2, target_modules=MLP_TARGETS),
     }
@@ -484,6 +486,7 @@ def test_under_a_mixed_precision_policy_the_targeted_weights_stay_near_the_fp32_
     ("mixed selection", "FSDP2 shards split over the ranks"),
     ("scaled steps", "step_scale='input' needs each weight whole on every process"),
     ("shrink", "leave shrink_after=0 on shards"),
+    ("select from", "leave select_from=None on shards"),
 ])
 def test_a_setting_sift_cannot_honour_on_shards_is_a_config_error(job, setting, says):
     _, ranks, _ = job

@@ -1,4 +1,5 @@
-"""shrink_after: a wider selection trained for a few steps, then narrowed to the components that changed most."""
+"""Selections ranked by a trained change: ``shrink_after`` (a wider selection trained for a few steps, then
+narrowed to the components that changed most) and ``select_from`` (an earlier run's increment ranks the choice)."""
 from __future__ import annotations
 
 import copy
@@ -126,3 +127,74 @@ def test_the_bench_takes_shrink_options_and_counts_the_final_selection():
 
     (run,) = plan("classification", ["sift-fixed:0.001"], [0], sift=["shrink_after=30", "shrink_from=10"])
     assert run.sift == {"shrink_after": 30, "shrink_from": 10}
+
+
+# -- select_from ----------------------------------------------------------------------------------------------
+
+
+def earlier_run(folder: Path, density: float = 0.4, steps: int = 3) -> Path:
+    """A wider run on the MLP whose increment select_from reads."""
+    model = mlp()
+    engine = siftune.attach(model, config(density=density))
+    optimizer = engine.optimizer(lr=1e-2)
+    for batch in mlp_batches(steps, seed=11):
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.increment(values=optimizer.master_values()).save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(selection="balanced", line_cap=1.0, step_scale="input"),
+    dict(compact_indices=True, state_dtype="bfloat16", selection_batches=2),
+])
+def test_select_from_matches_reference_step_for_step(overrides, tmp_path):
+    folder = earlier_run(tmp_path / "wide")
+    records, moved = lockstep(config(select_from=str(folder), **overrides), steps=5)
+    assert_lockstep(records, moved)
+    earlier = siftune.SparseIncrement.load(folder)
+    for name, idx in records[-1]["selected"].items():
+        changed = earlier.tensors[name].indices[earlier.tensors[name].values != 0]
+        inside = torch.isin(idx.long(), changed)
+        if overrides.get("selection") != "balanced":
+            assert bool(inside.all())  # the top-k of the earlier run's change
+        else:
+            assert int(inside.sum()) >= 0.75 * idx.numel()  # balanced's caps may bring in a few others
+    plain = lockstep(config(**overrides), steps=1)[0]
+    assert any(not torch.equal(a, plain[0]["selected"][n]) for n, a in records[0]["selected"].items())
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(selection="balanced", line_cap=1.0)])
+def test_select_from_on_a_delta_matches_the_in_place_reference(overrides, tmp_path):
+    folder = earlier_run(tmp_path / "wide")
+    worst, base, _, slow, _, _ = delta_lockstep(dict(overrides, select_from=str(folder)), steps=4)
+    assert worst < 1e-5
+    assert not torch.equal(slow[0].weight, base[0].weight)
+
+
+def test_select_from_an_increment_of_other_targets_or_no_increment_is_a_one_line_config_error(tmp_path):
+    folder = tmp_path / "narrow"
+    model = mlp()
+    engine = siftune.attach(model, config(target_modules=MLP_TARGETS[:1]))
+    optimizer = engine.optimizer(lr=1e-2)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    optimizer.step()
+    engine.increment(values=optimizer.master_values()).save(folder)
+    for path, says in ((folder, "holds no change of"), (tmp_path / "missing", "not found")):
+        with pytest.raises(ConfigError, match=says) as caught:
+            siftune.attach(mlp(), config(select_from=str(path)))
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mode="periodic"), "mode 'fixed'"),
+    (dict(shrink_after=2, shrink_from=2.0), "no shrink_after"),
+    (dict(selection="random"), "selection 'gradient', 'balanced' or 'auto'"),
+    (dict(select_from=""), "path of an increment folder"),
+])
+def test_select_from_out_of_place_is_a_one_line_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        SiftConfig(**{"density": 0.05, "select_from": "some/run", **overrides})
+    assert "\n" not in str(caught.value)
