@@ -80,6 +80,7 @@ grid() {  # TASK STEPS METHOD[:SETTING] LR... -- [FIELD=VALUE ...]: seed 0 at ea
 
 INC=bench/results/sweep_increments  # the increments select_from reads (a-from-*), named by the repository's root
 FROM=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.004-seed{seed}")
+FROM_B=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.0128-seed{seed}")
 a() { cell classification 300 0 "$@"; }  # task (a), seed 0
 b() { cell causal_lm 40 0 "$@"; }        # task (b), seed 0
 
@@ -930,6 +931,29 @@ for part in "$@"; do
       ;;
     a-from-seeds)
       seeds_at_best classification 300 sift-fixed:0.001 "${FROM[@]}" dense_lr=4e-3
+      ;;
+    # The same on (b) at 0.1%: SiftConfig's default at 1% and its chosen rate (1.28e-2) trains seed N and saves its
+    # increment (b-from-source-N); the 0.1% run ranks by its change (b-from-grid, b-from-seeds).
+    b-from-source-[0-9]*)
+      seed=${part#b-from-source-}
+      if [ ! -f "$INC/sift-fixed-0.01-lr0.0128-seed$seed/increment.safetensors" ]; then
+        siftune bench --task causal_lm --steps 40 --seeds "$seed" --threads 1 --results-dir "$INC" \
+          --methods sift-fixed:0.01 --lr sift-fixed=1.28e-2 --save-increments "$INC" \
+          --sift selection=balanced line_cap=1 step_scale=input
+      fi
+      ;;
+    b-from-grid)
+      grid causal_lm 40 sift-fixed:0.001 6.4e-2 1.28e-1 2.56e-1 -- "${FROM_B[@]}"
+      ;;
+    b-from-seeds)
+      seeds_at_best causal_lm 40 sift-fixed:0.001 "${FROM_B[@]}"
+      ;;
+    # A wider selection narrowed in the run (SiftConfig.shrink_after) at 0.1% on (a): ten times the count for the
+    # first 30, 100 or 200 steps, at the default's rate and head rate there.
+    a-shrink)
+      for after in 30 100 200; do
+        a sift-fixed:0.001 3.2e-2 selection=balanced line_cap=1 step_scale=input shrink_after=$after dense_lr=4e-3
+      done
       ;;
     b-input-topk)
       b sift-fixed:matched 3.2e-3 step_scale=input; b sift-fixed:matched 6.4e-3 step_scale=input

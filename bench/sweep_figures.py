@@ -62,6 +62,8 @@ def family(row: dict) -> str:
         name += f" every {sift['refresh_every']} steps"
     score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2", "grad_snr": "signal-to-noise"}.get(
         sift.get("score"), "")
+    if "select_from" in others:  # an increment a seed: named by the run that trained it (method and setting)
+        others["select_from"] = Path(others["select_from"]).name.split("-lr")[0]
     extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
     default = (row["method"] == "sift-fixed" and selection == "balanced" and sift.get("score") == "grad_weight"
                and others == {"line_cap": 1, "step_scale": "input"})  # SiftConfig's "auto" where it can run
