@@ -16,6 +16,7 @@ from siftune.artifacts import checkpoint  # noqa: E402
 from _models import MLP_DENSE, MLP_TARGETS, mlp, mlp_batches, mlp_loss  # noqa: E402
 from test_delta import _lockstep as delta_lockstep  # noqa: E402
 from test_engine import assert_lockstep, config, lockstep  # noqa: E402
+from test_cli import sentiment_csv  # noqa: E402,F401  (a fixture)
 
 SHRINK = dict(shrink_after=3, shrink_from=2.0)  # density 0.2: 0.4 of each weight for three steps, then 0.2
 
@@ -198,3 +199,24 @@ def test_select_from_out_of_place_is_a_one_line_config_error(overrides, message)
     with pytest.raises(ConfigError, match=message) as caught:
         SiftConfig(**{"density": 0.05, "select_from": "some/run", **overrides})
     assert "\n" not in str(caught.value)
+
+
+def test_siftune_train_select_from_trains_the_components_an_earlier_run_changed_most(tmp_path, tiny_bert_dir,
+                                                                                      sentiment_csv):
+    from siftune import SparseIncrement
+    from test_cli import main
+
+    def train(out, *extra):
+        code = main(["train", "--model", str(tiny_bert_dir), "--dataset", str(sentiment_csv), "--output-dir",
+                     str(out), "--steps", "4", "--batch-size", "8", "--max-length", "16", "--eval-size", "32",
+                     "--warmup-steps", "1", "--lr", "0.01", "--quiet", *extra])
+        assert code == 0
+        return SparseIncrement.load(out)
+
+    wide = train(tmp_path / "wide", "--density", "0.2")
+    narrow = train(tmp_path / "narrow", "--density", "0.02", "--select-from", str(tmp_path / "wide"))
+    assert narrow.config["select_from"] == str(tmp_path / "wide")
+    for name, delta in narrow.tensors.items():
+        earlier = wide.tensors[name]
+        changed = earlier.indices[earlier.values != 0]
+        assert int(torch.isin(delta.indices, changed).sum()) >= 0.75 * delta.indices.numel()
