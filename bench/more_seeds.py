@@ -5,7 +5,7 @@
 
 Two densities: LoRA r=8's count and 0.1%. Seeds 0-2 come from the sweep's
 records, seeds 3 and up from ``--more`` (``bench/sweep.sh a-more-seeds-N``,
-``a-low-more-seeds-N``, ``a-head-more-seeds-N``, ``a-head-low-more-seeds-N``
+``a-low-more-seeds-N``, ``a-head-more-seeds-N``, ``a-head-low-more-seeds-N``, ``a-from-more-seeds-N``
 and ``a-head-low-random-more-seeds-N``, kept apart from the sweep's
 three-seed tables). Each method runs at the rate seed 0's validation chose
 in the sweep, and also with the head at the rate seed 0 chose for it (8e-3
@@ -36,6 +36,8 @@ from sweep_records import best_rate, matching  # noqa: E402
 RANDOM, LORA = "random components", "LoRA r=8"  # the rows every other row is compared with, seed by seed
 RANDOM_4, RANDOM_8 = "random components, head 4e-3", "random components, head 8e-3"  # for rows with such heads
 SCALED = ["selection=balanced", "line_cap=1", "step_scale=input"]
+# SiftConfig.select_from: each seed's 1% run of the default at its chosen rate (bench/sweep.sh a-from-source-N)
+FROM_1PCT = "bench/results/sweep_increments/sift-fixed-0.01-lr0.004-seed{seed}"
 # (density's name, figure's name, [(label, method[:setting], SIFT options and head rate as the sweep passes them,
 # the random row it is compared with)]); the first group must have all of its records, the others are left out
 # when none of theirs ran
@@ -53,6 +55,8 @@ GROUPS = [
         ("balanced at line_cap=1, scaled", "sift-fixed:0.001", SCALED, RANDOM),
         (RANDOM_4, "random:0.001", ["dense_lr=4e-3"], None),
         ("balanced at line_cap=1, scaled, head 4e-3", "sift-fixed:0.001", [*SCALED, "dense_lr=4e-3"], RANDOM_4),
+        ("the same, chosen by its seed's 1% run (select_from), head 4e-3", "sift-fixed:0.001",
+         [*SCALED, f"select_from={FROM_1PCT}", "dense_lr=4e-3"], RANDOM_4),
         (LORA, "lora:8", [], RANDOM),
     ]),
 ]

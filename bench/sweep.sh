@@ -926,6 +926,13 @@ for part in "$@"; do
           --sift selection=balanced line_cap=1 step_scale=input
       fi
       ;;
+    # More seeds of it (as a-head-low-more-seeds-N, with SWEEP_DIR=bench/results/sweep_more_seeds): seed N's 1% run,
+    # then its 0.1% run at the rate seed 0's validation chose (3.2e-2, the head at 4e-3).
+    a-from-more-seeds-[0-9]*)
+      seed=${part#a-from-more-seeds-}
+      bash "$0" "a-from-source-$seed"
+      cell classification 300 "$seed" sift-fixed:0.001 3.2e-2 "${FROM[@]}" dense_lr=4e-3
+      ;;
     a-from-grid)
       grid classification 300 sift-fixed:0.001 1.6e-2 3.2e-2 6.4e-2 -- "${FROM[@]}" dense_lr=4e-3
       ;;
