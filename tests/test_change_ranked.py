@@ -220,3 +220,19 @@ def test_siftune_train_select_from_trains_the_components_an_earlier_run_changed_
         earlier = wide.tensors[name]
         changed = earlier.indices[earlier.values != 0]
         assert int(torch.isin(delta.indices, changed).sum()) >= 0.75 * delta.indices.numel()
+
+
+def test_select_from_keeps_the_earlier_change_only_until_each_tensor_has_selected(tmp_path):
+    folder = earlier_run(tmp_path / "wide")
+    model = mlp()
+    engine = siftune.attach(model, config(select_from=str(folder)))
+    assert set(engine.changes) == {s.name for s in engine.slots}
+    optimizer = engine.optimizer(lr=1e-2)
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    assert engine.changes == {}
+    state = engine.state_dict()
+    resumed = siftune.attach(mlp(), config(select_from=str(folder)))
+    resumed.load_state_dict(state)
+    assert resumed.changes == {}

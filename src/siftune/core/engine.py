@@ -278,6 +278,11 @@ class SiftEngine:
             return grow_drop_indices(held, change, ranking, round(config.drop_share * slot.k))
         return slot.storage.top_k(ranking, slot.k)
 
+    def _forget_change(self, slot: _Slot) -> None:
+        """select_from: a tensor whose selection is committed needs the earlier run's change no more."""
+        if self.changes is not None:
+            self.changes.pop(slot.name, None)
+
     @staticmethod
     def _record(slot: _Slot) -> None:
         """Add a committed selection's new components to the ledger, with their untrained values."""
@@ -368,6 +373,7 @@ class SiftEngine:
                 self.undo_selection(slot)
             else:
                 self._record(slot)
+                self._forget_change(slot)
             slot.previous = slot.pending_base = None
         if skipped:
             return
@@ -470,6 +476,7 @@ class SiftEngine:
                               f"{self.config.selection_batches} batches whose loss depends on every targeted weight")
         for slot in self.slots:  # commit: the untrained values go to the ledger
             self._record(slot)
+            self._forget_change(slot)
             slot.previous = slot.pending_base = None
         return used
 
@@ -545,6 +552,8 @@ class SiftEngine:
             if slot.idx is not None and slot.compact:
                 slot.idx = _stored_selection(slot, slot.flat())
             slot.grad = slot.previous = slot.pending_base = None
+            if not slot.selecting:
+                self._forget_change(slot)
         self.steps = steps
 
     # -- results -----------------------------------------------------------
