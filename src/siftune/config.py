@@ -258,10 +258,11 @@ class SiftConfig:
             increment holds exactly the ``density`` share. Before the
             shrink the targeted components step at the rate times
             ``shrink_from ** -0.8`` (the density rule of the rates the sweep
-            chose: the rate is given for the final count). A trained change
-            ranks components far better than the first gradient: on the
-            classification benchmark at 0.1% (docs/selection.md, "Shrink:
-            the components that moved"). Mode ``"fixed"``, selection
+            chose: the rate is given for the final count). On the
+            classification benchmark at 0.1% a whole 1% run's change chose
+            far better than the first gradient (``select_from``), but 100
+            steps of it did no better than the gradient (docs/selection.md,
+            "Narrowed within the run"). Mode ``"fixed"``, selection
             ``"gradient"`` or ``"balanced"``, ``budget="per_tensor"``, single
             components, weights whole on every process (not FSDP2 shards).
             Default ``0`` (off).
