@@ -36,6 +36,8 @@ from sweep_records import best_rate, matching  # noqa: E402
 RANDOM, LORA = "random components", "LoRA r=8"  # the rows every other row is compared with, seed by seed
 RANDOM_4, RANDOM_8 = "random components, head 4e-3", "random components, head 8e-3"  # for rows with such heads
 SCALED = ["selection=balanced", "line_cap=1", "step_scale=input"]
+FROM_LABEL = "the same, chosen by its seed's 1% run (select_from), head 4e-3"
+OPTIONAL = {FROM_LABEL}  # rows left out of their table where none of their records ran (added after the others)
 # SiftConfig.select_from: each seed's 1% run of the default at its chosen rate (bench/sweep.sh a-from-source-N)
 FROM_1PCT = "bench/results/sweep_increments/sift-fixed-0.01-lr0.004-seed{seed}"
 # (density's name, figure's name, [(label, method[:setting], SIFT options and head rate as the sweep passes them,
@@ -55,7 +57,7 @@ GROUPS = [
         ("balanced at line_cap=1, scaled", "sift-fixed:0.001", SCALED, RANDOM),
         (RANDOM_4, "random:0.001", ["dense_lr=4e-3"], None),
         ("balanced at line_cap=1, scaled, head 4e-3", "sift-fixed:0.001", [*SCALED, "dense_lr=4e-3"], RANDOM_4),
-        ("the same, chosen by its seed's 1% run (select_from), head 4e-3", "sift-fixed:0.001",
+        (FROM_LABEL, "sift-fixed:0.001",
          [*SCALED, f"select_from={FROM_1PCT}", "dense_lr=4e-3"], RANDOM_4),
         (LORA, "lora:8", [], RANDOM),
     ]),
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
                               for label, token, fields, _ in methods if label != LORA):
             continue  # a density that never ran
         rows = [(label, *seeds_of(args.sweep, args.more, token, fields), against)
-                for label, token, fields, against in methods]
+                for label, token, fields, against in methods
+                if label not in OPTIONAL or matching(str(args.sweep), TASK, str(STEPS), token, fields)]
         block = [f"At {density}:", "", *table(rows), ""]
         printed += block
         summary += [*block, f"![each seed by method at {density}]({name})", ""]

@@ -62,29 +62,6 @@ def rank_score(kind: str, score: torch.Tensor, store) -> torch.Tensor:
     return score  # grad: the window's sum; grad_squared: the window's sum of squares; grad_snr: the ratio
 
 
-def earlier_changes(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``SiftConfig.select_from``: each targeted tensor's (sorted flat indices, |change|) in the increment at
-    ``path``, on the host; ConfigError when it holds no change of a targeted tensor, or one of another shape."""
-    from ..artifacts.increment import SparseIncrement  # the increment's format is the artifacts' own
-    from ..errors import IncrementError
-
-    try:
-        increment = SparseIncrement.load(path)
-    except IncrementError as exc:
-        raise ConfigError(f"select_from: {exc}") from None
-    out = {}
-    for name, shape in shapes.items():
-        delta = increment.tensors.get(name)
-        if delta is None:
-            raise ConfigError(f"select_from: the increment at {path} holds no change of {name}; it must come from a "
-                              "run on the same model with the same target_modules")
-        if tuple(delta.shape) != tuple(shape):
-            raise ConfigError(f"select_from: the increment's {name} is {tuple(delta.shape)}, this model's "
-                              f"{tuple(shape)}: it comes from another model")
-        out[name] = (delta.indices.long(), delta.values.float().abs())
-    return out
-
-
 def change_ranking(change: tuple[torch.Tensor, torch.Tensor], shape, device) -> torch.Tensor:
     """A dense ranking of ``shape`` from :func:`earlier_changes`' entry: |change| where it changed, else 0."""
     indices, sizes = change

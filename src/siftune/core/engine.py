@@ -27,7 +27,8 @@ from torch import nn
 from . import budget, heap, storage, structured
 from ..parallel import distributed
 from ..config import SiftConfig, unused_options
-from ..errors import CheckpointError, ConfigError
+from ..artifacts.increment import SparseIncrement, TensorDelta
+from ..errors import CheckpointError, ConfigError, IncrementError
 from .stepscale import InputScale, feature_axis, scalable
 from .select import (balanced_indices, find_targets, grow_drop_indices, index_dtype, mixed_indices, pack_indices,
                      tensor_generator, unpack_indices)
@@ -137,7 +138,7 @@ class SiftEngine:
         for slot in self.slots:  # the count from the shrink on (shrink_after), else the count throughout
             slot.final_k = slot.storage.count_at(config.density)
         # select_from: the earlier run's change of each tensor, which ranks its selection (host memory)
-        self.changes = budget.earlier_changes(config.select_from, {s.name: s.shape for s in self.slots}) \
+        self.changes = earlier_changes(config.select_from, {s.name: s.shape for s in self.slots}) \
             if config.select_from else None
         self.selector = budget.Selector(config, self.slots, _summed_over_ranks if _distributed() else None)
         if config.step_scale:
@@ -608,7 +609,6 @@ class SiftEngine:
         in full. ``values`` may map a tensor name to fp32 values at the ledger's
         indices (the optimizer passes its master copies).
         """
-        from ..artifacts.increment import SparseIncrement, TensorDelta
 
         tensors = {}
         for slot in self.slots:
@@ -639,6 +639,26 @@ class SiftEngine:
             self.model._ddp_params_and_buffers_to_ignore = self._ddp_ignore_before
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._saved_flags.get(name, p.requires_grad))
+
+
+def earlier_changes(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``SiftConfig.select_from``: each targeted tensor's (sorted flat indices, |change|) in the increment at
+    ``path``, on the host; ConfigError when it holds no change of a targeted tensor, or one of another shape."""
+    try:
+        increment = SparseIncrement.load(path)
+    except IncrementError as exc:
+        raise ConfigError(f"select_from: {exc}") from None
+    out = {}
+    for name, shape in shapes.items():
+        delta = increment.tensors.get(name)
+        if delta is None:
+            raise ConfigError(f"select_from: the increment at {path} holds no change of {name}; it must come from a "
+                              "run on the same model with the same target_modules")
+        if tuple(delta.shape) != tuple(shape):
+            raise ConfigError(f"select_from: the increment's {name} is {tuple(delta.shape)}, this model's "
+                              f"{tuple(shape)}: it comes from another model")
+        out[name] = (delta.indices.long(), delta.values.float().abs())
+    return out
 
 
 def _release_heap(module: nn.Module, args, output) -> None:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..config import SiftConfig
-from .budget import change_ranking, earlier_changes
+from .budget import change_ranking
+from .engine import earlier_changes
 from .select import count_selected, find_targets, line_caps, random_indices, tensor_generator, top_k_indices
 from .stepscale import factors, feature_axis, scalable
 from .structured import random_lines, selected_count
