@@ -356,6 +356,7 @@ def test_default_lr_for_random_components_and_balanced_rises_faster_and_is_held_
     for selection in ("gradient", "balanced", "mixed"):  # scaled steps: random components' rule for every selection
         assert default_lr(0.023, selection, step_scale="input") == pytest.approx(default_lr(0.023, "random"))
     assert default_lr(0.023, "gradient", "rows", "input") == pytest.approx(default_lr(0.023, "random"))
+    assert default_lr(0.001, select_from=True) == pytest.approx(0.5 * default_lr(0.001))  # both grids chose half
     with pytest.raises(siftune.ConfigError, match="density must be in"):
         default_lr(0.0)
 
@@ -378,14 +379,14 @@ def test_train_without_lr_trains_at_the_density_rules_rate_and_records_where_it_
     printed = capsys.readouterr().out
     assert "selection balanced (line_cap 1), steps scaled by input\n" in printed
     assert (f"learning rate {rate:.3g} (by density 0.002 and selection balanced, scaled: "
-            "default_lr(density, selection, structure, step_scale)), dense modules 0.004" in printed)
+            "default_lr(density, selection, structure, step_scale, select_from)), dense modules 0.004" in printed)
     assert scalars(out / "tensorboard")["train/learning_rate"][0] == (1, pytest.approx(rate))  # the warm-up's peak
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["lr"] == pytest.approx(rate)
-    assert metrics["lr_from"] == "default_lr(density, selection, structure, step_scale)"
+    assert metrics["lr_from"] == "default_lr(density, selection, structure, step_scale, select_from)"
     increment = SparseIncrement.load(out)
     assert increment.metadata["lr"] == pytest.approx(rate) and increment.metadata["lr_from"] == (
-        "default_lr(density, selection, structure, step_scale)")
+        "default_lr(density, selection, structure, step_scale, select_from)")
     assert increment.metadata["dense_lr"] == pytest.approx(4e-3)  # the head at the sweep's head rate, not the rule's
 
 

@@ -372,11 +372,14 @@ REFERENCE_DENSITY, LOWEST_DENSITY = 0.01, 1e-4
 # Whole rows chosen by the score train at this multiple of the top-k's rate; the selections without a rule of
 # their own (mixed, grow and drop) and columns at the top-k's.
 ROWS_LR_FACTOR = 2.0
-LR_RULE = "default_lr(density, selection, structure, step_scale)"
+# A choice from an earlier run (select_from) trains at this multiple of its selection's rate: both tasks' grids
+# chose half the rule's rate at 0.1% (3.2e-2 against 6.3e-2; docs/selection.md, "A choice from a trained run").
+SELECT_FROM_LR_FACTOR = 0.5
+LR_RULE = "default_lr(density, selection, structure, step_scale, select_from)"
 
 
 def default_lr(density: float, selection: str = "auto", structure: str | None = None,
-               step_scale: str | None = "auto") -> float:
+               step_scale: str | None = "auto", select_from: bool = False) -> float:
     """SIFT's peak learning rate for ``density`` when none is given.
 
     ``rate * (0.01 / density) ** exponent``, fitted per selection to the rates
@@ -393,7 +396,8 @@ def default_lr(density: float, selection: str = "auto", structure: str | None = 
     unscaled rate on both tasks at LoRA r=8's count, and random components
     the same or twice it (docs/selection.md, "Steps scaled by each input's size").
     ``"auto"`` is what :class:`SiftConfig` makes of it in mode ``"fixed"``
-    (balanced with scaled steps: random components' rule).
+    (balanced with scaled steps: random components' rule). A choice ranked by an
+    earlier run's change (``select_from``) takes half its selection's rate.
     """
     if not 0 < density <= 1:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
@@ -406,7 +410,7 @@ def default_lr(density: float, selection: str = "auto", structure: str | None = 
         lr = min(cap, lr)
     if structure == "rows" and selection == "gradient":
         lr *= ROWS_LR_FACTOR
-    return lr
+    return lr * SELECT_FROM_LR_FACTOR if select_from else lr
 
 
 def lr_used(args: TrainArgs) -> tuple[float, str]:
@@ -416,7 +420,7 @@ def lr_used(args: TrainArgs) -> tuple[float, str]:
     # "auto" made concrete as the engine will (FSDP2 shards: the top-k, plain steps)
     selection, step_scale = resolve_auto(args.selection, args.step_scale, args.mode, args.budget, args.structure,
                                          args.density, sharded=args.fsdp)
-    return default_lr(args.density, selection, args.structure, step_scale), LR_RULE
+    return default_lr(args.density, selection, args.structure, step_scale, bool(args.select_from)), LR_RULE
 
 
 # The dense modules' rate when neither lr nor dense_lr is given: the head rate seed 0's validation chose, or came
