@@ -26,6 +26,7 @@ import argparse
 import json
 import shutil
 import statistics
+import textwrap
 import sys
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def figure(rows: list[tuple[str, float, dict[int, float], str | None]], density:
     for i, (_, _, by_seed, _) in enumerate(rows):
         ax.hlines(statistics.mean(by_seed.values()), i - 0.25, i + 0.25, color="tab:red", linewidth=2, zorder=2)
         ax.hlines(statistics.median(by_seed.values()), i - 0.15, i + 0.15, color="black", linewidth=1.5, zorder=3)
-    ax.set_xticks(range(len(rows)), [f"{label}\n{lr:g}" for label, lr, _, _ in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{textwrap.fill(label, 22)}\n{lr:g}" for label, lr, _, _ in rows], fontsize=7)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"(a) MiniLM-L6 on Rotten Tomatoes at {density}, seeds {seeds[0]}-{seeds[-1]}\n"
                  "grey: one seed across methods; red: the mean; black: the median", fontsize=9)
