@@ -940,6 +940,18 @@ for part in "$@"; do
       a sift-fixed:0.001 1.28e-1 "${FROM[@]}" dense_lr=4e-3
       b sift-fixed:0.001 8e-3 "${FROM_B[@]}"
       ;;
+    # SiftConfig's default off its chosen rate at LoRA's count (a quarter and four times it): (a) at 5e-4 and 8e-3
+    # with the head at its chosen 8e-3 (a-default-forgiveness), (b) at 1.6e-3 and 2.56e-2 (b-default-forgiveness).
+    a-default-forgiveness)
+      for lr in 5e-4 8e-3; do
+        a sift-fixed:matched "$lr" selection=balanced line_cap=1 step_scale=input dense_lr=8e-3
+      done
+      ;;
+    b-default-forgiveness)
+      for lr in 1.6e-3 2.56e-2; do
+        b sift-fixed:matched "$lr" selection=balanced line_cap=1 step_scale=input
+      done
+      ;;
     a-from-grid)
       grid classification 300 sift-fixed:0.001 1.6e-2 3.2e-2 6.4e-2 -- "${FROM[@]}" dense_lr=4e-3
       ;;
