@@ -65,8 +65,12 @@ def test_simulated_data_parallel_peaks_match_a_real_two_process_run(real_runs, n
         # of the selection's fp32 copies of a dense gradient (from run to run).
         largest = max(688, 256) * 256 * 4
         allowed += 8 * record["selected"] + 4 * record["selected"] + 2 * largest
+    # Under DDP the same holds for its buckets: now and then the real step still holds the last all-reduce's
+    # copy of them (once in twelve runs on this CPU: real minus simulated was the buckets' bytes plus 268 B).
+    held = (0, record["ddp_bucket_bytes"]) if record.get("ddp_bucket_bytes") else (0,)
     for step, (r, s) in enumerate(zip(real, simulated)):
-        assert abs(r - s) <= allowed, f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"
+        assert min(abs(r - s - extra) for extra in held) <= allowed, \
+            f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB"
 
 
 def test_ddp_adds_one_copy_of_the_trainable_gradients_and_sift_adds_no_buckets():
