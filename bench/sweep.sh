@@ -947,6 +947,13 @@ for part in "$@"; do
         a sift-fixed:matched "$lr" selection=balanced line_cap=1 step_scale=input dense_lr=8e-3
       done
       ;;
+    # At 0.1% on (a), SiftConfig's default and random components off their chosen rate (3.2e-2, the head at 4e-3)
+    a-low-forgiveness-default)
+      for lr in 8e-3 1.28e-1; do a sift-fixed:0.001 "$lr" selection=balanced line_cap=1 step_scale=input dense_lr=4e-3; done
+      ;;
+    a-low-forgiveness-random)
+      for lr in 8e-3 1.28e-1; do a random:0.001 "$lr" dense_lr=4e-3; done
+      ;;
     b-default-forgiveness)
       for lr in 1.6e-3 2.56e-2; do
         b sift-fixed:matched "$lr" selection=balanced line_cap=1 step_scale=input
