@@ -81,6 +81,13 @@ grid() {  # TASK STEPS METHOD[:SETTING] LR... -- [FIELD=VALUE ...]: seed 0 at ea
 INC=bench/results/sweep_increments  # the increments select_from reads (a-from-*), named by the repository's root
 FROM=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.004-seed{seed}")
 FROM_B=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.0128-seed{seed}")
+source_run() {  # TASK STEPS LR SEED: SiftConfig's default at 1% and LR, its increment saved into $INC for select_from
+  local task=$1 steps=$2 lr=$3 seed=$4
+  [ -f "$INC/sift-fixed-0.01-lr$(printf %g "$lr")-seed$seed/increment.safetensors" ] && return
+  siftune bench --task "$task" --steps "$steps" --seeds "$seed" --threads 1 --results-dir "$INC" \
+    --methods sift-fixed:0.01 --lr "sift-fixed=$lr" --save-increments "$INC" \
+    --sift selection=balanced line_cap=1 step_scale=input
+}
 a() { cell classification 300 0 "$@"; }  # task (a), seed 0
 b() { cell causal_lm 40 0 "$@"; }        # task (b), seed 0
 
@@ -919,18 +926,19 @@ for part in "$@"; do
     # (a-from-source-N); the 0.1% run of the same seed ranks its components by that run's change, with the head at
     # 4e-3 (a-from-grid: seed 0's grid; a-from-seeds: seeds 1 and 2 at its best rate).
     a-from-source-[0-9]*)
-      seed=${part#a-from-source-}
-      if [ ! -f "$INC/sift-fixed-0.01-lr0.004-seed$seed/increment.safetensors" ]; then
-        siftune bench --task classification --steps 300 --seeds "$seed" --threads 1 --results-dir "$INC" \
-          --methods sift-fixed:0.01 --lr sift-fixed=4e-3 --save-increments "$INC" \
-          --sift selection=balanced line_cap=1 step_scale=input
-      fi
+      source_run classification 300 4e-3 "${part#a-from-source-}"
+      ;;
+    a-from-grid)
+      grid classification 300 sift-fixed:0.001 1.6e-2 3.2e-2 6.4e-2 -- "${FROM[@]}" dense_lr=4e-3
+      ;;
+    a-from-seeds)
+      seeds_at_best classification 300 sift-fixed:0.001 "${FROM[@]}" dense_lr=4e-3
       ;;
     # More seeds of it (as a-head-low-more-seeds-N, with SWEEP_DIR=bench/results/sweep_more_seeds): seed N's 1% run,
     # then its 0.1% run at the rate seed 0's validation chose (3.2e-2, the head at 4e-3).
     a-from-more-seeds-[0-9]*)
       seed=${part#a-from-more-seeds-}
-      bash "$0" "a-from-source-$seed"
+      source_run classification 300 4e-3 "$seed"
       cell classification 300 "$seed" sift-fixed:0.001 3.2e-2 "${FROM[@]}" dense_lr=4e-3
       ;;
     # Off its chosen rate (a quarter and four times it), as the sweep's tables show every finalist: (a) at 8e-3 and
@@ -947,6 +955,11 @@ for part in "$@"; do
         a sift-fixed:matched "$lr" selection=balanced line_cap=1 step_scale=input dense_lr=8e-3
       done
       ;;
+    b-default-forgiveness)
+      for lr in 1.6e-3 2.56e-2; do
+        b sift-fixed:matched "$lr" selection=balanced line_cap=1 step_scale=input
+      done
+      ;;
     # At 0.1% on (a), SiftConfig's default and random components off their chosen rate (3.2e-2, the head at 4e-3)
     a-low-forgiveness-default)
       for lr in 8e-3 1.28e-1; do a sift-fixed:0.001 "$lr" selection=balanced line_cap=1 step_scale=input dense_lr=4e-3; done
@@ -954,26 +967,10 @@ for part in "$@"; do
     a-low-forgiveness-random)
       for lr in 8e-3 1.28e-1; do a random:0.001 "$lr" dense_lr=4e-3; done
       ;;
-    b-default-forgiveness)
-      for lr in 1.6e-3 2.56e-2; do
-        b sift-fixed:matched "$lr" selection=balanced line_cap=1 step_scale=input
-      done
-      ;;
-    a-from-grid)
-      grid classification 300 sift-fixed:0.001 1.6e-2 3.2e-2 6.4e-2 -- "${FROM[@]}" dense_lr=4e-3
-      ;;
-    a-from-seeds)
-      seeds_at_best classification 300 sift-fixed:0.001 "${FROM[@]}" dense_lr=4e-3
-      ;;
     # The same on (b) at 0.1%: SiftConfig's default at 1% and its chosen rate (1.28e-2) trains seed N and saves its
     # increment (b-from-source-N); the 0.1% run ranks by its change (b-from-grid, b-from-seeds).
     b-from-source-[0-9]*)
-      seed=${part#b-from-source-}
-      if [ ! -f "$INC/sift-fixed-0.01-lr0.0128-seed$seed/increment.safetensors" ]; then
-        siftune bench --task causal_lm --steps 40 --seeds "$seed" --threads 1 --results-dir "$INC" \
-          --methods sift-fixed:0.01 --lr sift-fixed=1.28e-2 --save-increments "$INC" \
-          --sift selection=balanced line_cap=1 step_scale=input
-      fi
+      source_run causal_lm 40 1.28e-2 "${part#b-from-source-}"
       ;;
     b-from-grid)
       grid causal_lm 40 sift-fixed:0.001 6.4e-2 1.28e-1 2.56e-1 -- "${FROM_B[@]}"
