@@ -78,6 +78,14 @@ grid() {  # TASK STEPS METHOD[:SETTING] LR... -- [FIELD=VALUE ...]: seed 0 at ea
   done
 }
 
+off_rate() {  # TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]: seed 0 at a quarter and at four times seed 0's best rate
+  local task=$1 steps=$2 token=$3 lr; shift 3
+  lr=$(best_lr "$task" "$steps" "$token" "$@")
+  [ -n "$lr" ] || { echo "no seed-0 record of $task $token $*"; return; }
+  cell "$task" "$steps" 0 "$token" "$("$PY" -c "import sys; print(f'{float(sys.argv[1]) / 4:g}')" "$lr")" "$@"
+  cell "$task" "$steps" 0 "$token" "$("$PY" -c "import sys; print(f'{float(sys.argv[1]) * 4:g}')" "$lr")" "$@"
+}
+
 INC=bench/results/sweep_increments  # the increments select_from reads (a-from-*), named by the repository's root
 FROM=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.004-seed{seed}")
 FROM_B=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.0128-seed{seed}")
@@ -966,6 +974,30 @@ for part in "$@"; do
       ;;
     a-low-forgiveness-random)
       for lr in 8e-3 1.28e-1; do a random:0.001 "$lr" dense_lr=4e-3; done
+      ;;
+    # Each headline row off its chosen rate (a quarter and four times seed 0's best): SiftConfig's default and random
+    # components at each density, LoRA at r=1, 2 and 32. a-forgiveness-default, -random, -lora; the same with b-.
+    [ab]-forgiveness-default|[ab]-forgiveness-random|[ab]-forgiveness-lora|b-forgiveness-lora-[0-9]*)
+      case ${part%%-*} in
+        a) at="classification 300" densities="0.0001 0.01 0.1" ;;
+        b) at="causal_lm 40" densities="0.0001 0.001 0.01 0.1" ;;
+      esac
+      case $part in
+        *-default) for d in $densities; do
+            # shellcheck disable=SC2086  # $at is two words
+            off_rate $at "sift-fixed:$d" selection=balanced line_cap=1 step_scale=input
+          done ;;
+        *-random) for d in $densities; do
+            # shellcheck disable=SC2086
+            off_rate $at "random:$d"
+          done ;;
+        *-lora) for r in 1 2 32; do
+            # shellcheck disable=SC2086
+            off_rate $at "lora:$r"
+          done ;;
+        b-forgiveness-lora-*)  # one rank of b-forgiveness-lora, to run side by side
+          off_rate causal_lm 40 "lora:${part#b-forgiveness-lora-}" ;;
+      esac
       ;;
     # The same on (b) at 0.1%: SiftConfig's default at 1% and its chosen rate (1.28e-2) trains seed N and saves its
     # increment (b-from-source-N); the 0.1% run ranks by its change (b-from-grid, b-from-seeds).
