@@ -14,6 +14,9 @@ the seeds run at that rate. Writes into the folder:
 * ``<task>_rate_forgiveness.png``: at LoRA r=8's count, each method's seed-0 test
   quality at every rate that ran, against the rate as a multiple of its
   chosen one;
+* ``<task>_off_rate.png``: SiftConfig's default, select_from, random
+  components, LoRA and full fine-tuning at every count, seed 0's test
+  quality at the chosen rate, a quarter of it and four times it;
 * ``summary.md``: the table behind the figures, with each method's test
   score at a quarter and at four times its chosen rate where those ran,
   and a table of its own for runs of another length than the task's
@@ -173,13 +176,73 @@ def plot_forgiveness(points: list[dict], task: str, path: Path) -> bool:
     ax.set_xlabel("learning rate / the method's rate chosen on validation (log scale)")
     ax.set_ylabel("test accuracy (%)" if task == "classification" else "test response loss (lower is better)")
     if task != "classification":  # a rate far off can diverge: keep the scale on the methods' working range
-        best = min(min(y for _, y in p["curve"]) for p in mine)
+        best = min(y for p in mine for _, y in p["curve"] if y == y)
         ax.set_ylim(best - 0.05, best + 0.6)
     ax.set_title(title(task, mine[0]["steps"]) + "\nat LoRA r=8's count, seed 0; dotted: a quarter and four times "
                  "the chosen rate; the head at its default rate where only the chosen rate ran at the chosen head's",
                  fontsize=9)
     ax.grid(True, which="both", linewidth=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    from matplotlib.lines import Line2D
+
+    rates = [Line2D([], [], color="0.4", linestyle=style, marker="o", markerfacecolor=fill, label=what)
+             for style, fill, what in (("-", "0.4", "the chosen rate"), ("--", "white", "a quarter of it"),
+                                       (":", "white", "four times it"))]
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *rates], fontsize=7, loc="center left",
+              bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+HEADLINE = {"SIFT balanced, |g w|, line_cap=1, step_scale=input (SiftConfig's default)": "SiftConfig's default",
+            "SIFT balanced, |g w|, line_cap=1, select_from=sift-fixed-0.01, step_scale=input":
+                "select_from (the default at 1%'s change)",
+            "random components": "random components", "LoRA": "LoRA (r=1, 2, 8, 32)",
+            "full fine-tuning": "full fine-tuning"}
+
+
+def plot_off_rate(points: list[dict], task: str, path: Path) -> bool:
+    """The headline methods' seed-0 test quality against trained components (log x) at the chosen rate (solid),
+    a quarter of it (dashed) and four times it (dotted): how much each loses off its rate at every count. False
+    when none ran off its rate."""
+    mine = [p for p in points if p["family"] in HEADLINE and 0 in p["test"]]
+    if not any(p["quarter"] or p["four"] for p in mine):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100 if task == "classification" else 1
+    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    names = [name for name in HEADLINE if any(p["family"] == name for p in mine)]
+    shown = []
+    for name, (colour, marker) in zip(names, styles(names)):
+        line = sorted((p for p in mine if p["family"] == name), key=lambda p: p["adapted"])
+        for key, style, fill in (("chosen", "-", colour), ("quarter", "--", "white"), ("four", ":", "white")):
+            xy = [(p["adapted"], (p["test"][0] if key == "chosen" else p[key]["test"][0]) * scale) for p in line
+                  if key == "chosen" or (p[key] and 0 in p[key]["test"])]
+            if not xy:
+                continue
+            xs, ys = zip(*xy)
+            shown += [y for y in ys if y == y]
+            ax.plot(xs, ys, linestyle=style, marker=marker, markersize=5, markerfacecolor=fill, color=colour,
+                    linewidth=1.2, label=HEADLINE[name] if key == "chosen" else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("trained components outside the head (log scale)")
+    ax.set_ylabel("test accuracy (%)" if task == "classification" else "test response loss (lower is better)")
+    if task != "classification" and shown:  # a rate far off can diverge: keep the scale on the working range
+        ax.set_ylim(min(shown) - 0.05, min(max(shown), min(shown) + 1.0) + 0.05)
+    ax.set_title(title(task, mine[0]["steps"]) + "\nseed 0 at the rate chosen on validation (solid), a quarter of "
+                 "it (dashed) and four times it (dotted)", fontsize=9)
+    ax.grid(True, which="both", linewidth=0.3)
+    from matplotlib.lines import Line2D
+
+    rates = [Line2D([], [], color="0.4", linestyle=style, marker="o", markerfacecolor=fill, label=what)
+             for style, fill, what in (("-", "0.4", "the chosen rate"), ("--", "white", "a quarter of it"),
+                                       (":", "white", "four times it"))]
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *rates], fontsize=7, loc="center left",
+              bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -192,6 +255,8 @@ def summary(points: list[dict], task: str, steps: int) -> list[str]:
     def score(row):
         if row is None:
             return "–"
+        if row["mean"] != row["mean"]:  # a loss of NaN
+            return f"diverged ({','.join(map(str, row['seeds']))})"
         spread = f" ± {row['sd'] * scale:.{digits}f}" if row["sd"] is not None else ""
         return f"{row['mean'] * scale:.{digits}f}{spread} ({','.join(map(str, row['seeds']))})"
 
@@ -239,11 +304,14 @@ def main(argv=None) -> int:
                   f"![quality vs memory]({task}_quality_vs_memory.png)", ""]
         if plot_forgiveness(points, task, args.results_dir / f"{task}_rate_forgiveness.png"):
             lines += [f"![quality off the chosen rate]({task}_rate_forgiveness.png)", ""]
+        if plot_off_rate(points, task, args.results_dir / f"{task}_off_rate.png"):
+            lines += [f"![the headline methods off their chosen rate]({task}_off_rate.png)", ""]
         for n in sorted({p["steps"] for p in others}):
             lines += summary([p for p in others if p["steps"] == n], task, n)
     (args.results_dir / "summary.md").write_text("\n".join(lines))
     if args.docs_figures:
-        for figure in sorted([*args.results_dir.glob("*_quality_vs_*.png"), *args.results_dir.glob("*_rate_forgiveness.png")]):
+        for figure in sorted([*args.results_dir.glob("*_quality_vs_*.png"), *args.results_dir.glob("*_rate_forgiveness.png"),
+                                 *args.results_dir.glob("*_off_rate.png")]):
             shutil.copyfile(figure, args.docs_figures / f"sweep_{figure.name}")
     print(f"wrote {args.results_dir}/summary.md and the figures")
     return 0

@@ -15,6 +15,7 @@ default head rate: siftune.bench.runner.TASKS).
         ("" when inside, or when fewer than two rates ran)
 """
 import json
+import math
 import pathlib
 import sys
 
@@ -52,11 +53,17 @@ def same_rate(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-12 * abs(b)
 
 
+def ranked(score: float) -> float:
+    """``score`` for ranking, higher is better: a run that diverged (a loss of NaN) ranks last (as in
+    siftune.bench.report, which imports torch)."""
+    return score if score == score else -math.inf
+
+
 def best_rate(runs: list[dict], field: str = "lr") -> float | None:
     """The rate (``field``: ``"lr"`` or the head's ``"dense_lr"``) with the best validation score among ``runs``
     (one seed's grid); a tie goes to the lower rate."""
     sign = -1 if runs and runs[0]["metric"] == "loss" else 1
-    return max(runs, key=lambda r: (sign * r["val_value"], -r[field]))[field] if runs else None
+    return max(runs, key=lambda r: (ranked(sign * r["val_value"]), -r[field]))[field] if runs else None
 
 
 def main(argv: list[str]) -> int:

@@ -11,7 +11,8 @@ import torch
 
 from siftune.bench.runner import merge_records, parse_method, plan, run_bench
 from siftune.bench.methods import lora_count, resolve_density
-from siftune.bench.report import README_END, README_START, markdown_table, summarise, validation_table, write_report
+from siftune.bench.report import (README_END, README_START, chosen_on_validation, markdown_table, summarise,
+                                  validation_table, write_report)
 from siftune.cli import main
 from siftune.core import heap
 from siftune.errors import ConfigError
@@ -272,6 +273,12 @@ def test_report_chooses_each_rate_on_validation_and_shows_test_for_the_chosen_ra
     # A tie goes to the lower rate, whichever ran first (bench/sweep_records.py's rule too).
     tied = [_record(lr=4e-3, value=0.60, val_value=0.81, val_examples=1000), records[0]]
     assert "| 0.001 | 0 | 70.00 |" in validation_table("classification", summarise(tied))
+    # A run that diverged (a loss of NaN) is never the chosen one, wherever it stands in the records.
+    losses = [_record(lr=lr, metric="loss", value=v, val_value=v, val_examples=200)
+              for lr, v in ((5e-4, float("nan")), (2e-3, 1.2), (1e-3, 1.1))]  # rows go by rate: NaN first
+    for order in (losses, losses[::-1]):
+        (_, chosen, _), = chosen_on_validation(summarise(order))
+        assert chosen["lr"] == 1e-3
 
 
 def test_report_draws_each_rate_grid_beside_its_tables(tmp_path):
@@ -313,6 +320,11 @@ def test_sweep_records_find_cells_and_the_best_rate(tmp_path):
     assert run("best", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0016"  # lowest loss
     assert run("best", folder, "causal_lm", "40", "sift-fixed", "selection=balanced").stdout.strip() == "0.0064"
     assert run("best", folder, "causal_lm", "40", "random").stdout.strip() == ""
+    # A diverged run (NaN, which JSON writes as NaN) ranks last, whichever comes first.
+    diverged = {**records[0], "lr": 1e-4, "val_value": float("nan")}
+    (tmp_path / "causal_lm.json").write_text(json.dumps([diverged, *records]))
+    assert run("best", folder, "causal_lm", "40", "sift-fixed").stdout.strip() == "0.0016"
+    (tmp_path / "causal_lm.json").write_text(json.dumps(records))
     # A tie goes to the lower rate, whichever ran first, as in the report.
     tied = {**base, "seed": 0, "val_value": 1.05, "sift": {"score": "grad_weight", "line_cap": 1}}
     (tmp_path / "causal_lm.json").write_text(json.dumps([{**tied, "lr": 3.2e-2}, {**tied, "lr": 1.6e-2}]))

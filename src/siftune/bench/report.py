@@ -9,6 +9,7 @@ README (between two marker comments) and the quality-vs-trainable figure.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ranked(score: float) -> float:
+    """``score`` for ranking, higher is better: a run that diverged (a loss of NaN) ranks last, not first."""
+    return score if score == score else -math.inf
+
+
 def chosen_on_validation(rows: list[dict]) -> list[tuple[list[dict], dict, list[int]]]:
     """Per experiment run at several rates with a validation split: ``(candidates, chosen, seeds)``.
 
@@ -133,7 +139,7 @@ def chosen_on_validation(rows: list[dict]) -> list[tuple[list[dict], dict, list[
         sign = 1 if candidates[0]["metric"] == "accuracy" else -1
         for r in candidates:
             r["val_mean"] = statistics.fmean(r["val"][s] for s in seeds)
-        out.append((candidates, max(candidates, key=lambda r: (sign * r["val_mean"], -r["lr"])), seeds))
+        out.append((candidates, max(candidates, key=lambda r: (ranked(sign * r["val_mean"]), -r["lr"])), seeds))
     return out
 
 
