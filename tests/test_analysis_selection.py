@@ -13,6 +13,7 @@ from siftune import ConfigError  # noqa: E402
 from siftune.analysis import SelectionArgs, analyze_selection  # noqa: E402
 from siftune.analysis.selection import chosen_indices, spread, stable_rank  # noqa: E402
 from test_analysis import reviews_csv  # noqa: E402, F401  (a fixture)
+from test_cli import sentiment_csv  # noqa: E402, F401  (a fixture)
 
 
 def test_spread_counts_rows_and_columns_touched_and_the_busiest_share():
@@ -73,3 +74,45 @@ def test_unknown_selection_is_a_config_error():
         SelectionArgs(selections=["top"]).validate()
     with pytest.raises(ConfigError, match="--batches 2 or more"):
         SelectionArgs(selections=["snr"], batches=1).validate()
+
+
+def test_auto_is_balanced_at_a_cap_of_one_and_from_ranks_by_the_earlier_change():
+    torch.manual_seed(0)
+    gradients = {"a.weight": torch.randn(8, 6)}
+    weights = {"a.weight": torch.randn(8, 6)}
+    auto = chosen_indices("auto", gradients, weights, 0.25)["a.weight"]
+    rows, columns = auto // 6, auto % 6
+    assert auto.numel() == 12 and rows.bincount().max() <= 2 and columns.bincount().max() <= 2  # 12/8, 12/6 rounded up
+    # The earlier change: 12 components, one per row and column at most where it can, by size
+    earlier = torch.tensor([0, 7, 14, 21, 28, 35, 36, 43, 3, 10, 17, 20])  # within every cap
+    sizes = torch.arange(12, 0, -1).float()
+    chosen = chosen_indices("from", gradients, weights, 0.25, changes={"a.weight": (earlier, sizes)})["a.weight"]
+    assert sorted(chosen.tolist()) == sorted(earlier.tolist())
+    # Fewer than the count changed: the changed ones first, whatever the gradient says
+    few = chosen_indices("from", gradients, weights, 0.25, changes={"a.weight": (earlier[:4], sizes[:4])})["a.weight"]
+    assert set(earlier[:4].tolist()) <= set(few.tolist()) and few.numel() == 12
+
+
+def test_select_from_adds_the_from_selection_and_trains_it(tiny_bert_dir, reviews_csv, sentiment_csv,  # noqa: F811
+                                                           tmp_path):
+    from test_cli import main
+
+    earlier = tmp_path / "earlier"  # siftune train's targets: the analysis takes the weights its increment holds
+    assert main(["train", "--model", str(tiny_bert_dir), "--dataset", str(sentiment_csv), "--output-dir", str(earlier),
+                 "--steps", "2", "--batch-size", "3", "--max-length", "16", "--eval-size", "4", "--warmup-steps", "1",
+                 "--lr", "0.01", "--density", "0.2", "--quiet"]) == 0
+    out = tmp_path / "selection"
+    analyze_selection(SelectionArgs(model=tiny_bert_dir, dataset=reviews_csv, batches=2, batch_size=3, max_length=16,
+                                    density=0.05, train_steps=2, selections=["auto", "random"],
+                                    select_from=str(earlier), output_dir=str(out)), progress=False)
+    saved = json.loads((out / "selection.json").read_text())
+    assert set(saved["spread"]) == {"auto", "random", "from"} and saved["setup"]["select_from"] == str(earlier)
+    assert set(saved["stable_rank"]) == {"auto", "random", "from", "lora", "full"}
+    assert "The earlier run (from)" in (out / "selection.md").read_text()
+
+
+def test_from_without_an_increment_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="give --select-from FOLDER"):
+        SelectionArgs(selections=["from"]).validate()
+    with pytest.raises(ConfigError, match="holds no increment.safetensors"):
+        SelectionArgs(select_from=str(tmp_path)).validate()

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..core.budget import signal_to_noise
+from ..core.budget import change_ranking, signal_to_noise
+from ..artifacts.increment import SparseIncrement
+from ..core.engine import earlier_changes
 from ..recipes.loss import batch_loss
 from ..core.select import (balanced_indices, count_selected, mixed_indices, random_indices, tensor_generator,
                       top_k_indices)
@@ -41,6 +43,11 @@ SELECTIONS = {
     "mixed": ({"selection": "mixed"}, "half of k by |g w|, half uniformly random"),
     "balanced": ({"selection": "balanced", "line_cap": 2.0},
                  "top-k of |g w|, no row or column over twice its fair share"),
+    "auto": ({"selection": "balanced", "line_cap": 1.0},
+             "top-k of |g w|, no row or column over its fair share (SiftConfig's default selection)"),
+    "from": ({"selection": "balanced", "line_cap": 1.0},
+             "the earlier run's largest |change| (--select-from), no row or column over its fair share "
+             "(SiftConfig.select_from)"),
     "snr": ({"score": "grad_snr"}, "top-k of |sum g| / sqrt(sum g^2) over the batches (the gradient's "
                                    "signal-to-noise ratio; two batches or more)"),
     "grow_drop": ({"selection": "grow_drop", "mode": "periodic"},
@@ -56,8 +63,13 @@ class SelectionArgs(inputs.AnalysisArgs):
     Args:
         density: fraction of each targeted weight's components selected (LoRA r=8 holds
             r(m+n)/mn of an m x n weight: 3.1% on MiniLM-L6, 2.3% on SmolLM2-135M).
-        selections: which to compare: default (the top-k by |g w|), paper, global, random, mixed, balanced,
-            snr, grow_drop (the last only trained: its first selection is default's).
+        selections: which to compare: default (the top-k by |g w|), paper, global, random, mixed, balanced
+            (at a line cap of 2), auto (SiftConfig's default selection: balanced at a cap of 1), from (ranked by
+            ``select_from``'s change), snr, grow_drop (the last only trained: its first selection is default's).
+        select_from: an increment folder (``siftune train``'s output, ``siftune bench --save-increments``)
+            of a run on the same model; the ``from`` selection ranks each weight's components by its |change|,
+            as ``SiftConfig.select_from`` does. Giving it adds ``from``; without ``target_modules`` the analysis
+            takes the weights the increment holds.
         train_steps: optimizer steps each selection, LoRA and full fine-tuning train
             after the spread is measured, to compare their trained changes' stable
             ranks; 0 for none.
@@ -69,6 +81,8 @@ class SelectionArgs(inputs.AnalysisArgs):
         "help": "modules whose weights are analysed, names or one regex (default: every Linear but the head)"})
     density: float = 0.01
     selections: list[str] = ("default", "paper", "global", "random", "mixed", "balanced")
+    select_from: str | None = field(default=None, metadata={
+        "help": "an earlier run's increment folder: the 'from' selection ranks by its |change| (adds 'from')"})
     train_steps: int = 0
     lr: float = 1e-3
     lora_rank: int = 8
@@ -81,6 +95,12 @@ class SelectionArgs(inputs.AnalysisArgs):
         unknown = [s for s in self.selections if s not in SELECTIONS]
         if unknown or not self.selections:
             raise ConfigError(f"selections must name some of {', '.join(SELECTIONS)}, got {list(self.selections)}")
+        if "from" in self.selections and not self.select_from:
+            raise ConfigError("selection 'from' ranks by an earlier run's change: give --select-from FOLDER (an "
+                              "increment of a run on the same model and targets)")
+        if self.select_from is not None and not (Path(self.select_from) / "increment.safetensors").is_file():
+            raise ConfigError(f"select_from: {self.select_from} holds no increment.safetensors; give the folder "
+                              "a run saved its increment into (siftune train --save-increment)")
         if "snr" in self.selections and self.batches < 2:
             raise ConfigError("selection snr compares the batches' gradients: give --batches 2 or more")
         for name in ("train_steps", "lora_rank"):
@@ -93,12 +113,15 @@ class SelectionArgs(inputs.AnalysisArgs):
 
 
 def chosen_indices(selection: str, gradients: dict, weights: dict, density: float, seed: int = 0,
-                   squares: dict | None = None) -> dict:
+                   squares: dict | None = None, changes: dict | None = None) -> dict:
     """Each weight's chosen flat indices under ``selection`` (a key of :data:`SELECTIONS`), as the engine
-    would choose them from these window gradients (and, for ``snr``, the window's summed squares)."""
+    would choose them from these window gradients (for ``snr``, the window's summed squares; for ``from``, the
+    earlier run's ``changes``, :func:`siftune.core.engine.earlier_changes`' dict)."""
     options, _ = SELECTIONS[selection]
     score = options.get("score", "grad_weight")
-    if score == "grad_snr":
+    if selection == "from":
+        ranked = {n: change_ranking(changes[n], tuple(g.shape), "cpu") for n, g in gradients.items()}
+    elif score == "grad_snr":
         ranked = {n: signal_to_noise(g, squares[n]) for n, g in gradients.items()}
     else:
         ranked = {n: (g * weights[n].detach().float()) if score == "grad_weight" else g for n, g in gradients.items()}
@@ -118,8 +141,8 @@ def chosen_indices(selection: str, gradients: dict, weights: dict, density: floa
             out[name] = random_indices(r.numel(), k, generator, "cpu")
         elif selection == "mixed":
             out[name] = mixed_indices(r, k, 0.5, generator)
-        elif selection == "balanced":
-            out[name] = balanced_indices(r, k, tuple(r.shape), 2.0)
+        elif options.get("selection") == "balanced":
+            out[name] = balanced_indices(r, k, tuple(r.shape), options["line_cap"])
         else:
             out[name] = top_k_indices(r, k)
     return out
@@ -197,6 +220,8 @@ def _train(model, batches, args: SelectionArgs, method: str, head: list[str], na
             options["refresh_every"] = max(1, args.train_steps // 4)
         if options.get("score") == "grad_snr":
             options["selection_batches"] = len(window)
+        if method == "from":
+            options["select_from"] = args.select_from
         engine = attach(model, density=args.density, target_modules=modules, dense_modules=head, seed=args.seed,
                         **options)
         if options.get("score") == "grad_snr":
@@ -219,6 +244,8 @@ def analyze_selection(args: SelectionArgs, progress: bool = True) -> dict:
     """
     from tqdm.auto import tqdm
 
+    if args.select_from is not None and "from" not in args.selections:
+        args = dataclasses.replace(args, selections=[*args.selections, "from"])
     args.validate()
     started = time.perf_counter()
     # One seeded stream: the analysis takes its first batches, the training its first train_steps.
@@ -226,16 +253,26 @@ def analyze_selection(args: SelectionArgs, progress: bool = True) -> dict:
                                                                                         args.train_steps)))
     batches = stream[:args.batches]
     weights = targeted_weights(model, args.task, args.target_modules)
+    if args.select_from is not None and args.target_modules is None:  # the weights the earlier run trained
+        held = set(SparseIncrement.load(args.select_from).tensors)
+        weights = {n: w for n, w in weights.items() if n in held}
+        if not weights:
+            raise ConfigError(f"select_from: the increment at {args.select_from} holds no weight of this model; it "
+                              "must come from a run on the same model")
     squares = {} if "snr" in args.selections else None
     gradients, loss = accumulated_gradient(model, batches, weights, progress, squares=squares)
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    changes = earlier_changes(args.select_from, shapes) if "from" in args.selections else None
     static = [s for s in args.selections if s != "grow_drop"]
-    spreads = {s: spread_report(chosen_indices(s, gradients, weights, args.density, args.seed, squares), shapes)
+    spreads = {s: spread_report(chosen_indices(s, gradients, weights, args.density, args.seed, squares, changes),
+                                shapes)
                for s in tqdm(static, desc="selections", disable=not progress, dynamic_ncols=True)}
+    del changes
     del gradients, squares
     result = {
         "setup": {**args.setup(), "batches": len(batches), "density": args.density, "train_steps": args.train_steps,
-                  "lr": args.lr, "lora_rank": args.lora_rank},
+                  "lr": args.lr, "lora_rank": args.lora_rank,
+                  **({"select_from": str(args.select_from)} if args.select_from else {})},
         "loss": loss,
         "selections": {s: SELECTIONS[s][1] for s in args.selections},
         "spread": spreads,
@@ -333,7 +370,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Where the chosen components sit: {setup['model']} on {setup['dataset']}", "",
              f"Task {setup['task']}, density {setup['density']:.3%}, the gradient summed over {setup['batches']} "
              f"batches of {setup['batch_size']} (at most {setup['max_length']} tokens), seed {setup['seed']}; "
-             f"took {result['seconds']} s. Means over the targeted weights.", ""]
+             f"took {result['seconds']} s. Means over the targeted weights."
+             + (f" The earlier run (from): {setup['select_from']}." if setup.get("select_from") else ""), ""]
     lines += report._table(["selection", "rows touched", "columns touched", "busiest 1% rows hold",
                             "busiest 1% columns hold", "what"],
                            [[s, *(report._percent(stats["whole_model"][k]) for k in
