@@ -27,30 +27,38 @@ STEPS = {"classification": 300, "causal_lm": 40}
 TASK = {"classification": "(a)", "causal_lm": "(b)"}
 
 
-def family(record: dict) -> tuple[str, str | None, str] | None:
-    """(selection, structure, label) of a sweep record, or None for LoRA, full fine-tuning and variants
-    (another score, window or cap) that the rule does not cover."""
+def family(record: dict) -> tuple[str, str | None, str, str | None, bool] | None:
+    """(selection, structure, label, step_scale, select_from) of a sweep record, or None for LoRA, full
+    fine-tuning and variants (another score, window or cap) that the rule does not cover."""
     sift = {k: v for k, v in (record.get("sift") or {}).items() if (k, v) != ("score", "grad_weight")}
+    scale = sift.pop("step_scale", None)
+    earlier = sift.pop("select_from", None) is not None
+    steps = ", scaled steps" if scale == "input" else ""
     method = record["method"]
-    if method == "random":
-        return "random", None, "random components"
-    if method in ("random-rows", "random-columns") and not sift:
-        return "random", method[7:], f"random {method[7:]}"
-    if method in ("sift-rows", "sift-columns") and not sift:
-        return "gradient", method[5:], method[5:]
+    if method == "random" and not sift:
+        return "random", None, f"random components{steps}", scale, False
+    if method in ("random-rows", "random-columns") and not sift and not scale:
+        return "random", method[7:], f"random {method[7:]}", None, False
+    if method in ("sift-rows", "sift-columns") and not sift and not scale:
+        return "gradient", method[5:], method[5:], None, False
     selection = sift.pop("selection", "gradient")
     sift.pop("refresh_every", None)
     if method not in ("sift-fixed", "sift-periodic"):
         return None
     if sift == {"line_cap": 1} and selection == "balanced":
-        return "balanced", None, "balanced, line_cap=1"
-    if sift:
+        default = " (SiftConfig's default)" if scale == "input" and not earlier else ""
+        return "balanced", None, f"balanced, line_cap=1{steps}{', select_from' if earlier else ''}{default}", \
+            scale, earlier
+    if sift or earlier:
         return None
-    return selection, None, {"gradient": "|g w|"}.get(selection, selection.replace("_", " "))
+    return selection, None, {"gradient": "|g w|"}.get(selection, selection.replace("_", " ")) + steps, scale, False
 
 
 def grids(folder: Path) -> dict[tuple, dict[float, float]]:
-    """(task, selection, structure, label, density, density's name) -> {rate: validation, higher is better}."""
+    """(task, selection, structure, label, density, density's name, step_scale, select_from) -> {rate:
+    validation, higher is better}; the head at the task's default rate for the method."""
+    from siftune.bench.runner import TASKS
+
     out: dict[tuple, dict[float, float]] = defaultdict(dict)
     for task, steps in STEPS.items():
         path = folder / f"{task}.json"
@@ -58,9 +66,13 @@ def grids(folder: Path) -> dict[tuple, dict[float, float]]:
             kind = family(record)
             if kind is None or record["seed"] != 0 or record["steps"] != steps or not record.get("val_examples"):
                 continue
+            if abs(record["dense_lr"] - TASKS[task].head_lr(record["method"], record["lr"])) > 1e-9 * record["lr"]:
+                continue  # a head-rate grid's cell
             value = record["val_value"] * (100 if record["metric"] != "loss" else -100)
             where = "LoRA's count" if record["setting"] == "matched" else f"{float(record['setting']) * 100:g}%"
-            out[(task, *kind, round(record["density"], 6), where)][record["lr"]] = value
+            selection, structure, label, scale, earlier = kind
+            out[(task, selection, structure, label, round(record["density"], 6), where, scale, earlier)][
+                record["lr"]] = value
     return {key: grid for key, grid in out.items() if len(grid) >= 2}
 
 
@@ -76,7 +88,7 @@ def shortfalls(rule, cells: dict[tuple, dict[float, float]]) -> list[tuple]:
 
 def fit(cells: dict[tuple, dict[float, float]]) -> None:
     for selection, cap in (("gradient", 3.2e-2), ("random", None), ("balanced", None)):
-        own = {k: g for k, g in cells.items() if k[1] == selection and k[2] is None}
+        own = {k: g for k, g in cells.items() if k[1] == selection and k[2] is None and k[6] is None and not k[7]}
         results = []
         for i in range(41):
             rate = 5e-4 * (40 ** (i / 40))  # 5e-4 to 2e-2
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cells:
         print(f"no sweep records with two or more rates in {args.results_dir}", file=sys.stderr)
         return 1
-    rows = shortfalls(lambda key: default_lr(key[4], key[1], key[2]), cells)
+    rows = shortfalls(lambda key: default_lr(key[4], key[1], key[2], key[6], key[7]), cells)
     print("| task, density | method | rule's rate | nearest run | chosen | shortfall |")
     print("|---|---|---:|---:|---:|---:|")
     for key, lr, near, short, _ in rows:
