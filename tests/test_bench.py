@@ -357,19 +357,24 @@ def test_rate_rule_scores_the_default_rate_at_the_nearest_rate_run(tmp_path):
     from siftune.recipes.train import default_lr
 
     script = Path(__file__).resolve().parents[1] / "bench" / "rate_rule.py"
-    rule = default_lr(0.01)  # the top-k's rate at 1%
+    rule = default_lr(0.01, "gradient", step_scale=None)  # the top-k's rate at 1%, plain steps
     base = {"method": "sift-fixed", "setting": "0.01", "density": 0.01, "steps": 40, "metric": "loss",
             "val_examples": 200, "seed": 0, "sift": {"score": "grad_weight"}}
+    default = {**base, "sift": {"score": "grad_weight", "selection": "balanced", "line_cap": 1,
+                                "step_scale": "input"}}  # SiftConfig's default: its own (random's) rule
     records = [{**base, "lr": rule * 1.1, "val_value": 1.20}, {**base, "lr": rule * 4, "val_value": 1.10},
                {**base, "lr": rule * 4, "val_value": 0.5, "seed": 1},  # another seed: not the grid's
                {**base, "method": "random", "lr": default_lr(0.01, "random") / 3, "val_value": 1.0},
-               {**base, "method": "random", "lr": default_lr(0.01, "random"), "val_value": 1.05}]
+               {**base, "method": "random", "lr": default_lr(0.01, "random"), "val_value": 1.05},
+               {**default, "lr": default_lr(0.01), "val_value": 1.0}, {**default, "lr": rule, "val_value": 1.03},
+               {**default, "lr": rule, "val_value": 0.9, "dense_lr": 1e-3}]  # another head's rate: not the grid's
     (tmp_path / "causal_lm.json").write_text(json.dumps(records))
     out = subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path)], capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
     assert "|g w|: mean shortfall 10.00, worst 10.0 over 1 grids" in out.stdout  # (1.20 - 1.10) x 100
     assert "random components: mean shortfall 5.00, worst 5.0 over 1 grids" in out.stdout
+    assert "balanced, line_cap=1, scaled steps (SiftConfig's default): mean shortfall 0.00, worst 0.0" in out.stdout
     empty = subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path / "none")],
                            capture_output=True, text=True)
     assert empty.returncode == 1 and "no sweep records" in empty.stderr
