@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from siftune import ConfigError  # noqa: E402
 from siftune.analysis import SelectionArgs, analyze_selection  # noqa: E402
-from siftune.analysis.selection import chosen_indices, spread, stable_rank  # noqa: E402
+from siftune.analysis.selection import chosen_indices, overlap, spread, stable_rank  # noqa: E402
 from test_analysis import reviews_csv  # noqa: E402, F401  (a fixture)
 from test_cli import sentiment_csv  # noqa: E402, F401  (a fixture)
 
@@ -109,6 +109,16 @@ def test_select_from_adds_the_from_selection_and_trains_it(tiny_bert_dir, review
     assert set(saved["spread"]) == {"auto", "random", "from"} and saved["setup"]["select_from"] == str(earlier)
     assert set(saved["stable_rank"]) == {"auto", "random", "from", "lora", "full"}
     assert "The earlier run (from)" in (out / "selection.md").read_text()
+    # Each pair's shared share: a selection shares all with itself (not listed), some share with the others
+    assert set(saved["overlap"]["from"]) == {"auto", "random"} and 0 <= saved["overlap"]["from"]["auto"] <= 1
+    assert "## Shared components" in (out / "selection.md").read_text()
+
+
+def test_overlap_is_the_share_of_the_first_selection_the_second_chose_too():
+    first = {"a": torch.tensor([0, 1, 2, 3]), "b": torch.tensor([5])}
+    second = {"a": torch.tensor([1, 3, 7]), "b": torch.tensor([5, 6])}
+    assert overlap(first, second) == pytest.approx(3 / 5) and overlap(second, first) == pytest.approx(3 / 5)
+    assert overlap(first, first) == 1.0
 
 
 def test_from_without_an_increment_is_a_config_error(tmp_path):

@@ -195,6 +195,12 @@ def spread_report(chosen: dict, shapes: dict) -> dict:
             "tensors": tensors}
 
 
+def overlap(chosen: dict[str, dict], other: dict[str, dict]) -> float:
+    """The share of ``chosen``'s components (over every weight) that ``other`` chose too."""
+    common = sum(int(torch.isin(idx.long(), other[name].long()).sum()) for name, idx in chosen.items())
+    return common / max(1, sum(idx.numel() for idx in chosen.values()))
+
+
 def _train(model, batches, args: SelectionArgs, method: str, head: list[str], names: list[str],
            window=()) -> dict:
     """Train a copy of ``model`` by ``method``; each targeted weight's trained change (fp32, host).
@@ -264,10 +270,11 @@ def analyze_selection(args: SelectionArgs, progress: bool = True) -> dict:
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     changes = earlier_changes(args.select_from, shapes) if "from" in args.selections else None
     static = [s for s in args.selections if s != "grow_drop"]
-    spreads = {s: spread_report(chosen_indices(s, gradients, weights, args.density, args.seed, squares, changes),
-                                shapes)
-               for s in tqdm(static, desc="selections", disable=not progress, dynamic_ncols=True)}
-    del changes
+    chosen = {s: chosen_indices(s, gradients, weights, args.density, args.seed, squares, changes)
+              for s in tqdm(static, desc="selections", disable=not progress, dynamic_ncols=True)}
+    spreads = {s: spread_report(c, shapes) for s, c in chosen.items()}
+    shared = {s: {t: overlap(chosen[s], chosen[t]) for t in static if t != s} for s in static}
+    del changes, chosen
     del gradients, squares
     result = {
         "setup": {**args.setup(), "batches": len(batches), "density": args.density, "train_steps": args.train_steps,
@@ -276,6 +283,7 @@ def analyze_selection(args: SelectionArgs, progress: bool = True) -> dict:
         "loss": loss,
         "selections": {s: SELECTIONS[s][1] for s in args.selections},
         "spread": spreads,
+        "overlap": shared,  # selection -> other -> the share of its components the other chose too
     }
     if args.train_steps:
         children = {name for name, _ in model.named_children()}
@@ -378,6 +386,12 @@ def markdown(result: dict) -> str:
                                   ("rows_touched", "columns_touched", "busiest_rows_share",
                                    "busiest_columns_share")), result["selections"][s].replace("|", "\\|")]
                             for s, stats in spreads.items()])
+    if len(result.get("overlap", {})) > 1:
+        shared = result["overlap"]
+        lines += ["", "## Shared components", "", "The share of the row's components (over every weight) that the "
+                  "column's selection chose too.", ""]
+        lines += report._table(["selection", *shared], [
+            [s, *("–" if t == s else report._percent(shared[s][t]) for t in shared)] for s in shared])
     types = list(next(iter(spreads.values()))["module_types"])
     lines += ["", "## By module type", "", "Rows touched / columns touched / share of the count.", ""]
     lines += report._table(["module type", *spreads], [
@@ -411,6 +425,10 @@ def summary(result: dict) -> str:
                      f"{report._percent(whole['columns_touched'])}; busiest 1% of rows hold "
                      f"{report._percent(whole['busiest_rows_share'])}, of columns "
                      f"{report._percent(whole['busiest_columns_share'])}")
+    for selection, others in result.get("overlap", {}).items():
+        if others:
+            lines.append(f"{selection:>10}: shares " + ", ".join(f"{report._percent(v)} with {t}"
+                                                               for t, v in others.items()))
     for method, ranks in result.get("stable_rank", {}).items():
         lines.append(f"{method:>10}: stable rank of the trained change, mean {report._number(ranks['mean'])}")
     return "\n".join(lines)
