@@ -179,16 +179,10 @@ def plot_forgiveness(points: list[dict], task: str, path: Path) -> bool:
         best = min(y for p in mine for _, y in p["curve"] if y == y)
         ax.set_ylim(best - 0.05, best + 0.6)
     ax.set_title(title(task, mine[0]["steps"]) + "\nat LoRA r=8's count, seed 0; dotted: a quarter and four times "
-                 "the chosen rate; the head at its default rate where only the chosen rate ran at the chosen head's",
+                 "the chosen rate;\nthe head at its default rate where only the chosen rate ran at the chosen head's",
                  fontsize=9)
     ax.grid(True, which="both", linewidth=0.3)
-    from matplotlib.lines import Line2D
-
-    rates = [Line2D([], [], color="0.4", linestyle=style, marker="o", markerfacecolor=fill, label=what)
-             for style, fill, what in (("-", "0.4", "the chosen rate"), ("--", "white", "a quarter of it"),
-                                       (":", "white", "four times it"))]
-    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *rates], fontsize=7, loc="center left",
-              bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
