@@ -89,11 +89,14 @@ off_rate() {  # TASK STEPS METHOD[:SETTING] [FIELD=VALUE ...]: seed 0 at a quart
 INC=bench/results/sweep_increments  # the increments select_from reads (a-from-*), named by the repository's root
 FROM=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.004-seed{seed}")
 FROM_B=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.01-lr0.0128-seed{seed}")
-source_run() {  # TASK STEPS LR SEED: SiftConfig's default at 1% and LR, its increment saved into $INC for select_from
-  local task=$1 steps=$2 lr=$3 seed=$4
-  [ -f "$INC/sift-fixed-0.01-lr$(printf %g "$lr")-seed$seed/increment.safetensors" ] && return
+FROM_LOW=(selection=balanced line_cap=1 step_scale=input "select_from=$INC/sift-fixed-0.001-lr0.032-seed{seed}")
+source_run() {  # TASK STEPS LR SEED [DENSITY [HEAD]]: SiftConfig's default at DENSITY (1%) and LR (the head at HEAD,
+  # else the task's default), its increment saved into $INC for select_from
+  local task=$1 steps=$2 lr=$3 seed=$4 density=${5:-0.01} head=()
+  [ -n "${6:-}" ] && head=(--dense-lr "sift-fixed=$6")
+  [ -f "$INC/sift-fixed-$density-lr$(printf %g "$lr")-seed$seed/increment.safetensors" ] && return
   siftune bench --task "$task" --steps "$steps" --seeds "$seed" --threads 1 --results-dir "$INC" \
-    --methods sift-fixed:0.01 --lr "sift-fixed=$lr" --save-increments "$INC" \
+    --methods "sift-fixed:$density" --lr "sift-fixed=$lr" "${head[@]}" --save-increments "$INC" \
     --sift selection=balanced line_cap=1 step_scale=input
 }
 a() { cell classification 300 0 "$@"; }  # task (a), seed 0
@@ -941,6 +944,18 @@ for part in "$@"; do
       ;;
     a-from-seeds)
       seeds_at_best classification 300 sift-fixed:0.001 "${FROM[@]}" dense_lr=4e-3
+      ;;
+    # The same at 0.01% on (a), from the default's 0.1% run at its chosen rate (3.2e-2, the head at 4e-3): the source
+    # of seed N (a-from-low-source-N), seed 0's grid about half the default's chosen 1.28e-1 (a-from-low-grid), seeds
+    # 1 and 2 at its best (a-from-low-seeds), each with the head at the task's default.
+    a-from-low-source-[0-9]*)
+      source_run classification 300 3.2e-2 "${part#a-from-low-source-}" 0.001 4e-3
+      ;;
+    a-from-low-grid)
+      grid classification 300 sift-fixed:0.0001 3.2e-2 6.4e-2 1.28e-1 -- "${FROM_LOW[@]}"
+      ;;
+    a-from-low-seeds)
+      seeds_at_best classification 300 sift-fixed:0.0001 "${FROM_LOW[@]}"
       ;;
     # More seeds of it (as a-head-low-more-seeds-N, with SWEEP_DIR=bench/results/sweep_more_seeds): seed N's 1% run,
     # then its 0.1% run at the rate seed 0's validation chose (3.2e-2, the head at 4e-3).

@@ -65,8 +65,13 @@ def family(row: dict) -> str:
         name += f" every {sift['refresh_every']} steps"
     score = {"grad_weight": "|g w|", "grad": "|g|", "grad_squared": "g^2", "grad_snr": "signal-to-noise"}.get(
         sift.get("score"), "")
-    if "select_from" in others:  # an increment a seed: named by the run that trained it (method and setting)
-        others["select_from"] = Path(others["select_from"]).name.split("-lr")[0]
+    if "select_from" in others:  # an increment a seed: named by how many times the count its run trained
+        source = Path(others["select_from"]).name.split("-lr")[0]  # <method>-<setting>, as --save-increments names
+        try:
+            ratio = float(source.rsplit("-", 1)[1]) / float(row["setting"])
+            others["select_from"] = f"a run at {ratio:.3g}x the count"
+        except (IndexError, ValueError, TypeError, ZeroDivisionError):
+            others["select_from"] = source
     extra = "".join(f", {k}={v}" for k, v in sorted(others.items()))
     default = (row["method"] == "sift-fixed" and selection == "balanced" and sift.get("score") == "grad_weight"
                and others == {"line_cap": 1, "step_scale": "input"})  # SiftConfig's "auto" where it can run
@@ -189,8 +194,8 @@ def plot_forgiveness(points: list[dict], task: str, path: Path) -> bool:
 
 
 HEADLINE = {"SIFT balanced, |g w|, line_cap=1, step_scale=input (SiftConfig's default)": "SiftConfig's default",
-            "SIFT balanced, |g w|, line_cap=1, select_from=sift-fixed-0.01, step_scale=input":
-                "select_from (the default at 1%'s change)",
+            "SIFT balanced, |g w|, line_cap=1, select_from=a run at 10x the count, step_scale=input":
+                "select_from (the default at 10x the count)",
             "random components": "random components", "LoRA": "LoRA (r=1, 2, 8, 32)",
             "full fine-tuning": "full fine-tuning"}
 
