@@ -399,6 +399,31 @@ def test_sweep_figures_keep_a_longer_run_apart(tmp_path):
     assert (tmp_path / "causal_lm_quality_vs_trainable.png").is_file()
     # LoRA r=8 ran at several rates: its test quality off the chosen rate gets a figure of its own.
     assert (tmp_path / "causal_lm_rate_forgiveness.png").is_file() and "causal_lm_rate_forgiveness.png" in text
+    # ... and, a headline method, a row among the methods off their rate, with the most it loses off it.
+    assert (tmp_path / "causal_lm_off_rate.png").is_file() and "causal_lm_off_rate.png" in text
+    r8 = min((r for r in lora if r["setting"] == 8), key=lambda r: r["val_value"])  # seed 0's chosen rate of r=8
+    quarter = next(r for r in lora if r["setting"] == 8 and abs(r["lr"] - r8["lr"] / 4) < 1e-12 * r8["lr"])
+    off_rate = main_table.partition("off the chosen rate (seed 0)")[2]
+    row = next(line for line in off_rate.splitlines() if line.startswith("| LoRA | r=8 |"))
+    assert f"| {quarter['value']:.3f} | {r8['value']:.3f} |" in row
+
+
+def test_sweep_figures_rank_a_diverged_run_last_and_say_so(tmp_path):
+    """A rate whose loss is NaN is never chosen, and off the chosen rate it reads "diverged"."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "sweep_figures.py"
+    base = {"method": "random", "setting": "0.001", "density": 0.001, "rank": None, "trainable": 12148,
+            "trainable_head": 0, "metric": "loss", "steps": 40, "batch_size": 8, "max_length": 128,
+            "val_examples": 200, "sift": {}, "seed": 0, "step_s": 0.5, "peak_mib": 800.0, "load_mib": 700.0,
+            "increment_bytes": 1000, "perplexity": 3.0}
+    records = [{**base, "lr": lr, "dense_lr": lr, "val_value": v, "value": v} for lr, v in
+               ((0.008, float("nan")), (0.032, 1.2), (0.128, float("nan")))]
+    (tmp_path / "causal_lm.json").write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(script), "--results-dir", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "summary.md").read_text()
+    assert "| 0.032 | 1.200 (0) | 1.200 (0) | diverged (0) | diverged (0) |" in text
+    assert "| random components | 0.10% | 0.032 | diverged | 1.200 | diverged | all |" in text
 
 
 
