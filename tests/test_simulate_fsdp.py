@@ -66,7 +66,8 @@ def test_simulated_rank_peaks_match_a_real_two_process_fsdp_run(real_runs, metho
     # embedding, the output layer and the final norm) is last held by the gloo work that all-reduces it, and gloo's
     # worker thread lets go of it before or after the next step begins, varying from run to run
     # (about 1 in 3 on a loaded CPU); NCCL's is freed at its event. So a real step may hold that
-    # one buffer more, exactly.
+    # buffer more, exactly: once, or, with more processes than cores (measured once among the sweep's
+    # runs), the previous step's too.
     # SIFT's steps show the same effect on smaller buffers: its real steady step has measured 0.36 to
     # 0.65 MB above the simulation from run to run; 1 MiB of slack covers that and nothing larger.
     if real["selected"] is not None:
@@ -74,7 +75,7 @@ def test_simulated_rank_peaks_match_a_real_two_process_fsdp_run(real_runs, metho
     hidden = LLAMA_SHAPES["llama-tiny"][0]
     root_grads = (2 * 32000 + 1) * hidden * 4 if method == "full" else 0  # fp32
     for step, (r, s) in enumerate(zip(real["peaks"], peaks(simulated))):
-        assert abs(r - s) <= allowed or abs(r - root_grads - s) <= allowed, (
+        assert any(abs(r - held * root_grads - s) <= allowed for held in (0, 1, 2)), (
             f"step {step}: real {r / MiB:.3f} MiB, simulated {s / MiB:.3f} MiB")
 
 
