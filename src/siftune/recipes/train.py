@@ -83,7 +83,9 @@ class TrainArgs:
             at 10%); for the top-k
             2.5e-3 x (0.01 / density)^0.6 up to 3.2e-2 (1e-2 at 0.1%, 6.3e-4
             at 10%), twice that for ``structure="rows"``; held below 0.01% at
-            0.01%'s rate.
+            0.01%'s rate. At 0.01% and below give a rate: there the sweep's two
+            tasks chose rates 4x apart, and on the classification task four
+            times its chosen rate falls to the majority class.
         select_first: make the selection before training, from
             ``selection_batches`` micro-batches of its own (forward and backward,
             nothing trained: :meth:`SiftEngine.select`), so that every one of
