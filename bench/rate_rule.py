@@ -66,8 +66,8 @@ def grids(folder: Path) -> dict[tuple, dict[float, float]]:
             kind = family(record)
             if kind is None or record["seed"] != 0 or record["steps"] != steps or not record.get("val_examples"):
                 continue
-            head = record.get("dense_lr", TASKS[task].head_lr(record["method"], record["lr"]))
-            if abs(head - TASKS[task].head_lr(record["method"], record["lr"])) > 1e-9 * record["lr"]:
+            default_head = TASKS[task].head_lr(record["method"], record["lr"])
+            if abs(record.get("dense_lr", default_head) - default_head) > 1e-9 * record["lr"]:
                 continue  # a head-rate grid's cell
             value = record["val_value"] * (100 if record["metric"] != "loss" else -100)
             where = "LoRA's count" if record["setting"] == "matched" else f"{float(record['setting']) * 100:g}%"

@@ -100,7 +100,7 @@ class SelectionArgs(inputs.AnalysisArgs):
                               "increment of a run on the same model and targets)")
         if self.select_from is not None and not (Path(self.select_from) / "increment.safetensors").is_file():
             raise ConfigError(f"select_from: {self.select_from} holds no increment.safetensors; give the folder "
-                              "a run saved its increment into (siftune train --save-increment)")
+                              "a run saved its increment into (siftune train's --output-dir, siftune bench --save-increments)")
         if "snr" in self.selections and self.batches < 2:
             raise ConfigError("selection snr compares the batches' gradients: give --batches 2 or more")
         for name in ("train_steps", "lora_rank"):
@@ -259,16 +259,17 @@ def analyze_selection(args: SelectionArgs, progress: bool = True) -> dict:
                                                                                         args.train_steps)))
     batches = stream[:args.batches]
     weights = targeted_weights(model, args.task, args.target_modules)
-    if args.select_from is not None and args.target_modules is None:  # the weights the earlier run trained
-        held = set(SparseIncrement.load(args.select_from).tensors)
-        weights = {n: w for n, w in weights.items() if n in held}
+    earlier = SparseIncrement.load(args.select_from) if args.select_from is not None else None
+    if earlier is not None and args.target_modules is None:  # the weights the earlier run trained
+        weights = {n: w for n, w in weights.items() if n in earlier.tensors}
         if not weights:
             raise ConfigError(f"select_from: the increment at {args.select_from} holds no weight of this model; it "
                               "must come from a run on the same model")
     squares = {} if "snr" in args.selections else None
     gradients, loss = accumulated_gradient(model, batches, weights, progress, squares=squares)
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
-    changes = earlier_changes(args.select_from, shapes) if "from" in args.selections else None
+    changes = earlier_changes(args.select_from, shapes, earlier) if earlier is not None else None
+    del earlier
     static = [s for s in args.selections if s != "grow_drop"]
     chosen = {s: chosen_indices(s, gradients, weights, args.density, args.seed, squares, changes)
               for s in tqdm(static, desc="selections", disable=not progress, dynamic_ncols=True)}

@@ -641,13 +641,16 @@ class SiftEngine:
             p.requires_grad_(self._saved_flags.get(name, p.requires_grad))
 
 
-def earlier_changes(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def earlier_changes(path: str, shapes: dict[str, tuple[int, ...]],
+                    increment: SparseIncrement | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``SiftConfig.select_from``: each targeted tensor's (sorted flat indices, |change|) in the increment at
-    ``path``, on the host; ConfigError when it holds no change of a targeted tensor, or one of another shape."""
-    try:
-        increment = SparseIncrement.load(path)
-    except IncrementError as exc:
-        raise ConfigError(f"select_from: {exc}") from None
+    ``path`` (``increment``, when already loaded from it), on the host; ConfigError when it holds no change of a
+    targeted tensor, or one of another shape."""
+    if increment is None:
+        try:
+            increment = SparseIncrement.load(path)
+        except IncrementError as exc:
+            raise ConfigError(f"select_from: {exc}") from None
     out = {}
     for name, shape in shapes.items():
         delta = increment.tensors.get(name)
